@@ -1,0 +1,97 @@
+"""Read FineTuneJob files the way `kubectl apply -f` would, with precise errors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from .errors import FieldProblem, problems_from
+from .job import FineTuneJob
+
+
+@dataclass
+class LoadResult:
+    source: str
+    jobs: list[FineTuneJob] = field(default_factory=list)
+    problems: list[FieldProblem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+class JobFileError(Exception):
+    """A job file that cannot be used; `problems` says why, field by field."""
+
+    def __init__(self, result: LoadResult) -> None:
+        self.result = result
+        lines = [f"{result.source}: {p}" for p in result.problems]
+        super().__init__("\n".join(lines))
+
+
+def load_text(text: str, source: str) -> LoadResult:
+    """Validate every YAML document in `text`; empty documents are skipped."""
+    result = LoadResult(source)
+    try:
+        documents = list(yaml.safe_load_all(text))
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        result.problems.append(FieldProblem("", f"{where}YAML syntax error: {exc.problem}"))
+        return result
+    except yaml.YAMLError as exc:
+        result.problems.append(FieldProblem("", f"YAML error: {exc}"))
+        return result
+
+    documents = [d for d in documents if d is not None]
+    if not documents:
+        result.problems.append(FieldProblem("", "no FineTuneJob in the file"))
+    several = len(documents) > 1
+    for index, document in enumerate(documents):
+        prefix = f"document {index + 1}: " if several else ""
+        if not isinstance(document, dict):
+            kind = type(document).__name__
+            result.problems.append(FieldProblem("", f"{prefix}expected a mapping, got a {kind}"))
+            continue
+        result.jobs += _validate(document, prefix, result.problems)
+    return result
+
+
+def _validate(
+    document: dict[str, Any], prefix: str, problems: list[FieldProblem]
+) -> list[FineTuneJob]:
+    try:
+        return [FineTuneJob.model_validate(document)]
+    except ValidationError as exc:
+        problems += [
+            FieldProblem(f"{prefix}{p.path}" if p.path else prefix.rstrip(": "), p.message)
+            for p in problems_from(exc)
+        ]
+        return []
+
+
+def load_file(path: str | Path) -> LoadResult:
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return LoadResult(source, problems=[FieldProblem("", "no such file")])
+    except (OSError, UnicodeDecodeError) as exc:
+        return LoadResult(source, problems=[FieldProblem("", f"cannot read: {exc}")])
+    return load_text(text, source)
+
+
+def load_job(path: str | Path) -> FineTuneJob:
+    """Exactly one valid FineTuneJob from `path`, or JobFileError."""
+    result = load_file(path)
+    if result.ok and len(result.jobs) != 1:
+        result.problems.append(
+            FieldProblem("", f"expected one FineTuneJob, found {len(result.jobs)}")
+        )
+    if not result.ok:
+        raise JobFileError(result)
+    return result.jobs[0]

@@ -1,0 +1,153 @@
+"""What the operator and the trainer report back in `status`.
+
+The operator owns phase, conditions, restarts and times; the trainer owns
+progress, lastCheckpoint and artifacts. Unknown fields are ignored rather than
+refused: an older client must still read a newer server's status.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Self
+
+from pydantic import ConfigDict, Field, model_validator
+
+from .common import ApiModel
+
+
+class StatusModel(ApiModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class Phase(StrEnum):
+    PENDING = "Pending"
+    RUNNING = "Running"
+    SUSPENDED = "Suspended"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+
+
+class ConditionStatus(StrEnum):
+    TRUE = "True"
+    FALSE = "False"
+    UNKNOWN = "Unknown"
+
+
+class ConditionType(StrEnum):
+    CREATED = "Created"
+    RUNNING = "Running"
+    RESTARTING = "Restarting"
+    SUSPENDED = "Suspended"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+
+
+class Condition(StatusModel):
+    """A condition in the shape of Kubernetes' metav1.Condition."""
+
+    type: str = Field(max_length=316, description="Condition type, e.g. `Running`.")
+    status: ConditionStatus = Field(description="`True`, `False` or `Unknown`.")
+    observed_generation: int | None = Field(
+        default=None, ge=0, description="The spec generation this condition was computed from."
+    )
+    last_transition_time: datetime = Field(description="When the status last changed.")
+    reason: str = Field(
+        max_length=1024,
+        pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$",
+        description="CamelCase reason, e.g. `OOMKilled`.",
+    )
+    message: str = Field(default="", max_length=32768, description="Human-readable detail.")
+
+
+def format_duration(seconds: float) -> str:
+    """12345 -> '3h25m', 75 -> '1m15s', as kubectl prints ages."""
+    total = max(0, round(seconds))
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+class Progress(StatusModel):
+    """Training progress, written by the trainer every few seconds."""
+
+    step: int = Field(default=0, ge=0, description="Optimizer steps done.")
+    total_steps: int = Field(default=0, ge=0, description="`training.maxSteps`.")
+    percent: int = Field(default=0, ge=0, le=100, description="Steps done, in percent.")
+    loss: float | None = Field(default=None, description="Smoothed training loss.")
+    images_per_second: float | None = Field(default=None, ge=0, description="Training throughput.")
+    eta_seconds: int | None = Field(default=None, ge=0, description="Estimated seconds to finish.")
+    eta: str | None = Field(
+        default=None, max_length=32, description="`etaSeconds` as kubectl shows it, e.g. `12m30s`."
+    )
+    last_heartbeat: datetime | None = Field(
+        default=None, description="When the trainer last reported."
+    )
+
+    @model_validator(mode="after")
+    def _derive_eta(self) -> Self:
+        if self.eta_seconds is not None and self.eta is None:
+            self.eta = format_duration(self.eta_seconds)
+        return self
+
+
+class CheckpointRef(StatusModel):
+    uri: str = Field(max_length=2048, description="Where the checkpoint lies.")
+    step: int = Field(ge=0, description="Step it was taken at.")
+
+
+class ArtifactKind(StrEnum):
+    LORA = "lora"
+    KOHYA_LORA = "kohyaLora"
+    PIPELINE = "pipeline"
+    CUSTOM_DIFFUSION = "customDiffusion"
+    EMBEDDING = "embedding"
+    MODEL_CARD = "modelCard"
+    SAMPLES = "samples"
+
+
+class Artifact(StatusModel):
+    uri: str = Field(max_length=2048, description="Where the file lies.")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the file.")
+    bytes: int = Field(ge=0, description="Size in bytes.")
+    kind: ArtifactKind = Field(description="What the file is.")
+
+
+class FineTuneJobStatus(StatusModel):
+    """Observed state of a FineTuneJob."""
+
+    phase: Phase | None = Field(
+        default=None, description="Pending, Running, Suspended, Succeeded or Failed."
+    )
+    conditions: list[Condition] = Field(
+        default_factory=list, max_length=16, description="Conditions, one per type."
+    )
+    observed_generation: int | None = Field(
+        default=None, ge=0, description="The spec generation the operator last acted on."
+    )
+    progress: Progress | None = Field(default=None, description="Training progress.")
+    last_checkpoint: CheckpointRef | None = Field(
+        default=None, description="The newest durable checkpoint."
+    )
+    artifacts: list[Artifact] = Field(
+        default_factory=list, max_length=256, description="Final outputs with checksums."
+    )
+    restarts: int = Field(default=0, ge=0, description="Gang restarts so far.")
+    start_time: datetime | None = Field(
+        default=None, description="When the first pod started training."
+    )
+    completion_time: datetime | None = Field(
+        default=None, description="When the job succeeded or failed."
+    )
+    failure_reason: str | None = Field(
+        default=None,
+        max_length=1024,
+        description="CamelCase reason of a failure, e.g. `OOMKilled`.",
+    )
+    failure_message: str | None = Field(
+        default=None, max_length=32768, description="What went wrong, for humans."
+    )

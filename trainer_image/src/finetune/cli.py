@@ -1,0 +1,83 @@
+"""The `finetune` command line.
+
+finetune validate JOB.yaml...   check job files; exit 2 listing every problem
+finetune crd                    print the CustomResourceDefinition
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+
+EXIT_OK = 0
+EXIT_INVALID = 2
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from .api.loading import load_file
+
+    status = EXIT_OK
+    for path in args.files:
+        result = load_file(path)
+        if result.ok:
+            names = ", ".join(job.metadata.name for job in result.jobs)
+            if not args.quiet:
+                print(f"{path}: valid ({names})")
+            continue
+        status = EXIT_INVALID
+        for problem in result.problems:
+            print(f"{path}: {problem}", file=sys.stderr)
+    return status
+
+
+def _crd(args: argparse.Namespace) -> int:
+    from .api.crd import render_crd_yaml
+
+    text = render_crd_yaml()
+    if args.output:
+        Path(args.output).write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="finetune",
+        description="Fine-tune Stable Diffusion models from FineTuneJob files.",
+    )
+    parser.add_argument("--version", action="version", version=f"finetune {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    validate = commands.add_parser(
+        "validate",
+        help="check job files",
+        description="Check FineTuneJob files. Exits 0 when all are valid, 2 otherwise, "
+        "printing one line per problem that names the file and the field.",
+    )
+    validate.add_argument("files", nargs="+", metavar="JOB.yaml")
+    validate.add_argument("-q", "--quiet", action="store_true", help="print problems only")
+    validate.set_defaults(handler=_validate)
+
+    crd = commands.add_parser(
+        "crd",
+        help="print the CustomResourceDefinition",
+        description="Print the FineTuneJob CRD generated from the API models.",
+    )
+    crd.add_argument("-o", "--output", help="write to this file instead of standard output")
+    crd.set_defaults(handler=_crd)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code: int = args.handler(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""`finetune validate` and `finetune crd` as a user runs them: the real console script."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.support import CRD_PATH, EXAMPLES, lora_job
+
+# The console script pip installed beside this interpreter.
+FINETUNE = Path(sys.executable).parent / "finetune"
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    assert FINETUNE.exists(), "the finetune console script is not installed (make setup)"
+    return subprocess.run([str(FINETUNE), *args], capture_output=True, text=True, check=False)
+
+
+def write(tmp_path: Path, name: str, text: str) -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_every_example_is_valid() -> None:
+    assert len(EXAMPLES) >= 5
+    result = run("validate", *map(str, EXAMPLES))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count(": valid (") == len(EXAMPLES)
+
+
+def test_examples_cover_every_method() -> None:
+    methods = {yaml.safe_load(p.read_text())["spec"]["method"] for p in EXAMPLES}
+    assert methods == {"dreambooth", "lora", "customDiffusion", "lcm", "lcmLora"}
+
+
+def test_a_wrong_field_exits_2_and_names_it(tmp_path: Path) -> None:
+    path = write(tmp_path, "job.yaml", yaml.safe_dump(lora_job(training={"learningRate": 0})))
+    result = run("validate", path)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"{path}: spec.training.learningRate: must be greater than 0"
+    ]
+
+
+def test_one_line_per_problem(tmp_path: Path) -> None:
+    document = lora_job(training={"maxSteps": 0, "seeed": 1}, deepspeed={"zeroStage": 9})
+    path = write(tmp_path, "job.yaml", yaml.safe_dump(document))
+    lines = run("validate", path).stderr.splitlines()
+    assert sorted(line.split(": ")[1] for line in lines) == [
+        "spec.deepspeed.zeroStage",
+        "spec.training.maxSteps",
+        "spec.training.seeed",
+    ]
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path: Path) -> None:
+    text = (
+        "apiVersion: finetune.dev/v1alpha1\nkind: FineTuneJob\nspec:\n  method: lora\n   data: [\n"
+    )
+    path = write(tmp_path, "broken.yaml", text)
+    result = run("validate", path)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"{path}: line 5, column 8: YAML syntax error:")
+
+
+def test_wrong_kind_is_named(tmp_path: Path) -> None:
+    path = write(tmp_path, "pod.yaml", yaml.safe_dump({**lora_job(), "kind": "PyTorchJob"}))
+    result = run("validate", path)
+    assert result.returncode == 2
+    assert f"{path}: kind: must be 'FineTuneJob', got 'PyTorchJob'" in result.stderr
+
+
+def test_multi_document_files_name_the_document(tmp_path: Path) -> None:
+    good, bad = lora_job(), lora_job(method="dreambooth", lora={"rank": 2})
+    path = write(tmp_path, "two.yaml", yaml.safe_dump(good) + "---\n" + yaml.safe_dump(bad))
+    result = run("validate", path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"{path}: document 2: spec.lora: is only used when method is lcmLora or lora, not dreambooth"
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "no such file"),
+        ("", "no FineTuneJob in the file"),
+        ("- a\n- b\n", "expected a mapping, got a list"),
+    ],
+)
+def test_unusable_files_are_explained(tmp_path: Path, content: str | None, message: str) -> None:
+    path = str(tmp_path / "job.yaml") if content is None else write(tmp_path, "job.yaml", content)
+    result = run("validate", path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"{path}: {message}"
+
+
+def test_valid_and_invalid_files_together_exit_2(tmp_path: Path) -> None:
+    bad = write(tmp_path, "bad.yaml", yaml.safe_dump(lora_job(method="nope")))
+    result = run("validate", str(EXAMPLES[0]), bad)
+    assert result.returncode == 2
+    assert f"{EXAMPLES[0]}: valid" in result.stdout
+    assert result.stderr.startswith(f"{bad}: spec.method:")
+
+
+def test_crd_prints_the_committed_file() -> None:
+    result = run("crd")
+    assert result.returncode == 0
+    assert result.stdout == CRD_PATH.read_text()

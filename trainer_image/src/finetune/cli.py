@@ -10,6 +10,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from . import __version__
 
@@ -45,6 +46,34 @@ def _crd(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _load_or_exit(path: str) -> Any:
+    from .api.loading import JobFileError, load_job
+
+    try:
+        return load_job(path)
+    except JobFileError as exc:
+        print(str(exc), file=sys.stderr)
+        return None
+
+
+def _run(args: argparse.Namespace) -> int:
+    job = _load_or_exit(args.job)
+    if job is None:
+        return EXIT_INVALID
+    from .trainer.launch import run_local
+
+    return run_local(job.spec.training_spec(), job.metadata.name, args.nproc, args.output)
+
+
+def _train(args: argparse.Namespace) -> int:
+    job = _load_or_exit(args.job)
+    if job is None:
+        return EXIT_INVALID
+    from .trainer.launch import run_in_pod
+
+    return run_in_pod(job.spec.training_spec(), job.metadata.name)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="finetune",
@@ -70,6 +99,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     crd.add_argument("-o", "--output", help="write to this file instead of standard output")
     crd.set_defaults(handler=_crd)
+
+    run = commands.add_parser(
+        "run",
+        help="train a job on this machine",
+        description="Train a FineTuneJob on this machine with DeepSpeed: N processes, one per GPU "
+        "(or on the CPU with gloo). Ctrl-C stops after saving a checkpoint; running the same "
+        "command again resumes from the newest complete checkpoint.",
+    )
+    run.add_argument("job", metavar="JOB.yaml")
+    run.add_argument("--nproc", type=int, help="training processes (default: one per GPU, or 1)")
+    run.add_argument(
+        "--output", metavar="URI", help="write results here instead of spec.output.uri"
+    )
+    run.set_defaults(handler=_run)
+
+    train = commands.add_parser(
+        "train",
+        help="run one node of a training gang (the trainer image's entrypoint)",
+        description="Train this pod's share of a FineTuneJob; the rendezvous comes from "
+        "FINETUNE_NNODES, FINETUNE_NODE_RANK (or JOB_COMPLETION_INDEX), FINETUNE_NPROC_PER_NODE, "
+        "MASTER_ADDR and MASTER_PORT.",
+    )
+    train.add_argument("job", metavar="JOB.yaml")
+    train.set_defaults(handler=_train)
     return parser
 
 

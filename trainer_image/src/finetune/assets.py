@@ -1,0 +1,186 @@
+"""Build small diffusers models and image sets from configs, with no download.
+
+The quickstart, the tests and the benchmarks need a real Stable Diffusion
+pipeline folder (loaded through the real `from_pretrained`), but nothing here
+may reach a model hub. `build_model` writes one with random weights: `tiny`
+trains in seconds on a CPU; `sd15` has the real SD 1.5 architecture (UNet,
+CLIP ViT-L/14 text encoder, SD VAE) for honest speed and memory figures.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+Size = Literal["tiny", "sd15"]
+
+_SPECIAL = ("<|startoftext|>", "<|endoftext|>")
+
+
+def _byte_alphabet() -> list[str]:
+    """The 256 printable stand-ins byte-level BPE uses for bytes (as in GPT-2/CLIP)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    extra, chars = 0, []
+    for byte in range(256):
+        if byte in printable:
+            chars.append(chr(byte))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
+
+
+def write_tokenizer(folder: Path) -> int:
+    """A character-level CLIP tokenizer: every byte, alone or ending a word. Returns its size."""
+    folder.mkdir(parents=True, exist_ok=True)
+    alphabet = _byte_alphabet()
+    tokens = alphabet + [f"{c}</w>" for c in alphabet] + list(_SPECIAL)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    config = {
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": 77,
+        "bos_token": _SPECIAL[0],
+        "eos_token": _SPECIAL[1],
+        "unk_token": _SPECIAL[1],
+        "pad_token": _SPECIAL[1],
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return len(tokens)
+
+
+def _configs(size: Size, vocab_size: int) -> dict[str, dict[str, Any]]:
+    if size == "tiny":
+        return {
+            "unet": {
+                "block_out_channels": (32, 64),
+                "layers_per_block": 1,
+                "sample_size": 32,
+                "in_channels": 4,
+                "out_channels": 4,
+                "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+                "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+                "cross_attention_dim": 32,
+                "attention_head_dim": 4,
+                "norm_num_groups": 8,
+            },
+            "vae": {
+                "block_out_channels": (16, 32),
+                "in_channels": 3,
+                "out_channels": 3,
+                "down_block_types": ("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                "up_block_types": ("UpDecoderBlock2D", "UpDecoderBlock2D"),
+                "latent_channels": 4,
+                "norm_num_groups": 8,
+                "sample_size": 64,
+            },
+            "text": {
+                "vocab_size": vocab_size,
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "max_position_embeddings": 77,
+                "projection_dim": 32,
+            },
+        }
+    return {
+        "unet": {
+            "block_out_channels": (320, 640, 1280, 1280),
+            "layers_per_block": 2,
+            "sample_size": 64,
+            "cross_attention_dim": 768,
+            "attention_head_dim": 8,
+            "down_block_types": (
+                "CrossAttnDownBlock2D",
+                "CrossAttnDownBlock2D",
+                "CrossAttnDownBlock2D",
+                "DownBlock2D",
+            ),
+            "up_block_types": (
+                "UpBlock2D",
+                "CrossAttnUpBlock2D",
+                "CrossAttnUpBlock2D",
+                "CrossAttnUpBlock2D",
+            ),
+        },
+        "vae": {
+            "block_out_channels": (128, 256, 512, 512),
+            "down_block_types": ("DownEncoderBlock2D",) * 4,
+            "up_block_types": ("UpDecoderBlock2D",) * 4,
+            "latent_channels": 4,
+            "layers_per_block": 2,
+            "sample_size": 512,
+        },
+        "text": {  # CLIP ViT-L/14's text tower
+            "vocab_size": max(vocab_size, 49408),
+            "hidden_size": 768,
+            "intermediate_size": 3072,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 12,
+            "max_position_embeddings": 77,
+            "projection_dim": 768,
+            "hidden_act": "quick_gelu",
+        },
+    }
+
+
+def build_model(folder: str | Path, size: Size = "tiny", seed: int = 0) -> Path:
+    """Write a randomly initialised Stable Diffusion pipeline folder and return its path."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        DDPMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    folder = Path(folder)
+    tokenizer_dir = folder / "tokenizer"
+    vocab_size = write_tokenizer(tokenizer_dir)
+    configs = _configs(size, vocab_size)
+    torch.manual_seed(seed)
+    pipeline = StableDiffusionPipeline(
+        unet=UNet2DConditionModel(**configs["unet"]),
+        vae=AutoencoderKL(**configs["vae"]),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**configs["text"])),
+        tokenizer=CLIPTokenizer.from_pretrained(tokenizer_dir),
+        scheduler=DDPMScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            num_train_timesteps=1000,
+        ),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(folder)
+    return folder
+
+
+def write_images(
+    folder: str | Path, count: int, resolution: int = 64, seed: int = 0, caption: str | None = None
+) -> Path:
+    """Write `count` PNGs of a simple subject (a coloured disc on a plain ground)."""
+    import numpy as np
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:resolution, 0:resolution]
+    for index in range(count):
+        ground = rng.integers(150, 255, size=3)
+        disc = np.array([200, 40, 40]) + rng.integers(-30, 30, size=3)
+        cx, cy = rng.uniform(0.35, 0.65, size=2) * resolution
+        radius = rng.uniform(0.2, 0.3) * resolution
+        inside = (xx - cx) ** 2 + (yy - cy) ** 2 < radius**2
+        pixels = np.where(inside[..., None], disc, ground).clip(0, 255).astype("uint8")
+        Image.fromarray(pixels).save(folder / f"image-{index:03d}.png")
+        if caption is not None:
+            (folder / f"image-{index:03d}.txt").write_text(caption)
+    return folder

@@ -1,0 +1,65 @@
+"""Class images for prior preservation, generated with the base model when missing."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from ..api.training import TrainingSpec
+from .data import IMAGE_SUFFIXES
+from .models import Components
+
+
+def generate_missing(
+    spec: TrainingSpec,
+    components: Components,
+    folders: list[Path],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> None:
+    """Top each concept's class folder up to `classImages.count` images, kept for reuse."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    pipeline = None
+    for concept, folder in zip(spec.data.concepts, folders, strict=True):
+        folder.mkdir(parents=True, exist_ok=True)
+        have = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]
+        missing = concept.class_images.count - len(have)
+        if missing <= 0 or concept.class_prompt is None:
+            continue
+        if pipeline is None:
+            pipeline = StableDiffusionPipeline(
+                vae=components.vae,
+                text_encoder=components.text_encoder,
+                tokenizer=components.tokenizer,
+                unet=components.unet,
+                scheduler=DPMSolverMultistepScheduler.from_config(
+                    components.noise_scheduler.config
+                ),
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
+            )
+            pipeline.set_progress_bar_config(disable=True)
+        tag = hashlib.sha1(concept.class_prompt.encode()).hexdigest()[:8]
+        generator = torch.Generator(device=device).manual_seed(spec.training.seed)
+        made = 0
+        while made < missing:
+            count = min(4, missing - made)
+            with (
+                torch.no_grad(),
+                torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32),
+            ):
+                images = pipeline(
+                    concept.class_prompt,
+                    num_images_per_prompt=count,
+                    num_inference_steps=25,
+                    height=spec.data.resolution,
+                    width=spec.data.resolution,
+                    generator=generator,
+                ).images
+            for image in images:
+                image.save(folder / f"class-{tag}-{len(have) + made:05d}.png")
+                made += 1

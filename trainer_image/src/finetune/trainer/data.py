@@ -1,0 +1,145 @@
+"""Training images: where they come from, their prompts, and a deterministic order.
+
+Every random choice about data (order, crop, flip) is a pure function of the
+job's seed and the position in the run, so a resumed job sees exactly the
+batches an uninterrupted one would have seen, with no state to checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..api.common import is_s3
+from .errors import JobInputError
+from .storage import S3Settings, download_prefix
+
+if TYPE_CHECKING:
+    import torch
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp"})
+
+
+@dataclass(frozen=True)
+class Example:
+    image: Path
+    prompt: str
+
+
+def resolve_folder(uri: str, cache_dir: Path, s3: S3Settings) -> Path:
+    """A local folder holding the files of `uri` (downloaded once when on S3)."""
+    if is_s3(uri):
+        digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
+        return download_prefix(uri, cache_dir / "s3-data" / digest, s3)
+    return Path(uri).expanduser()
+
+
+def image_files(folder: Path, field: str) -> list[Path]:
+    if not folder.is_dir():
+        raise JobInputError(f"{field}: {folder}: no such folder")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise JobInputError(f"{field}: {folder}: no images (png, jpg, jpeg, webp) in the folder")
+    return files
+
+
+def check_image(path: Path) -> None:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except (OSError, UnidentifiedImageError) as exc:
+        raise JobInputError(f"{path}: not a readable image ({exc})") from exc
+
+
+def examples_from(folder: Path, prompt: str, caption_files: bool, field: str) -> list[Example]:
+    """Every image of `folder` with its prompt: `NAME.txt` when present and allowed."""
+    examples = []
+    for path in image_files(folder, field):
+        check_image(path)
+        caption = path.with_suffix(".txt")
+        text = (
+            caption.read_text(encoding="utf-8").strip()
+            if caption_files and caption.exists()
+            else ""
+        )
+        examples.append(Example(path, text or prompt))
+    return examples
+
+
+class ImagePreprocessor:
+    """Resize the short side to the resolution, crop a square, maybe flip."""
+
+    def __init__(self, resolution: int, center_crop: bool, random_flip: bool, seed: int) -> None:
+        self.resolution = resolution
+        self.center_crop = center_crop
+        self.random_flip = random_flip
+        self.seed = seed
+
+    def deterministic_for(self, size: tuple[int, int]) -> bool:
+        """True when the result does not depend on the position (so latents can be cached)."""
+        square = size[0] == size[1]
+        return not self.random_flip and (self.center_crop or square)
+
+    def __call__(self, path: Path, position: int) -> tuple[torch.Tensor, bool]:
+        """The image as a [-1, 1] tensor, and whether it is the same at every position."""
+        import torch
+        from PIL import Image, ImageOps
+
+        with Image.open(path) as opened:
+            image = ImageOps.exif_transpose(opened).convert("RGB")
+        width, height = image.size
+        deterministic = self.deterministic_for((width, height))
+        scale = self.resolution / min(width, height)
+        size = (
+            max(self.resolution, round(width * scale)),
+            max(self.resolution, round(height * scale)),
+        )
+        image = image.resize(size, Image.Resampling.BILINEAR)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + position)
+        spare_x, spare_y = size[0] - self.resolution, size[1] - self.resolution
+        if self.center_crop:
+            left, top = spare_x // 2, spare_y // 2
+        else:
+            left = int(torch.randint(0, spare_x + 1, (1,), generator=generator))
+            top = int(torch.randint(0, spare_y + 1, (1,), generator=generator))
+        image = image.crop((left, top, left + self.resolution, top + self.resolution))
+        if self.random_flip and bool(torch.rand(1, generator=generator) < 0.5):
+            image = ImageOps.mirror(image)
+        pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+        pixels = pixels.view(self.resolution, self.resolution, 3).permute(2, 0, 1).float()
+        return pixels / 127.5 - 1.0, deterministic
+
+
+class IndexStream:
+    """Which examples each rank reads at each micro-step: epochs of seeded permutations,
+    the global stream dealt out to ranks in turn. Pure, so resume needs no state."""
+
+    def __init__(self, size: int, seed: int, salt: int = 0) -> None:
+        self.size = size
+        self.seed = seed
+        self.salt = salt
+        self._epoch = -1
+        self._order: list[int] = []
+
+    def _permutation(self, epoch: int) -> list[int]:
+        import torch
+
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(
+                self.seed * 7919 + self.salt * 104_729 + epoch
+            )
+            self._order = torch.randperm(self.size, generator=generator).tolist()
+            self._epoch = epoch
+        return self._order
+
+    def positions(self, micro_step: int, rank: int, world: int, batch: int) -> list[int]:
+        start = (micro_step * world + rank) * batch
+        return list(range(start, start + batch))
+
+    def example_at(self, position: int) -> int:
+        epoch, offset = divmod(position, self.size)
+        return self._permutation(epoch)[offset]

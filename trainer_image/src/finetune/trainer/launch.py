@@ -1,0 +1,203 @@
+"""Start a job's training processes: on this machine, or as one node of a pod gang.
+
+`finetune run` (a laptop, a workstation, CI) and the trainer image's entrypoint
+(`finetune train` in a pod) both come here; only where the rendezvous comes
+from differs. Inputs are resolved once, before any worker starts, so a bad
+path fails in seconds rather than after every rank has loaded a model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+from ..api.common import is_s3
+from ..api.training import TrainingSpec
+from .data import examples_from, resolve_folder
+from .errors import EXIT_INTERRUPTED, EXIT_INVALID_INPUT, JobInputError
+from .loop import RunPlan
+from .models import resolve_model
+from .storage import S3Settings
+
+CACHE_ENV = "FINETUNE_CACHE_DIR"
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    nnodes: int = 1
+    node_rank: int = 0
+    nproc_per_node: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Rendezvous:
+        """In a pod: the operator sets these; the node rank is the Indexed Job's index."""
+        env = dict(os.environ if env is None else env)
+        return cls(
+            nnodes=int(env.get("FINETUNE_NNODES", "1")),
+            node_rank=int(env.get("FINETUNE_NODE_RANK", env.get("JOB_COMPLETION_INDEX", "0"))),
+            nproc_per_node=int(env.get("FINETUNE_NPROC_PER_NODE", "1")),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(env.get("MASTER_PORT", "29500")),
+        )
+
+    @property
+    def world(self) -> int:
+        return self.nnodes * self.nproc_per_node
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "finetune"))
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def prepare(spec: TrainingSpec, name: str, output_uri: str | None = None) -> RunPlan:
+    """Resolve every input to a local path (downloading once) and check it can be used."""
+    output = output_uri or spec.output.uri
+    if output != spec.output.uri:
+        spec = spec.model_copy(update={"output": spec.output.model_copy(update={"uri": output})})
+    cache = cache_dir()
+    s3 = S3Settings(spec.output.s3_endpoint_url, spec.output.s3_region)
+    if is_s3(output):
+        work_dir = cache / "runs" / hashlib.sha256(output.encode()).hexdigest()[:16]
+    else:
+        work_dir = Path(output).expanduser().resolve()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    model = resolve_model(spec.base_model.uri, cache, s3)
+    concepts, classes = [], []
+    for index, concept in enumerate(spec.data.concepts):
+        folder = resolve_folder(concept.instance_images, cache, s3)
+        examples_from(
+            folder,
+            concept.instance_prompt,
+            concept.caption_files,
+            f"spec.data.concepts[{index}].instanceImages",
+        )
+        concepts.append(folder.resolve())
+        if concept.class_images.uri:
+            class_folder = resolve_folder(concept.class_images.uri, cache, s3)
+        else:
+            class_folder = work_dir / "class_images" / f"concept-{index}"
+        classes.append(class_folder.resolve())
+    return RunPlan(name, spec, work_dir, model.resolve(), concepts, classes, output)
+
+
+def default_nproc() -> int:
+    """One process per visible GPU; one on a machine without."""
+    import torch
+
+    return max(1, torch.cuda.device_count())
+
+
+class Workers:
+    """The processes of this node. Any one failing stops them all: DeepSpeed ranks
+    cannot rejoin a running gang, so the whole gang restarts instead."""
+
+    def __init__(self, plan_file: Path, rendezvous: Rendezvous) -> None:
+        self.plan_file = plan_file
+        self.rendezvous = rendezvous
+        self.processes: list[subprocess.Popen[bytes]] = []
+        self.interrupted = False
+
+    def _env(self, local_rank: int) -> dict[str, str]:
+        r = self.rendezvous
+        env = dict(os.environ)
+        env.update(
+            RANK=str(r.node_rank * r.nproc_per_node + local_rank),
+            LOCAL_RANK=str(local_rank),
+            WORLD_SIZE=str(r.world),
+            LOCAL_WORLD_SIZE=str(r.nproc_per_node),
+            MASTER_ADDR=r.master_addr,
+            MASTER_PORT=str(r.master_port),
+        )
+        if "OMP_NUM_THREADS" not in os.environ:
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // r.nproc_per_node))
+        return env
+
+    def _forward(self, signum: int, frame: FrameType | None) -> None:
+        """Ctrl-C or a pod's SIGTERM: ask every worker for a clean, checkpointed stop."""
+        self.interrupted = True
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGINT)
+
+    def run(self) -> int:
+        previous = {s: signal.signal(s, self._forward) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            for local_rank in range(self.rendezvous.nproc_per_node):
+                command = [sys.executable, "-m", "finetune.trainer.worker", str(self.plan_file)]
+                # A session of their own: the terminal's Ctrl-C reaches only us, and
+                # we pass it on exactly once.
+                self.processes.append(
+                    subprocess.Popen(command, env=self._env(local_rank), start_new_session=True)
+                )
+            return self._wait()
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def _wait(self) -> int:
+        while True:
+            codes = [p.poll() for p in self.processes]
+            failed = [c for c in codes if c not in (None, 0)]
+            if failed:
+                self._stop_all()
+                code = failed[0]
+                return EXIT_INTERRUPTED if self.interrupted and code == EXIT_INTERRUPTED else code
+            if all(c == 0 for c in codes):
+                return 0
+            time.sleep(0.2)
+
+    def _stop_all(self, grace: float = 30.0) -> None:
+        deadline = time.monotonic() + grace
+        for process in self.processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def launch(plan: RunPlan, rendezvous: Rendezvous) -> int:
+    plan_file = plan.work_dir / ".run" / f"plan-node{rendezvous.node_rank}.json"
+    plan_file.parent.mkdir(parents=True, exist_ok=True)
+    plan_file.write_text(plan.to_json())
+    return Workers(plan_file, rendezvous).run()
+
+
+def run_local(spec: TrainingSpec, name: str, nproc: int | None, output_uri: str | None) -> int:
+    """`finetune run`: the whole job on this machine."""
+    try:
+        plan = prepare(spec, name, output_uri)
+    except JobInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INVALID_INPUT
+    rendezvous = Rendezvous(nproc_per_node=nproc or default_nproc(), master_port=free_port())
+    return launch(plan, rendezvous)
+
+
+def run_in_pod(spec: TrainingSpec, name: str) -> int:
+    """`finetune train`: this pod's share of a gang, rendezvous from the environment."""
+    try:
+        plan = prepare(spec, name)
+    except JobInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INVALID_INPUT
+    return launch(plan, Rendezvous.from_env())

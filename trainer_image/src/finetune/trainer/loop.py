@@ -1,0 +1,474 @@
+"""The training loop every method shares, driven through DeepSpeed on every rank.
+
+`deepspeed.initialize` is used directly rather than through accelerate: on CPU
+(gloo) accelerate 1.15 misreports the world when DeepSpeed is on, while the
+engine's own backward/step/save_checkpoint behave alike on CPUs and GPUs, so
+CI exercises the very path users run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import resource
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..api.common import is_s3
+from ..api.training import MixedPrecision, Optimizer, TrainingSpec
+from . import checkpoints, distributed, outputs, samples
+from .data import Example, ImagePreprocessor, IndexStream, examples_from
+from .errors import EXIT_INTERRUPTED, EXIT_OK, JobInputError
+from .methods import TrainedModules, TrainingMethod, method_for
+from .models import Components, load_components
+from .storage import S3Settings, upload_folder
+
+log = logging.getLogger(__name__)
+
+# Test hook: the last rank dies (as if SIGKILLed) right after this step completes.
+CRASH_AFTER_STEP_ENV = "FINETUNE_TEST_CRASH_AFTER_STEP"
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What the launcher resolved before starting the workers: local paths only."""
+
+    name: str
+    spec: TrainingSpec
+    work_dir: Path
+    model_folder: Path
+    concept_folders: list[Path]
+    class_folders: list[Path]
+    output_uri: str
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "name": self.name,
+                "spec": self.spec.model_dump(mode="json", by_alias=True, exclude_none=True),
+                "workDir": str(self.work_dir),
+                "modelFolder": str(self.model_folder),
+                "conceptFolders": [str(p) for p in self.concept_folders],
+                "classFolders": [str(p) for p in self.class_folders],
+                "outputUri": self.output_uri,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> RunPlan:
+        raw = json.loads(text)
+        return cls(
+            name=raw["name"],
+            spec=TrainingSpec.model_validate(raw["spec"]),
+            work_dir=Path(raw["workDir"]),
+            model_folder=Path(raw["modelFolder"]),
+            concept_folders=[Path(p) for p in raw["conceptFolders"]],
+            class_folders=[Path(p) for p in raw["classFolders"]],
+            output_uri=raw["outputUri"],
+        )
+
+
+class StopRequest:
+    """SIGINT/SIGTERM ask for a clean stop: finish the step, checkpoint, exit."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.requested = True
+
+
+def _dtype(precision: str) -> torch.dtype:
+    return {MixedPrecision.BF16: torch.bfloat16, MixedPrecision.FP16: torch.float16}.get(
+        MixedPrecision(precision), torch.float32
+    )
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        merged[key] = (
+            _merge(merged[key], value)
+            if isinstance(value, dict) and isinstance(merged.get(key), dict)
+            else value
+        )
+    return merged
+
+
+def deepspeed_config(spec: TrainingSpec, world: int) -> dict[str, Any]:
+    hp, ds = spec.training, spec.deepspeed
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    config = {
+        "train_micro_batch_size_per_gpu": hp.batch_size,
+        "gradient_accumulation_steps": hp.gradient_accumulation_steps,
+        "train_batch_size": hp.batch_size * hp.gradient_accumulation_steps * world,
+        "gradient_clipping": hp.max_grad_norm,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "bf16": {"enabled": hp.mixed_precision == MixedPrecision.BF16},
+        "fp16": {"enabled": hp.mixed_precision == MixedPrecision.FP16},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    return _merge(config, ds.config or {})
+
+
+def make_optimizer(spec: TrainingSpec, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    hp = spec.training
+    betas = (hp.adam_beta1, hp.adam_beta2)
+    if hp.optimizer == Optimizer.ADAMW_8BIT:
+        try:
+            import bitsandbytes
+        except ImportError:
+            raise JobInputError(
+                "spec.training.optimizer: adamw8bit needs bitsandbytes, which is not installed; use adamw"
+            ) from None
+        optimizer: torch.optim.Optimizer = bitsandbytes.optim.AdamW8bit(
+            groups,
+            lr=hp.learning_rate,
+            betas=betas,
+            weight_decay=hp.adam_weight_decay,
+            eps=hp.adam_epsilon,
+        )
+        return optimizer
+    return torch.optim.AdamW(
+        groups,
+        lr=hp.learning_rate or 1e-4,
+        betas=betas,
+        weight_decay=hp.adam_weight_decay,
+        eps=hp.adam_epsilon,
+    )
+
+
+class Trainer:
+    def __init__(self, plan: RunPlan, rank: distributed.Rank) -> None:
+        self.plan = plan
+        self.spec = plan.spec
+        self.rank = rank
+        self.stop = StopRequest()
+        self.checkpoint_root = plan.work_dir / "checkpoints"
+        self.log_path = plan.work_dir / "train_log.jsonl"
+        self._latent_cache: dict[tuple[str, int], torch.Tensor] = {}
+        self._text_cache: dict[str, torch.Tensor] = {}
+
+    # --- setup ---------------------------------------------------------------
+
+    def _setup(self) -> None:
+        spec, hp = self.spec, self.spec.training
+        if spec.deepspeed.zero_stage == 3:
+            raise JobInputError(
+                "spec.deepspeed.zeroStage: 3 is not supported by the trainer yet; use 2"
+            )
+        self.device = distributed.init(self.rank)
+        self.dtype = _dtype(hp.mixed_precision)
+        # Same seed on every rank while models are built, so adapters start equal.
+        torch.manual_seed(hp.seed)
+        self.components: Components = load_components(self.plan.model_folder)
+        self.method: TrainingMethod = method_for(spec, self.components)
+        self.module: TrainedModules = self.method.build()
+        c = self.components
+        frozen = [c.vae] + ([c.text_encoder] if self.module.text_encoder is None else [])
+        for part in frozen:
+            part.to(self.device).eval()
+            if self.dtype != torch.float32:
+                part.to(dtype=self.dtype)
+        self.instances = self._examples(self.plan.concept_folders, class_images=False)
+        self.classes: list[Example] = []
+        if hp.prior_preservation:
+            self._ensure_class_images()
+            self.classes = self._examples(self.plan.class_folders, class_images=True)
+        self.preprocess = ImagePreprocessor(
+            spec.data.resolution, spec.data.center_crop, spec.data.random_flip, hp.seed
+        )
+        self.instance_stream = IndexStream(len(self.instances), hp.seed, salt=0)
+        self.class_stream = IndexStream(max(1, len(self.classes)), hp.seed, salt=1)
+        self._init_engine()
+        self.ema = None
+        if hp.ema.enabled:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(self.module.unet.parameters(), decay=hp.ema.decay)
+            self.ema.to(self.device)
+        # Each rank draws its own noise from here on.
+        random.seed(hp.seed + self.rank.rank)
+        np.random.seed((hp.seed + self.rank.rank) % 2**32)
+        torch.manual_seed(hp.seed + self.rank.rank)
+
+    def _examples(self, folders: list[Path], class_images: bool) -> list[Example]:
+        found: list[Example] = []
+        for index, (concept, folder) in enumerate(
+            zip(self.spec.data.concepts, folders, strict=True)
+        ):
+            if class_images:
+                assert concept.class_prompt is not None
+                field = f"spec.data.concepts[{index}].classImages.uri"
+                found += examples_from(folder, concept.class_prompt, False, field)[
+                    : concept.class_images.count
+                ]
+            else:
+                field = f"spec.data.concepts[{index}].instanceImages"
+                found += examples_from(
+                    folder, concept.instance_prompt, concept.caption_files, field
+                )
+        return found
+
+    def _ensure_class_images(self) -> None:
+        """Generate the class images a concept lacks with the base model (rank 0), once."""
+        if self.rank.main:
+            from .class_images import generate_missing
+
+            generate_missing(
+                self.spec, self.components, self.plan.class_folders, self.device, self.dtype
+            )
+        distributed.barrier()
+
+    def _init_engine(self) -> None:
+        import deepspeed
+        from diffusers.optimization import get_scheduler
+
+        hp = self.spec.training
+        optimizer = make_optimizer(self.spec, self.method.parameter_groups(self.module))
+
+        def scheduler(opt: torch.optim.Optimizer) -> Any:
+            return get_scheduler(
+                hp.lr_scheduler,
+                optimizer=opt,
+                num_warmup_steps=hp.lr_warmup_steps,
+                num_training_steps=hp.max_steps,
+                num_cycles=hp.lr_num_cycles,
+                power=hp.lr_power,
+            )
+
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=self.module,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=deepspeed_config(self.spec, self.rank.world),
+        )
+
+    # --- data ----------------------------------------------------------------
+
+    def _latents(self, kind: str, index: int, example: Example, position: int) -> torch.Tensor:
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        key = (kind, index)
+        parameters = self._latent_cache.get(key)
+        if parameters is None:
+            pixels, deterministic = self.preprocess(example.image, position)
+            with torch.no_grad():
+                encoded = self.components.vae.encode(pixels[None].to(self.device, self.dtype))
+            parameters = encoded.latent_dist.parameters
+            if deterministic:
+                self._latent_cache[key] = parameters
+        latents: torch.Tensor = DiagonalGaussianDistribution(parameters).sample()
+        return latents.float() * float(self.components.vae.config.scaling_factor)
+
+    def _tokens(self, prompts: list[str]) -> torch.Tensor:
+        tokenizer = self.components.tokenizer
+        ids = tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        return ids.to(self.device)  # type: ignore[no-any-return]
+
+    def _text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        if self.module.text_encoder is not None:
+            return {"input_ids": self._tokens(prompts)}
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
+        if missing:
+            with torch.no_grad():
+                states = self.components.text_encoder(self._tokens(missing))[0]
+            self._text_cache.update(zip(missing, states, strict=True))
+        return {"encoder_hidden_states": torch.stack([self._text_cache[p] for p in prompts])}
+
+    def _batch(self, micro_step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+        batch = self.spec.training.batch_size
+        chosen: list[tuple[str, int, Example, int]] = []
+        for position in self.instance_stream.positions(
+            micro_step, self.rank.rank, self.rank.world, batch
+        ):
+            index = self.instance_stream.example_at(position)
+            chosen.append(("instance", index, self.instances[index], position))
+        prior_count = 0
+        if self.classes:
+            for position in self.class_stream.positions(
+                micro_step, self.rank.rank, self.rank.world, batch
+            ):
+                index = self.class_stream.example_at(position)
+                chosen.append(("class", index, self.classes[index], position))
+            prior_count = batch
+        latents = torch.cat([self._latents(kind, i, ex, pos) for kind, i, ex, pos in chosen])
+        return latents, self._text([ex.prompt for _, _, ex, _ in chosen]), prior_count
+
+    # --- checkpoints ------------------------------------------------------------
+
+    def _resume(self) -> int:
+        found = distributed.broadcast(
+            checkpoints.latest(self.checkpoint_root) if self.rank.main else None
+        )
+        if found is None:
+            return 0
+        self.engine.load_checkpoint(
+            str(self.checkpoint_root), tag=found.tag, load_module_strict=False
+        )
+        checkpoints.restore_rng(
+            torch.load(checkpoints.rng_file(found.folder, self.rank.rank), weights_only=False)
+        )
+        if self.ema is not None:
+            self.ema.load_state_dict(torch.load(found.folder / "ema.pt", weights_only=False))
+        if self.rank.main:
+            log.info("resumed from %s (step %d)", found.folder, found.step)
+        return int(found.step)
+
+    def _save_checkpoint(self, step: int) -> None:
+        tag = checkpoints.tag_for(step)
+        folder = self.checkpoint_root / tag
+        # DeepSpeed collects from every rank: all of them must call it.
+        self.engine.save_checkpoint(
+            str(self.checkpoint_root),
+            tag=tag,
+            client_state={"step": step},
+            save_latest=False,
+            exclude_frozen_parameters=True,
+        )
+        torch.save(checkpoints.rng_state(), checkpoints.rng_file(folder, self.rank.rank))
+        if self.ema is not None and self.rank.main:
+            torch.save(self.ema.state_dict(), folder / "ema.pt")
+        distributed.barrier()
+        if self.rank.main:
+            checkpoints.write_manifest(folder, step)
+            checkpoints.prune(self.checkpoint_root, self.spec.checkpointing.keep_last)
+        distributed.barrier()
+
+    # --- the loop -------------------------------------------------------------
+
+    def run(self) -> int:
+        self._setup()
+        hp = self.spec.training
+        step = self._resume()
+        interval = self.spec.checkpointing.every_n_steps or hp.max_steps
+        crash_after = int(os.environ.get(CRASH_AFTER_STEP_ENV, "0"))
+        images_per_step = hp.batch_size * hp.gradient_accumulation_steps * self.rank.world
+        progress = self._progress_bar(step)
+        last_loss: float | None = None
+        self.engine.train()
+        while step < hp.max_steps:
+            started = time.perf_counter()
+            losses = []
+            for micro in range(hp.gradient_accumulation_steps):
+                latents, text, prior_count = self._batch(
+                    step * hp.gradient_accumulation_steps + micro
+                )
+                loss = self.method.loss(self.engine, latents, text, prior_count, self.dtype)
+                self.engine.backward(loss)
+                self.engine.step()
+                losses.append(float(loss.detach()))
+            step += 1
+            if self.ema is not None:
+                self.ema.step(self.module.unet.parameters())
+            last_loss = distributed.mean(sum(losses) / len(losses), self.device)
+            speed = images_per_step / (time.perf_counter() - started)
+            self._record(step, last_loss, speed, progress)
+            stopping = distributed.any_rank(self.stop.requested, self.device)
+            if step % interval == 0 or (stopping and step < hp.max_steps):
+                self._save_checkpoint(step)
+            if crash_after and step == crash_after and self.rank.rank == self.rank.world - 1:
+                os._exit(1)
+            if stopping:
+                if progress is not None:
+                    progress.close()
+                if self.rank.main:
+                    print(
+                        f"Stopped at step {step}; checkpoint saved. Run the same command to resume.",
+                        flush=True,
+                    )
+                return EXIT_INTERRUPTED
+            validation = self.spec.validation
+            if validation.prompts and step % validation.every_n_steps == 0 and step < hp.max_steps:
+                self._samples(step)
+        if progress is not None:
+            progress.close()
+        self._finish(step, last_loss)
+        return EXIT_OK
+
+    def _progress_bar(self, step: int) -> Any:
+        if not self.rank.main:
+            return None
+        from tqdm import tqdm
+
+        return tqdm(
+            total=self.spec.training.max_steps,
+            initial=step,
+            unit="step",
+            dynamic_ncols=True,
+            mininterval=0.5,
+        )
+
+    def _record(self, step: int, loss: float, speed: float, progress: Any) -> None:
+        if not self.rank.main:
+            return
+        lr = self.scheduler.get_last_lr()[0] if self.scheduler is not None else None
+        entry: dict[str, Any] = {
+            "step": step,
+            "loss": loss,
+            "lr": lr,
+            "imagesPerSecond": speed,
+            "time": time.time(),
+        }
+        entry["rssPeakBytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        if self.device.type == "cuda":
+            entry["gpuMemoryPeakBytes"] = torch.cuda.max_memory_allocated(self.device)
+        with self.log_path.open("a") as handle:
+            handle.write(json.dumps(entry) + "\n")
+        if progress is not None:
+            progress.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            progress.update(1)
+
+    def _samples(self, step: int) -> Path | None:
+        grid = None
+        if self.rank.main:
+            folder = samples.sample_folder(self.plan.work_dir, step)
+            grid = samples.generate(
+                self.spec,
+                self.components,
+                self.method.sampling_modules(self.module),
+                folder,
+                self.device,
+                self.dtype,
+            )
+        distributed.barrier()
+        return grid
+
+    def _finish(self, step: int, last_loss: float | None) -> None:
+        if self.ema is not None:
+            self.ema.copy_to(self.module.unet.parameters())
+        grid = self._samples(step) if self.spec.validation.prompts else None
+        if self.rank.main:
+            work_dir = self.plan.work_dir
+            staging = outputs.staging_folder(work_dir)
+            self.method.save(self.module, staging)
+            card = outputs.model_card(self.spec, self.plan.name, step, last_loss, grid, work_dir)
+            (staging / outputs.MODEL_CARD).write_text(card)
+            outputs.promote(staging, work_dir)
+            if is_s3(self.plan.output_uri):
+                settings = S3Settings(self.spec.output.s3_endpoint_url, self.spec.output.s3_region)
+                upload_folder(work_dir, self.plan.output_uri, settings)
+            print(f"Done: {step} steps; results in {self.plan.output_uri}", flush=True)
+        distributed.barrier()

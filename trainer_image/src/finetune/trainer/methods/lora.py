@@ -1,0 +1,104 @@
+"""LoRA: adapters on the UNet's attention (and optionally the text encoder's)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ...api.training import OutputFormat
+from .base import TrainedModules, TrainingMethod
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
+
+
+class Lora(TrainingMethod):
+    def build(self) -> TrainedModules:
+        from peft import LoraConfig
+
+        lora = self.spec.lora
+        assert lora is not None
+        assert lora.rank is not None  # filled by the API's method defaults
+        c = self.components
+        for part in (c.unet, c.vae, c.text_encoder):
+            part.requires_grad_(False)
+        c.unet.add_adapter(
+            LoraConfig(
+                r=lora.rank,
+                lora_alpha=lora.alpha,
+                lora_dropout=lora.dropout,
+                init_lora_weights="gaussian",
+                target_modules=lora.target_modules,
+            )
+        )
+        text_encoder = None
+        if self.trains_text_encoder:
+            text_encoder = c.text_encoder
+            text_encoder.add_adapter(
+                LoraConfig(
+                    r=lora.rank,
+                    lora_alpha=lora.alpha,
+                    lora_dropout=lora.dropout,
+                    init_lora_weights="gaussian",
+                    target_modules=lora.text_encoder_target_modules,
+                )
+            )
+        # Adapters train in float32 whatever the base weights' dtype.
+        for module in (c.unet, text_encoder):
+            if module is not None:
+                for param in module.parameters():
+                    if param.requires_grad:
+                        param.data = param.data.float()
+        if self.spec.training.gradient_checkpointing:
+            c.unet.enable_gradient_checkpointing()
+            if text_encoder is not None:
+                text_encoder.gradient_checkpointing_enable()
+        return TrainedModules(c.unet, text_encoder)
+
+    def adapter_state(self, module: TrainedModules) -> dict[str, dict[str, torch.Tensor]]:
+        """The adapters in PEFT's key format, as float32 on the CPU."""
+        from peft.utils import get_peft_model_state_dict
+
+        parts = {"unet": get_peft_model_state_dict(module.unet)}
+        if module.text_encoder is not None:
+            parts["text_encoder"] = get_peft_model_state_dict(module.text_encoder)
+        return {
+            name: {k: v.detach().float().cpu().contiguous() for k, v in sd.items()}
+            for name, sd in parts.items()
+        }
+
+    def save(self, module: TrainedModules, folder: Path) -> list[Path]:
+        from diffusers import StableDiffusionPipeline
+        from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
+        from safetensors.torch import save_file
+
+        lora = self.spec.lora
+        assert lora is not None
+        state = self.adapter_state(module)
+        metadata = {"r": lora.rank, "lora_alpha": lora.alpha, "target_modules": lora.target_modules}
+        te_metadata = {**metadata, "target_modules": lora.text_encoder_target_modules}
+        StableDiffusionPipeline.save_lora_weights(
+            folder,
+            unet_lora_layers=convert_state_dict_to_diffusers(state["unet"]),
+            text_encoder_lora_layers=(
+                convert_state_dict_to_diffusers(state["text_encoder"])
+                if "text_encoder" in state
+                else None
+            ),
+            unet_lora_adapter_metadata=metadata,
+            text_encoder_lora_adapter_metadata=te_metadata if "text_encoder" in state else None,
+            safe_serialization=True,
+        )
+        written = [folder / LORA_FILE]
+        if OutputFormat.KOHYA in self.spec.output.formats:
+            prefixed = {
+                f"{name}.{key}": value for name, sd in state.items() for key, value in sd.items()
+            }
+            kohya = convert_state_dict_to_kohya(prefixed)
+            for key in kohya:
+                if key.endswith(".alpha"):
+                    kohya[key] = torch.tensor(float(lora.alpha or lora.rank or 1))
+            save_file(kohya, folder / KOHYA_FILE, metadata={"ss_network_dim": str(lora.rank)})
+            written.append(folder / KOHYA_FILE)
+        return written

@@ -1,0 +1,104 @@
+"""Find a base model (local folder, s3://, hf://) and load its components."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..api.common import is_hub, is_s3
+from .errors import JobInputError
+from .storage import S3Settings, download_prefix
+
+# What a Stable Diffusion folder must hold for the trainer to use it.
+REQUIRED_PARTS = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler")
+# Hub files the trainer never reads: other frameworks' weights and pickles.
+_HUB_IGNORE = ["*.ckpt", "*.bin", "*.msgpack", "*.onnx", "*.h5", "*.pb", "*.xml", "*.png", "*.jpg"]
+
+
+def resolve_model(uri: str, cache_dir: Path, s3: S3Settings) -> Path:
+    """A local diffusers folder for `uri`, downloading it into `cache_dir` when remote."""
+    if is_hub(uri):
+        folder = _from_hub(uri, cache_dir / "hub")
+    elif is_s3(uri):
+        digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
+        folder = download_prefix(uri, cache_dir / "s3-models" / digest, s3)
+    else:
+        folder = Path(uri).expanduser()
+    check_model_folder(folder, uri)
+    return folder
+
+
+def check_model_folder(folder: Path, uri: str) -> None:
+    if not folder.is_dir():
+        raise JobInputError(f"{uri}: no such model folder")
+    missing = [part for part in REQUIRED_PARTS if not (folder / part).exists()]
+    if missing:
+        raise JobInputError(
+            f"{uri}: not a diffusers Stable Diffusion folder (missing {', '.join(missing)})"
+        )
+
+
+def _from_hub(uri: str, cache_dir: Path) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    repo, _, revision = uri.removeprefix("hf://").partition("@")
+    try:
+        path = snapshot_download(
+            repo,
+            revision=revision or None,
+            cache_dir=cache_dir,
+            token=os.environ.get("HF_TOKEN") or None,
+            ignore_patterns=_HUB_IGNORE,
+        )
+    except GatedRepoError as exc:
+        raise JobInputError(
+            f"{uri}: the repository is gated; set a token with access (baseModel.hubTokenSecretRef)"
+        ) from exc
+    except RepositoryNotFoundError as exc:
+        raise JobInputError(f"{uri}: no such repository on the hub, or no access to it") from exc
+    except RevisionNotFoundError as exc:
+        raise JobInputError(f"{uri}: no revision {revision!r} in the repository") from exc
+    except LocalEntryNotFoundError as exc:
+        raise JobInputError(f"{uri}: not in the local cache and the hub cannot be reached") from exc
+    except (HfHubHTTPError, OSError) as exc:
+        raise JobInputError(f"{uri}: cannot download from the hub: {exc}") from exc
+    return Path(path)
+
+
+@dataclass
+class Components:
+    """The parts of a Stable Diffusion pipeline the trainer works with."""
+
+    folder: Path
+    tokenizer: Any
+    text_encoder: Any
+    vae: Any
+    unet: Any
+    noise_scheduler: Any
+
+
+def load_components(folder: Path) -> Components:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    try:
+        return Components(
+            folder=folder,
+            tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
+            text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder"),
+            vae=AutoencoderKL.from_pretrained(folder, subfolder="vae"),
+            unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet"),
+            noise_scheduler=DDPMScheduler.from_pretrained(folder, subfolder="scheduler"),
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        raise JobInputError(f"{folder}: cannot load the model: {exc}") from exc

@@ -1,0 +1,48 @@
+"""One training process: `python -m finetune.trainer.worker PLAN.json`.
+
+Started by the launcher with RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and
+MASTER_PORT set; exits with the codes in `finetune.trainer.errors`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from .errors import EXIT_FAILED, EXIT_INVALID_INPUT, JobInputError
+
+
+def main(argv: list[str]) -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "diffusers", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from .distributed import Rank
+    from .loop import RunPlan, Trainer
+
+    rank = Rank.from_env()
+    plan = RunPlan.from_json(Path(argv[0]).read_text())
+    try:
+        return Trainer(plan, rank).run()
+    except JobInputError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_INVALID_INPUT
+    except Exception:
+        logging.getLogger("finetune").exception("rank %d failed", rank.rank)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    code = main(sys.argv[1:])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip interpreter teardown: process-group and thread shutdown can hang there.
+    os._exit(code)

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 CRD := crds/finetune.dev_finetunejobs.yaml
 CHART_CRD := charts/finetune-operator/crds/finetune.dev_finetunejobs.yaml
 
-.PHONY: setup test lint crd check
+.PHONY: setup test lint crd check quickstart
 
 # torch first (a pinned release; a loose requirement would pull a multi-GB CUDA
 # build on a CPU machine), then deepspeed, which ships only a source archive and
@@ -32,3 +32,8 @@ crd:
 	$(BIN)/python -m finetune.api.reference README.md
 
 check: lint test
+
+# A LoRA job on this machine's CPU with a tiny model and images made on the spot.
+quickstart:
+	$(BIN)/python -m finetune.assets examples/quickstart
+	$(BIN)/finetune run examples/quickstart.yaml --nproc 2

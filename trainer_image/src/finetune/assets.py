@@ -153,6 +153,8 @@ def build_model(folder: str | Path, size: Size = "tiny", seed: int = 0) -> Path:
             beta_end=0.012,
             beta_schedule="scaled_linear",
             num_train_timesteps=1000,
+            clip_sample=False,
+            steps_offset=1,
         ),
         safety_checker=None,
         feature_extractor=None,
@@ -184,3 +186,19 @@ def write_images(
         if caption is not None:
             (folder / f"image-{index:03d}.txt").write_text(caption)
     return folder
+
+
+def quickstart(folder: str | Path) -> None:
+    """The quickstart's tiny model and images, made once."""
+    folder = Path(folder)
+    if not (folder / "model" / "model_index.json").exists():
+        build_model(folder / "model")
+    if not (folder / "images").exists():
+        write_images(folder / "images", 8, resolution=64)
+    print(f"tiny model in {folder / 'model'}, 8 images in {folder / 'images'}")
+
+
+if __name__ == "__main__":
+    import sys
+
+    quickstart(sys.argv[1] if len(sys.argv) > 1 else "examples/quickstart")

@@ -1,0 +1,19 @@
+"""Fixtures for trainer tests: a tiny real diffusers model and images, built once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from finetune.assets import build_model, write_images
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_model(tmp_path_factory.mktemp("models") / "tiny-sd")
+
+
+@pytest.fixture(scope="session")
+def disc_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_images(tmp_path_factory.mktemp("data") / "discs", 6, resolution=64)

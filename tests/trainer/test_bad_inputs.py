@@ -1,0 +1,81 @@
+"""Bad input fails fast with an error naming the path, and leaves no finished-looking output."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.trainer.jobs import finetune_run, job_file
+
+
+def concept(images: Path) -> dict[str, object]:
+    return {"concepts": [{"instanceImages": str(images), "instancePrompt": "a photo of sks disc"}]}
+
+
+def assert_refused(result: object, *fragments: str) -> None:
+    assert result.returncode == 2, result.stderr[-2000:]  # type: ignore[attr-defined]
+    message = result.stderr.strip().splitlines()[-1]  # type: ignore[attr-defined]
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def assert_no_output(folder: Path) -> None:
+    out = folder / "out"
+    assert not (out / "pytorch_lora_weights.safetensors").exists()
+    assert not (out / "README.md").exists()
+
+
+def test_missing_data_folder(tmp_path: Path, tiny_model: Path) -> None:
+    missing = tmp_path / "no-such-folder"
+    job = job_file(tmp_path, tiny_model, missing)
+    assert_refused(
+        finetune_run(job), "spec.data.concepts[0].instanceImages", str(missing), "no such folder"
+    )
+    assert_no_output(tmp_path)
+
+
+def test_empty_dataset(tmp_path: Path, tiny_model: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not an image")
+    job = job_file(tmp_path, tiny_model, empty)
+    assert_refused(finetune_run(job), str(empty), "no images")
+    assert_no_output(tmp_path)
+
+
+def test_unreadable_image(tmp_path: Path, tiny_model: Path, disc_images: Path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    for source in sorted(disc_images.glob("*.png"))[:2]:
+        (images / source.name).write_bytes(source.read_bytes())
+    broken = images / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
+    job = job_file(tmp_path, tiny_model, images)
+    assert_refused(finetune_run(job), str(broken), "not a readable image")
+    assert_no_output(tmp_path)
+
+
+def test_folder_that_is_not_a_diffusers_model(tmp_path: Path, disc_images: Path) -> None:
+    not_a_model = tmp_path / "weights"
+    not_a_model.mkdir()
+    (not_a_model / "model.safetensors").write_bytes(b"")
+    job = job_file(tmp_path, not_a_model, disc_images)
+    assert_refused(
+        finetune_run(job),
+        str(not_a_model),
+        "not a diffusers Stable Diffusion folder",
+        "model_index.json",
+    )
+    assert_no_output(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "uri", ["hf://no-such-org/no-such-model", "hf://no-such-org/no-such-model@v1"]
+)
+def test_unknown_hub_repo(tmp_path: Path, disc_images: Path, uri: str) -> None:
+    job = job_file(tmp_path, tmp_path, disc_images, baseModel={"uri": uri})
+    # No hub can be reached from here; offline mode answers at once instead of timing out.
+    result = finetune_run(job, env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert_refused(result, uri)
+    assert_no_output(tmp_path)

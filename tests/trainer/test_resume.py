@@ -1,0 +1,165 @@
+"""Checkpoints and resume: a crashed or interrupted job continues where it stopped
+and ends exactly where an uninterrupted one would."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from finetune.trainer.loop import CRASH_AFTER_STEP_ENV
+from tests.trainer.jobs import FINETUNE, finetune_run, job_file, train_log
+
+pytestmark = pytest.mark.slow
+
+
+def lora_weights(output: Path) -> dict[str, torch.Tensor]:
+    return load_file(output / "pytorch_lora_weights.safetensors")
+
+
+def test_crash_after_checkpoint_then_resume_matches_uninterrupted_run(
+    tmp_path: Path, tiny_model: Path, disc_images: Path
+) -> None:
+    spec = {
+        "training": {"maxSteps": 6, "lrScheduler": "cosine", "lrWarmupSteps": 2},
+        "data": {"randomFlip": True},
+    }
+    (tmp_path / "straight").mkdir()
+    straight = job_file(tmp_path / "straight", tiny_model, disc_images, **spec)
+    result = finetune_run(straight)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    crashed_dir = tmp_path / "crashed"
+    crashed_dir.mkdir()
+    crashed = job_file(crashed_dir, tiny_model, disc_images, **spec)
+    first = finetune_run(crashed, env={CRASH_AFTER_STEP_ENV: "4"})
+    assert first.returncode != 0
+    out = crashed_dir / "out"
+    assert not (out / "pytorch_lora_weights.safetensors").exists(), (
+        "a crashed run left final weights"
+    )
+    checkpoint = out / "checkpoints" / "step-00000003"
+    assert (checkpoint / "manifest.json").exists()
+    rng = [
+        torch.load(checkpoint / f"rng-rank000{r}.pt", weights_only=False)["torch"] for r in (0, 1)
+    ]
+    assert not torch.equal(rng[0], rng[1]), "each rank keeps its own RNG state"
+
+    second = finetune_run(crashed)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from" in second.stderr
+    assert "step-00000003" in second.stderr
+    assert [e["step"] for e in train_log(out)] == [1, 2, 3, 4, 4, 5, 6]
+
+    expected, actual = lora_weights(tmp_path / "straight" / "out"), lora_weights(out)
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_a_corrupt_checkpoint_is_skipped_for_the_previous_one(
+    tmp_path: Path, tiny_model: Path, disc_images: Path
+) -> None:
+    job = job_file(
+        tmp_path,
+        tiny_model,
+        disc_images,
+        training={"maxSteps": 4},
+        checkpointing={"everyNSteps": 2},
+    )
+    assert finetune_run(job, env={CRASH_AFTER_STEP_ENV: "4"}).returncode != 0
+    newest = tmp_path / "out" / "checkpoints" / "step-00000004"
+    manifest = json.loads((newest / "manifest.json").read_text())
+    victim = newest / manifest["files"][0]["path"]
+    victim.write_bytes(victim.read_bytes()[:-10] + b"corrupted!")
+
+    result = finetune_run(job)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "does not match its manifest" in result.stderr
+    assert "resumed from" in result.stderr
+    assert "step-00000002" in result.stderr
+
+
+def test_ctrl_c_saves_a_checkpoint_and_the_same_command_resumes(
+    tmp_path: Path, tiny_model: Path, disc_images: Path
+) -> None:
+    job = job_file(
+        tmp_path,
+        tiny_model,
+        disc_images,
+        training={"maxSteps": 400},
+        checkpointing={"everyNSteps": 400},
+    )
+    env = {**os.environ, "FINETUNE_CACHE_DIR": str(tmp_path / "cache")}
+    process = subprocess.Popen(
+        [str(FINETUNE), "run", str(job), "--nproc", "2"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    log = tmp_path / "out" / "train_log.jsonl"
+    deadline = time.monotonic() + 120
+    while not (log.exists() and len(log.read_text().splitlines()) >= 3):
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)  # what the terminal sends on Ctrl-C
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-3000:]
+    stopped_at = train_log(tmp_path / "out")[-1]["step"]
+    assert f"Stopped at step {stopped_at}; checkpoint saved" in stdout
+    checkpoint = tmp_path / "out" / "checkpoints" / f"step-{stopped_at:08d}"
+    assert (checkpoint / "manifest.json").exists()
+    assert not (tmp_path / "out" / "pytorch_lora_weights.safetensors").exists()
+
+    short = job_file(
+        tmp_path,
+        tiny_model,
+        disc_images,
+        training={"maxSteps": stopped_at + 2},
+        checkpointing={"everyNSteps": 1},
+    )
+    resumed = finetune_run(short)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"step-{stopped_at:08d}" in resumed.stderr
+    assert train_log(tmp_path / "out")[-1]["step"] == stopped_at + 2
+
+
+def test_prior_preservation_generates_class_images_once(
+    tmp_path: Path, tiny_model: Path, disc_images: Path
+) -> None:
+    job = job_file(
+        tmp_path,
+        tiny_model,
+        disc_images,
+        method="dreambooth",
+        training={"priorPreservation": True, "maxSteps": 2},
+        checkpointing={"everyNSteps": 2},
+        data={
+            "concepts": [
+                {
+                    "instanceImages": str(disc_images),
+                    "instancePrompt": "a photo of sks disc",
+                    "classPrompt": "a photo of a disc",
+                    "classImages": {"count": 3},
+                }
+            ]
+        },
+    )
+    result = finetune_run(job, nproc=1)
+    assert result.returncode == 0, result.stderr[-3000:]
+    generated = sorted((tmp_path / "out" / "class_images" / "concept-0").glob("*.png"))
+    assert len(generated) == 3
+    stamps = [p.stat().st_mtime_ns for p in generated]
+
+    again = finetune_run(job, nproc=1)  # a finished job run again: nothing is regenerated
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert [p.stat().st_mtime_ns for p in generated] == stamps

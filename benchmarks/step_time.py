@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -113,6 +114,7 @@ def ours(
     resolution: int,
     bf16: bool,
     out: Path,
+    deepspeed: dict[str, Any],
 ) -> dict[str, Any]:
     job = {
         "apiVersion": "finetune.dev/v1alpha1",
@@ -133,9 +135,11 @@ def ours(
                 "mixedPrecision": "bf16" if bf16 else "no",
             },
             "checkpointing": {"everyNSteps": steps},
+            "deepspeed": deepspeed,
             "output": {"uri": str(out / f"ours-{method}")},
         },
     }
+    shutil.rmtree(out / f"ours-{method}", ignore_errors=True)  # never resume an earlier run
     job_file = out / f"ours-{method}.yaml"
     job_file.write_text(yaml.safe_dump(job))
     command = [sys.executable, "-m", "finetune.cli", "run", str(job_file), "--nproc", "1"]
@@ -159,6 +163,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--bf16", action="store_true")
+    parser.add_argument(
+        "--deepspeed", type=json.loads, default={}, help="the job's spec.deepspeed, as JSON"
+    )
     parser.add_argument("--baseline-in-process", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -190,19 +197,35 @@ def main() -> None:
         text=True,
     )
     baseline = json.loads(baseline_run.stdout.strip().splitlines()[-1])
-    mine = ours(model, images, args.method, args.steps, args.batch, args.resolution, args.bf16, out)
+    mine = ours(
+        model,
+        images,
+        args.method,
+        args.steps,
+        args.batch,
+        args.resolution,
+        args.bf16,
+        out,
+        args.deepspeed,
+    )
     results = {
         "size": args.size,
         "method": args.method,
         "batch": args.batch,
         "resolution": args.resolution,
         "bf16": args.bf16,
+        "deepspeed": args.deepspeed,
         "baseline": {**baseline, "images_per_second": args.batch / baseline["step_seconds"]},
         "ours": {**mine, "images_per_second": args.batch / mine["step_seconds"]},
         "step_time_ratio": mine["step_seconds"] / baseline["step_seconds"],
         "peak_memory_ratio": mine["peak_bytes"] / baseline["peak_bytes"],
     }
-    (out / f"results-{args.size}-{args.method}.json").write_text(json.dumps(results, indent=2))
+    tag = (
+        ""
+        if not args.deepspeed
+        else "-" + "-".join(f"{k}{v}" for k, v in args.deepspeed.items() if not isinstance(v, dict))
+    )
+    (out / f"results-{args.size}-{args.method}{tag}.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
 
 

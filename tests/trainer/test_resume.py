@@ -163,3 +163,29 @@ def test_prior_preservation_generates_class_images_once(
     again = finetune_run(job, nproc=1)  # a finished job run again: nothing is regenerated
     assert again.returncode == 0, again.stderr[-3000:]
     assert [p.stat().st_mtime_ns for p in generated] == stamps
+
+
+def test_a_checkpoint_from_a_different_layout_is_refused_clearly(
+    tmp_path: Path, tiny_model: Path, disc_images: Path
+) -> None:
+    job = job_file(
+        tmp_path,
+        tiny_model,
+        disc_images,
+        training={"maxSteps": 2},
+        checkpointing={"everyNSteps": 2},
+    )
+    assert finetune_run(job, nproc=2).returncode == 0
+    bigger = job_file(
+        tmp_path,
+        tiny_model,
+        disc_images,
+        training={"maxSteps": 4},
+        checkpointing={"everyNSteps": 2},
+    )
+    result = finetune_run(bigger, nproc=1)
+    assert result.returncode == 2
+    assert (
+        "step-00000002: this checkpoint was written by a run laid out differently (ranks 2 -> 1)"
+        in result.stderr
+    )

@@ -114,3 +114,19 @@ def test_deepspeed_config_follows_the_job(precision: str, bf16: bool, fp16: bool
     assert zero["stage"] == 1
     assert zero["offload_optimizer"]["device"] == "cpu"
     assert zero["overlap_comm"] is True  # the raw override is merged, not replacing
+
+
+def test_caption_files_replace_the_concept_prompt(tmp_path: Path) -> None:
+    from finetune.assets import write_images
+    from finetune.trainer.data import examples_from
+
+    folder = write_images(tmp_path / "images", 3)
+    (folder / "image-001.txt").write_text("a photo of sks disc on grass\n")
+    examples = examples_from(folder, "a photo of sks disc", caption_files=True, field="f")
+    assert [e.prompt for e in examples] == [
+        "a photo of sks disc",
+        "a photo of sks disc on grass",
+        "a photo of sks disc",
+    ]
+    plain = examples_from(folder, "a photo of sks disc", caption_files=False, field="f")
+    assert {e.prompt for e in plain} == {"a photo of sks disc"}

@@ -47,10 +47,12 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_manifest(folder: Path, step: int) -> None:
+def write_manifest(folder: Path, step: int, layout: dict[str, Any] | None = None) -> None:
+    """`layout`: what a resuming run must share with this one (method, ZeRO stage, ranks)."""
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
     manifest = {
         "step": step,
+        "layout": layout or {},
         "files": [
             {
                 "path": p.relative_to(folder).as_posix(),
@@ -96,6 +98,13 @@ def latest(root: Path) -> Checkpoint | None:
             return Checkpoint(folder, step)
         log.warning("checkpoint %s is incomplete or corrupt; not used for resume", folder)
     return None
+
+
+def layout_of(checkpoint: Checkpoint) -> dict[str, Any]:
+    layout: dict[str, Any] = json.loads((checkpoint.folder / MANIFEST).read_text()).get(
+        "layout", {}
+    )
+    return layout
 
 
 def prune(root: Path, keep_last: int) -> None:

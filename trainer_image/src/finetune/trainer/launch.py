@@ -20,7 +20,7 @@ from pathlib import Path
 from types import FrameType
 
 from ..api.common import is_s3
-from ..api.training import TrainingSpec
+from ..api.training import Optimizer, TrainingSpec
 from .data import examples_from, resolve_folder
 from .errors import EXIT_INTERRUPTED, EXIT_INVALID_INPUT, JobInputError
 from .loop import RunPlan
@@ -70,6 +70,7 @@ def prepare(spec: TrainingSpec, name: str, output_uri: str | None = None) -> Run
     output = output_uri or spec.output.uri
     if output != spec.output.uri:
         spec = spec.model_copy(update={"output": spec.output.model_copy(update={"uri": output})})
+    check_optimizer(spec)
     cache = cache_dir()
     s3 = S3Settings(spec.output.s3_endpoint_url, spec.output.s3_region)
     if is_s3(output):
@@ -94,6 +95,16 @@ def prepare(spec: TrainingSpec, name: str, output_uri: str | None = None) -> Run
             class_folder = work_dir / "class_images" / f"concept-{index}"
         classes.append(class_folder.resolve())
     return RunPlan(name, spec, work_dir, model.resolve(), concepts, classes, output)
+
+
+def check_optimizer(spec: TrainingSpec) -> None:
+    if spec.training.optimizer == Optimizer.ADAMW_8BIT:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise JobInputError(
+                "spec.training.optimizer: adamw8bit needs bitsandbytes, which is not installed; use adamw"
+            ) from None
 
 
 def default_nproc() -> int:

@@ -325,6 +325,15 @@ class Trainer:
         )
         if found is None:
             return 0
+        saved = checkpoints.layout_of(found)
+        if saved and saved != self._layout():
+            differences = ", ".join(
+                f"{k} {saved.get(k)} -> {v}" for k, v in self._layout().items() if saved.get(k) != v
+            )
+            raise JobInputError(
+                f"{found.folder}: this checkpoint was written by a run laid out differently ({differences}); "
+                "run with the same settings, or remove the checkpoints to start over"
+            )
         self.engine.load_checkpoint(
             str(self.checkpoint_root), tag=found.tag, load_module_strict=False
         )
@@ -336,6 +345,15 @@ class Trainer:
         if self.rank.main:
             log.info("resumed from %s (step %d)", found.folder, found.step)
         return int(found.step)
+
+    def _layout(self) -> dict[str, Any]:
+        """What DeepSpeed needs to be the same for a checkpoint to load."""
+        return {
+            "method": str(self.spec.method),
+            "zeroStage": self.spec.deepspeed.zero_stage,
+            "ranks": self.rank.world,
+            "trainTextEncoder": self.spec.training.train_text_encoder,
+        }
 
     def _save_checkpoint(self, step: int) -> None:
         tag = checkpoints.tag_for(step)
@@ -353,7 +371,7 @@ class Trainer:
             torch.save(self.ema.state_dict(), folder / "ema.pt")
         distributed.barrier()
         if self.rank.main:
-            checkpoints.write_manifest(folder, step)
+            checkpoints.write_manifest(folder, step, self._layout())
             checkpoints.prune(self.checkpoint_root, self.spec.checkpointing.keep_last)
         distributed.barrier()
 

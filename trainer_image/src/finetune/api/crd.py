@@ -147,21 +147,37 @@ def _json_type(value: Any) -> str:
     return "string"
 
 
-def _default_nested_objects(schema: Schema) -> None:
-    """Give every optional object of defaultable fields `default: {}`.
+def _default_nested_objects(schema: Schema, model: type[BaseModel]) -> None:
+    """Default to `{}` every object field the model builds with a default factory.
 
     The API server applies defaults only inside objects that exist; defaulting
-    the parent to `{}` lets `kubectl get -o yaml` show the whole resolved spec.
+    such a parent to `{}` lets `kubectl get -o yaml` show the resolved spec.
+    Sections whose default is null (`lora`, `lcm`, ...) must stay absent: their
+    presence means something to the rules.
     """
     props = schema.get("properties", {})
-    required = set(schema.get("required", []))
-    for name, child in props.items():
-        if child.get("type") == "object" and "properties" in child:
-            _default_nested_objects(child)
-            if name not in required and not child.get("required") and "default" not in child:
+    for name, field in model.model_fields.items():
+        child = props.get(field.alias or name)
+        nested = _model_of(field.annotation)
+        if child is None or nested is None:
+            continue
+        if child.get("type") == "object":
+            _default_nested_objects(child, nested)
+            if field.default_factory is not None and "default" not in child:
                 child["default"] = {}
-        elif child.get("type") == "array" and child.get("items", {}).get("type") == "object":
-            _default_nested_objects(child["items"])
+        elif child.get("type") == "array":
+            _default_nested_objects(child["items"], nested)
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside `Model`, `Model | None` or `list[Model]`, if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for argument in getattr(annotation, "__args__", ()):
+        found = _model_of(argument)
+        if found is not None:
+            return found
+    return None
 
 
 # --- CEL rules ---------------------------------------------------------------
@@ -290,7 +306,7 @@ def printer_columns() -> list[dict[str, Any]]:
 def build_crd() -> dict[str, Any]:
     spec = structural_schema(FineTuneJobSpec)
     spec["description"] = "Desired state of a FineTuneJob: the training run and its pods."
-    _default_nested_objects(spec)
+    _default_nested_objects(spec, FineTuneJobSpec)
     spec["x-kubernetes-validations"] = SPEC_RULES
     status = structural_schema(FineTuneJobStatus, mode="serialization")
     status["description"] = "Observed state, written by the operator and the trainer."

@@ -140,6 +140,14 @@ def test_yaml_uses_camel_case_and_python_snake_case() -> None:
             lora_job(deepspeed={"zeroStage": 2, "offloadParameters": True}),
             "spec.deepspeed.offloadParameters: needs zeroStage 3",
         ),
+        (
+            lora_job(deepspeed={"config": {"zero_optimization": {"stage": 3}}}),
+            "spec.deepspeed.config.zero_optimization.stage: is set by the trainer; use deepspeed.zeroStage",
+        ),
+        (
+            lora_job(deepspeed={"config": {"bf16": {"enabled": True}}}),
+            "spec.deepspeed.config.bf16: is set by the trainer; use training.mixedPrecision",
+        ),
     ],
 )
 def test_cross_field_rules_name_the_field(document: dict[str, Any], expected: str) -> None:

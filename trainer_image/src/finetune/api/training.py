@@ -409,6 +409,19 @@ class OutputSpec(ApiModel):
     )
 
 
+# DeepSpeed settings the trainer derives from the job; a raw override of them
+# would put the loop and the engine out of step.
+_OWNED_DEEPSPEED_KEYS = {
+    "zero_optimization.stage": "deepspeed.zeroStage",
+    "bf16": "training.mixedPrecision",
+    "fp16": "training.mixedPrecision",
+    "train_batch_size": "training.batchSize",
+    "train_micro_batch_size_per_gpu": "training.batchSize",
+    "gradient_accumulation_steps": "training.gradientAccumulationSteps",
+    "gradient_clipping": "training.maxGradNorm",
+}
+
+
 class DeepSpeedSpec(ApiModel):
     """DeepSpeed ZeRO settings."""
 
@@ -431,6 +444,12 @@ class DeepSpeedSpec(ApiModel):
             problems.append(Problem("offloadParameters", "needs zeroStage 3"))
         if self.offload_optimizer and self.zero_stage == 0:
             problems.append(Problem("offloadOptimizer", "needs zeroStage 1, 2 or 3"))
+        raw = self.config or {}
+        for key, instead in _OWNED_DEEPSPEED_KEYS.items():
+            section, _, name = key.partition(".")
+            present = name in (raw.get(section) or {}) if name else section in raw
+            if present:
+                problems.append(Problem(f"config.{key}", f"is set by the trainer; use {instead}"))
         raise_problems(problems)
         return self
 

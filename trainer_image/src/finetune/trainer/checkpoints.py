@@ -49,7 +49,14 @@ def _sha256(path: Path) -> str:
 
 def write_manifest(folder: Path, step: int, layout: dict[str, Any] | None = None) -> None:
     """`layout`: what a resuming run must share with this one (method, ZeRO stage, ranks)."""
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    files = sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and p.name != MANIFEST and not p.name.endswith(".partial")
+    )
+    for path in files:  # durable before the manifest says so
+        with path.open("rb") as handle:
+            os.fsync(handle.fileno())
     manifest = {
         "step": step,
         "layout": layout or {},

@@ -44,7 +44,8 @@ def generate_missing(
             )
             pipeline.set_progress_bar_config(disable=True)
         tag = hashlib.sha1(concept.class_prompt.encode()).hexdigest()[:8]
-        generator = torch.Generator(device=device).manual_seed(spec.training.seed)
+        # Seeded by how many exist, so topping up makes new images rather than repeats.
+        generator = torch.Generator(device=device).manual_seed(spec.training.seed + len(have))
         made = 0
         while made < missing:
             count = min(4, missing - made)
@@ -61,5 +62,8 @@ def generate_missing(
                     generator=generator,
                 ).images
             for image in images:
-                image.save(folder / f"class-{tag}-{len(have) + made:05d}.png")
+                target = folder / f"class-{tag}-{len(have) + made:05d}.png"
+                partial = target.with_name(target.name + ".partial")
+                image.save(partial, format="PNG")
+                partial.replace(target)  # a killed run never leaves a truncated image
                 made += 1

@@ -46,12 +46,13 @@ def image_files(folder: Path, field: str) -> list[Path]:
 
 
 def check_image(path: Path) -> None:
-    from PIL import Image, UnidentifiedImageError
+    """Decode the whole image (`verify` alone misses truncated JPEGs)."""
+    from PIL import Image
 
     try:
         with Image.open(path) as image:
-            image.verify()
-    except (OSError, UnidentifiedImageError) as exc:
+            image.load()
+    except Exception as exc:  # PIL raises OSError, SyntaxError, DecompressionBombError...
         raise JobInputError(f"{path}: not a readable image ({exc})") from exc
 
 

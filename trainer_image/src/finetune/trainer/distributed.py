@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+COLLECTIVE_TIMEOUT = timedelta(hours=4)
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,11 @@ def init(rank: Rank) -> torch.device:
     from deepspeed.accelerator import get_accelerator
 
     accelerator = get_accelerator()
-    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
+    # Ranks wait at barriers while rank 0 alone generates class images, samples and
+    # uploads results: far longer than the default 10 minutes on a big job.
+    deepspeed.init_distributed(
+        dist_backend=accelerator.communication_backend_name(), timeout=COLLECTIVE_TIMEOUT
+    )
     if accelerator.device_name() == "cuda":
         torch.cuda.set_device(rank.local_rank)
         return torch.device("cuda", rank.local_rank)

@@ -168,7 +168,9 @@ class Workers:
             if failed:
                 self._stop_all()
                 code = failed[0]
-                return EXIT_INTERRUPTED if self.interrupted and code == EXIT_INTERRUPTED else code
+                if self.interrupted and code in (EXIT_INTERRUPTED, -signal.SIGINT, -signal.SIGTERM):
+                    return EXIT_INTERRUPTED
+                return code if code > 0 else 128 - code  # killed by a signal: 128 + its number
             if all(c == 0 for c in codes):
                 return 0
             time.sleep(0.2)

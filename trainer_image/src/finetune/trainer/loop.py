@@ -30,7 +30,7 @@ from .data import Example, ImagePreprocessor, IndexStream, examples_from
 from .errors import EXIT_INTERRUPTED, EXIT_OK, JobInputError
 from .methods import TrainedModules, TrainingMethod, method_for
 from .models import Components, load_components
-from .storage import S3Settings, upload_folder
+from .storage import S3Settings, upload_results
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,15 @@ class StopRequest:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.requested = True
+
+
+def _flatten(value: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(value, dict):
+        flat: dict[str, Any] = {}
+        for key, item in value.items():
+            flat.update(_flatten(item, f"{prefix}.{key}"))
+        return flat
+    return {prefix: value}
 
 
 def _dtype(precision: str) -> torch.dtype:
@@ -155,11 +164,13 @@ def make_optimizer(spec: TrainingSpec, groups: list[dict[str, Any]]) -> torch.op
 
 
 class Trainer:
-    def __init__(self, plan: RunPlan, rank: distributed.Rank) -> None:
+    def __init__(
+        self, plan: RunPlan, rank: distributed.Rank, stop: StopRequest | None = None
+    ) -> None:
         self.plan = plan
         self.spec = plan.spec
         self.rank = rank
-        self.stop = StopRequest()
+        self.stop = stop or StopRequest()
         self.checkpoint_root = plan.work_dir / "checkpoints"
         self.log_path = plan.work_dir / "train_log.jsonl"
         self._latent_cache: dict[tuple[str, int], torch.Tensor] = {}
@@ -201,7 +212,9 @@ class Trainer:
         if hp.ema.enabled:
             from diffusers.training_utils import EMAModel
 
-            self.ema = EMAModel(self.module.unet.parameters(), decay=hp.ema.decay)
+            # Shadow weights in float32: in bf16 an EMA update rounds away to nothing.
+            shadow = [p.detach().float().clone() for p in self.module.unet.parameters()]
+            self.ema = EMAModel(shadow, decay=hp.ema.decay)
             self.ema.to(self.device)
         # Each rank draws its own noise from here on.
         random.seed(hp.seed + self.rank.rank)
@@ -231,6 +244,9 @@ class Trainer:
         if self.rank.main:
             from .class_images import generate_missing
 
+            # DeepSpeed moves the trained modules later; generation needs them now.
+            self.components.unet.to(self.device)
+            self.components.text_encoder.to(self.device)
             generate_missing(
                 self.spec, self.components, self.plan.class_folders, self.device, self.dtype
             )
@@ -347,13 +363,13 @@ class Trainer:
         return int(found.step)
 
     def _layout(self) -> dict[str, Any]:
-        """What DeepSpeed needs to be the same for a checkpoint to load."""
-        return {
-            "method": str(self.spec.method),
-            "zeroStage": self.spec.deepspeed.zero_stage,
-            "ranks": self.rank.world,
-            "trainTextEncoder": self.spec.training.train_text_encoder,
-        }
+        """What must be the same for a checkpoint to continue this run: the ranks and the
+        spec, except what may change between runs (more steps, checkpoints, samples)."""
+        spec = self.spec.model_dump(mode="json", by_alias=True, exclude_none=True)
+        spec["training"].pop("maxSteps", None)
+        for changeable in ("checkpointing", "validation", "output"):
+            spec.pop(changeable, None)
+        return {"ranks": self.rank.world, **_flatten(spec, "spec")}
 
     def _save_checkpoint(self, step: int) -> None:
         tag = checkpoints.tag_for(step)
@@ -404,8 +420,11 @@ class Trainer:
             last_loss = distributed.mean(sum(losses) / len(losses), self.device)
             speed = images_per_step / (time.perf_counter() - started)
             self._record(step, last_loss, speed, progress)
-            stopping = distributed.any_rank(self.stop.requested, self.device)
-            if step % interval == 0 or (stopping and step < hp.max_steps):
+            # A stop asked for on the last step lets the job finish instead.
+            stopping = (
+                distributed.any_rank(self.stop.requested, self.device) and step < hp.max_steps
+            )
+            if step % interval == 0 or stopping:
                 self._save_checkpoint(step)
             if crash_after and step == crash_after and self.rank.rank == self.rank.world - 1:
                 os._exit(1)
@@ -487,6 +506,6 @@ class Trainer:
             outputs.promote(staging, work_dir)
             if is_s3(self.plan.output_uri):
                 settings = S3Settings(self.spec.output.s3_endpoint_url, self.spec.output.s3_region)
-                upload_folder(work_dir, self.plan.output_uri, settings)
+                upload_results(work_dir, self.plan.output_uri, settings)
             print(f"Done: {step} steps; results in {self.plan.output_uri}", flush=True)
         distributed.barrier()

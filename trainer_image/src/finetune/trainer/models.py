@@ -70,8 +70,11 @@ def _from_hub(uri: str, cache_dir: Path) -> Path:
         raise JobInputError(f"{uri}: no revision {revision!r} in the repository") from exc
     except LocalEntryNotFoundError as exc:
         raise JobInputError(f"{uri}: not in the local cache and the hub cannot be reached") from exc
-    except (HfHubHTTPError, OSError) as exc:
-        raise JobInputError(f"{uri}: cannot download from the hub: {exc}") from exc
+    except HfHubHTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else None
+        if status in (401, 403, 404):
+            raise JobInputError(f"{uri}: the hub refused the download ({status})") from exc
+        raise  # 429, 5xx: worth a retry
     return Path(path)
 
 

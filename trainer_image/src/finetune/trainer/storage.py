@@ -13,6 +13,23 @@ from typing import Any
 
 from .errors import JobInputError
 
+# S3 answers that retrying cannot change.
+PERMANENT_S3_ERRORS = frozenset(
+    {
+        "AccessDenied",
+        "403",
+        "404",
+        "NoSuchBucket",
+        "NoSuchKey",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "AllAccessDisabled",
+        "InvalidBucketName",
+    }
+)
+# Local working state that is not part of a job's results.
+NOT_RESULTS = ("checkpoints", ".run", ".staging")
+
 
 @dataclass(frozen=True)
 class S3Location:
@@ -44,7 +61,7 @@ class S3Settings:
 def download_prefix(uri: str, destination: Path, settings: S3Settings) -> Path:
     """Mirror every object under `uri` into `destination`; files already there with
     the same size are kept, so a restarted job does not download them again."""
-    from botocore.exceptions import BotoCoreError, ClientError
+    from botocore.exceptions import ClientError, NoCredentialsError
 
     location = S3Location.parse(uri)
     prefix = (
@@ -72,21 +89,29 @@ def download_prefix(uri: str, destination: Path, settings: S3Settings) -> Path:
                 client.download_file(location.bucket, key, str(partial))
                 partial.replace(target)
     except ClientError as exc:
-        code = exc.response.get("Error", {}).get("Code", "")
-        raise JobInputError(f"{uri}: S3 refused the request ({code}): {exc}") from exc
-    except BotoCoreError as exc:
-        raise JobInputError(f"{uri}: cannot reach S3: {exc}") from exc
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        if code in PERMANENT_S3_ERRORS:
+            raise JobInputError(f"{uri}: S3 refused the request ({code})") from exc
+        raise  # throttling, 5xx: worth a retry
+    except NoCredentialsError as exc:
+        raise JobInputError(f"{uri}: no S3 credentials (set output.credentialsSecretRef)") from exc
     if found == 0:
         raise JobInputError(f"{uri}: no objects under this S3 prefix")
     return destination
 
 
-def upload_folder(folder: Path, uri: str, settings: S3Settings) -> None:
-    """Upload every file under `folder` to the S3 prefix `uri`."""
+def upload_results(folder: Path, uri: str, settings: S3Settings) -> None:
+    """Upload a finished run's results to the S3 prefix `uri`, the model card last so a
+    prefix with a README.md is complete. Checkpoints and working files stay behind."""
     location = S3Location.parse(uri)
     prefix = location.prefix.rstrip("/")
     client = settings.client()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+    files = [
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and p.relative_to(folder).parts[0] not in NOT_RESULTS
+    ]
+    for path in sorted(files, key=lambda p: (p == folder / "README.md", str(p))):
         key = (
             f"{prefix}/{path.relative_to(folder).as_posix()}"
             if prefix

@@ -14,36 +14,31 @@ KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
 
 
 class Lora(TrainingMethod):
-    def build(self) -> TrainedModules:
+    def _config(self, target_modules: list[str]) -> object:
         from peft import LoraConfig
 
         lora = self.spec.lora
         assert lora is not None
         assert lora.rank is not None  # filled by the API's method defaults
+        return LoraConfig(
+            r=lora.rank,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            init_lora_weights="gaussian",
+            target_modules=target_modules,
+        )
+
+    def build(self) -> TrainedModules:
+        lora = self.spec.lora
+        assert lora is not None
         c = self.components
         for part in (c.unet, c.vae, c.text_encoder):
             part.requires_grad_(False)
-        c.unet.add_adapter(
-            LoraConfig(
-                r=lora.rank,
-                lora_alpha=lora.alpha,
-                lora_dropout=lora.dropout,
-                init_lora_weights="gaussian",
-                target_modules=lora.target_modules,
-            )
-        )
+        c.unet.add_adapter(self._config(lora.target_modules))
         text_encoder = None
         if self.trains_text_encoder:
             text_encoder = c.text_encoder
-            text_encoder.add_adapter(
-                LoraConfig(
-                    r=lora.rank,
-                    lora_alpha=lora.alpha,
-                    lora_dropout=lora.dropout,
-                    init_lora_weights="gaussian",
-                    target_modules=lora.text_encoder_target_modules,
-                )
-            )
+            text_encoder.add_adapter(self._config(lora.text_encoder_target_modules))
         # Adapters train in float32 whatever the base weights' dtype.
         for module in (c.unet, text_encoder):
             if module is not None:

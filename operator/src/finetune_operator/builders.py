@@ -1,0 +1,316 @@
+"""Pure functions from a FineTuneJob to the Kubernetes objects that run it.
+
+No API calls here: the handlers adopt what these return (ownerReferences) and
+create it. Each pod of the Indexed Job is one node of the DeepSpeed gang and
+runs `finetune train` on the job file mounted from the ConfigMap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from finetune.api import API_VERSION, KIND, FineTuneJob
+
+Manifest = dict[str, Any]
+
+RENDEZVOUS_PORT = 29500
+METRICS_PORT = 9400
+CONFIG_DIR = "/etc/finetune"
+JOB_FILE = "job.yaml"
+CACHE_DIR = "/var/cache/finetune"
+LABEL_JOB = "finetune.dev/job"
+LABEL_ATTEMPT = "finetune.dev/attempt"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+TRAINER_UID = 1000
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the operator adds from its own configuration."""
+
+    trainer_image: str = "ghcr.io/finetune-dev/trainer:0.1.0"
+    image_pull_policy: str = "IfNotPresent"
+
+
+@dataclass(frozen=True)
+class Names:
+    """Every child's name, derived from the job's (which the API keeps short)."""
+
+    job: str
+
+    @property
+    def config_map(self) -> str:
+        return f"{self.job}-config"
+
+    @property
+    def service(self) -> str:
+        return f"{self.job}-gang"
+
+    @property
+    def service_account(self) -> str:
+        return f"{self.job}-trainer"
+
+    def batch_job(self, attempt: int) -> str:
+        return f"{self.job}-a{attempt}"
+
+    def master_address(self, attempt: int) -> str:
+        # An Indexed Job's pod N is named <job>-N in DNS under the subdomain.
+        return f"{self.batch_job(attempt)}-0.{self.service}"
+
+
+def _labels(job: FineTuneJob, **extra: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "finetune-trainer",
+        "app.kubernetes.io/managed-by": "finetune-operator",
+        LABEL_JOB: job.metadata.name,
+        **extra,
+    }
+
+
+def _meta(job: FineTuneJob, name: str, **labels: str) -> Manifest:
+    meta: Manifest = {"name": name, "labels": _labels(job, **labels)}
+    if job.metadata.namespace:
+        meta["namespace"] = job.metadata.namespace
+    return meta
+
+
+def config_map(job: FineTuneJob) -> Manifest:
+    """The job file the trainer reads: exactly the user's spec, defaults resolved."""
+    document = {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "metadata": {"name": job.metadata.name, "namespace": job.metadata.namespace},
+        "spec": job.spec.model_dump(mode="json", by_alias=True, exclude_none=True),
+    }
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(job, Names(job.metadata.name).config_map),
+        "data": {JOB_FILE: yaml.safe_dump(document, sort_keys=False)},
+    }
+
+
+def headless_service(job: FineTuneJob) -> Manifest:
+    """Stable DNS names for the gang's pods; rank 0 is the rendezvous master."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(job, Names(job.metadata.name).service),
+        "spec": {
+            "clusterIP": "None",
+            "selector": {LABEL_JOB: job.metadata.name},
+            # Ranks must find each other before any of them is ready.
+            "publishNotReadyAddresses": True,
+            "ports": [
+                {"name": "rendezvous", "port": RENDEZVOUS_PORT, "targetPort": RENDEZVOUS_PORT}
+            ],
+        },
+    }
+
+
+def service_account(job: FineTuneJob) -> Manifest:
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": _meta(job, Names(job.metadata.name).service_account),
+        "automountServiceAccountToken": True,
+    }
+
+
+def role(job: FineTuneJob) -> Manifest:
+    """The trainer may read its own FineTuneJob and patch its status, nothing else."""
+    name = job.metadata.name
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": _meta(job, Names(name).service_account),
+        "rules": [
+            {
+                "apiGroups": ["finetune.dev"],
+                "resources": ["finetunejobs"],
+                "resourceNames": [name],
+                "verbs": ["get"],
+            },
+            {
+                "apiGroups": ["finetune.dev"],
+                "resources": ["finetunejobs/status"],
+                "resourceNames": [name],
+                "verbs": ["get", "patch"],
+            },
+        ],
+    }
+
+
+def role_binding(job: FineTuneJob) -> Manifest:
+    names = Names(job.metadata.name)
+    subject: Manifest = {"kind": "ServiceAccount", "name": names.service_account}
+    if job.metadata.namespace:
+        subject["namespace"] = job.metadata.namespace
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": _meta(job, names.service_account),
+        "roleRef": {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "Role",
+            "name": names.service_account,
+        },
+        "subjects": [subject],
+    }
+
+
+def _environment(job: FineTuneJob, attempt: int) -> list[Manifest]:
+    spec, names = job.spec, Names(job.metadata.name)
+    resources = spec.resources
+    env: list[Manifest] = [
+        {"name": "FINETUNE_NNODES", "value": str(resources.nodes)},
+        {"name": "FINETUNE_NPROC_PER_NODE", "value": str(max(1, resources.gpus_per_node))},
+        {"name": "MASTER_ADDR", "value": names.master_address(attempt)},
+        {"name": "MASTER_PORT", "value": str(RENDEZVOUS_PORT)},
+        {"name": "FINETUNE_CACHE_DIR", "value": CACHE_DIR},
+        {"name": "HOME", "value": f"{CACHE_DIR}/home"},
+        {"name": "FINETUNE_JOB_NAME", "value": job.metadata.name},
+        {"name": "FINETUNE_ATTEMPT", "value": str(attempt)},
+        {
+            "name": "FINETUNE_NAMESPACE",
+            "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}},
+        },
+    ]
+    # Secrets by reference only: their values never pass through the operator.
+    for source in (spec.base_model, spec.lcm.teacher_model if spec.lcm else None):
+        if source is not None and source.hub_token_secret_ref is not None:
+            ref = source.hub_token_secret_ref
+            env.append(
+                {
+                    "name": "HF_TOKEN",
+                    "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}},
+                }
+            )
+            break
+    return env
+
+
+def _pod_spec(job: FineTuneJob, attempt: int, settings: Settings) -> Manifest:
+    spec, names = job.spec, Names(job.metadata.name)
+    resources = spec.resources
+    limits: dict[str, str] = {}
+    if resources.gpus_per_node:
+        limits[resources.gpu_resource_name] = str(resources.gpus_per_node)
+    if resources.cpu:
+        limits["cpu"] = resources.cpu
+    if resources.memory:
+        limits["memory"] = resources.memory
+    container: Manifest = {
+        "name": "trainer",
+        "image": resources.image or settings.trainer_image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "command": ["finetune", "train", f"{CONFIG_DIR}/{JOB_FILE}"],
+        "env": _environment(job, attempt),
+        "ports": [
+            {"name": "rendezvous", "containerPort": RENDEZVOUS_PORT},
+            {"name": "metrics", "containerPort": METRICS_PORT},
+        ],
+        "resources": {"limits": limits, "requests": dict(limits)},
+        "volumeMounts": [
+            {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+            {"name": "dshm", "mountPath": "/dev/shm"},
+            {"name": "cache", "mountPath": CACHE_DIR},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
+    if spec.output.credentials_secret_ref is not None:
+        container["envFrom"] = [{"secretRef": {"name": spec.output.credentials_secret_ref.name}}]
+    pod: Manifest = {
+        "restartPolicy": "Never",
+        "subdomain": names.service,
+        "serviceAccountName": names.service_account,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": TRAINER_UID,
+            "runAsGroup": TRAINER_UID,
+            "fsGroup": TRAINER_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        # Time for SIGTERM's clean stop: finish the step and save a checkpoint.
+        "terminationGracePeriodSeconds": 300,
+        "containers": [container],
+        "volumes": [
+            {"name": "config", "configMap": {"name": names.config_map}},
+            {
+                "name": "dshm",
+                "emptyDir": {"medium": "Memory", "sizeLimit": resources.shared_memory},
+            },
+            {"name": "cache", "emptyDir": {}},
+            {"name": "tmp", "emptyDir": {}},
+        ],
+    }
+    if resources.node_selector:
+        pod["nodeSelector"] = dict(resources.node_selector)
+    if resources.tolerations:
+        pod["tolerations"] = [
+            t.model_dump(by_alias=True, exclude_none=True, mode="json")
+            for t in resources.tolerations
+        ]
+    if resources.affinity:
+        pod["affinity"] = resources.affinity
+    if resources.image_pull_secrets:
+        pod["imagePullSecrets"] = [{"name": s.name} for s in resources.image_pull_secrets]
+    if spec.run_policy.priority_class_name:
+        pod["priorityClassName"] = spec.run_policy.priority_class_name
+    return pod
+
+
+def batch_job(job: FineTuneJob, attempt: int, settings: Settings | None = None) -> Manifest:
+    """One attempt of the gang: an Indexed Job with a pod per node.
+
+    Its own backoffLimit is 0: DeepSpeed ranks cannot rejoin a running gang, so
+    the operator restarts the whole gang as a new attempt instead.
+    """
+    settings = settings or Settings()
+    spec, names = job.spec, Names(job.metadata.name)
+    policy = spec.run_policy
+    labels = {LABEL_ATTEMPT: str(attempt)}
+    if policy.queue_name:
+        labels[KUEUE_QUEUE_LABEL] = policy.queue_name
+    job_spec: Manifest = {
+        "completionMode": "Indexed",
+        "completions": spec.resources.nodes,
+        "parallelism": spec.resources.nodes,
+        "backoffLimit": 0,
+        # With a Kueue queue the Job starts suspended and Kueue admits it.
+        "suspend": policy.suspend or policy.queue_name is not None,
+        "template": {
+            "metadata": {"labels": _labels(job, **{LABEL_ATTEMPT: str(attempt)})},
+            "spec": _pod_spec(job, attempt, settings),
+        },
+    }
+    if policy.active_deadline_seconds:
+        job_spec["activeDeadlineSeconds"] = policy.active_deadline_seconds
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _meta(job, names.batch_job(attempt), **labels),
+        "spec": job_spec,
+    }
+
+
+def children(
+    job: FineTuneJob, attempt: int = 0, settings: Settings | None = None
+) -> list[Manifest]:
+    """Everything a job needs, in the order to create it."""
+    return [
+        config_map(job),
+        headless_service(job),
+        service_account(job),
+        role(job),
+        role_binding(job),
+        batch_job(job, attempt, settings),
+    ]

@@ -57,12 +57,9 @@ def _message(error: ErrorDetails) -> str:
         return f"{error['msg'].replace('Input should be', 'must be')}, got {error.get('input')!r}"
     if kind == "string_pattern_mismatch":
         pattern = (error.get("ctx") or {}).get("pattern", "")
-        meaning = _PATTERN_MEANINGS.get(pattern, f"the pattern {pattern}")
-        return (
-            f"{error.get('input')!r} is not {meaning}"
-            if pattern in _PATTERN_MEANINGS
-            else (f"{error.get('input')!r} does not match {meaning}")
-        )
+        if pattern in _PATTERN_MEANINGS:
+            return f"{error.get('input')!r} is not {_PATTERN_MEANINGS[pattern]}"
+        return f"{error.get('input')!r} does not match the pattern {pattern}"
     message = error["msg"]
     if message.startswith("Value error, "):
         message = message[len("Value error, ") :]

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from ..api.training import TrainingSpec
 from .data import IMAGE_SUFFIXES
-from .models import Components
+from .models import Components, inference_pipeline
 
 
 def generate_missing(
@@ -20,9 +21,7 @@ def generate_missing(
     dtype: torch.dtype,
 ) -> None:
     """Top each concept's class folder up to `classImages.count` images, kept for reuse."""
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
-
-    pipeline = None
+    pipeline: Any = None
     for concept, folder in zip(spec.data.concepts, folders, strict=True):
         folder.mkdir(parents=True, exist_ok=True)
         have = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]
@@ -30,19 +29,7 @@ def generate_missing(
         if missing <= 0 or concept.class_prompt is None:
             continue
         if pipeline is None:
-            pipeline = StableDiffusionPipeline(
-                vae=components.vae,
-                text_encoder=components.text_encoder,
-                tokenizer=components.tokenizer,
-                unet=components.unet,
-                scheduler=DPMSolverMultistepScheduler.from_config(
-                    components.noise_scheduler.config
-                ),
-                safety_checker=None,
-                feature_extractor=None,
-                requires_safety_checker=False,
-            )
-            pipeline.set_progress_bar_config(disable=True)
+            pipeline = inference_pipeline(components)
         tag = hashlib.sha1(concept.class_prompt.encode()).hexdigest()[:8]
         # Seeded by how many exist, so topping up makes new images rather than repeats.
         generator = torch.Generator(device=device).manual_seed(spec.training.seed + len(have))

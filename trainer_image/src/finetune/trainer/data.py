@@ -7,14 +7,13 @@ batches an uninterrupted one would have seen, with no state to checkpoint.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..api.common import is_s3
 from .errors import JobInputError
-from .storage import S3Settings, download_prefix
+from .storage import S3Settings, cache_key, download_prefix
 
 if TYPE_CHECKING:
     import torch
@@ -31,8 +30,7 @@ class Example:
 def resolve_folder(uri: str, cache_dir: Path, s3: S3Settings) -> Path:
     """A local folder holding the files of `uri` (downloaded once when on S3)."""
     if is_s3(uri):
-        digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
-        return download_prefix(uri, cache_dir / "s3-data" / digest, s3)
+        return download_prefix(uri, cache_dir / "s3-data" / cache_key(uri), s3)
     return Path(uri).expanduser()
 
 
@@ -56,11 +54,15 @@ def check_image(path: Path) -> None:
         raise JobInputError(f"{path}: not a readable image ({exc})") from exc
 
 
-def examples_from(folder: Path, prompt: str, caption_files: bool, field: str) -> list[Example]:
-    """Every image of `folder` with its prompt: `NAME.txt` when present and allowed."""
+def examples_from(
+    folder: Path, prompt: str, caption_files: bool, field: str, check: bool = True
+) -> list[Example]:
+    """Every image of `folder` with its prompt: `NAME.txt` when present and allowed.
+    `check` decodes each image first (off where the launcher has checked them)."""
     examples = []
     for path in image_files(folder, field):
-        check_image(path)
+        if check:
+            check_image(path)
         caption = path.with_suffix(".txt")
         text = (
             caption.read_text(encoding="utf-8").strip()

@@ -8,7 +8,6 @@ path fails in seconds rather than after every rank has loaded a model.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import socket
@@ -20,12 +19,12 @@ from pathlib import Path
 from types import FrameType
 
 from ..api.common import is_s3
-from ..api.training import Optimizer, TrainingSpec
+from ..api.training import TrainingSpec
 from .data import examples_from, resolve_folder
 from .errors import EXIT_INTERRUPTED, EXIT_INVALID_INPUT, JobInputError
-from .loop import RunPlan
+from .loop import RunPlan, check_optimizer
 from .models import resolve_model
-from .storage import S3Settings
+from .storage import S3Settings, cache_key
 
 CACHE_ENV = "FINETUNE_CACHE_DIR"
 
@@ -74,7 +73,7 @@ def prepare(spec: TrainingSpec, name: str, output_uri: str | None = None) -> Run
     cache = cache_dir()
     s3 = S3Settings(spec.output.s3_endpoint_url, spec.output.s3_region)
     if is_s3(output):
-        work_dir = cache / "runs" / hashlib.sha256(output.encode()).hexdigest()[:16]
+        work_dir = cache / "runs" / cache_key(output)
     else:
         work_dir = Path(output).expanduser().resolve()
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -95,16 +94,6 @@ def prepare(spec: TrainingSpec, name: str, output_uri: str | None = None) -> Run
             class_folder = work_dir / "class_images" / f"concept-{index}"
         classes.append(class_folder.resolve())
     return RunPlan(name, spec, work_dir, model.resolve(), concepts, classes, output)
-
-
-def check_optimizer(spec: TrainingSpec) -> None:
-    if spec.training.optimizer == Optimizer.ADAMW_8BIT:
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise JobInputError(
-                "spec.training.optimizer: adamw8bit needs bitsandbytes, which is not installed; use adamw"
-            ) from None
 
 
 def default_nproc() -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +9,7 @@ from typing import Any
 
 from ..api.common import is_hub, is_s3
 from .errors import JobInputError
-from .storage import S3Settings, download_prefix
+from .storage import S3Settings, cache_key, download_prefix
 
 # What a Stable Diffusion folder must hold for the trainer to use it.
 REQUIRED_PARTS = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -23,8 +22,7 @@ def resolve_model(uri: str, cache_dir: Path, s3: S3Settings) -> Path:
     if is_hub(uri):
         folder = _from_hub(uri, cache_dir / "hub")
     elif is_s3(uri):
-        digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
-        folder = download_prefix(uri, cache_dir / "s3-models" / digest, s3)
+        folder = download_prefix(uri, cache_dir / "s3-models" / cache_key(uri), s3)
     else:
         folder = Path(uri).expanduser()
     check_model_folder(folder, uri)
@@ -105,3 +103,26 @@ def load_components(folder: Path) -> Components:
         )
     except (OSError, ValueError, KeyError) as exc:
         raise JobInputError(f"{folder}: cannot load the model: {exc}") from exc
+
+
+def inference_pipeline(components: Components, **trained: Any) -> Any:
+    """A pipeline over the loaded components (trained modules in place of theirs) that
+    samples with DPM-Solver, for validation images and class images."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    parts = {
+        "vae": components.vae,
+        "text_encoder": components.text_encoder,
+        "tokenizer": components.tokenizer,
+        "unet": components.unet,
+        **trained,
+    }
+    pipeline = StableDiffusionPipeline(
+        **parts,
+        scheduler=DPMSolverMultistepScheduler.from_config(components.noise_scheduler.config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline

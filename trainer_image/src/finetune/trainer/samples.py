@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ..api.training import TrainingSpec
-from .models import Components
+from .models import Components, inference_pipeline
 
 
 def sample_folder(work_dir: Path, step: int) -> Path:
@@ -37,23 +37,7 @@ def generate(
     dtype: torch.dtype,
 ) -> Path:
     """Generate `imagesPerPrompt` images for each prompt with a fixed seed; return the grid."""
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
-
-    parts = {
-        "vae": components.vae,
-        "text_encoder": components.text_encoder,
-        "tokenizer": components.tokenizer,
-        "unet": components.unet,
-        **trained,
-    }
-    pipeline = StableDiffusionPipeline(
-        **parts,
-        scheduler=DPMSolverMultistepScheduler.from_config(components.noise_scheduler.config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipeline.set_progress_bar_config(disable=True)
+    pipeline = inference_pipeline(components, **trained)
     modes = {name: module.training for name, module in trained.items()}
     for module in trained.values():
         module.eval()

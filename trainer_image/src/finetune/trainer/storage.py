@@ -7,6 +7,7 @@ EKS, or instance metadata.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,11 @@ PERMANENT_S3_ERRORS = frozenset(
 )
 # Local working state that is not part of a job's results.
 NOT_RESULTS = ("checkpoints", ".run", ".staging")
+
+
+def cache_key(uri: str) -> str:
+    """A short, stable folder name for what `uri` names in the local cache."""
+    return hashlib.sha256(uri.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)

@@ -8,31 +8,16 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
 import warnings
 from pathlib import Path
 
 from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID_INPUT, JobInputError
-
-
-class _EarlyStop:
-    """Remembers a stop asked for while torch and the models still load."""
-
-    requested = False
-
-    def __call__(self, signum: int, frame: object) -> None:
-        self.requested = True
-
-
-def _early_stop_handler() -> _EarlyStop:
-    handler = _EarlyStop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, handler)
-    return handler
+from .stopping import StopRequest
 
 
 def main(argv: list[str]) -> int:
+    stop = StopRequest()  # first: a signal while torch loads must not kill us
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -42,18 +27,15 @@ def main(argv: list[str]) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    stop = _early_stop_handler()
     from .distributed import Rank
-    from .loop import RunPlan, StopRequest, Trainer
+    from .loop import RunPlan, Trainer
 
     rank = Rank.from_env()
     plan = RunPlan.from_json(Path(argv[0]).read_text())
     try:
-        request = StopRequest()
-        request.requested = stop.requested
-        if request.requested:
+        if stop.requested:
             return EXIT_INTERRUPTED  # asked to stop before training began: nothing to save
-        return Trainer(plan, rank, request).run()
+        return Trainer(plan, rank, stop).run()
     except JobInputError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return EXIT_INVALID_INPUT

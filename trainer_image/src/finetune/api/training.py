@@ -258,9 +258,13 @@ class LoraSpec(ApiModel):
         default=None, gt=0, description="Scaling alpha; default equal to `rank`."
     )
     dropout: float = Field(default=0.0, ge=0, lt=1, description="Dropout inside the adapters.")
-    target_modules: TargetModules = Field(
-        default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"],
-        description="UNet modules that get adapters.",
+    target_modules: TargetModules | None = Field(
+        default=None,
+        description=(
+            "UNet modules that get adapters. Default: lora the attention projections "
+            "(`to_k`, `to_q`, `to_v`, `to_out.0`); lcmLora also `proj_in`, `proj_out`, the "
+            "feed-forward layers, the ResNet convolutions, down/upsamplers and `time_emb_proj`."
+        ),
     )
     text_encoder_target_modules: TargetModules = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"],
@@ -273,7 +277,8 @@ class FreezeMode(StrEnum):
     CROSSATTN = "crossattn"
 
 
-Token = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^\S+$")]
+# A token names its embedding file (`<token>.safetensors`), so no path separators.
+Token = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[^\s/\\]+$")]
 
 
 class CustomDiffusionSpec(ApiModel):
@@ -643,6 +648,8 @@ def resolve_method_defaults(spec: TrainingSpec) -> None:
             spec.lora.rank = defaults.lora_rank
         if spec.lora.alpha is None:
             spec.lora.alpha = float(spec.lora.rank or 1)
+        if spec.lora.target_modules is None:
+            spec.lora.target_modules = list(defaults.lora_target_modules)
     if spec.lcm is not None and spec.lcm.w_min is None:
         spec.lcm.w_min = defaults.lcm_w_min
     if spec.validation.inference_steps is None:

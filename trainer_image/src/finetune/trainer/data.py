@@ -17,6 +17,7 @@ from .storage import S3Settings, cache_key, download_prefix
 
 if TYPE_CHECKING:
     import torch
+    from PIL.Image import Image
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp"})
 
@@ -25,6 +26,16 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp"})
 class Example:
     image: Path
     prompt: str
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One training image ready for the VAE, with the prompt to pair it with."""
+
+    pixels: torch.Tensor  # [3, resolution, resolution] in [-1, 1]
+    prompt: str
+    cacheable: bool  # the same at every position, so its latents may be cached
+    mask: torch.Tensor | None = None  # [1, h, w] at latent resolution: where the loss counts
 
 
 def resolve_folder(uri: str, cache_dir: Path, s3: S3Settings) -> Path:
@@ -87,13 +98,12 @@ class ImagePreprocessor:
         square = size[0] == size[1]
         return not self.random_flip and (self.center_crop or square)
 
-    def __call__(self, path: Path, position: int) -> tuple[torch.Tensor, bool]:
+    def __call__(self, source: Path | Image, position: int) -> tuple[torch.Tensor, bool]:
         """The image as a [-1, 1] tensor, and whether it is the same at every position."""
         import torch
         from PIL import Image, ImageOps
 
-        with Image.open(path) as opened:
-            image = ImageOps.exif_transpose(opened).convert("RGB")
+        image = load_rgb(source)
         width, height = image.size
         deterministic = self.deterministic_for((width, height))
         scale = self.resolution / min(width, height)
@@ -112,9 +122,26 @@ class ImagePreprocessor:
         image = image.crop((left, top, left + self.resolution, top + self.resolution))
         if self.random_flip and bool(torch.rand(1, generator=generator) < 0.5):
             image = ImageOps.mirror(image)
-        pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-        pixels = pixels.view(self.resolution, self.resolution, 3).permute(2, 0, 1).float()
-        return pixels / 127.5 - 1.0, deterministic
+        return to_tensor(image), deterministic
+
+
+def load_rgb(source: Path | Image) -> Image:
+    """An RGB image from a file or a decoded image, turned upright by its EXIF tag."""
+    from PIL import Image, ImageOps
+
+    if isinstance(source, Path):
+        with Image.open(source) as opened:
+            return ImageOps.exif_transpose(opened).convert("RGB")
+    return ImageOps.exif_transpose(source).convert("RGB")
+
+
+def to_tensor(image: Image) -> torch.Tensor:
+    """A square RGB image as a [3, H, W] tensor in [-1, 1]."""
+    import torch
+
+    width, height = image.size
+    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    return pixels.view(height, width, 3).permute(2, 0, 1).float() / 127.5 - 1.0
 
 
 class IndexStream:

@@ -44,11 +44,18 @@ def denoising_loss(
     scheduler: object,
     hp: Hyperparameters,
     prior_count: int = 0,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """MSE against the target, Min-SNR weighted when `snrGamma` is set. The last
-    `prior_count` samples are class images, weighted by `priorLossWeight`."""
+    `prior_count` samples are class images, weighted by `priorLossWeight`. A `mask`
+    ([B, 1, h, w]) limits each sample's loss to where it is 1."""
     prediction, target = prediction.float(), noised.target.float()
-    per_sample = F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))
+    squared = F.mse_loss(prediction, target, reduction="none")
+    if mask is None:
+        per_sample = squared.mean(dim=(1, 2, 3))
+    else:
+        weights = mask.float().expand_as(squared)
+        per_sample = (squared * weights).sum(dim=(1, 2, 3)) / weights.sum(dim=(1, 2, 3))
     if hp.snr_gamma is not None:
         snr = compute_snr(scheduler, noised.timesteps)
         weights = torch.clamp(snr, max=hp.snr_gamma) / snr

@@ -20,6 +20,7 @@ from types import FrameType
 
 from ..api.common import is_s3
 from ..api.training import TrainingSpec
+from .captions import check_dataset
 from .data import examples_from, resolve_folder
 from .errors import EXIT_INTERRUPTED, EXIT_INVALID_INPUT, JobInputError
 from .loop import RunPlan, check_optimizer
@@ -78,6 +79,19 @@ def prepare(spec: TrainingSpec, name: str, output_uri: str | None = None) -> Run
         work_dir = Path(output).expanduser().resolve()
     work_dir.mkdir(parents=True, exist_ok=True)
     model = resolve_model(spec.base_model.uri, cache, s3)
+    teacher = None
+    if spec.lcm is not None and spec.lcm.teacher_model is not None:
+        teacher = resolve_model(spec.lcm.teacher_model.uri, cache, s3).resolve()
+    if spec.data.dataset is not None:
+        dataset = spec.data.dataset
+        if not is_s3(dataset.uri):  # workers may start elsewhere: hand them an absolute path
+            local = str(Path(dataset.uri).expanduser().resolve())
+            dataset = dataset.model_copy(update={"uri": local})
+            spec = spec.model_copy(
+                update={"data": spec.data.model_copy(update={"dataset": dataset})}
+            )
+        layout = check_dataset(dataset, s3)
+        print(f"Dataset {dataset.uri}: {layout.size}", flush=True)
     concepts, classes = [], []
     for index, concept in enumerate(spec.data.concepts):
         folder = resolve_folder(concept.instance_images, cache, s3)
@@ -93,7 +107,7 @@ def prepare(spec: TrainingSpec, name: str, output_uri: str | None = None) -> Run
         else:
             class_folder = work_dir / "class_images" / f"concept-{index}"
         classes.append(class_folder.resolve())
-    return RunPlan(name, spec, work_dir, model.resolve(), concepts, classes, output)
+    return RunPlan(name, spec, work_dir, model.resolve(), concepts, classes, output, teacher)
 
 
 def default_nproc() -> int:

@@ -24,7 +24,10 @@ import torch
 from ..api.common import is_s3
 from ..api.training import MixedPrecision, Optimizer, TrainingSpec
 from . import checkpoints, distributed, outputs, samples
-from .data import Example, ImagePreprocessor, IndexStream, examples_from
+from .batches import Batches, CaptionBatches, ConceptBatches
+from .captions import open_stream
+from .data import Example, examples_from
+from .encoding import Encoder
 from .errors import EXIT_INTERRUPTED, EXIT_OK, JobInputError
 from .methods import TrainedModules, TrainingMethod, method_for
 from .models import Components, load_components
@@ -33,6 +36,8 @@ from .storage import S3Settings, upload_results
 
 log = logging.getLogger(__name__)
 
+# The method's own state in a checkpoint (the LCM target network).
+METHOD_STATE = "method.pt"
 # Test hook: the last rank dies (as if SIGKILLed) right after this step completes.
 CRASH_AFTER_STEP_ENV = "FINETUNE_TEST_CRASH_AFTER_STEP"
 
@@ -48,6 +53,7 @@ class RunPlan:
     concept_folders: list[Path]
     class_folders: list[Path]
     output_uri: str
+    teacher_folder: Path | None = None
 
     def to_json(self) -> str:
         return json.dumps(
@@ -59,6 +65,7 @@ class RunPlan:
                 "conceptFolders": [str(p) for p in self.concept_folders],
                 "classFolders": [str(p) for p in self.class_folders],
                 "outputUri": self.output_uri,
+                "teacherFolder": str(self.teacher_folder) if self.teacher_folder else None,
             }
         )
 
@@ -73,6 +80,7 @@ class RunPlan:
             concept_folders=[Path(p) for p in raw["conceptFolders"]],
             class_folders=[Path(p) for p in raw["classFolders"]],
             output_uri=raw["outputUri"],
+            teacher_folder=Path(raw["teacherFolder"]) if raw.get("teacherFolder") else None,
         )
 
 
@@ -171,8 +179,6 @@ class Trainer:
         self.stop = stop or StopRequest()
         self.checkpoint_root = plan.work_dir / "checkpoints"
         self.log_path = plan.work_dir / "train_log.jsonl"
-        self._latent_cache: dict[tuple[str, int], torch.Tensor] = {}
-        self._text_cache: dict[str, torch.Tensor] = {}
 
     # --- setup ---------------------------------------------------------------
 
@@ -187,7 +193,7 @@ class Trainer:
         # Same seed on every rank while models are built, so adapters start equal.
         torch.manual_seed(hp.seed)
         self.components: Components = load_components(self.plan.model_folder)
-        self.method: TrainingMethod = method_for(spec, self.components)
+        self.method: TrainingMethod = method_for(spec, self.components, self.plan.teacher_folder)
         self.module: TrainedModules = self.method.build()
         c = self.components
         frozen = [c.vae] + ([c.text_encoder] if self.module.text_encoder is None else [])
@@ -195,16 +201,15 @@ class Trainer:
             part.to(self.device).eval()
             if self.dtype != torch.float32:
                 part.to(dtype=self.dtype)
-        self.instances = self._examples(self.plan.concept_folders, class_images=False)
-        self.classes: list[Example] = []
-        if hp.prior_preservation:
-            self._ensure_class_images()
-            self.classes = self._examples(self.plan.class_folders, class_images=True)
-        self.preprocess = ImagePreprocessor(
-            spec.data.resolution, spec.data.center_crop, spec.data.random_flip, hp.seed
+        self.encoder = Encoder(
+            c,
+            self.device,
+            self.dtype,
+            text_encoder_trains=self.module.text_encoder is not None,
+            cache=spec.data.dataset is None,
         )
-        self.instance_stream = IndexStream(len(self.instances), hp.seed, salt=0)
-        self.class_stream = IndexStream(max(1, len(self.classes)), hp.seed, salt=1)
+        self.batches = self._batches()
+        self.method.attach(self.encoder)
         self._init_engine()
         self.ema = None
         if hp.ema.enabled:
@@ -218,6 +223,25 @@ class Trainer:
         random.seed(hp.seed + self.rank.rank)
         np.random.seed((hp.seed + self.rank.rank) % 2**32)
         torch.manual_seed(hp.seed + self.rank.rank)
+
+    def _batches(self) -> Batches:
+        spec, hp = self.spec, self.spec.training
+        if spec.data.dataset is not None:
+            settings = S3Settings(spec.output.s3_endpoint_url, spec.output.s3_region)
+            stream = open_stream(
+                spec.data.dataset, settings, hp.seed, self.rank.rank, self.rank.world
+            )
+            return CaptionBatches(
+                stream, self.method.preprocess, self.encoder, self.rank, hp.batch_size
+            )
+        instances = self._examples(self.plan.concept_folders, class_images=False)
+        classes: list[Example] = []
+        if hp.prior_preservation:
+            self._ensure_class_images()
+            classes = self._examples(self.plan.class_folders, class_images=True)
+        return ConceptBatches(
+            instances, classes, self.method, self.encoder, self.rank, hp.batch_size, hp.seed
+        )
 
     def _examples(self, folders: list[Path], class_images: bool) -> list[Example]:
         found: list[Example] = []
@@ -276,63 +300,6 @@ class Trainer:
             config=deepspeed_config(self.spec, self.rank.world),
         )
 
-    # --- data ----------------------------------------------------------------
-
-    def _latents(self, kind: str, index: int, example: Example, position: int) -> torch.Tensor:
-        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-
-        key = (kind, index)
-        parameters = self._latent_cache.get(key)
-        if parameters is None:
-            pixels, deterministic = self.preprocess(example.image, position)
-            with torch.no_grad():
-                encoded = self.components.vae.encode(pixels[None].to(self.device, self.dtype))
-            parameters = encoded.latent_dist.parameters
-            if deterministic:
-                self._latent_cache[key] = parameters
-        latents: torch.Tensor = DiagonalGaussianDistribution(parameters).sample()
-        return latents.float() * float(self.components.vae.config.scaling_factor)
-
-    def _tokens(self, prompts: list[str]) -> torch.Tensor:
-        tokenizer = self.components.tokenizer
-        ids = tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-        return ids.to(self.device)  # type: ignore[no-any-return]
-
-    def _text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        if self.module.text_encoder is not None:
-            return {"input_ids": self._tokens(prompts)}
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
-        if missing:
-            with torch.no_grad():
-                states = self.components.text_encoder(self._tokens(missing))[0]
-            self._text_cache.update(zip(missing, states, strict=True))
-        return {"encoder_hidden_states": torch.stack([self._text_cache[p] for p in prompts])}
-
-    def _batch(self, micro_step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
-        batch = self.spec.training.batch_size
-        chosen: list[tuple[str, int, Example, int]] = []
-        for position in self.instance_stream.positions(
-            micro_step, self.rank.rank, self.rank.world, batch
-        ):
-            index = self.instance_stream.example_at(position)
-            chosen.append(("instance", index, self.instances[index], position))
-        prior_count = 0
-        if self.classes:
-            for position in self.class_stream.positions(
-                micro_step, self.rank.rank, self.rank.world, batch
-            ):
-                index = self.class_stream.example_at(position)
-                chosen.append(("class", index, self.classes[index], position))
-            prior_count = batch
-        latents = torch.cat([self._latents(kind, i, ex, pos) for kind, i, ex, pos in chosen])
-        return latents, self._text([ex.prompt for _, _, ex, _ in chosen]), prior_count
-
     # --- checkpoints ------------------------------------------------------------
 
     def _resume(self) -> int:
@@ -358,6 +325,12 @@ class Trainer:
         )
         if self.ema is not None:
             self.ema.load_state_dict(torch.load(found.folder / "ema.pt", weights_only=False))
+        if (found.folder / METHOD_STATE).exists():
+            self.method.load_checkpoint_state(
+                torch.load(
+                    found.folder / METHOD_STATE, map_location=self.device, weights_only=False
+                )
+            )
         if self.rank.main:
             log.info("resumed from %s (step %d)", found.folder, found.step)
         return int(found.step)
@@ -385,6 +358,9 @@ class Trainer:
         torch.save(checkpoints.rng_state(), checkpoints.rng_file(folder, self.rank.rank))
         if self.ema is not None and self.rank.main:
             torch.save(self.ema.state_dict(), folder / "ema.pt")
+        method_state = self.method.checkpoint_state()
+        if method_state is not None and self.rank.main:
+            torch.save(method_state, folder / METHOD_STATE)
         distributed.barrier()
         if self.rank.main:
             checkpoints.write_manifest(folder, step, self._layout())
@@ -407,14 +383,13 @@ class Trainer:
             started = time.perf_counter()
             losses = []
             for micro in range(hp.gradient_accumulation_steps):
-                latents, text, prior_count = self._batch(
-                    step * hp.gradient_accumulation_steps + micro
-                )
-                loss = self.method.loss(self.engine, latents, text, prior_count, self.dtype)
+                batch = self.batches.batch(step * hp.gradient_accumulation_steps + micro)
+                loss = self.method.loss(self.engine, batch, self.dtype)
                 self.engine.backward(loss)
                 self.engine.step()
                 losses.append(float(loss.detach()))
             step += 1
+            self.method.after_step(self.module)
             if self.ema is not None:
                 self.ema.step(self.module.unet.parameters())
             last_loss = distributed.mean(sum(losses) / len(losses), self.device)
@@ -486,6 +461,7 @@ class Trainer:
                 self.spec,
                 self.components,
                 self.method.sampling_modules(self.module),
+                self.method.sampling_scheduler(),
                 folder,
                 self.device,
                 self.dtype,

@@ -105,9 +105,9 @@ def load_components(folder: Path) -> Components:
         raise JobInputError(f"{folder}: cannot load the model: {exc}") from exc
 
 
-def inference_pipeline(components: Components, **trained: Any) -> Any:
-    """A pipeline over the loaded components (trained modules in place of theirs) that
-    samples with DPM-Solver, for validation images and class images."""
+def inference_pipeline(components: Components, scheduler: Any = None, **trained: Any) -> Any:
+    """A pipeline over the loaded components (trained modules in place of theirs),
+    for validation images and class images; DPM-Solver unless `scheduler` is given."""
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
     parts = {
@@ -119,7 +119,8 @@ def inference_pipeline(components: Components, **trained: Any) -> Any:
     }
     pipeline = StableDiffusionPipeline(
         **parts,
-        scheduler=DPMSolverMultistepScheduler.from_config(components.noise_scheduler.config),
+        scheduler=scheduler
+        or DPMSolverMultistepScheduler.from_config(components.noise_scheduler.config),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

@@ -32,12 +32,13 @@ def generate(
     spec: TrainingSpec,
     components: Components,
     trained: dict[str, torch.nn.Module],
+    scheduler: Any,
     folder: Path,
     device: torch.device,
     dtype: torch.dtype,
 ) -> Path:
     """Generate `imagesPerPrompt` images for each prompt with a fixed seed; return the grid."""
-    pipeline = inference_pipeline(components, **trained)
+    pipeline = inference_pipeline(components, scheduler, **trained)
     modes = {name: module.training for name, module in trained.items()}
     for module in trained.values():
         module.eval()

@@ -8,6 +8,8 @@ EKS, or instance metadata.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,43 +66,57 @@ class S3Settings:
         )
 
 
-def download_prefix(uri: str, destination: Path, settings: S3Settings) -> Path:
-    """Mirror every object under `uri` into `destination`; files already there with
-    the same size are kept, so a restarted job does not download them again."""
+@contextmanager
+def refusals_named(uri: str) -> Iterator[None]:
+    """Turn S3's permanent refusals into a `JobInputError` naming `uri`; throttling
+    and server errors pass through, since a retry may succeed."""
     from botocore.exceptions import ClientError, NoCredentialsError
 
-    location = S3Location.parse(uri)
-    prefix = (
-        location.prefix
-        if not location.prefix or location.prefix.endswith("/")
-        else location.prefix + "/"
-    )
-    client = settings.client()
-    found = 0
     try:
-        for page in client.get_paginator("list_objects_v2").paginate(
-            Bucket=location.bucket, Prefix=prefix
-        ):
-            for item in page.get("Contents", []):
-                key = item["Key"]
-                relative = key[len(prefix) :]
-                if not relative or relative.endswith("/"):
-                    continue
-                found += 1
-                target = destination / relative
-                if target.exists() and target.stat().st_size == item["Size"]:
-                    continue
-                target.parent.mkdir(parents=True, exist_ok=True)
-                partial = target.with_name(target.name + ".partial")
-                client.download_file(location.bucket, key, str(partial))
-                partial.replace(target)
+        yield
     except ClientError as exc:
         code = str(exc.response.get("Error", {}).get("Code", ""))
         if code in PERMANENT_S3_ERRORS:
             raise JobInputError(f"{uri}: S3 refused the request ({code})") from exc
-        raise  # throttling, 5xx: worth a retry
+        raise
     except NoCredentialsError as exc:
         raise JobInputError(f"{uri}: no S3 credentials (set output.credentialsSecretRef)") from exc
+
+
+def prefix_of(location: S3Location) -> str:
+    """The key prefix of a folder-like S3 URI, ending in `/` unless empty."""
+    prefix = location.prefix
+    return prefix if not prefix or prefix.endswith("/") else prefix + "/"
+
+
+def list_keys(client: Any, bucket: str, prefix: str) -> Iterator[tuple[str, int]]:
+    """(key, size) of every object under `prefix`, folders' placeholder keys left out."""
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for item in page.get("Contents", []):
+            if not item["Key"].endswith("/"):
+                yield item["Key"], int(item["Size"])
+
+
+def download_prefix(uri: str, destination: Path, settings: S3Settings) -> Path:
+    """Mirror every object under `uri` into `destination`; files already there with
+    the same size are kept, so a restarted job does not download them again."""
+    location = S3Location.parse(uri)
+    prefix = prefix_of(location)
+    client = settings.client()
+    found = 0
+    with refusals_named(uri):
+        for key, size in list_keys(client, location.bucket, prefix):
+            relative = key[len(prefix) :]
+            if not relative:
+                continue
+            found += 1
+            target = destination / relative
+            if target.exists() and target.stat().st_size == size:
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_name(target.name + ".partial")
+            client.download_file(location.bucket, key, str(partial))
+            partial.replace(target)
     if found == 0:
         raise JobInputError(f"{uri}: no objects under this S3 prefix")
     return destination

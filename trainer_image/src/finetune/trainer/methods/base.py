@@ -2,7 +2,9 @@
 
 A method says which modules train (gathered in one `nn.Module`, since
 DeepSpeed takes one model per engine), computes the loss of a batch, and saves
-what it trained. Data, the optimizer, checkpoints and samples are shared.
+what it trained. Data, the optimizer, checkpoints and samples are shared; the
+optional hooks below let a method prepare its images, keep extra state (the
+LCM target network) and pick the scheduler its samples use.
 """
 
 from __future__ import annotations
@@ -15,7 +17,10 @@ import torch
 from torch import nn
 
 from ...api.training import TrainingSpec
+from ..batches import Batch
+from ..data import Example, ImagePreprocessor, Prepared
 from ..diffusion import add_noise, denoising_loss
+from ..encoding import Encoder
 from ..models import Components
 
 
@@ -37,20 +42,30 @@ class TrainedModules(nn.Module):
         timesteps: torch.Tensor,
         input_ids: torch.Tensor | None = None,
         encoder_hidden_states: torch.Tensor | None = None,
+        timestep_cond: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if self.text_encoder is not None:
             assert input_ids is not None
             encoder_hidden_states = self.text_encoder(input_ids)[0]
         assert encoder_hidden_states is not None
-        return self.unet(noisy_latents, timesteps, encoder_hidden_states).sample  # type: ignore[no-any-return]
+        return self.unet(  # type: ignore[no-any-return]
+            noisy_latents, timesteps, encoder_hidden_states, timestep_cond=timestep_cond
+        ).sample
 
 
 class TrainingMethod(ABC):
     """One training method. Subclasses set up what trains and how it is saved."""
 
-    def __init__(self, spec: TrainingSpec, components: Components) -> None:
+    def __init__(
+        self, spec: TrainingSpec, components: Components, teacher_folder: Path | None = None
+    ) -> None:
         self.spec = spec
         self.components = components
+        self.teacher_folder = teacher_folder
+        data = spec.data
+        self.preprocess = ImagePreprocessor(
+            data.resolution, data.center_crop, data.random_flip, spec.training.seed
+        )
 
     @property
     def trains_text_encoder(self) -> bool:
@@ -75,20 +90,36 @@ class TrainingMethod(ABC):
             )
         return groups
 
-    def loss(
-        self,
-        engine: Any,
-        latents: torch.Tensor,
-        text: dict[str, torch.Tensor],
-        prior_count: int,
-        dtype: torch.dtype,
-    ) -> torch.Tensor:
+    def prepare(self, example: Example, position: int, is_class: bool) -> Prepared:
+        """One concept image as it goes into the VAE, with its prompt."""
+        pixels, deterministic = self.preprocess(example.image, position)
+        return Prepared(pixels, example.prompt, deterministic)
+
+    def attach(self, encoder: Encoder) -> None:
+        """Called once the devices are known, before training: place extra models."""
+        return
+
+    def loss(self, engine: Any, batch: Batch, dtype: torch.dtype) -> torch.Tensor:
         """The denoising loss of one micro-batch, computed through the engine."""
         scheduler = self.components.noise_scheduler
-        noised = add_noise(latents, scheduler, self.spec.training)
-        inputs = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in text.items()}
+        noised = add_noise(batch.latents, scheduler, self.spec.training)
+        inputs = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in batch.text.items()}
         prediction = engine(noised.noisy_latents.to(dtype), noised.timesteps, **inputs)
-        return denoising_loss(prediction, noised, scheduler, self.spec.training, prior_count)
+        return denoising_loss(
+            prediction, noised, scheduler, self.spec.training, batch.prior_count, batch.mask
+        )
+
+    def after_step(self, module: TrainedModules) -> None:
+        """Called after each optimizer step."""
+        return
+
+    def checkpoint_state(self) -> dict[str, Any] | None:
+        """State of the method's own to save with each checkpoint (identical on every rank)."""
+        return None
+
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        """Restore what `checkpoint_state` returned."""
+        return
 
     @abstractmethod
     def save(self, module: TrainedModules, folder: Path) -> list[Path]:
@@ -100,3 +131,9 @@ class TrainingMethod(ABC):
         if module.text_encoder is not None:
             parts["text_encoder"] = module.text_encoder
         return parts
+
+    def sampling_scheduler(self) -> Any:
+        """The scheduler validation samples use: DPM-Solver, good in 20-25 steps."""
+        from diffusers import DPMSolverMultistepScheduler
+
+        return DPMSolverMultistepScheduler.from_config(self.components.noise_scheduler.config)

@@ -31,6 +31,7 @@ class Lora(TrainingMethod):
     def build(self) -> TrainedModules:
         lora = self.spec.lora
         assert lora is not None
+        assert lora.target_modules is not None  # filled by the API's method defaults
         c = self.components
         for part in (c.unet, c.vae, c.text_encoder):
             part.requires_grad_(False)

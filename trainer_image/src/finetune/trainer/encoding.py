@@ -1,0 +1,80 @@
+"""Images to latents and prompts to text embeddings, with the frozen VAE and text encoder."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .models import Components
+
+
+class Encoder:
+    """Encodes what the methods train on. Prompts are embedded here when the text
+    encoder is frozen; when it trains, only token ids leave, for the engine to embed.
+
+    `cache` keeps VAE latent distributions and prompt embeddings for reuse: right
+    for a few concept images seen thousands of times, wrong for a streamed dataset.
+    """
+
+    def __init__(
+        self,
+        components: Components,
+        device: torch.device,
+        dtype: torch.dtype,
+        text_encoder_trains: bool,
+        cache: bool,
+    ) -> None:
+        self.components = components
+        self.device = device
+        self.dtype = dtype
+        self.text_encoder_trains = text_encoder_trains
+        self.cache = cache
+        self._latents: dict[Any, torch.Tensor] = {}
+        self._text: dict[str, torch.Tensor] = {}
+
+    def latents(self, pixels: torch.Tensor, cache_key: Any = None) -> torch.Tensor:
+        """Sampled, scaled latents of a batch of [-1, 1] images. With a `cache_key`
+        (one image only) the latent distribution is kept and re-sampled next time."""
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        vae = self.components.vae
+        parameters = self._latents.get(cache_key) if cache_key is not None else None
+        if parameters is None:
+            with torch.no_grad():
+                encoded = vae.encode(pixels.to(self.device, self.dtype))
+            parameters = encoded.latent_dist.parameters
+            if cache_key is not None and self.cache:
+                self._latents[cache_key] = parameters
+        latents: torch.Tensor = DiagonalGaussianDistribution(parameters).sample()
+        return latents.float() * float(vae.config.scaling_factor)
+
+    def tokens(self, prompts: list[str]) -> torch.Tensor:
+        tokenizer = self.components.tokenizer
+        ids = tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        return ids.to(self.device)  # type: ignore[no-any-return]
+
+    def embeddings(self, prompts: list[str]) -> torch.Tensor:
+        """The frozen text encoder's hidden states for `prompts`."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._text]
+        if not self.cache and missing:
+            with torch.no_grad():
+                return self.components.text_encoder(self.tokens(prompts))[0]  # type: ignore[no-any-return]
+        if missing:
+            with torch.no_grad():
+                states = self.components.text_encoder(self.tokens(missing))[0]
+            self._text.update(zip(missing, states, strict=True))
+        return torch.stack([self._text[p] for p in prompts])
+
+    def text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """What the trained modules take as the prompt: token ids when the text
+        encoder trains, its hidden states otherwise."""
+        if self.text_encoder_trains:
+            return {"input_ids": self.tokens(prompts)}
+        return {"encoder_hidden_states": self.embeddings(prompts)}

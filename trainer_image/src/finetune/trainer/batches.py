@@ -84,7 +84,7 @@ class ConceptBatches:
         mask = None
         if any(m is not None for m in masks):
             ones = torch.ones_like(latents[:1, :1])
-            mask = torch.cat([(m[None] if m is not None else ones) for m in masks]).to(latents)
+            mask = torch.cat([(m[None].to(latents) if m is not None else ones) for m in masks])
         prompts = [p.prompt for p, _ in chosen]
         return Batch(latents, self.encoder.text(prompts), prior_count, mask)
 

@@ -21,7 +21,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 from typing import Any
@@ -30,18 +29,6 @@ import yaml
 
 WARMUP_STEPS = 5
 METHODS = ("lora", "dreambooth", "customDiffusion", "lcm", "lcmLora")
-
-
-def write_shards(images: Path, folder: Path, per_shard: int) -> Path:
-    """The captioned images as webdataset shards (NAME.png + NAME.txt per sample)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    pngs = sorted(images.glob("*.png"))
-    for start in range(0, len(pngs), per_shard):
-        with tarfile.open(folder / f"shard-{start // per_shard:05d}.tar", "w") as tar:
-            for png in pngs[start : start + per_shard]:
-                tar.add(png, arcname=png.name)
-                tar.add(png.with_suffix(".txt"), arcname=png.with_suffix(".txt").name)
-    return folder
 
 
 def spec_for(method: str, data: dict[str, Path], model: Path, resolution: int) -> dict[str, Any]:
@@ -136,7 +123,7 @@ def main() -> None:
 
     import torch
 
-    from finetune.assets import build_model, write_images
+    from finetune.assets import build_model, write_images, write_shards
 
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)

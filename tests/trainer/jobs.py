@@ -56,3 +56,21 @@ def finetune_run(
 
 def train_log(output: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (output / "train_log.jsonl").read_text().splitlines()]
+
+
+def assert_every_adapter_loaded(pipeline: Any, weights: dict[str, Any]) -> None:
+    """After `load_lora_weights`, the pipeline's adapters hold exactly the file's tensors:
+    a key the loader did not recognise would be missing or left at its initial value."""
+    import torch
+    from peft.utils import get_peft_model_state_dict
+
+    loaded = {}
+    for part in ("unet", "text_encoder"):
+        module = getattr(pipeline, part)
+        if getattr(module, "peft_config", None):
+            (adapter,) = module.peft_config
+            state = get_peft_model_state_dict(module, adapter_name=adapter)
+            loaded.update({f"{part}.{key}": value for key, value in state.items()})
+    assert sorted(loaded) == sorted(weights), "the loader dropped or renamed adapters"
+    for key, value in weights.items():
+        torch.testing.assert_close(loaded[key].float(), value.float(), msg=key)

@@ -10,7 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.trainer.jobs import PROMPT, finetune_run, job_file, train_log
+from tests.trainer.jobs import (
+    PROMPT,
+    assert_every_adapter_loaded,
+    finetune_run,
+    job_file,
+    train_log,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -63,6 +69,7 @@ def test_lora_with_text_encoder_loads_and_changes_images(
     pipeline = base_pipeline(tiny_model)
     before = render(pipeline)
     pipeline.load_lora_weights(out)  # type: ignore[attr-defined]
+    assert_every_adapter_loaded(pipeline, weights)
     after = render(pipeline)
     assert np.abs(after - before).mean() > 1e-3
 

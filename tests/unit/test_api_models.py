@@ -36,6 +36,8 @@ def test_lcm_lora_defaults_differ_from_lora() -> None:
     spec = FineTuneJob.model_validate(lcm_job()).spec
     assert spec.lora is not None
     assert spec.lora.rank == 64
+    assert spec.lora.target_modules is not None
+    assert {"to_k", "conv1", "time_emb_proj", "ff.net.2"} <= set(spec.lora.target_modules)
     assert spec.lcm is not None
     assert spec.lcm.w_min == 3.0
     assert spec.validation.inference_steps == 4
@@ -210,6 +212,15 @@ def test_all_broken_rules_are_reported_together() -> None:
             "apiVersion: must be 'finetune.dev/v1alpha1', got 'finetune.dev/v1'",
         ),
         (lora_job(output=None), "spec.output: required field is missing"),
+        (
+            lora_job(
+                method="customDiffusion",
+                lora=None,
+                customDiffusion={"modifierTokens": ["../x"]},
+                data={"concepts": [{"instanceImages": "./a", "instancePrompt": "a ../x cat"}]},
+            ),
+            r"spec.customDiffusion.modifierTokens[0]: '../x' does not match the pattern ^[^\s/\\]+$",
+        ),
     ],
 )
 def test_field_errors_name_the_field(document: dict[str, Any], expected: str) -> None:

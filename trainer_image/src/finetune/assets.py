@@ -188,6 +188,50 @@ def write_images(
     return folder
 
 
+def write_captioned_images(
+    folder: str | Path, colours: tuple[str, ...], per_colour: int, resolution: int = 64
+) -> Path:
+    """Discs of several colours in one folder, each image captioned with its colour."""
+    import numpy as np
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rgb = {
+        "red": (200, 40, 40),
+        "green": (40, 170, 60),
+        "blue": (40, 60, 200),
+        "yellow": (220, 200, 40),
+    }
+    rng = np.random.default_rng(len(colours))
+    yy, xx = np.mgrid[0:resolution, 0:resolution]
+    for colour in colours:
+        for index in range(per_colour):
+            ground = rng.integers(150, 255, size=3)
+            cx, cy = rng.uniform(0.35, 0.65, size=2) * resolution
+            inside = (xx - cx) ** 2 + (yy - cy) ** 2 < (rng.uniform(0.2, 0.3) * resolution) ** 2
+            disc = np.array(rgb.get(colour, (128, 128, 128)))
+            pixels = np.where(inside[..., None], disc, ground).astype("uint8")
+            Image.fromarray(pixels).save(folder / f"{colour}-{index:03d}.png")
+            (folder / f"{colour}-{index:03d}.txt").write_text(f"a {colour} disc")
+    return folder
+
+
+def write_shards(images: str | Path, folder: str | Path, per_shard: int) -> Path:
+    """A folder of captioned images (NAME.png + NAME.txt) as webdataset `.tar` shards."""
+    import tarfile
+
+    images, folder = Path(images), Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    pngs = sorted(images.glob("*.png"))
+    for start in range(0, len(pngs), per_shard):
+        with tarfile.open(folder / f"shard-{start // per_shard:05d}.tar", "w") as tar:
+            for png in pngs[start : start + per_shard]:
+                tar.add(png, arcname=png.name)
+                tar.add(png.with_suffix(".txt"), arcname=png.with_suffix(".txt").name)
+    return folder
+
+
 def quickstart(folder: str | Path) -> None:
     """The quickstart's tiny model and images, made once."""
     folder = Path(folder)

@@ -49,9 +49,12 @@ def model_card(
 ) -> str:
     method = spec.method
     hyper = spec.training.model_dump(by_alias=True, exclude_none=True, mode="json")
-    if spec.lora is not None:
-        hyper["lora"] = spec.lora.model_dump(by_alias=True, exclude_none=True, mode="json")
+    for section in ("lora", "custom_diffusion", "lcm"):
+        value = getattr(spec, section)
+        if value is not None:
+            hyper[section] = value.model_dump(by_alias=True, exclude_none=True, mode="json")
     prompts = [c.instance_prompt for c in spec.data.concepts]
+    validation_prompt = spec.validation.prompts[0] if spec.validation.prompts else "a photo"
     lines = [
         "---",
         yaml.safe_dump(
@@ -72,16 +75,10 @@ def model_card(
         "## How to use",
         "",
         "```python",
-        "from diffusers import StableDiffusionPipeline",
+        *usage(spec, prompts[0] if prompts else validation_prompt),
+        "```",
+        "",
     ]
-    if method in ("lora", "lcmLora"):
-        lines += [
-            f'pipe = StableDiffusionPipeline.from_pretrained("{spec.base_model.uri.removeprefix("hf://")}")',
-            'pipe.load_lora_weights("path/to/this/folder")',
-        ]
-    else:
-        lines += ['pipe = StableDiffusionPipeline.from_pretrained("path/to/this/folder")']
-    lines += [f'image = pipe("{(prompts or ["a photo"])[0]}").images[0]', "```", ""]
     if prompts:
         lines += ["## Training prompts", "", *[f"- `{p}`" for p in prompts], ""]
     if spec.validation.prompts:
@@ -97,3 +94,54 @@ def model_card(
         "",
     ]
     return "\n".join(lines)
+
+
+def usage(spec: TrainingSpec, prompt: str) -> list[str]:
+    """Python that loads this method's result with diffusers' public API."""
+    base = spec.base_model.uri.removeprefix("hf://").split("@")[0]
+    here = "path/to/this/folder"
+    load_base = [
+        "from diffusers import StableDiffusionPipeline",
+        f'pipe = StableDiffusionPipeline.from_pretrained("{base}")',
+    ]
+    method = spec.method
+    few_steps = (
+        f'image = pipe("{prompt}", num_inference_steps={spec.validation.inference_steps}, '
+        f"guidance_scale={spec.validation.guidance_scale}).images[0]"
+    )
+    if method == "lora":
+        lines = [*load_base, f'pipe.load_lora_weights("{here}")']
+    elif method == "lcmLora":
+        lines = [
+            "from diffusers import LCMScheduler, StableDiffusionPipeline",
+            f'pipe = StableDiffusionPipeline.from_pretrained("{base}")',
+            "pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)",
+            f'pipe.load_lora_weights("{here}")',
+        ]
+        return [*lines, few_steps]
+    elif method == "customDiffusion":
+        assert spec.custom_diffusion is not None
+        lines = [
+            *load_base,
+            *(
+                f'pipe.load_textual_inversion("{here}", weight_name="{token}.safetensors")'
+                for token in spec.custom_diffusion.modifier_tokens
+            ),
+            "# `_pipeline=pipe`: without it diffusers 0.42 does not install the weights",
+            "# (huggingface/diffusers#9320).",
+            "pipe.unet.load_attn_procs(",
+            f'    "{here}", weight_name="pytorch_custom_diffusion_weights.safetensors", _pipeline=pipe',
+            ")",
+        ]
+    elif method == "lcm":
+        lines = [
+            "from diffusers import StableDiffusionPipeline",
+            f'pipe = StableDiffusionPipeline.from_pretrained("{here}")  # LCMScheduler included',
+        ]
+        return [*lines, few_steps]
+    else:
+        lines = [
+            "from diffusers import StableDiffusionPipeline",
+            f'pipe = StableDiffusionPipeline.from_pretrained("{here}")',
+        ]
+    return [*lines, f'image = pipe("{prompt}").images[0]']

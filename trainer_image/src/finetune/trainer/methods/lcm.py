@@ -62,9 +62,9 @@ class Distillation:
         try:
             self.teacher = UNet2DConditionModel.from_pretrained(teacher_folder, subfolder="unet")
             scheduler = DDPMScheduler.from_pretrained(teacher_folder, subfolder="scheduler")
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RuntimeError) as exc:
             raise JobInputError(f"spec.lcm.teacherModel: cannot load the teacher: {exc}") from exc
-        for key in ("in_channels", "out_channels", "cross_attention_dim", "sample_size"):
+        for key in ("in_channels", "out_channels", "cross_attention_dim"):
             if self.teacher.config[key] != student_config[key]:
                 raise JobInputError(
                     f"spec.lcm.teacherModel: the teacher's UNet has {key} "
@@ -155,9 +155,15 @@ class Distillation:
         return F.mse_loss(prediction, goal)
 
     def sampling_scheduler(self) -> Any:
+        """LCMScheduler on the schedule the student learned: its few steps are picked
+        from the solver's timesteps, with the same boundary-condition scaling."""
         from diffusers import LCMScheduler
 
-        return LCMScheduler.from_config(self.scheduler.config)
+        return LCMScheduler.from_config(
+            self.scheduler.config,
+            original_inference_steps=self.settings.num_ddim_timesteps,
+            timestep_scaling=self.settings.timestep_scaling_factor,
+        )
 
 
 def _autocast(device: torch.device, dtype: torch.dtype) -> Any:

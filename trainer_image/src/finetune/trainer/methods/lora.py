@@ -66,7 +66,7 @@ class Lora(TrainingMethod):
 
     def save(self, module: TrainedModules, folder: Path) -> list[Path]:
         from diffusers import StableDiffusionPipeline
-        from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
+        from diffusers.utils import convert_state_dict_to_kohya
         from safetensors.torch import save_file
 
         lora = self.spec.lora
@@ -74,14 +74,14 @@ class Lora(TrainingMethod):
         state = self.adapter_state(module)
         metadata = {"r": lora.rank, "lora_alpha": lora.alpha, "target_modules": lora.target_modules}
         te_metadata = {**metadata, "target_modules": lora.text_encoder_target_modules}
+        # diffusers' own layout: `unet.`/`text_encoder.` + PEFT's module keys (lora_A,
+        # lora_B), never the `base_model.model.` keys of a PEFT wrapper. Its older
+        # `lora.down`/`lora.up` names cover attention layers only: a file mixing both
+        # (lcmLora adapts convolutions too) loads without its attention adapters.
         StableDiffusionPipeline.save_lora_weights(
             folder,
-            unet_lora_layers=convert_state_dict_to_diffusers(state["unet"]),
-            text_encoder_lora_layers=(
-                convert_state_dict_to_diffusers(state["text_encoder"])
-                if "text_encoder" in state
-                else None
-            ),
+            unet_lora_layers=state["unet"],
+            text_encoder_lora_layers=state.get("text_encoder"),
             unet_lora_adapter_metadata=metadata,
             text_encoder_lora_adapter_metadata=te_metadata if "text_encoder" in state else None,
             safe_serialization=True,

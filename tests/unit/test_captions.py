@@ -1,0 +1,169 @@
+"""Image-caption datasets for LCM: layouts, webdataset shards, and a stream that
+depends only on the seed, the rank and the position (so resume continues it)."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from finetune.api.training import CaptionDataset, DatasetFormat
+from finetune.trainer.captions import (
+    IndexedCaptions,
+    LocalFiles,
+    ShardedCaptions,
+    check_dataset,
+    layout_of,
+    tar_samples,
+)
+from finetune.trainer.errors import JobInputError
+from finetune.trainer.storage import S3Settings
+
+
+def png(seed: int) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (seed % 256, 0, 0)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_shard(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def shards(folder: Path, count: int, per_shard: int) -> Path:
+    for shard in range(count):
+        members = []
+        for index in range(per_shard):
+            key = f"s{shard}-{index:03d}"
+            members += [(f"{key}.png", png(index)), (f"{key}.txt", key.encode())]
+        write_shard(folder / f"shard-{shard:03d}.tar", members)
+    return folder
+
+
+def captions(taken: list[tuple[object, int]]) -> list[str]:
+    return [sample.caption for sample, _ in taken]  # type: ignore[attr-defined]
+
+
+def test_tar_members_group_into_samples_by_name(tmp_path: Path) -> None:
+    shard = write_shard(
+        tmp_path / "a.tar",
+        [
+            ("one.jpg", png(1)),
+            ("one.txt", b" a red disc \n"),
+            ("sub/two.png", png(2)),
+            ("sub/two.caption", b"a blue disc"),
+            ("sub/two.json", b"{}"),
+            ("three.png", png(3)),  # no caption: not a sample
+            ("four.txt", b"no image"),  # no image: not a sample
+        ],
+    )
+    with shard.open("rb") as stream:
+        samples = list(tar_samples(stream, str(shard)))
+    assert [(s.name, s.caption) for s in samples] == [
+        (f"{shard}:one", "a red disc"),
+        (f"{shard}:sub/two", "a blue disc"),
+    ]
+    assert samples[1].decode().size == (8, 8)
+
+
+def test_a_broken_shard_or_image_is_named(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.tar"
+    broken.write_bytes(b"not a tar at all" * 64)
+    with (
+        broken.open("rb") as stream,
+        pytest.raises(JobInputError, match=r"broken\.tar: not a readable tar"),
+    ):
+        list(tar_samples(stream, str(broken)))
+    shard = write_shard(tmp_path / "bad.tar", [("x.png", b"garbage"), ("x.txt", b"caption")])
+    with shard.open("rb") as stream:
+        (sample,) = tar_samples(stream, str(shard))
+    with pytest.raises(JobInputError, match=r"bad.tar:x: not a readable image"):
+        sample.decode()
+
+
+def test_the_layout_is_detected_and_bad_datasets_named(tmp_path: Path) -> None:
+    shards(tmp_path / "wds", 2, 2)
+    assert layout_of(LocalFiles(tmp_path / "wds"), "auto").format == DatasetFormat.WEBDATASET
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for index in range(3):
+        (folder / f"{index}.png").write_bytes(png(index))
+    (folder / "0.txt").write_text("a red disc")
+    (folder / "1.caption").write_text("a green disc")
+    dataset = CaptionDataset(uri=str(folder))
+    layout = check_dataset(dataset, S3Settings())
+    assert layout.format == DatasetFormat.FOLDER
+    assert layout.pairs == [("0.png", "0.txt"), ("1.png", "1.caption")]
+    assert layout.uncaptioned == 1
+
+    with pytest.raises(JobInputError, match=r"spec.data.dataset.uri: .*folder: no .tar shards"):
+        layout_of(LocalFiles(folder), "webdataset")
+    (folder / "0.txt").unlink()
+    (folder / "1.caption").unlink()
+    with pytest.raises(
+        JobInputError, match=r"spec\.data\.dataset\.uri: .*no images with a caption"
+    ):
+        layout_of(LocalFiles(folder), "auto")
+    with pytest.raises(JobInputError, match=r"spec\.data\.dataset\.uri: .*missing: no such folder"):
+        layout_of(LocalFiles(tmp_path / "missing"), "auto")
+
+
+@pytest.mark.parametrize("shard_count", [4, 1])
+def test_sharded_stream_deals_disjoint_samples_to_ranks_and_resumes_exactly(
+    tmp_path: Path, shard_count: int
+) -> None:
+    folder = shards(tmp_path, shard_count, 96 // shard_count)
+    files = LocalFiles(folder)
+    names = sorted(p.name for p in folder.iterdir())
+
+    def stream(rank: int) -> ShardedCaptions:
+        return ShardedCaptions(files, names, seed=5, rank=rank, world=2)
+
+    ranks = [stream(0), stream(1)]
+    epoch = [captions(r.take(step, 8)) for r in ranks for step in range(6)]
+    flat = [c for batch in epoch for c in batch]
+    assert len(flat) == len(set(flat)) == 96, "one epoch: every sample once, on one rank"
+
+    # A restarted rank 1 picking up at micro-step 4 sees what it would have seen.
+    continued = [captions(ranks[1].take(step, 8)) for step in range(6, 9)]
+    restarted = stream(1)
+    assert [captions(restarted.take(step, 8)) for step in range(6, 9)] == continued
+    positions = [p for _, p in stream(1).take(0, 8)]
+    assert positions == [i * 2 + 1 for i in range(8)]
+
+
+def test_the_next_epoch_visits_shards_in_another_order(tmp_path: Path) -> None:
+    folder = shards(tmp_path, 8, 2)
+    names = sorted(p.name for p in folder.iterdir())
+    stream = ShardedCaptions(LocalFiles(folder), names, seed=1, rank=0, world=1)
+    first = stream._my_shards(0)[0]
+    assert sorted(first) == names
+    assert any(stream._my_shards(epoch)[0] != first for epoch in range(1, 4))
+
+
+def test_indexed_stream_is_a_seeded_shuffle_dealt_to_ranks(tmp_path: Path) -> None:
+    for index in range(12):
+        (tmp_path / f"{index:02d}.png").write_bytes(png(index))
+        (tmp_path / f"{index:02d}.txt").write_text(f"caption {index}")
+    files = LocalFiles(tmp_path)
+    pairs = layout_of(files, "folder").pairs
+
+    def stream(rank: int) -> IndexedCaptions:
+        return IndexedCaptions(files, pairs, seed=2, rank=rank, world=2)
+
+    seen = captions(stream(0).take(0, 3)) + captions(stream(0).take(1, 3))
+    seen += captions(stream(1).take(0, 3)) + captions(stream(1).take(1, 3))
+    assert sorted(seen) == sorted(f"caption {i}" for i in range(12))
+    assert seen[:3] != [f"caption {i}" for i in range(3)], "shuffled"
+    assert captions(stream(1).take(5, 3)) == captions(stream(1).take(5, 3))

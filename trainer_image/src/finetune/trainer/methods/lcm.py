@@ -157,10 +157,16 @@ class Distillation:
     def sampling_scheduler(self) -> Any:
         """LCMScheduler on the schedule the student learned: its few steps are picked
         from the solver's timesteps, with the same boundary-condition scaling."""
+        import inspect
+
         from diffusers import LCMScheduler
 
+        accepted = inspect.signature(LCMScheduler.__init__).parameters
+        # Only LCMScheduler's own settings: DDPM's (variance_type...) would be carried
+        # into the saved config and warned about at every load.
+        config = {k: v for k, v in self.scheduler.config.items() if k in accepted}
         return LCMScheduler.from_config(
-            self.scheduler.config,
+            config,
             original_inference_steps=self.settings.num_ddim_timesteps,
             timestep_scaling=self.settings.timestep_scaling_factor,
         )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import tarfile
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -13,6 +14,7 @@ from finetune.api.training import CaptionDataset, DatasetFormat
 from finetune.trainer.captions import (
     IndexedCaptions,
     LocalFiles,
+    ResumableRead,
     ShardedCaptions,
     check_dataset,
     layout_of,
@@ -135,12 +137,109 @@ def test_sharded_stream_deals_disjoint_samples_to_ranks_and_resumes_exactly(
     flat = [c for batch in epoch for c in batch]
     assert len(flat) == len(set(flat)) == 96, "one epoch: every sample once, on one rank"
 
-    # A restarted rank 1 picking up at micro-step 4 sees what it would have seen.
-    continued = [captions(ranks[1].take(step, 8)) for step in range(6, 9)]
+    # A restarted rank 1 picking up in the middle of an epoch (samples still in the
+    # shuffle buffer) sees exactly what it would have seen.
+    continued = [captions(ranks[1].take(step, 8)) for step in range(6, 10)]
     restarted = stream(1)
-    assert [captions(restarted.take(step, 8)) for step in range(6, 9)] == continued
+    assert [captions(restarted.take(step, 8)) for step in range(8, 10)] == continued[2:]
     positions = [p for _, p in stream(1).take(0, 8)]
     assert positions == [i * 2 + 1 for i in range(8)]
+
+
+class CountingFiles(LocalFiles):
+    """A local folder that counts which shards are opened."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.opened: list[str] = []
+
+    def open(self, key: str) -> IO[bytes]:
+        self.opened.append(key)
+        return super().open(key)
+
+
+def test_with_the_checkpointed_shard_sizes_a_resume_skips_finished_epochs_unread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("finetune.trainer.captions.PREFETCH_SAMPLES", 1)  # read ahead little
+    folder = shards(tmp_path, 3, 5)  # 15 samples: 7 or 8 per rank and epoch
+    names = sorted(p.name for p in folder.iterdir())
+    first = ShardedCaptions(LocalFiles(folder), names, seed=1, rank=0, world=2)
+    expected = [captions(first.take(step, 4)) for step in range(12)]
+    state = first.state()
+    assert state == {"shardSizes": dict.fromkeys(names, 5)}
+
+    def resume(state: dict[str, object]) -> int:
+        files = CountingFiles(folder)
+        resumed = ShardedCaptions(files, names, seed=1, rank=0, world=2)
+        resumed.load_state(state)
+        assert [captions(resumed.take(step, 4)) for step in range(10, 12)] == expected[10:]
+        return len(files.opened)
+
+    # Steps 0-9 are 40 of rank 0's samples, about five of its epochs.
+    with_sizes, without = resume(state), resume({})
+    assert with_sizes <= 5
+    assert without >= 8
+
+
+def test_shards_not_a_multiple_of_the_ranks_are_still_dealt_once_per_epoch(
+    tmp_path: Path,
+) -> None:
+    folder = shards(tmp_path, 3, 2)
+    names = sorted(p.name for p in folder.iterdir())
+    ranks = [ShardedCaptions(LocalFiles(folder), names, seed=0, rank=r, world=2) for r in (0, 1)]
+    for epoch in range(4):
+        dealt = [shard for r in ranks for shard in r._my_shards(epoch)[0]]
+        assert sorted(dealt) == names, epoch
+
+
+class BreakingBody:
+    """An S3 body whose connection drops after `limit` bytes."""
+
+    def __init__(self, data: bytes, limit: int) -> None:
+        self.data, self.limit, self.sent = data, limit, 0
+
+    def read(self, size: int | None = None) -> bytes:
+        from botocore.exceptions import ResponseStreamingError
+
+        if self.sent >= self.limit:
+            raise ResponseStreamingError(error="connection reset by peer")
+        end = len(self.data) if size is None else self.sent + size
+        chunk = self.data[self.sent : min(end, self.limit)]
+        self.sent += len(chunk)
+        return chunk
+
+    def close(self) -> None:
+        return
+
+
+class FlakyS3:
+    """Stands in for S3Files.get: every connection breaks after 1000 bytes."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.offsets: list[int] = []
+
+    def get(self, key: str, offset: int = 0) -> BreakingBody:
+        self.offsets.append(offset)
+        return BreakingBody(self.data[offset:], 1000)
+
+    def uri(self, key: str) -> str:
+        return f"s3://bucket/{key}"
+
+
+def test_an_s3_read_that_breaks_off_resumes_at_the_byte_it_reached(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("finetune.trainer.captions.time.sleep", lambda seconds: None)
+    shard = shards(tmp_path, 1, 6) / "shard-000.tar"
+    flaky = FlakyS3(shard.read_bytes())
+    with ResumableRead(flaky, "shard-000.tar") as stream:  # type: ignore[arg-type]
+        samples = list(tar_samples(stream, "s3://bucket/shard-000.tar"))
+    assert len(samples) == 6
+    assert flaky.offsets[0] == 0
+    assert flaky.offsets[1] > 0
+    assert flaky.offsets == sorted(flaky.offsets)
 
 
 def test_the_next_epoch_visits_shards_in_another_order(tmp_path: Path) -> None:

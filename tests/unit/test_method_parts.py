@@ -54,6 +54,40 @@ def test_modifier_token_rows_are_the_only_trainable_embedding_rows() -> None:
     assert spliced.rows.grad.abs().sum() > 0
 
 
+def test_an_optimizer_step_with_weight_decay_moves_only_the_new_rows() -> None:
+    torch.manual_seed(0)
+    base = nn.Embedding(10, 4).requires_grad_(False)
+    before = base.weight.detach().clone()
+    spliced = ModifierTokenEmbedding(base, first_new_id=10, initial_rows=base.weight[[3]])
+    trainable = [p for p in spliced.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=0.1, weight_decay=0.5)
+    spliced(torch.tensor([[1, 10, 2]])).pow(2).sum().backward()
+    optimizer.step()
+    assert torch.equal(base.weight, before)
+    assert not torch.equal(spliced.rows.detach(), before[[3]])
+
+
+def test_crossattn_trains_copies_of_query_and_output_too() -> None:
+    from diffusers import UNet2DConditionModel
+
+    from finetune.assets import _configs
+    from finetune.trainer.methods.custom_diffusion import custom_attention, processor_state
+
+    unet = UNet2DConditionModel(**_configs("tiny", 16)["unet"])
+    custom_attention(unet, train_q_out=True)
+    state = processor_state(unet)
+    name = "down_blocks.1.attentions.0.transformer_blocks.0.attn2"
+    attention = unet.get_submodule(name)
+    for copy, original in (
+        ("to_k_custom_diffusion.weight", attention.to_k.weight),
+        ("to_q_custom_diffusion.weight", attention.to_q.weight),
+        ("to_out_custom_diffusion.0.weight", attention.to_out[0].weight),
+        ("to_out_custom_diffusion.0.bias", attention.to_out[0].bias),
+    ):
+        torch.testing.assert_close(state[f"{name}.processor.{copy}"], original.detach())
+    assert state[name.replace("attn2", "attn1") + ".processor"].numel() == 0
+
+
 def tokenizer_and_encoder(tmp_path: Path) -> tuple[object, object]:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 

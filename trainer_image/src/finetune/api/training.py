@@ -335,8 +335,9 @@ class LcmSpec(ApiModel):
     )
     guidance_embedding_dim: int = Field(
         default=256,
-        ge=1,
+        ge=4,
         le=4096,
+        multiple_of=2,
         description="Size of the student's guidance-scale embedding (lcm only).",
     )
     timestep_scaling_factor: float = Field(

@@ -9,12 +9,12 @@ sees exactly the batches an uninterrupted one would have seen.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from .captions import CaptionStream
-from .data import Example, ImagePreprocessor, IndexStream, Prepared
+from .data import Example, ImagePreprocessor, IndexStream
 from .distributed import Rank
 from .encoding import Encoder
 
@@ -32,6 +32,12 @@ class Batch:
 
 class Batches(Protocol):
     def batch(self, micro_step: int) -> Batch: ...
+
+    def state(self) -> dict[str, Any]:
+        """This rank's data state to keep with a checkpoint (empty when positions suffice)."""
+        ...
+
+    def load_state(self, state: dict[str, Any]) -> None: ...
 
 
 class ConceptBatches:
@@ -58,14 +64,24 @@ class ConceptBatches:
 
     def _take(
         self, stream: IndexStream, examples: list[Example], kind: str, micro_step: int
-    ) -> list[tuple[Prepared, tuple[str, int]]]:
-        chosen = []
+    ) -> list[tuple[torch.Tensor, str, torch.Tensor | None]]:
+        """(latents, prompt, mask) of each sample; an image whose latents are cached is
+        not even opened."""
+        chosen: list[tuple[torch.Tensor, str, torch.Tensor | None]] = []
         for position in stream.positions(
             micro_step, self.rank.rank, self.rank.world, self.batch_size
         ):
             index = stream.example_at(position)
+            key = (kind, index)
+            latents = self.encoder.cached_latents(key)
+            if latents is not None:  # only deterministic preparations are cached
+                chosen.append((latents, examples[index].prompt, None))
+                continue
             prepared = self.method.prepare(examples[index], position, kind == "class")
-            chosen.append((prepared, (kind, index)))
+            latents = self.encoder.latents(
+                prepared.pixels[None], key if prepared.cacheable else None
+            )
+            chosen.append((latents, prepared.prompt, prepared.mask))
         return chosen
 
     def batch(self, micro_step: int) -> Batch:
@@ -74,19 +90,21 @@ class ConceptBatches:
         if self.classes:
             chosen += self._take(self.class_stream, self.classes, "class", micro_step)
             prior_count = self.batch_size
-        latents = torch.cat(
-            [
-                self.encoder.latents(p.pixels[None], key if p.cacheable else None)
-                for p, key in chosen
-            ]
-        )
-        masks = [p.mask for p, _ in chosen]
+        latents = torch.cat([latent for latent, _, _ in chosen])
         mask = None
-        if any(m is not None for m in masks):
+        if any(m is not None for _, _, m in chosen):
             ones = torch.ones_like(latents[:1, :1])
-            mask = torch.cat([(m[None].to(latents) if m is not None else ones) for m in masks])
-        prompts = [p.prompt for p, _ in chosen]
+            mask = torch.cat(
+                [(m[None].to(latents) if m is not None else ones) for _, _, m in chosen]
+            )
+        prompts = [prompt for _, prompt, _ in chosen]
         return Batch(latents, self.encoder.text(prompts), prior_count, mask)
+
+    def state(self) -> dict[str, Any]:
+        return {}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        return
 
 
 class CaptionBatches:
@@ -114,3 +132,9 @@ class CaptionBatches:
             prompts.append(sample.caption)
         latents = self.encoder.latents(torch.stack(pixels))
         return Batch(latents, self.encoder.text(prompts))
+
+    def state(self) -> dict[str, Any]:
+        return self.stream.state()
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.stream.load_state(state)

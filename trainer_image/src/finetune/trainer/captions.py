@@ -10,8 +10,10 @@ Two layouts, each from a local folder or an S3 prefix:
   shuffle buffer.
 
 Nothing is written to disk, and the order depends only on the seed, the rank
-and the position, so a resumed run continues the same stream (a sharded one
-by re-reading, without decoding, the samples it had already used this epoch).
+and the position, so a resumed run continues the same stream. A sharded one
+skips the epochs it finished without opening them (each checkpoint records how
+many samples every shard held) and re-reads, without decoding, what it had used
+of the current one. S3 reads that break off are resumed where they stopped.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import queue
 import random
 import tarfile
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -44,6 +47,7 @@ FIELD = "spec.data.dataset.uri"
 CAPTION_SUFFIXES = (".txt", ".caption")
 SHUFFLE_BUFFER = 64
 PREFETCH_SAMPLES = 64
+READ_ATTEMPTS = 8
 
 
 @dataclass(frozen=True)
@@ -84,10 +88,16 @@ class LocalFiles:
         )
 
     def read(self, key: str) -> bytes:
-        return (self.root / key).read_bytes()
+        try:
+            return (self.root / key).read_bytes()
+        except OSError as exc:
+            raise JobInputError(f"{FIELD}: {self.uri(key)}: cannot be read ({exc})") from exc
 
     def open(self, key: str) -> IO[bytes]:
-        return (self.root / key).open("rb")
+        try:
+            return (self.root / key).open("rb")
+        except OSError as exc:
+            raise JobInputError(f"{FIELD}: {self.uri(key)}: cannot be read ({exc})") from exc
 
     def uri(self, key: str) -> str:
         return str(self.root / key)
@@ -106,18 +116,75 @@ class S3Files:
                 for key, _ in list_keys(self.client, self.location.bucket, self.prefix)
             )
 
-    def _get(self, key: str) -> Any:
+    def get(self, key: str, offset: int = 0) -> Any:
+        """The object's body from byte `offset` on."""
+        extra = {"Range": f"bytes={offset}-"} if offset else {}
         with refusals_named(self.uri(key)):
-            return self.client.get_object(Bucket=self.location.bucket, Key=self.prefix + key)
+            return self.client.get_object(
+                Bucket=self.location.bucket, Key=self.prefix + key, **extra
+            )["Body"]
 
     def read(self, key: str) -> bytes:
-        return self._get(key)["Body"].read()  # type: ignore[no-any-return]
+        with ResumableRead(self, key) as body:
+            return body.read()
 
     def open(self, key: str) -> IO[bytes]:
-        return self._get(key)["Body"]  # type: ignore[no-any-return]
+        return ResumableRead(self, key)  # type: ignore[return-value]
 
     def uri(self, key: str) -> str:
         return f"s3://{self.location.bucket}/{self.prefix}{key}"
+
+
+class ResumableRead(io.RawIOBase):
+    """An S3 object read front to back; a connection that breaks off mid-way is reopened
+    at the byte where it stopped (with backoff), so a long shard survives a network blip."""
+
+    def __init__(self, files: S3Files, key: str) -> None:
+        self.files = files
+        self.key = key
+        self.offset = 0
+        self.body: Any = None
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        from botocore.exceptions import BotoCoreError
+        from urllib3.exceptions import HTTPError
+
+        for attempt in range(READ_ATTEMPTS):
+            try:
+                if self.body is None:
+                    self.body = self.files.get(self.key, self.offset)
+                data: bytes = self.body.read(None if size < 0 else size)
+                self.offset += len(data)
+                return data
+            except (BotoCoreError, HTTPError, OSError) as exc:
+                self.body = None
+                if attempt == READ_ATTEMPTS - 1:
+                    raise OSError(
+                        f"{self.files.uri(self.key)}: reading failed {READ_ATTEMPTS} times "
+                        f"at byte {self.offset} ({exc})"
+                    ) from exc
+                log.warning(
+                    "%s: read broke off at byte %d (%s); retrying",
+                    self.files.uri(self.key),
+                    self.offset,
+                    exc,
+                )
+                time.sleep(min(30.0, 0.5 * 2**attempt))
+        raise AssertionError("unreachable")
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if self.body is not None:
+            self.body.close()
+            self.body = None
+        super().close()
 
 
 def files_at(uri: str, settings: S3Settings) -> Files:
@@ -188,6 +255,12 @@ class CaptionStream(Protocol):
         """This rank's `count` samples for `micro_step`, each with its global position."""
         ...
 
+    def state(self) -> dict[str, Any]:
+        """What this rank's checkpoint keeps to resume the stream faster."""
+        ...
+
+    def load_state(self, state: dict[str, Any]) -> None: ...
+
 
 class IndexedCaptions:
     """Captioned images from a listing: a seeded shuffle per epoch, read ahead in threads."""
@@ -211,6 +284,12 @@ class IndexedCaptions:
     def _submit(self, micro_step: int, count: int) -> list[tuple[Future[CaptionedImage], int]]:
         positions = self.stream.positions(micro_step, self.rank, self.world, count)
         return [(self.pool.submit(self._read, self.stream.example_at(p)), p) for p in positions]
+
+    def state(self) -> dict[str, Any]:
+        return {}  # positions alone place this stream
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        return
 
     def take(self, micro_step: int, count: int) -> list[tuple[CaptionedImage, int]]:
         current = self.pending.pop(micro_step, None) or self._submit(micro_step, count)
@@ -265,27 +344,50 @@ class ShardedCaptions:
         self.world = world
         self.queue: queue.Queue[tuple[CaptionedImage, int] | BaseException] | None = None
         self.next_step = -1
+        # Samples per shard, learnt as shards are read and kept in checkpoints, so a
+        # resumed run can skip finished epochs without reading them again.
+        self.sizes: dict[str, int] = {}
 
     def _my_shards(self, epoch: int) -> tuple[list[str], bool]:
         """This rank's shards for `epoch`, and whether it must share them sample by sample
-        (when there are fewer shards than ranks)."""
+        (when there are fewer shards than ranks). The epochs' shard orders are dealt out
+        as one continuous sequence, so every epoch's shards go to the ranks exactly once
+        even when their number is not a multiple of the ranks."""
         import torch
 
         generator = torch.Generator().manual_seed(self.seed * 7919 + epoch)
         order = [self.shards[i] for i in torch.randperm(len(self.shards), generator=generator)]
-        if len(order) >= self.world:
-            return order[self.rank :: self.world], False
+        count = len(order)
+        if count >= self.world:
+            return [
+                s for i, s in enumerate(order) if (epoch * count + i) % self.world == self.rank
+            ], False
         return order, True
 
-    def samples(self) -> Iterator[CaptionedImage]:
-        """Every sample this rank reads, epoch after epoch, in its seeded order."""
-        epoch = 0
+    def _epoch_length(self, epoch: int) -> int | None:
+        """How many samples this rank reads in `epoch`, if every shard's size is known."""
+        shards, shared = self._my_shards(epoch)
+        if any(s not in self.sizes for s in shards):
+            return None
+        if shared:  # samples rank, rank + world, ... of each shard
+            return sum(max(0, -(-(self.sizes[s] - self.rank) // self.world)) for s in shards)
+        return sum(self.sizes[s] for s in shards)
+
+    def state(self) -> dict[str, Any]:
+        return {"shardSizes": dict(self.sizes)}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.sizes.update(state.get("shardSizes", {}))
+
+    def samples(self, epoch: int = 0) -> Iterator[CaptionedImage]:
+        """Every sample this rank reads from `epoch` on, in its seeded order."""
         while True:
             shards, shared = self._my_shards(epoch)
             shuffle = random.Random(f"{self.seed}/{epoch}/{self.rank}")
             buffer: list[CaptionedImage] = []
             seen = 0
             for shard in shards:
+                index = -1
                 with self.files.open(shard) as stream:
                     for index, sample in enumerate(tar_samples(stream, self.files.uri(shard))):
                         if shared and index % self.world != self.rank:
@@ -294,6 +396,7 @@ class ShardedCaptions:
                         buffer.append(sample)
                         if len(buffer) >= SHUFFLE_BUFFER:
                             yield buffer.pop(shuffle.randrange(len(buffer)))
+                self.sizes[shard] = index + 1
             if seen == 0:
                 raise JobInputError(
                     f"{FIELD}: no image-caption samples (NAME.jpg + NAME.txt) in this rank's shards: "
@@ -305,7 +408,10 @@ class ShardedCaptions:
 
     def _produce(self, skip: int, out: queue.Queue[Any]) -> None:
         try:
-            for count, sample in enumerate(self.samples()):
+            epoch, first = 0, 0  # `first`: this rank's count of samples before `epoch`
+            while (length := self._epoch_length(epoch)) is not None and first + length <= skip:
+                epoch, first = epoch + 1, first + length
+            for count, sample in enumerate(self.samples(epoch), start=first):
                 if count >= skip:
                     out.put((sample, count * self.world + self.rank))
         except BaseException as exc:  # handed to the training thread, which raises it

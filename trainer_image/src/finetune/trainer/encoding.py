@@ -33,21 +33,29 @@ class Encoder:
         self._latents: dict[Any, torch.Tensor] = {}
         self._text: dict[str, torch.Tensor] = {}
 
+    def cached_latents(self, cache_key: Any) -> torch.Tensor | None:
+        """Freshly sampled latents from a cached distribution, if there is one."""
+        if cache_key not in self._latents:
+            return None
+        return self._sample(self._latents[cache_key])
+
+    def _sample(self, parameters: torch.Tensor) -> torch.Tensor:
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        latents: torch.Tensor = DiagonalGaussianDistribution(parameters).sample()
+        return latents.float() * float(self.components.vae.config.scaling_factor)
+
     def latents(self, pixels: torch.Tensor, cache_key: Any = None) -> torch.Tensor:
         """Sampled, scaled latents of a batch of [-1, 1] images. With a `cache_key`
         (one image only) the latent distribution is kept and re-sampled next time."""
-        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-
-        vae = self.components.vae
         parameters = self._latents.get(cache_key) if cache_key is not None else None
         if parameters is None:
             with torch.no_grad():
-                encoded = vae.encode(pixels.to(self.device, self.dtype))
+                encoded = self.components.vae.encode(pixels.to(self.device, self.dtype))
             parameters = encoded.latent_dist.parameters
             if cache_key is not None and self.cache:
                 self._latents[cache_key] = parameters
-        latents: torch.Tensor = DiagonalGaussianDistribution(parameters).sample()
-        return latents.float() * float(vae.config.scaling_factor)
+        return self._sample(parameters)
 
     def tokens(self, prompts: list[str]) -> torch.Tensor:
         tokenizer = self.components.tokenizer

@@ -84,6 +84,11 @@ class RunPlan:
         )
 
 
+def data_file(rank: int) -> str:
+    """Each rank's data-stream state in a checkpoint."""
+    return f"data-rank{rank:04d}.json"
+
+
 def _flatten(value: Any, prefix: str) -> dict[str, Any]:
     if isinstance(value, dict):
         flat: dict[str, Any] = {}
@@ -323,6 +328,9 @@ class Trainer:
         checkpoints.restore_rng(
             torch.load(checkpoints.rng_file(found.folder, self.rank.rank), weights_only=False)
         )
+        data_state = found.folder / data_file(self.rank.rank)
+        if data_state.exists():
+            self.batches.load_state(json.loads(data_state.read_text()))
         if self.ema is not None:
             self.ema.load_state_dict(torch.load(found.folder / "ema.pt", weights_only=False))
         if (found.folder / METHOD_STATE).exists():
@@ -356,6 +364,9 @@ class Trainer:
             exclude_frozen_parameters=True,
         )
         torch.save(checkpoints.rng_state(), checkpoints.rng_file(folder, self.rank.rank))
+        data_state = self.batches.state()
+        if data_state:
+            (folder / data_file(self.rank.rank)).write_text(json.dumps(data_state))
         if self.ema is not None and self.rank.main:
             torch.save(self.ema.state_dict(), folder / "ema.pt")
         method_state = self.method.checkpoint_state()

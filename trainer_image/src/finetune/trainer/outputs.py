@@ -112,10 +112,16 @@ def usage(spec: TrainingSpec, prompt: str) -> list[str]:
     if method == "lora":
         lines = [*load_base, f'pipe.load_lora_weights("{here}")']
     elif method == "lcmLora":
+        lcm = spec.lcm
+        assert lcm is not None
         lines = [
             "from diffusers import LCMScheduler, StableDiffusionPipeline",
             f'pipe = StableDiffusionPipeline.from_pretrained("{base}")',
-            "pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)",
+            "pipe.scheduler = LCMScheduler.from_config(",
+            "    pipe.scheduler.config,"
+            f" original_inference_steps={lcm.num_ddim_timesteps},"
+            f" timestep_scaling={lcm.timestep_scaling_factor},",
+            ")",
             f'pipe.load_lora_weights("{here}")',
         ]
         return [*lines, few_steps]

@@ -53,7 +53,9 @@ def boundary_scalings(timesteps: torch.Tensor, scaling: float) -> tuple[torch.Te
 class Distillation:
     """The teacher, the DDIM solver over the skipping timesteps, and the loss."""
 
-    def __init__(self, spec: Any, teacher_folder: Path | None, student_config: Any) -> None:
+    def __init__(
+        self, spec: Any, teacher_folder: Path | None, student_config: Any, student_scheduler: Any
+    ) -> None:
         from diffusers import DDPMScheduler, UNet2DConditionModel
 
         if teacher_folder is None:
@@ -77,6 +79,11 @@ class Distillation:
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise JobInputError(
                 f"spec.lcm.teacherModel: prediction type {self.prediction_type!r} is not supported"
+            )
+        if self.prediction_type != student_scheduler.config.prediction_type:
+            raise JobInputError(
+                f"spec.lcm.teacherModel: the teacher predicts {self.prediction_type}, the base "
+                f"model {student_scheduler.config.prediction_type}; they must predict the same"
             )
         alphas_cumprod = scheduler.alphas_cumprod.float()
         total = scheduler.config.num_train_timesteps
@@ -185,7 +192,9 @@ class Lcm(TrainingMethod):
         c, lcm = self.components, self.spec.lcm
         assert lcm is not None
         base = c.unet
-        self.distillation = Distillation(self.spec, self.teacher_folder, base.config)
+        self.distillation = Distillation(
+            self.spec, self.teacher_folder, base.config, c.noise_scheduler
+        )
         c.vae.requires_grad_(False)
         c.text_encoder.requires_grad_(False)
         if base.config.time_cond_proj_dim is None:
@@ -263,7 +272,9 @@ class LcmLora(Lora):
 
     def build(self) -> TrainedModules:
         module = super().build()
-        self.distillation = Distillation(self.spec, self.teacher_folder, module.unet.config)
+        self.distillation = Distillation(
+            self.spec, self.teacher_folder, module.unet.config, self.components.noise_scheduler
+        )
         return module
 
     def attach(self, encoder: Encoder) -> None:

@@ -113,7 +113,7 @@ def test_two_concepts_train_only_their_tokens_and_cross_attention(
     )
     trained_keys = set(checkpoint["module"])
     assert {k for k in trained_keys if k.startswith("text_encoder.")} == {
-        "text_encoder.text_model.embeddings.token_embedding.rows"
+        "text_encoder.embeddings.token_embedding.rows"
     }
     assert all("custom_diffusion" in k for k in trained_keys if k.startswith("unet."))
 

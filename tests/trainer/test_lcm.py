@@ -88,8 +88,10 @@ def test_lcm_from_shards_saves_a_pipeline_that_samples_in_four_steps(
     images = sample(pipeline, 4, guidance=8.0)
     assert images.shape == (1, 64, 64, 3)
     assert np.isfinite(images).all()
-    # The guidance scale reaches the student through its embedding (no CFG batch).
-    assert np.abs(sample(pipeline, 4, guidance=2.0) - images).mean() > 1e-4
+    # The guidance scale reaches the student through its embedding (no CFG batch), which
+    # started at zero and has trained.
+    assert pipeline.unet.time_embedding.cond_proj.weight.abs().max() > 0
+    assert not np.array_equal(sample(pipeline, 4, guidance=2.0), images)
     card = (out / "README.md").read_text()
     assert "num_inference_steps=4" in card
 

@@ -74,3 +74,24 @@ def assert_every_adapter_loaded(pipeline: Any, weights: dict[str, Any]) -> None:
     assert sorted(loaded) == sorted(weights), "the loader dropped or renamed adapters"
     for key, value in weights.items():
         torch.testing.assert_close(loaded[key].float(), value.float(), msg=key)
+
+
+def render(
+    pipeline: Any, prompt: str = PROMPT, steps: int = 4, seed: int = 1234, **options: Any
+) -> Any:
+    """64x64 images as a numpy array, from a fixed seed: what the pipeline makes of `prompt`."""
+    import numpy as np
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    return np.asarray(
+        pipeline(
+            prompt,
+            num_inference_steps=steps,
+            height=64,
+            width=64,
+            generator=generator,
+            output_type="np",
+            **options,
+        ).images
+    )

@@ -12,26 +12,12 @@ import torch
 from safetensors.torch import load_file
 
 from finetune.assets import write_images
-from tests.trainer.jobs import finetune_run, job_file, train_log
+from tests.trainer.jobs import finetune_run, job_file, render, train_log
 
 pytestmark = pytest.mark.slow
 
 WEIGHTS = "pytorch_custom_diffusion_weights.safetensors"
 PROMPT = "photo of a <new1> disc beside a <new2> disc"
-
-
-def render(pipeline: object) -> np.ndarray:
-    generator = torch.Generator().manual_seed(5)
-    return np.asarray(
-        pipeline(  # type: ignore[operator]
-            PROMPT,
-            num_inference_steps=3,
-            height=64,
-            width=64,
-            generator=generator,
-            output_type="np",
-        ).images
-    )
 
 
 def test_two_concepts_train_only_their_tokens_and_cross_attention(
@@ -96,14 +82,14 @@ def test_two_concepts_train_only_their_tokens_and_cross_attention(
         k.rsplit(".processor.", 1)[0] + ".processor" for k in state if "custom_diffusion" in k
     } == set(cross)
     assert not any("to_q_custom_diffusion" in k for k in state), "crossattnKV trains key/value only"
-    before = render(pipeline)
+    before = render(pipeline, PROMPT, steps=3, seed=5)
     # diffusers 0.42 installs the processors only when given the pipeline
     # (huggingface/diffusers#9320); without `_pipeline` the call changes nothing.
     pipeline.unet.load_attn_procs(out, weight_name=WEIGHTS, _pipeline=pipeline)
     assert all(
         isinstance(p, CustomDiffusionAttnProcessor) for p in pipeline.unet.attn_processors.values()
     )
-    after = render(pipeline)
+    after = render(pipeline, PROMPT, steps=3, seed=5)
     assert np.abs(after - before).mean() > 1e-4
 
     # What DeepSpeed trained (the checkpoint keeps trainable weights only): in the text

@@ -14,7 +14,13 @@ from safetensors.torch import load_file
 
 from finetune.assets import write_captioned_images, write_shards
 from finetune.trainer.loop import CRASH_AFTER_STEP_ENV
-from tests.trainer.jobs import assert_every_adapter_loaded, finetune_run, job_file, train_log
+from tests.trainer.jobs import (
+    assert_every_adapter_loaded,
+    finetune_run,
+    job_file,
+    render,
+    train_log,
+)
 from tests.trainer.test_s3_inputs import CREDENTIALS, s3_endpoint, upload
 
 pytestmark = pytest.mark.slow
@@ -46,21 +52,6 @@ def lcm_job(folder: Path, model: Path, dataset: str, method: str = "lcm", **spec
     return job_file(folder, model, Path("unused"), **changes)
 
 
-def sample(pipeline: object, steps: int, guidance: float) -> np.ndarray:
-    generator = torch.Generator().manual_seed(3)
-    return np.asarray(
-        pipeline(  # type: ignore[operator]
-            "a red disc",
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            height=64,
-            width=64,
-            generator=generator,
-            output_type="np",
-        ).images
-    )
-
-
 def test_lcm_from_shards_saves_a_pipeline_that_samples_in_four_steps(
     tmp_path: Path, tiny_model: Path, shards: Path
 ) -> None:
@@ -85,13 +76,13 @@ def test_lcm_from_shards_saves_a_pipeline_that_samples_in_four_steps(
     assert isinstance(pipeline.scheduler, LCMScheduler)
     assert pipeline.scheduler.config.original_inference_steps == 10
     assert pipeline.unet.config.time_cond_proj_dim == 256
-    images = sample(pipeline, 4, guidance=8.0)
+    images = render(pipeline, "a red disc", seed=3, guidance_scale=8.0)
     assert images.shape == (1, 64, 64, 3)
     assert np.isfinite(images).all()
     # The guidance scale reaches the student through its embedding (no CFG batch), which
     # started at zero and has trained.
     assert pipeline.unet.time_embedding.cond_proj.weight.abs().max() > 0
-    assert not np.array_equal(sample(pipeline, 4, guidance=2.0), images)
+    assert not np.array_equal(render(pipeline, "a red disc", seed=3, guidance_scale=2.0), images)
     card = (out / "README.md").read_text()
     assert "num_inference_steps=4" in card
 
@@ -165,10 +156,10 @@ def test_lcm_lora_streams_its_dataset_from_s3_and_loads_for_four_step_sampling(
     pipeline = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None)
     pipeline.set_progress_bar_config(disable=True)
     pipeline.scheduler = LCMScheduler.from_config(pipeline.scheduler.config)
-    before = sample(pipeline, 4, guidance=1.0)
+    before = render(pipeline, "a red disc", seed=3, guidance_scale=1.0)
     pipeline.load_lora_weights(out)
     assert_every_adapter_loaded(pipeline, weights)
-    after = sample(pipeline, 4, guidance=1.0)
+    after = render(pipeline, "a red disc", seed=3, guidance_scale=1.0)
     assert np.abs(after - before).mean() > 1e-4
 
 

@@ -15,18 +15,11 @@ from tests.trainer.jobs import (
     assert_every_adapter_loaded,
     finetune_run,
     job_file,
+    render,
     train_log,
 )
 
 pytestmark = pytest.mark.slow
-
-
-def render(pipeline: object) -> np.ndarray:
-    generator = torch.Generator().manual_seed(1234)
-    images = pipeline(  # type: ignore[operator]
-        PROMPT, num_inference_steps=4, height=64, width=64, generator=generator, output_type="np"
-    ).images
-    return np.asarray(images)
 
 
 def base_pipeline(model: Path) -> object:

@@ -47,14 +47,12 @@ class Encoder:
 
     def latents(self, pixels: torch.Tensor, cache_key: Any = None) -> torch.Tensor:
         """Sampled, scaled latents of a batch of [-1, 1] images. With a `cache_key`
-        (one image only) the latent distribution is kept and re-sampled next time."""
-        parameters = self._latents.get(cache_key) if cache_key is not None else None
-        if parameters is None:
-            with torch.no_grad():
-                encoded = self.components.vae.encode(pixels.to(self.device, self.dtype))
-            parameters = encoded.latent_dist.parameters
-            if cache_key is not None and self.cache:
-                self._latents[cache_key] = parameters
+        (one image only) the latent distribution is kept for `cached_latents`."""
+        with torch.no_grad():
+            encoded = self.components.vae.encode(pixels.to(self.device, self.dtype))
+        parameters = encoded.latent_dist.parameters
+        if cache_key is not None and self.cache:
+            self._latents[cache_key] = parameters
         return self._sample(parameters)
 
     def tokens(self, prompts: list[str]) -> torch.Tensor:
@@ -70,10 +68,10 @@ class Encoder:
 
     def embeddings(self, prompts: list[str]) -> torch.Tensor:
         """The frozen text encoder's hidden states for `prompts`."""
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._text]
-        if not self.cache and missing:
+        if not self.cache:
             with torch.no_grad():
                 return self.components.text_encoder(self.tokens(prompts))[0]  # type: ignore[no-any-return]
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._text]
         if missing:
             with torch.no_grad():
                 states = self.components.text_encoder(self.tokens(missing))[0]

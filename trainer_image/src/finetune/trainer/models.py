@@ -105,10 +105,9 @@ def load_components(folder: Path) -> Components:
         raise JobInputError(f"{folder}: cannot load the model: {exc}") from exc
 
 
-def inference_pipeline(components: Components, scheduler: Any = None, **trained: Any) -> Any:
-    """A pipeline over the loaded components (trained modules in place of theirs),
-    for validation images and class images; DPM-Solver unless `scheduler` is given."""
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+def assemble_pipeline(components: Components, scheduler: Any, **trained: Any) -> Any:
+    """A pipeline over the loaded components, with trained modules in place of theirs."""
+    from diffusers import StableDiffusionPipeline
 
     parts = {
         "vae": components.vae,
@@ -117,13 +116,37 @@ def inference_pipeline(components: Components, scheduler: Any = None, **trained:
         "unet": components.unet,
         **trained,
     }
-    pipeline = StableDiffusionPipeline(
+    return StableDiffusionPipeline(
         **parts,
-        scheduler=scheduler
-        or DPMSolverMultistepScheduler.from_config(components.noise_scheduler.config),
+        scheduler=scheduler,
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+def inference_pipeline(components: Components, scheduler: Any = None, **trained: Any) -> Any:
+    """A pipeline for validation images and class images; DPM-Solver unless `scheduler`
+    is given."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    pipeline = assemble_pipeline(
+        components,
+        scheduler or DPMSolverMultistepScheduler.from_config(components.noise_scheduler.config),
+        **trained,
+    )
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
+
+
+def save_pipeline(
+    components: Components, scheduler: Any, folder: Path, **trained: Any
+) -> list[Path]:
+    """A complete float32 pipeline folder that `StableDiffusionPipeline.from_pretrained`
+    loads; returns the files written."""
+    import torch
+
+    pipeline = assemble_pipeline(components, scheduler, **trained)
+    pipeline.to(torch.float32)
+    pipeline.save_pretrained(folder, safe_serialization=True)
+    return sorted(p for p in folder.rglob("*") if p.is_file())

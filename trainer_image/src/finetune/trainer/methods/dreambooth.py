@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..models import save_pipeline
 from .base import TrainedModules, TrainingMethod
 
 
@@ -22,23 +23,12 @@ class DreamBooth(TrainingMethod):
 
     def save(self, module: TrainedModules, folder: Path) -> list[Path]:
         """A complete pipeline folder that `StableDiffusionPipeline.from_pretrained` loads."""
-        import torch
-        from diffusers import StableDiffusionPipeline
-
-        c = self.components
-        pipeline = StableDiffusionPipeline(
-            vae=c.vae,
-            text_encoder=module.text_encoder or c.text_encoder,
-            tokenizer=c.tokenizer,
-            unet=module.unet,
-            scheduler=_inference_scheduler(c.folder),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
+        trained = {"unet": module.unet}
+        if module.text_encoder is not None:
+            trained["text_encoder"] = module.text_encoder
+        return save_pipeline(
+            self.components, _inference_scheduler(self.components.folder), folder, **trained
         )
-        pipeline.to(torch.float32)
-        pipeline.save_pretrained(folder, safe_serialization=True)
-        return sorted(p for p in folder.rglob("*") if p.is_file())
 
 
 def _inference_scheduler(model_folder: Path) -> object:

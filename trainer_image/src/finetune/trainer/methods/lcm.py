@@ -23,6 +23,7 @@ from ...api.training import LcmLoss
 from ..batches import Batch
 from ..encoding import Encoder
 from ..errors import JobInputError
+from ..models import save_pipeline
 from .base import TrainedModules, TrainingMethod
 from .lora import Lora
 
@@ -249,22 +250,7 @@ class Lcm(TrainingMethod):
 
     def save(self, module: TrainedModules, folder: Path) -> list[Path]:
         """A pipeline folder with the student UNet and an LCMScheduler."""
-        from diffusers import StableDiffusionPipeline
-
-        c = self.components
-        pipeline = StableDiffusionPipeline(
-            vae=c.vae,
-            text_encoder=c.text_encoder,
-            tokenizer=c.tokenizer,
-            unet=module.unet,
-            scheduler=self.sampling_scheduler(),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-        pipeline.to(torch.float32)
-        pipeline.save_pretrained(folder, safe_serialization=True)
-        return sorted(p for p in folder.rglob("*") if p.is_file())
+        return save_pipeline(self.components, self.sampling_scheduler(), folder, unet=module.unet)
 
 
 class LcmLora(Lora):

@@ -14,6 +14,8 @@ import yaml
 
 from finetune.api import API_VERSION, KIND, FineTuneJob
 
+from .config import OperatorConfig
+
 Manifest = dict[str, Any]
 
 RENDEZVOUS_PORT = 29500
@@ -25,14 +27,6 @@ LABEL_JOB = "finetune.dev/job"
 LABEL_ATTEMPT = "finetune.dev/attempt"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 TRAINER_UID = 1000
-
-
-@dataclass(frozen=True)
-class Settings:
-    """What the operator adds from its own configuration."""
-
-    trainer_image: str = "ghcr.io/finetune-dev/trainer:0.1.0"
-    image_pull_policy: str = "IfNotPresent"
 
 
 @dataclass(frozen=True)
@@ -193,7 +187,7 @@ def _environment(job: FineTuneJob, attempt: int) -> list[Manifest]:
     return env
 
 
-def _pod_spec(job: FineTuneJob, attempt: int, settings: Settings) -> Manifest:
+def _pod_spec(job: FineTuneJob, attempt: int, settings: OperatorConfig) -> Manifest:
     spec, names = job.spec, Names(job.metadata.name)
     resources = spec.resources
     limits: dict[str, str] = {}
@@ -268,13 +262,19 @@ def _pod_spec(job: FineTuneJob, attempt: int, settings: Settings) -> Manifest:
     return pod
 
 
-def batch_job(job: FineTuneJob, attempt: int, settings: Settings | None = None) -> Manifest:
+def batch_job(
+    job: FineTuneJob,
+    attempt: int,
+    settings: OperatorConfig | None = None,
+    deadline_seconds: int | None = None,
+) -> Manifest:
     """One attempt of the gang: an Indexed Job with a pod per node.
 
     Its own backoffLimit is 0: DeepSpeed ranks cannot rejoin a running gang, so
-    the operator restarts the whole gang as a new attempt instead.
+    the operator restarts the whole gang as a new attempt instead. A restarted
+    attempt gets what is left of `activeDeadlineSeconds` (`deadline_seconds`).
     """
-    settings = settings or Settings()
+    settings = settings or OperatorConfig()
     spec, names = job.spec, Names(job.metadata.name)
     policy = spec.run_policy
     labels = {LABEL_ATTEMPT: str(attempt)}
@@ -292,8 +292,9 @@ def batch_job(job: FineTuneJob, attempt: int, settings: Settings | None = None) 
             "spec": _pod_spec(job, attempt, settings),
         },
     }
-    if policy.active_deadline_seconds:
-        job_spec["activeDeadlineSeconds"] = policy.active_deadline_seconds
+    deadline = deadline_seconds or policy.active_deadline_seconds
+    if deadline:
+        job_spec["activeDeadlineSeconds"] = max(1, deadline)
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -303,7 +304,7 @@ def batch_job(job: FineTuneJob, attempt: int, settings: Settings | None = None) 
 
 
 def children(
-    job: FineTuneJob, attempt: int = 0, settings: Settings | None = None
+    job: FineTuneJob, attempt: int = 0, settings: OperatorConfig | None = None
 ) -> list[Manifest]:
     """Everything a job needs, in the order to create it."""
     return [

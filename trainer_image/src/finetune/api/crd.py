@@ -286,7 +286,10 @@ def printer_columns() -> list[dict[str, Any]]:
 
     return [
         col(
-            "Phase", "string", ".status.phase", "Pending, Running, Suspended, Succeeded or Failed."
+            "Phase",
+            "string",
+            ".status.phase",
+            "Pending, Running, Restarting, Suspended, Succeeded or Failed.",
         ),
         col("Method", "string", ".spec.method", "Training method."),
         col("Progress", "integer", ".status.progress.percent", "Steps done, in percent."),

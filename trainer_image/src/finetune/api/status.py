@@ -23,6 +23,7 @@ class StatusModel(ApiModel):
 class Phase(StrEnum):
     PENDING = "Pending"
     RUNNING = "Running"
+    RESTARTING = "Restarting"
     SUSPENDED = "Suspended"
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
@@ -121,7 +122,8 @@ class FineTuneJobStatus(StatusModel):
     """Observed state of a FineTuneJob."""
 
     phase: Phase | None = Field(
-        default=None, description="Pending, Running, Suspended, Succeeded or Failed."
+        default=None,
+        description="Pending, Running, Restarting, Suspended, Succeeded or Failed.",
     )
     conditions: list[Condition] = Field(
         default_factory=list, max_length=16, description="Conditions, one per type."
@@ -136,7 +138,17 @@ class FineTuneJobStatus(StatusModel):
     artifacts: list[Artifact] = Field(
         default_factory=list, max_length=256, description="Final outputs with checksums."
     )
-    restarts: int = Field(default=0, ge=0, description="Gang restarts so far.")
+    restarts: int = Field(default=0, ge=0, description="Gang restarts so far, for any reason.")
+    failed_attempts: int = Field(
+        default=0,
+        ge=0,
+        description="Gang failures counted against `runPolicy.backoffLimit` (node loss and preemption are not).",
+    )
+    attempt: int = Field(
+        default=0,
+        ge=0,
+        description="The current gang attempt; its Job is `<name>-a<attempt>`.",
+    )
     start_time: datetime | None = Field(
         default=None, description="When the first pod started training."
     )

@@ -1,0 +1,135 @@
+"""Why a gang attempt failed, and whether trying again can help.
+
+Read from the pods of the failed attempt: the container's exit code (the
+trainer's codes are in `finetune.trainer.errors`), the kubelet's OOMKilled, and
+the DisruptionTarget condition Kubernetes sets when it removes a pod for its
+own reasons (preemption, node loss, eviction).
+
+- permanent: the same input fails the same way again (bad data, NaN loss, a
+  refused credential, out of memory). No retry; the reason goes in status.
+- disruption: the cluster took the pod away. Retried, not counted against
+  backoffLimit.
+- error: anything else. Retried, counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+# The trainer's exit codes (finetune.trainer.errors), which the operator image
+# reads without importing the trainer.
+EXIT_INVALID_INPUT = 2
+EXIT_NON_FINITE_LOSS = 3
+EXIT_ACCESS_DENIED = 4
+
+PERMANENT_EXIT_CODES = {
+    EXIT_INVALID_INPUT: ("InvalidInput", "the trainer refused its input"),
+    EXIT_NON_FINITE_LOSS: ("NonFiniteLoss", "the training loss became NaN or infinite"),
+    EXIT_ACCESS_DENIED: ("AccessDenied", "S3 or the model hub refused the credentials"),
+}
+
+# DisruptionTarget reasons, and the pod-level reasons older kubelets set.
+DISRUPTIONS = {
+    "PreemptionByScheduler": "Preempted",
+    "PreemptionByKubeScheduler": "Preempted",
+    "DeletionByTaintManager": "NodeLost",
+    "DeletionByPodGC": "NodeLost",
+    "TerminationByKubelet": "NodeShutdown",
+    "EvictionByEvictionAPI": "Evicted",
+}
+POD_REASONS = {
+    "NodeLost": "NodeLost",
+    "Evicted": "Evicted",
+    "Shutdown": "NodeShutdown",
+    "NodeShutdown": "NodeShutdown",
+    "Terminated": "NodeShutdown",
+    "Preempting": "Preempted",
+}
+
+
+class Kind(Enum):
+    PERMANENT = "permanent"
+    DISRUPTION = "disruption"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class Failure:
+    kind: Kind
+    reason: str  # CamelCase, for status and events
+    message: str
+
+    @property
+    def permanent(self) -> bool:
+        return self.kind is Kind.PERMANENT
+
+    @property
+    def counted(self) -> bool:
+        """Counts against backoffLimit."""
+        return self.kind is Kind.ERROR
+
+
+def _terminated(pod: dict[str, Any]) -> dict[str, Any] | None:
+    for container in pod.get("status", {}).get("containerStatuses") or []:
+        state = container.get("state", {}).get("terminated")
+        if state and state.get("exitCode", 0) != 0:
+            return dict(state)
+    return None
+
+
+def _disruption(pod: dict[str, Any]) -> str | None:
+    status = pod.get("status", {})
+    for condition in status.get("conditions") or []:
+        if condition.get("type") == "DisruptionTarget" and condition.get("status") == "True":
+            return DISRUPTIONS.get(condition.get("reason", ""), "Disrupted")
+    return POD_REASONS.get(status.get("reason", ""))
+
+
+def of_pod(pod: dict[str, Any]) -> Failure | None:
+    """What a failed pod tells, or None when it did not fail."""
+    name = pod.get("metadata", {}).get("name", "?")
+    if (disruption := _disruption(pod)) is not None:
+        return Failure(Kind.DISRUPTION, disruption, f"pod {name}: {disruption}")
+    if pod.get("status", {}).get("phase") != "Failed":
+        return None
+    terminated = _terminated(pod)
+    if terminated is None:
+        return Failure(Kind.ERROR, "PodFailed", f"pod {name} failed")
+    code = int(terminated.get("exitCode", 1))
+    detail = (terminated.get("message") or "").strip()
+    if terminated.get("reason") == "OOMKilled":
+        return Failure(
+            Kind.PERMANENT,
+            "OOMKilled",
+            f"pod {name} ran out of memory: lower training.batchSize, turn on "
+            "training.gradientCheckpointing, or raise resources.memory",
+        )
+    if code in PERMANENT_EXIT_CODES:
+        reason, default = PERMANENT_EXIT_CODES[code]
+        return Failure(Kind.PERMANENT, reason, f"pod {name}: {detail or default}")
+    signal = f" (signal {code - 128})" if code > 128 else ""
+    return Failure(
+        Kind.ERROR,
+        "TrainerError",
+        f"pod {name}: the trainer exited with code {code}{signal}"
+        + (f": {detail}" if detail else ""),
+    )
+
+
+def classify(pods: list[dict[str, Any]], job_message: str = "") -> Failure:
+    """The cause of a failed attempt. In a gang one rank's loss breaks the others'
+    collectives, so a disruption anywhere explains errors elsewhere; a permanent
+    failure anywhere explains everything."""
+    failures = [f for f in map(of_pod, sorted(pods, key=_index)) if f is not None]
+    for kind in (Kind.PERMANENT, Kind.DISRUPTION, Kind.ERROR):
+        for failure in failures:
+            if failure.kind is kind:
+                return failure
+    return Failure(Kind.ERROR, "JobFailed", job_message or "the Job failed with no failed pod left")
+
+
+def _index(pod: dict[str, Any]) -> int:
+    annotations = pod.get("metadata", {}).get("annotations") or {}
+    return int(annotations.get("batch.kubernetes.io/job-completion-index", 0))

@@ -1,0 +1,285 @@
+"""The kopf handlers: thin, they feed `reconcile` and carry out what it decides.
+
+- on create: check the spec, build the children, adopt them, create them;
+- a timer per job: observe its current attempt (from in-memory indexes of the
+  operator's Jobs and pods, fed by watches), reconcile, act, patch status;
+- on a spec change: apply run-policy changes, warn about the rest;
+- on every event: count jobs by phase for /metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import kopf
+import yaml
+from prometheus_client import start_http_server
+from pydantic import ValidationError
+
+from finetune.api import API_VERSION, GROUP, KIND, VERSION, FineTuneJob
+from finetune.api.cluster import RunPolicy
+from finetune.api.errors import problems_from
+from finetune.api.job import PLURAL
+from finetune.api.status import FineTuneJobStatus
+
+from . import builders, metrics, reconcile, spec_changes
+from .builders import LABEL_ATTEMPT, LABEL_JOB, Names
+from .config import OperatorConfig
+from .kube import Cluster, connect, in_thread
+
+CONFIG = OperatorConfig.from_env()
+RESOURCE = (GROUP, VERSION, PLURAL)
+OURS: dict[str, Any] = {
+    LABEL_JOB: kopf.PRESENT,
+    "app.kubernetes.io/managed-by": "finetune-operator",
+}
+# Status fields the operator owns; progress, lastCheckpoint and artifacts are the trainer's.
+OPERATOR_FIELDS = (
+    "phase",
+    "conditions",
+    "observedGeneration",
+    "startTime",
+    "completionTime",
+    "restarts",
+    "failedAttempts",
+    "attempt",
+    "failureReason",
+    "failureMessage",
+)
+
+
+class QuietTimers(logging.Filter):
+    """Drop kopf's line per timer run: one per job every few seconds is noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Timer 'reconcile_job' succeeded")
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    """Every operator setting, in one place."""
+    # Progress and the last handled spec go in annotations: the CRD's status schema
+    # would prune kopf's own status fields.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration"
+    )
+    # Our own milestone events only; kopf's handler logs stay in the log.
+    settings.posting.level = logging.WARNING
+    settings.watching.server_timeout = 300
+    settings.execution.max_workers = 16
+    logging.getLogger("kopf.objects").addFilter(QuietTimers())
+    memo.config = CONFIG
+    memo.cluster = Cluster(connect())
+    start_http_server(CONFIG.metrics_port)
+
+
+@kopf.index("batch", "v1", "jobs", labels=OURS)
+def attempts(
+    namespace: str | None, labels: Mapping[str, str], body: kopf.Body, **_: Any
+) -> dict[Any, Any]:
+    slim = {"spec": {"suspend": body.spec.get("suspend")}, "status": dict(body.status)}
+    return {(namespace, labels[LABEL_JOB], labels.get(LABEL_ATTEMPT)): slim}
+
+
+@kopf.index("", "v1", "pods", labels=OURS)
+def gang_pods(
+    namespace: str | None, labels: Mapping[str, str], body: kopf.Body, **_: Any
+) -> dict[Any, Any]:
+    meta = {"name": body.meta.name, "annotations": dict(body.meta.annotations)}
+    return {
+        (namespace, labels[LABEL_JOB], labels.get(LABEL_ATTEMPT)): {
+            "metadata": meta,
+            "status": dict(body.status),
+        }
+    }
+
+
+def _document(name: str, namespace: str, spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": dict(spec),
+    }
+
+
+def _now() -> datetime:
+    return datetime.now(tz=UTC)
+
+
+def _status_patch(before: dict[str, Any], after: FineTuneJobStatus) -> dict[str, Any]:
+    """The operator's fields that changed; None clears one."""
+    new = after.model_dump(mode="json", by_alias=True, exclude_none=True)
+    return {
+        key: new.get(key)
+        for key in OPERATOR_FIELDS
+        if new.get(key) != before.get(key) and not (key not in new and key not in before)
+    }
+
+
+def _post(body: kopf.Body, events: list[reconcile.Event]) -> None:
+    for event in events:
+        kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+
+
+@kopf.on.create(*RESOURCE)
+async def create_children(
+    body: kopf.Body,
+    name: str,
+    namespace: str | None,
+    meta: kopf.Meta,
+    status: kopf.Status,
+    patch: kopf.Patch,
+    memo: kopf.Memo,
+    **_: Any,
+) -> None:
+    namespace = namespace or "default"  # FineTuneJobs are namespaced
+    current = FineTuneJobStatus.model_validate(dict(status))
+    generation = int(meta.get("generation") or 1)
+    try:
+        job = FineTuneJob.model_validate(_document(name, namespace, body.spec))
+    except ValidationError as exc:
+        message = "; ".join(str(p) for p in problems_from(exc))
+        reconcile.invalid(current, generation, message, _now())
+        patch.status.update(_status_patch(dict(status), current))
+        kopf.event(body, type="Warning", reason="InvalidSpec", message=message)
+        metrics.FAILURES.labels("InvalidSpec").inc()
+        return
+    cluster: Cluster = memo.cluster
+    children = builders.children(job, current.attempt, memo.config)
+    for child in children:
+        kopf.adopt(child, owner=body)
+        await in_thread(cluster.create, namespace, child)
+    memo.accepted = job
+    batch_job = children[-1]["metadata"]["name"]
+    reconcile.created(current, generation, batch_job, _now())
+    patch.status.update(_status_patch(dict(status), current))
+    kopf.event(body, type="Normal", reason="Created", message=f"created Job {batch_job}")
+
+
+@kopf.on.update(*RESOURCE, field="spec")
+def spec_changed(body: kopf.Body, old: Any, new: Any, **_: Any) -> None:
+    applied, ignored = spec_changes.split(old, new)
+    if ignored:
+        kopf.event(
+            body,
+            type="Warning",
+            reason="SpecChangeIgnored",
+            message=f"{', '.join(ignored)} cannot change once a job is created; it keeps "
+            "its original spec. Delete and recreate the job to train with the new one.",
+        )
+    if applied:
+        kopf.event(body, type="Normal", reason="RunPolicyUpdated", message=", ".join(applied))
+
+
+async def _accepted(memo: kopf.Memo, name: str, namespace: str) -> FineTuneJob | None:
+    """The spec the job was created with, from its job file (the ConfigMap)."""
+    accepted: FineTuneJob | None = getattr(memo, "accepted", None)
+    if accepted is None:
+        text = await in_thread(memo.cluster.job_file, namespace, Names(name).config_map)
+        if text is None:
+            return None
+        accepted = FineTuneJob.model_validate(yaml.safe_load(text))
+        memo.accepted = accepted
+    return accepted
+
+
+def _policy(accepted: FineTuneJob, live_spec: Any) -> RunPolicy:
+    """The accepted run policy with the knobs that may change taken from the live spec."""
+    live = dict(live_spec.get("runPolicy") or {})
+    mutable = {path.rsplit(".", 1)[1] for path in spec_changes.MUTABLE}
+    base = accepted.spec.run_policy.model_dump(by_alias=True, exclude_none=True)
+    merged = base | {k: v for k, v in live.items() if k in mutable}
+    for key in mutable - set(live):
+        merged.pop(key, None)
+    try:
+        return RunPolicy.model_validate(merged)
+    except ValidationError:
+        return accepted.spec.run_policy
+
+
+async def _act(
+    action: reconcile.Action,
+    body: kopf.Body,
+    accepted: FineTuneJob,
+    policy: RunPolicy,
+    memo: kopf.Memo,
+) -> None:
+    cluster: Cluster = memo.cluster
+    name, namespace = body.meta.name or "", body.meta.namespace or "default"
+    names = Names(name)
+    match action:
+        case reconcile.StopAttempt(attempt=attempt):
+            await in_thread(cluster.delete_job, namespace, names.batch_job(attempt))
+        case reconcile.StartAttempt(attempt=attempt, deadline_seconds=deadline):
+            spec = accepted.spec.model_copy(update={"run_policy": policy})
+            job = builders.batch_job(
+                accepted.model_copy(update={"spec": spec}), attempt, memo.config, deadline
+            )
+            kopf.adopt(job, owner=body)
+            await in_thread(cluster.create, namespace, job)
+            memo.started = max(getattr(memo, "started", 0), attempt)
+        case reconcile.SuspendAttempt(attempt=attempt, suspend=suspend):
+            await in_thread(cluster.suspend_job, namespace, names.batch_job(attempt), suspend)
+        case reconcile.DeleteFineTuneJob():
+            await in_thread(cluster.delete_finetunejob, namespace, name)
+
+
+@kopf.timer(*RESOURCE, interval=CONFIG.reconcile_seconds)
+async def reconcile_job(
+    body: kopf.Body,
+    name: str,
+    namespace: str | None,
+    meta: kopf.Meta,
+    spec: kopf.Spec,
+    status: kopf.Status,
+    patch: kopf.Patch,
+    memo: kopf.Memo,
+    **kwargs: Any,  # kopf passes the indexes by their names
+) -> None:
+    attempts: kopf.Index[Any, Any] = kwargs["attempts"]
+    gang_pods: kopf.Index[Any, Any] = kwargs["gang_pods"]
+    if not status.get("phase"):
+        return  # the create handler has not finished
+    namespace = namespace or "default"
+    started = time.perf_counter()
+    current = FineTuneJobStatus.model_validate(dict(status))
+    if current.attempt < getattr(memo, "started", 0):
+        return  # a status older than our last restart: wait for the watch to catch up
+    accepted = await _accepted(memo, name, namespace)
+    if accepted is None:
+        return
+    policy = _policy(accepted, spec)
+    key = (namespace, name, str(current.attempt))
+    observed = reconcile.Observed(
+        generation=int(meta.get("generation") or 1),
+        nodes=accepted.spec.resources.nodes,
+        policy=policy,
+        status=current,
+        batch_job=next(iter(attempts.get(key, [])), None),
+        pods=list(gang_pods.get(key, [])),
+        now=_now(),
+    )
+    outcome = reconcile.reconcile(observed)
+    for action in outcome.actions:
+        await _act(action, body, accepted, policy, memo)
+    patch.status.update(_status_patch(dict(status), outcome.status))
+    _post(body, outcome.events)
+    if outcome.restarted:
+        metrics.RESTARTS.labels(outcome.restarted).inc()
+    if outcome.failed:
+        metrics.FAILURES.labels(outcome.failed).inc()
+    metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
+
+
+@kopf.on.event(*RESOURCE)
+def count_phase(type: str, name: str, namespace: str | None, status: kopf.Status, **_: Any) -> None:
+    if type == "DELETED":
+        metrics.PHASES.gone(namespace or "", name)
+    else:
+        metrics.PHASES.seen(namespace or "", name, status.get("phase"))

@@ -1,0 +1,94 @@
+"""The few Kubernetes API calls the operator makes, through the official client.
+
+Creation is idempotent (a child that already exists is left as it is), so a
+handler retried after an operator restart never makes duplicates: children have
+names derived from the job's, and the API refuses a second object of a name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import kubernetes
+from kubernetes.client import ApiClient
+from kubernetes.client.exceptions import ApiException
+
+from finetune.api import GROUP, VERSION
+from finetune.api.job import PLURAL
+
+Manifest = dict[str, Any]
+
+BACKGROUND = {"propagationPolicy": "Background"}
+
+
+def connect() -> ApiClient:
+    """In a pod, its service account; elsewhere, the current kubeconfig context."""
+    try:
+        kubernetes.config.load_incluster_config()
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config()
+    return ApiClient()
+
+
+class Cluster:
+    def __init__(self, client: ApiClient) -> None:
+        self.core = kubernetes.client.CoreV1Api(client)
+        self.rbac = kubernetes.client.RbacAuthorizationV1Api(client)
+        self.batch = kubernetes.client.BatchV1Api(client)
+        self.custom = kubernetes.client.CustomObjectsApi(client)
+
+    def _creator(self, kind: str) -> Callable[..., Any]:
+        creators: dict[str, Callable[..., Any]] = {
+            "ConfigMap": self.core.create_namespaced_config_map,
+            "Service": self.core.create_namespaced_service,
+            "ServiceAccount": self.core.create_namespaced_service_account,
+            "Role": self.rbac.create_namespaced_role,
+            "RoleBinding": self.rbac.create_namespaced_role_binding,
+            "Job": self.batch.create_namespaced_job,
+        }
+        return creators[kind]
+
+    def create(self, namespace: str, manifest: Manifest) -> bool:
+        """Create `manifest`; False when it already exists."""
+        try:
+            self._creator(manifest["kind"])(namespace, manifest)
+        except ApiException as exc:
+            if exc.status == 409:
+                return False
+            raise
+        return True
+
+    def delete_job(self, namespace: str, name: str) -> None:
+        """Delete an attempt's Job and, through the garbage collector, its pods."""
+        try:
+            self.batch.delete_namespaced_job(name, namespace, body=BACKGROUND)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    def suspend_job(self, namespace: str, name: str, suspend: bool) -> None:
+        self.batch.patch_namespaced_job(name, namespace, {"spec": {"suspend": suspend}})
+
+    def job_file(self, namespace: str, config_map: str) -> str | None:
+        try:
+            found = self.core.read_namespaced_config_map(config_map, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        data: dict[str, str] = found.data or {}
+        return next(iter(data.values()), None)
+
+    def delete_finetunejob(self, namespace: str, name: str) -> None:
+        try:
+            self.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+
+async def in_thread(call: Callable[..., Any], *args: Any) -> Any:
+    """The client is synchronous: keep its calls off kopf's event loop."""
+    return await asyncio.to_thread(call, *args)

@@ -1,0 +1,91 @@
+"""`finetune-operator`: run the operator.
+
+    finetune-operator                      # all namespaces
+    finetune-operator -n ml -n research    # only these
+
+Every option has an environment variable (the Helm chart sets those); an option
+given on the command line wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+
+import kopf
+
+from .config import OperatorConfig
+
+
+def build_parser() -> argparse.ArgumentParser:
+    default = OperatorConfig.from_env()
+    parser = argparse.ArgumentParser(
+        prog="finetune-operator",
+        description="Watch FineTuneJobs and run them as DeepSpeed pod gangs.",
+    )
+    parser.add_argument(
+        "-n",
+        "--namespace",
+        action="append",
+        default=[n for n in os.environ.get("FINETUNE_NAMESPACES", "").split(",") if n],
+        help="watch this namespace (repeatable; env FINETUNE_NAMESPACES, comma-separated); "
+        "all namespaces when none is given",
+    )
+    parser.add_argument(
+        "--trainer-image",
+        default=default.trainer_image,
+        help="image of the training pods when a job sets none (env FINETUNE_TRAINER_IMAGE)",
+    )
+    parser.add_argument(
+        "--reconcile-seconds",
+        type=float,
+        default=default.reconcile_seconds,
+        help="how often each job is reconciled (env FINETUNE_RECONCILE_SECONDS)",
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=default.metrics_port,
+        help="port of /metrics (env FINETUNE_METRICS_PORT)",
+    )
+    parser.add_argument(
+        "--health-port",
+        type=int,
+        default=default.health_port,
+        help="port of /healthz for probes (env FINETUNE_HEALTH_PORT)",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=("json", "plain"),
+        default=os.environ.get("FINETUNE_LOG_FORMAT", "json"),
+        help="log lines as JSON objects (default) or plain text (env FINETUNE_LOG_FORMAT)",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # The handlers read their configuration when imported.
+    os.environ.update(
+        FINETUNE_TRAINER_IMAGE=args.trainer_image,
+        FINETUNE_RECONCILE_SECONDS=str(args.reconcile_seconds),
+        FINETUNE_METRICS_PORT=str(args.metrics_port),
+        FINETUNE_HEALTH_PORT=str(args.health_port),
+    )
+    log_format = kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.FULL
+    kopf.configure(verbose=args.verbose, log_format=log_format)
+    from . import handlers  # noqa: F401  (registers the handlers)
+
+    kopf.run(
+        clusterwide=not args.namespace,
+        namespaces=args.namespace,
+        standalone=True,
+        liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz",
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,144 @@
+"""A Kubernetes API for tests: kmock's emulator over HTTP, in a background thread.
+
+kmock's `KubernetesEmulator` stores objects and streams watch events, but assigns
+nothing a real API server assigns. `StampingEmulator` adds the few fields kopf
+and the operator depend on: a uid, the namespace from the URL, a name from
+`generateName` (kopf's events use it), a creation time, a resourceVersion, and
+a generation bumped when the spec changes. That is all;
+patches stay plain recursive merges and nothing is garbage-collected, so tests
+assert ownerReferences rather than cascading deletion.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp.web
+import kmock
+import yaml
+
+from finetune.api.job import GROUP, KIND, PLURAL, SHORT_NAMES, SINGULAR, VERSION
+
+
+class StampingEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
+    _versions = itertools.count(1)
+
+    async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        body = request.data if isinstance(request.data, dict) else None
+        if request.resource is not None and body is not None:
+            meta = body.setdefault("metadata", {})
+            if request.action == kmock.action.CREATE:
+                meta.setdefault("uid", str(uuid.uuid4()))
+                meta.setdefault("creationTimestamp", _now())
+                meta.setdefault("generation", 1)
+                if not meta.get("name") and meta.get("generateName"):
+                    meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
+                if request.namespace and not meta.get("namespace"):
+                    meta["namespace"] = request.namespace
+            elif request.action == kmock.action.UPDATE and request.subresource is None:
+                current = self._current(request)
+                if current is not None and "spec" in body:
+                    merged = _merged(current.get("spec", {}), body["spec"])
+                    if merged != current.get("spec", {}):
+                        meta["generation"] = current["metadata"].get("generation", 1) + 1
+            meta["resourceVersion"] = str(next(self._versions))
+        return await super()._handle(request)
+
+    def _current(self, request: kmock.Request) -> dict[str, Any] | None:
+        for (resource, namespace, name), obj in self.objects.items():
+            if (resource, namespace, name) == (request.resource, request.namespace, request.name):
+                return None if obj.deleted else dict(obj.raw)
+        return None
+
+
+def _merged(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merged(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _now() -> str:
+    return datetime.now(tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class EmulatedCluster:
+    """The emulator served on a loopback port from its own event-loop thread."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.handler = StampingEmulator()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._server: kmock.Server | None = None
+        self.url = ""
+
+    def start(self) -> None:
+        self._thread.start()
+        self.url = self.call(self._start())
+
+    async def _start(self) -> str:
+        await self.handler.__aenter__()
+        self.handler.resources.load_bundled()
+        info = self.handler.resources[f"{GROUP}/{VERSION}/{PLURAL}"]
+        info.kind, info.singular, info.namespaced = KIND, SINGULAR, True
+        info.shortnames = set(SHORT_NAMES)
+        info.subresources = {"status"}
+        info.verbs = {"create", "delete", "get", "list", "patch", "update", "watch"}
+        self._server = kmock.Server(self.handler)
+        await self._server.__aenter__()
+        return str(self._server.url).rstrip("/")
+
+    def stop(self) -> None:
+        async def _stop() -> None:
+            if self._server is not None:
+                await self._server.__aexit__(None, None, None)
+            await self.handler.__aexit__(None, None, None)
+
+        self.call(_stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+
+    def call(self, coroutine: Any) -> Any:
+        future: Future[Any] = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+        return future.result(timeout=30)
+
+    def write_kubeconfig(self, path: Path, namespace: str = "default") -> Path:
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "emulator", "cluster": {"server": self.url}}],
+            "users": [{"name": "tester", "user": {"token": "test-token"}}],
+            "contexts": [
+                {
+                    "name": "emulator",
+                    "context": {"cluster": "emulator", "user": "tester", "namespace": namespace},
+                }
+            ],
+            "current-context": "emulator",
+        }
+        path.write_text(yaml.safe_dump(config))
+        return path
+
+
+@contextmanager
+def emulated_cluster() -> Iterator[EmulatedCluster]:
+    cluster = EmulatedCluster()
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

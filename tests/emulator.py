@@ -4,7 +4,10 @@ kmock's `KubernetesEmulator` stores objects and streams watch events, but assign
 nothing a real API server assigns. `StampingEmulator` adds the few fields kopf
 and the operator depend on: a uid, the namespace from the URL, a name from
 `generateName` (kopf's events use it), a creation time, a resourceVersion, and
-a generation bumped when the spec changes. That is all;
+a generation bumped when the spec changes. It also forgets old requests: kmock
+keeps every request for assertions (none here use them) and matches each new one
+against that whole log, which grows quadratic over a benchmark's thousands of
+requests. That is all;
 patches stay plain recursive merges and nothing is garbage-collected, so tests
 assert ownerReferences rather than cascading deletion.
 """
@@ -31,8 +34,16 @@ from finetune.api.job import GROUP, KIND, PLURAL, SHORT_NAMES, SINGULAR, VERSION
 
 class StampingEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
     _versions = itertools.count(1)
+    REQUESTS_KEPT = 64  # more than the requests ever in flight at once
+
+    def _forget_old_requests(self) -> None:
+        if len(self._requests) > 2 * self.REQUESTS_KEPT:
+            del self._requests[: -self.REQUESTS_KEPT]
+            for payload in self._payloads:
+                del payload._requests[: -self.REQUESTS_KEPT]
 
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        self._forget_old_requests()
         body = request.data if isinstance(request.data, dict) else None
         if request.resource is not None and body is not None:
             meta = body.setdefault("metadata", {})

@@ -18,11 +18,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-# The trainer's exit codes (finetune.trainer.errors), which the operator image
-# reads without importing the trainer.
-EXIT_INVALID_INPUT = 2
-EXIT_NON_FINITE_LOSS = 3
-EXIT_ACCESS_DENIED = 4
+# errors.py imports nothing: the operator can read the trainer's codes without torch.
+from finetune.trainer.errors import EXIT_ACCESS_DENIED, EXIT_INVALID_INPUT, EXIT_NON_FINITE_LOSS
 
 PERMANENT_EXIT_CODES = {
     EXIT_INVALID_INPUT: ("InvalidInput", "the trainer refused its input"),

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
-# Exit codes of `finetune run` / `finetune train`. The operator reads them to
-# classify a failure: bad input is permanent and never retried.
+# Exit codes of `finetune run` / `finetune train` (and of each training process).
+# The operator reads them to classify a failure:
+#   0   done
+#   1   anything else (a bug, out of memory, a lost rank): may be worth a retry
+#   2   bad input (a missing folder, an unreadable image, not a model): permanent
+#   3   the loss became NaN or infinite: the hyperparameters diverge; retrying
+#       the same spec diverges again
+#   4   S3 or the hub refused the credentials: permanent until the secret changes
+#   130 stopped on request (SIGINT/SIGTERM) with a checkpoint saved
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_INVALID_INPUT = 2
+EXIT_NON_FINITE_LOSS = 3
+EXIT_ACCESS_DENIED = 4
 EXIT_INTERRUPTED = 130
 
 
@@ -15,3 +24,24 @@ class JobInputError(Exception):
 
     The message names the path or URI; retrying cannot help.
     """
+
+
+class AccessDenied(JobInputError):  # noqa: N818 - named like the failure reason it stands for
+    """S3 or the hub refused the job's credentials (missing, wrong, expired, or
+    without access to what the job names). A `JobInputError`, so code that catches
+    bad input catches this too; only the exit code differs."""
+
+
+class NonFiniteLoss(Exception):  # noqa: N818 - named like the failure reason it stands for
+    """The (rank-averaged) training loss became NaN or infinite."""
+
+
+def exit_code_for(error: BaseException) -> int:
+    """The exit code a process ends with after `error`."""
+    if isinstance(error, AccessDenied):
+        return EXIT_ACCESS_DENIED
+    if isinstance(error, JobInputError):
+        return EXIT_INVALID_INPUT
+    if isinstance(error, NonFiniteLoss):
+        return EXIT_NON_FINITE_LOSS
+    return EXIT_FAILED

@@ -22,9 +22,10 @@ from ..api.common import is_s3
 from ..api.training import TrainingSpec
 from .captions import check_dataset
 from .data import examples_from, resolve_folder
-from .errors import EXIT_INTERRUPTED, EXIT_INVALID_INPUT, JobInputError
+from .errors import EXIT_INTERRUPTED, JobInputError, exit_code_for
 from .loop import RunPlan, check_optimizer
 from .models import resolve_model
+from .reporting import write_termination_message
 from .storage import S3Settings, cache_key
 
 CACHE_ENV = "FINETUNE_CACHE_DIR"
@@ -195,7 +196,23 @@ def launch(plan: RunPlan, rendezvous: Rendezvous) -> int:
     plan_file = plan.work_dir / ".run" / f"plan-node{rendezvous.node_rank}.json"
     plan_file.parent.mkdir(parents=True, exist_ok=True)
     plan_file.write_text(plan.to_json())
-    return Workers(plan_file, rendezvous).run()
+    code = Workers(plan_file, rendezvous).run()
+    if code not in (0, EXIT_INTERRUPTED):
+        # The first message is kept: this one shows only when no worker could leave
+        # its own (a rank killed by a signal).
+        write_termination_message(
+            f"a training process on node {rendezvous.node_rank} {_ended(code)}"
+        )
+    return code
+
+
+def _ended(code: int) -> str:
+    if code > 128:
+        try:
+            return f"was killed by {signal.Signals(code - 128).name}"
+        except ValueError:
+            pass
+    return f"exited with code {code}"
 
 
 def run_local(spec: TrainingSpec, name: str, nproc: int | None, output_uri: str | None) -> int:
@@ -204,7 +221,7 @@ def run_local(spec: TrainingSpec, name: str, nproc: int | None, output_uri: str 
         plan = prepare(spec, name, output_uri)
     except JobInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_INVALID_INPUT
+        return exit_code_for(exc)
     rendezvous = Rendezvous(nproc_per_node=nproc or default_nproc(), master_port=free_port())
     return launch(plan, rendezvous)
 
@@ -215,5 +232,9 @@ def run_in_pod(spec: TrainingSpec, name: str) -> int:
         plan = prepare(spec, name)
     except JobInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_INVALID_INPUT
+        write_termination_message(str(exc))
+        return exit_code_for(exc)
+    except Exception as exc:  # S3 or the hub unreachable, a bug: still say why
+        write_termination_message(f"preparing the inputs failed: {type(exc).__name__}: {exc}")
+        raise
     return launch(plan, Rendezvous.from_env())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import resource
@@ -23,14 +24,15 @@ import torch
 
 from ..api.common import is_s3
 from ..api.training import MixedPrecision, Optimizer, TrainingSpec
-from . import checkpoints, distributed, outputs, samples
+from . import artifacts, checkpoints, distributed, outputs, samples
 from .batches import Batches, CaptionBatches, ConceptBatches
 from .captions import open_stream
 from .data import Example, examples_from
 from .encoding import Encoder
-from .errors import EXIT_INTERRUPTED, EXIT_OK, JobInputError
+from .errors import EXIT_INTERRUPTED, EXIT_OK, JobInputError, NonFiniteLoss
 from .methods import TrainedModules, TrainingMethod, method_for
 from .models import Components, load_components
+from .reporting import StatusReporter
 from .stopping import StopRequest
 from .storage import S3Settings, upload_results
 
@@ -152,6 +154,16 @@ def check_optimizer(spec: TrainingSpec) -> None:
         _bitsandbytes()
 
 
+def check_loss(loss: float, step: int) -> float:
+    """`loss` when finite; otherwise the run has diverged and no later step can mend it."""
+    if not math.isfinite(loss):
+        raise NonFiniteLoss(
+            f"step {step}: the training loss is {loss}; the run diverged. Lower "
+            "spec.training.learningRate (or use bf16 rather than fp16) and run again"
+        )
+    return loss
+
+
 def make_optimizer(spec: TrainingSpec, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
     hp = spec.training
     betas = (hp.adam_beta1, hp.adam_beta2)
@@ -184,6 +196,7 @@ class Trainer:
         self.stop = stop or StopRequest()
         self.checkpoint_root = plan.work_dir / "checkpoints"
         self.log_path = plan.work_dir / "train_log.jsonl"
+        self.reporter: StatusReporter | None = None
 
     # --- setup ---------------------------------------------------------------
 
@@ -376,11 +389,23 @@ class Trainer:
         if self.rank.main:
             checkpoints.write_manifest(folder, step, self._layout())
             checkpoints.prune(self.checkpoint_root, self.spec.checkpointing.keep_last)
+            if self.reporter is not None:
+                self.reporter.checkpoint(str(folder), step)
         distributed.barrier()
 
     # --- the loop -------------------------------------------------------------
 
     def run(self) -> int:
+        # Rank 0 alone reports (in a pod); whatever way the run ends, what is
+        # pending still goes out.
+        self.reporter = StatusReporter.from_env() if self.rank.main else None
+        try:
+            return self._run()
+        finally:
+            if self.reporter is not None:
+                self.reporter.close()
+
+    def _run(self) -> int:
         self._setup()
         hp = self.spec.training
         step = self._resume()
@@ -403,7 +428,7 @@ class Trainer:
             self.method.after_step(self.module)
             if self.ema is not None:
                 self.ema.step(self.module.unet.parameters())
-            last_loss = distributed.mean(sum(losses) / len(losses), self.device)
+            last_loss = check_loss(distributed.mean(sum(losses) / len(losses), self.device), step)
             speed = images_per_step / (time.perf_counter() - started)
             self._record(step, last_loss, speed, progress)
             # A stop asked for on the last step lets the job finish instead.
@@ -463,6 +488,8 @@ class Trainer:
         if progress is not None:
             progress.set_postfix(loss=f"{loss:.4f}", refresh=False)
             progress.update(1)
+        if self.reporter is not None:
+            self.reporter.progress(step, self.spec.training.max_steps, loss, speed)
 
     def _samples(self, step: int) -> Path | None:
         grid = None
@@ -494,5 +521,8 @@ class Trainer:
             if is_s3(self.plan.output_uri):
                 settings = S3Settings(self.spec.output.s3_endpoint_url, self.spec.output.s3_region)
                 upload_results(work_dir, self.plan.output_uri, settings)
+            if self.reporter is not None:
+                self.reporter.artifacts(artifacts.list_artifacts(work_dir, self.plan.output_uri))
+                self.reporter.close()
             print(f"Done: {step} steps; results in {self.plan.output_uri}", flush=True)
         distributed.barrier()

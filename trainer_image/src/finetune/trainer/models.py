@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..api.common import is_hub, is_s3
-from .errors import JobInputError
+from .errors import AccessDenied, JobInputError
 from .storage import S3Settings, cache_key, download_prefix
 
 # What a Stable Diffusion folder must hold for the trainer to use it.
@@ -59,7 +59,7 @@ def _from_hub(uri: str, cache_dir: Path) -> Path:
             ignore_patterns=_HUB_IGNORE,
         )
     except GatedRepoError as exc:
-        raise JobInputError(
+        raise AccessDenied(
             f"{uri}: the repository is gated; set a token with access (baseModel.hubTokenSecretRef)"
         ) from exc
     except RepositoryNotFoundError as exc:
@@ -70,7 +70,9 @@ def _from_hub(uri: str, cache_dir: Path) -> Path:
         raise JobInputError(f"{uri}: not in the local cache and the hub cannot be reached") from exc
     except HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else None
-        if status in (401, 403, 404):
+        if status in (401, 403):  # the token (HF_TOKEN) is missing, wrong or lacks access
+            raise AccessDenied(f"{uri}: the hub refused the download ({status})") from exc
+        if status == 404:
             raise JobInputError(f"{uri}: the hub refused the download ({status})") from exc
         raise  # 429, 5xx: worth a retry
     return Path(path)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import JobInputError
+from .errors import AccessDenied, JobInputError
 
 # S3 answers that retrying cannot change.
 PERMANENT_S3_ERRORS = frozenset(
@@ -29,6 +29,10 @@ PERMANENT_S3_ERRORS = frozenset(
         "AllAccessDisabled",
         "InvalidBucketName",
     }
+)
+# The permanent refusals that are about the credentials, not the URI.
+CREDENTIAL_S3_ERRORS = frozenset(
+    {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken"}
 )
 # Local working state that is not part of a job's results.
 NOT_RESULTS = ("checkpoints", ".run", ".staging")
@@ -68,19 +72,22 @@ class S3Settings:
 
 @contextmanager
 def refusals_named(uri: str) -> Iterator[None]:
-    """Turn S3's permanent refusals into a `JobInputError` naming `uri`; throttling
-    and server errors pass through, since a retry may succeed."""
+    """Turn S3's permanent refusals into a `JobInputError` naming `uri` (an
+    `AccessDenied` when it is the credentials S3 refuses); throttling and server
+    errors pass through, since a retry may succeed."""
     from botocore.exceptions import ClientError, NoCredentialsError
 
     try:
         yield
     except ClientError as exc:
         code = str(exc.response.get("Error", {}).get("Code", ""))
+        if code in CREDENTIAL_S3_ERRORS:
+            raise AccessDenied(f"{uri}: S3 refused the request ({code})") from exc
         if code in PERMANENT_S3_ERRORS:
             raise JobInputError(f"{uri}: S3 refused the request ({code})") from exc
         raise
     except NoCredentialsError as exc:
-        raise JobInputError(f"{uri}: no S3 credentials (set output.credentialsSecretRef)") from exc
+        raise AccessDenied(f"{uri}: no S3 credentials (set output.credentialsSecretRef)") from exc
 
 
 def prefix_of(location: S3Location) -> str:

@@ -1,7 +1,8 @@
 """One training process: `python -m finetune.trainer.worker PLAN.json`.
 
 Started by the launcher with RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and
-MASTER_PORT set; exits with the codes in `finetune.trainer.errors`.
+MASTER_PORT set; exits with the codes in `finetune.trainer.errors`, and leaves a
+failure's cause in the termination log (`finetune.trainer.reporting`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID_INPUT, JobInputError
+from .errors import EXIT_FAILED, EXIT_INTERRUPTED, exit_code_for
 from .stopping import StopRequest
 
 
@@ -29,6 +30,7 @@ def main(argv: list[str]) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from .distributed import Rank
     from .loop import RunPlan, Trainer
+    from .reporting import write_termination_message
 
     rank = Rank.from_env()
     plan = RunPlan.from_json(Path(argv[0]).read_text())
@@ -36,12 +38,16 @@ def main(argv: list[str]) -> int:
         if stop.requested:
             return EXIT_INTERRUPTED  # asked to stop before training began: nothing to save
         return Trainer(plan, rank, stop).run()
-    except JobInputError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return EXIT_INVALID_INPUT
-    except Exception:
-        logging.getLogger("finetune").exception("rank %d failed", rank.rank)
-        return EXIT_FAILED
+    except Exception as exc:
+        code = exit_code_for(exc)
+        if code == EXIT_FAILED:  # unexpected: the traceback is worth having
+            logging.getLogger("finetune").exception("rank %d failed", rank.rank)
+            message = f"rank {rank.rank} failed: {type(exc).__name__}: {exc}"
+        else:  # the message says what to do
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            message = str(exc)
+        write_termination_message(message)
+        return code
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Fixtures for trainer tests: a tiny real diffusers model and images, built once."""
+"""Fixtures shared by trainer and operator tests: a tiny real diffusers model and
+images, built once per session."""
 
 from __future__ import annotations
 

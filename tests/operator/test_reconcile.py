@@ -1,0 +1,137 @@
+"""The operator's decisions as pure functions: the cases the process tests do not reach."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from finetune.api.cluster import RunPolicy
+from finetune.api.status import ConditionType, FineTuneJobStatus, Phase, Progress
+from finetune_operator import failures, reconcile, spec_changes
+from finetune_operator.reconcile import Observed, StartAttempt, StopAttempt
+
+NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
+
+
+def stamp(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def observed(
+    status: FineTuneJobStatus,
+    job: dict[str, Any] | None,
+    pods: list[dict[str, Any]] | None = None,
+    **policy: Any,
+) -> Observed:
+    return Observed(
+        generation=1,
+        nodes=2,
+        policy=RunPolicy.model_validate(policy),
+        status=status,
+        batch_job=job,
+        pods=pods or [],
+        now=NOW,
+    )
+
+
+def running_job(started: datetime) -> dict[str, Any]:
+    return {"spec": {}, "status": {"active": 2, "startTime": stamp(started)}}
+
+
+def pod(index: int, **status: Any) -> dict[str, Any]:
+    meta = {
+        "name": f"p{index}",
+        "annotations": {"batch.kubernetes.io/job-completion-index": str(index)},
+    }
+    return {"metadata": meta, "status": {"phase": "Failed", **status}}
+
+
+def exited(code: int, reason: str = "Error") -> dict[str, Any]:
+    terminated = {"exitCode": code, "reason": reason}
+    return {"containerStatuses": [{"state": {"terminated": terminated}}]}
+
+
+def test_a_condition_keeps_its_transition_time_until_its_status_flips() -> None:
+    status = FineTuneJobStatus()
+    earlier = NOW - timedelta(hours=1)
+    reconcile.set_condition(status, ConditionType.RUNNING, True, "PodsRunning", "a", 1, earlier)
+    reconcile.set_condition(status, ConditionType.RUNNING, True, "PodsRunning", "b", 2, NOW)
+    (running,) = status.conditions
+    assert (running.last_transition_time, running.message, running.observed_generation) == (
+        earlier,
+        "b",
+        2,
+    )
+    reconcile.set_condition(status, ConditionType.RUNNING, False, "Suspended", "c", 2, NOW)
+    assert status.conditions[0].last_transition_time == NOW
+
+
+def test_a_new_attempt_is_not_judged_by_the_last_attempts_heartbeat() -> None:
+    status = FineTuneJobStatus(
+        phase=Phase.RESTARTING,
+        attempt=1,
+        start_time=NOW - timedelta(hours=3),
+        progress=Progress(step=10, last_heartbeat=NOW - timedelta(hours=2)),
+    )
+    fresh = running_job(started=NOW - timedelta(seconds=30))
+    outcome = reconcile.reconcile(observed(status, fresh, heartbeatTimeoutSeconds=600))
+    assert outcome.status.phase is Phase.RUNNING
+    assert outcome.actions == []
+
+
+def test_the_deadline_counts_from_the_first_start_across_attempts() -> None:
+    status = FineTuneJobStatus(
+        phase=Phase.RUNNING, attempt=2, start_time=NOW - timedelta(seconds=3000)
+    )
+    job = running_job(started=NOW - timedelta(seconds=60))
+    failed = pod(0, **exited(1))
+    job_failed = {**job, "status": {"conditions": [{"type": "Failed", "status": "True"}]}}
+    outcome = reconcile.reconcile(
+        observed(status, job_failed, [failed], activeDeadlineSeconds=3600, backoffLimit=5)
+    )
+    assert outcome.actions == [StopAttempt(2), StartAttempt(3, deadline_seconds=600)]
+
+    late = status.model_copy(update={"start_time": NOW - timedelta(seconds=3700)})
+    outcome = reconcile.reconcile(observed(late, job, activeDeadlineSeconds=3600))
+    assert outcome.status.phase is Phase.FAILED
+    assert outcome.status.failure_reason == "DeadlineExceeded"
+    assert outcome.actions == [StopAttempt(2)]
+
+
+def test_the_cause_of_a_gang_failure_is_its_root() -> None:
+    preempted = pod(
+        1,
+        conditions=[
+            {"type": "DisruptionTarget", "status": "True", "reason": "DeletionByTaintManager"}
+        ],
+    )
+    collateral = pod(0, **exited(1))
+    oom = pod(2, **exited(137, "OOMKilled"))
+    assert failures.classify([collateral, preempted]).reason == "NodeLost"
+    assert failures.classify([collateral, preempted, oom]).reason == "OOMKilled"
+    assert failures.classify([collateral]).reason == "TrainerError"
+    assert "signal 9" in failures.classify([pod(0, **exited(137))]).message
+    nothing = failures.classify([], "Job has reached the specified backoff limit")
+    assert (nothing.reason, nothing.counted) == ("JobFailed", True)
+    assert "backoff limit" in nothing.message
+
+
+def test_a_finished_job_waits_out_its_ttl() -> None:
+    done = FineTuneJobStatus(phase=Phase.SUCCEEDED, completion_time=NOW - timedelta(seconds=30))
+    assert reconcile.reconcile(observed(done, None, ttlSecondsAfterFinished=60)).actions == []
+    assert reconcile.reconcile(observed(done, None, ttlSecondsAfterFinished=10)).actions == [
+        reconcile.DeleteFineTuneJob()
+    ]
+    assert reconcile.reconcile(observed(done, None)).actions == []
+
+
+def test_only_run_policy_knobs_change_after_creation() -> None:
+    old = {"training": {"learningRate": 1e-4}, "runPolicy": {"backoffLimit": 3}}
+    new = {
+        "training": {"learningRate": 1e-3},
+        "runPolicy": {"backoffLimit": 1, "suspend": True, "queueName": "other"},
+    }
+    applied, ignored = spec_changes.split(old, new)
+    assert applied == ["spec.runPolicy.backoffLimit", "spec.runPolicy.suspend"]
+    assert ignored == ["spec.runPolicy.queueName", "spec.training.learningRate"]
+    assert spec_changes.split(old, old) == ([], [])

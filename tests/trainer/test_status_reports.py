@@ -1,0 +1,76 @@
+"""A run in a "pod" reports progress, checkpoints and results to its job's status,
+through the (emulated) Kubernetes API."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from finetune.api.status import FineTuneJobStatus
+from tests.emulator import emulated_cluster
+from tests.operator.conftest import Kube
+from tests.trainer.jobs import finetune_run, job_file
+
+pytestmark = pytest.mark.slow
+
+RESOURCE = "finetune.dev/v1alpha1/finetunejobs"
+
+
+def test_a_run_reports_progress_checkpoints_and_artifacts(
+    tmp_path: Path, tiny_model: Path, disc_images: Path
+) -> None:
+    account = tmp_path / "serviceaccount"
+    account.mkdir()
+    (account / "token").write_text("pod-token")
+    job = job_file(
+        tmp_path,
+        tiny_model,
+        disc_images,
+        training={"maxSteps": 4},
+        checkpointing={"everyNSteps": 2},
+    )
+    with emulated_cluster() as cluster:
+        Kube(cluster.url).create_job(yaml.safe_load(job.read_text()), "team-a")
+        env = {
+            "FINETUNE_JOB_NAME": "tiny",
+            "FINETUNE_NAMESPACE": "team-a",
+            "FINETUNE_STATUS_API": cluster.url,
+            "FINETUNE_STATUS_INTERVAL": "0",
+            "FINETUNE_SERVICE_ACCOUNT_DIR": str(account),
+        }
+        result = finetune_run(job, nproc=1, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        versions = cluster.handler.objects[RESOURCE, "team-a", "tiny", :]
+
+    statuses = [FineTuneJobStatus.model_validate(v.get("status", {})) for v in versions]
+    steps = [s.progress.step for s in statuses if s.progress is not None]
+    assert steps == sorted(steps)
+    assert steps[-1] == 4
+    checkpoints = [s.last_checkpoint for s in statuses if s.last_checkpoint is not None]
+    assert checkpoints[-1].step == 4
+    assert checkpoints[-1].uri.endswith("checkpoints/step-00000004")
+
+    out = tmp_path / "out"
+    (final,) = [s.artifacts for s in statuses if s.artifacts]
+    weights = out / "pytorch_lora_weights.safetensors"
+    assert [(a.uri, a.kind) for a in final] == [
+        (str(weights), "lora"),
+        (str(out / "README.md"), "modelCard"),
+    ]
+    assert final[0].sha256 == hashlib.sha256(weights.read_bytes()).hexdigest()
+
+
+def test_a_failing_worker_leaves_its_reason_as_termination_message(
+    tmp_path: Path, tiny_model: Path, disc_images: Path
+) -> None:
+    # ZeRO-3 passes validation but the workers refuse it: a failure inside a worker.
+    job = job_file(tmp_path, tiny_model, disc_images, deepspeed={"zeroStage": 3})
+    log = tmp_path / "termination-log"
+    result = finetune_run(job, nproc=2, env={"FINETUNE_TERMINATION_LOG": str(log)})
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert (
+        log.read_text() == "spec.deepspeed.zeroStage: 3 is not supported by the trainer yet; use 2"
+    )

@@ -2,23 +2,19 @@
 
 A job's training spec is fixed when it is created (the trainer's job file is
 written then, and checkpoints are only valid for the spec that wrote them).
-Only the run policy's knobs take effect later; any other change is ignored
-with a Warning event, never half-applied.
+Only the run policy's knobs take effect later. The API server refuses any other
+change once the job has started (a CEL rule of the CRD); one made before (or
+where the rule is not enforced) is ignored with a Warning event, never
+half-applied.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-MUTABLE = frozenset(
-    {
-        "spec.runPolicy.suspend",
-        "spec.runPolicy.backoffLimit",
-        "spec.runPolicy.activeDeadlineSeconds",
-        "spec.runPolicy.ttlSecondsAfterFinished",
-        "spec.runPolicy.heartbeatTimeoutSeconds",
-    }
-)
+from finetune.api.cluster import MUTABLE_RUN_POLICY
+
+MUTABLE = frozenset(f"spec.runPolicy.{knob}" for knob in MUTABLE_RUN_POLICY)
 
 
 def changed_paths(old: Any, new: Any, path: str = "spec") -> list[str]:

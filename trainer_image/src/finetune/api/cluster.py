@@ -92,6 +92,17 @@ class ResourcesSpec(ApiModel):
     )
 
 
+# Run-policy knobs that may change while a job runs (the API refuses any other spec
+# change once the job has started; the operator ignores one made before, with a warning).
+MUTABLE_RUN_POLICY = (
+    "suspend",
+    "backoffLimit",
+    "activeDeadlineSeconds",
+    "ttlSecondsAfterFinished",
+    "heartbeatTimeoutSeconds",
+)
+
+
 class RunPolicy(ApiModel):
     """Retries, deadlines, cleanup and queueing."""
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from .cluster import MUTABLE_RUN_POLICY
 from .job import (
     CATEGORIES,
     GROUP,
@@ -232,7 +233,7 @@ SPEC_RULES: list[dict[str, str]] = [
 
 _SPEC_IMMUTABLE_MESSAGE = (
     "spec is immutable once the job has started (status.startTime is set); "
-    "only spec.runPolicy.suspend may change"
+    f"only spec.runPolicy's {', '.join(MUTABLE_RUN_POLICY)} may change"
 )
 
 
@@ -247,14 +248,14 @@ def _unchanged(path: str) -> str:
 
 
 def immutability_rule(spec: Schema) -> dict[str, str]:
-    """A root rule: once started, every spec field but runPolicy.suspend stays."""
+    """A root rule: once started, every spec field but the run policy's knobs stays."""
     clauses = [_unchanged(f"spec.{name}") for name in spec["properties"] if name != "runPolicy"]
     run_policy = spec["properties"]["runPolicy"]["properties"]
     clauses += [
         f"(!has(self.spec.runPolicy) || !has(oldSelf.spec.runPolicy) || "
         f"{_unchanged(f'spec.runPolicy.{name}')})"
         for name in run_policy
-        if name != "suspend"
+        if name not in MUTABLE_RUN_POLICY
     ]
     started = "has(oldSelf.status) && has(oldSelf.status.startTime)"
     return {

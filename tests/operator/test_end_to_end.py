@@ -72,6 +72,8 @@ def test_a_two_node_lora_job_runs_to_success(
     )
     assert listed["pytorch_lora_weights.safetensors"]["bytes"] == weights.stat().st_size
     assert load_file(weights)  # real weights, not an empty file
+    reasons = {event.reason for event in kube.events(namespace, NAME)}
+    assert {"Created", "Started", "CheckpointSaved", "Succeeded"} <= reasons
     # The gang was two ranks: each pod wrote its own RNG state into the checkpoint.
     checkpoint = Path(status["lastCheckpoint"]["uri"])
     assert sorted(p.name for p in checkpoint.glob("rng-rank*")) == [

@@ -98,6 +98,8 @@ def test_running_then_succeeded_keeps_what_the_trainer_wrote(kube: Kube, namespa
     progress = {"step": 40, "totalSteps": 40, "percent": 100, "loss": 0.12, "eta": "0s"}
     checkpoint = {"uri": "s3://bucket/out/checkpoints/step-000040", "step": 40}
     kube.patch_status(NAME, namespace, {"progress": progress, "lastCheckpoint": checkpoint})
+    saved = kube.wait_event(namespace, NAME, "CheckpointSaved")
+    assert saved.message == "step 40: s3://bucket/out/checkpoints/step-000040"
     kube.job_condition(f"{NAME}-a0", namespace, "Complete")
     status = kube.wait_phase(NAME, namespace, "Succeeded")
     assert condition(status, "Succeeded")["status"] == "True"

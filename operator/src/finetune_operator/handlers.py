@@ -230,6 +230,23 @@ async def _act(
             await in_thread(cluster.delete_finetunejob, namespace, name)
 
 
+def _announce_checkpoint(body: kopf.Body, status: FineTuneJobStatus, memo: kopf.Memo) -> None:
+    """A CheckpointSaved event when the trainer reports a newer checkpoint. The first
+    one this process sees is taken as known: a restarted operator repeats nothing."""
+    checkpoint = status.last_checkpoint
+    step = checkpoint.step if checkpoint is not None else None
+    if not hasattr(memo, "announced"):
+        memo.announced = step
+    elif checkpoint is not None and step != memo.announced:
+        memo.announced = step
+        kopf.event(
+            body,
+            type="Normal",
+            reason="CheckpointSaved",
+            message=f"step {checkpoint.step}: {checkpoint.uri}",
+        )
+
+
 @kopf.timer(*RESOURCE, interval=CONFIG.reconcile_seconds)
 async def reconcile_job(
     body: kopf.Body,
@@ -266,6 +283,7 @@ async def reconcile_job(
         now=_now(),
     )
     outcome = reconcile.reconcile(observed)
+    _announce_checkpoint(body, current, memo)
     for action in outcome.actions:
         await _act(action, body, accepted, policy, memo)
     patch.status.update(_status_patch(dict(status), outcome.status))

@@ -7,7 +7,9 @@ and the operator depend on: a uid, the namespace from the URL, a name from
 a generation bumped when the spec changes. It also forgets old requests: kmock
 keeps every request for assertions (none here use them) and matches each new one
 against that whole log, which grows quadratic over a benchmark's thousands of
-requests. That is all;
+requests. And it serves the namespace list itself, which kmock 0.8 cannot parse
+(`/api/v1/namespaces` fails in its path parser); kopf lists and watches
+namespaces when an operator watches a given set. That is all;
 patches stay plain recursive merges and nothing is garbage-collected, so tests
 assert ownerReferences rather than cascading deletion.
 """
@@ -31,6 +33,8 @@ import yaml
 
 from finetune.api.job import GROUP, KIND, PLURAL, SHORT_NAMES, SINGULAR, VERSION
 
+NAMESPACES = "/api/v1/namespaces"
+
 
 class StampingEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
     _versions = itertools.count(1)
@@ -41,6 +45,27 @@ class StampingEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
             del self._requests[: -self.REQUESTS_KEPT]
             for payload in self._payloads:
                 del payload._requests[: -self.REQUESTS_KEPT]
+
+    async def __call__(self, raw: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        if raw.path == NAMESPACES:
+            return await self._namespaces(raw)
+        return await super().__call__(raw)
+
+    async def _namespaces(self, raw: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        """Every namespace an object lives in; a watch that never reports a change."""
+        if raw.query.get("watch") in ("true", "1"):
+            response = aiohttp.web.StreamResponse()
+            response.content_type = "application/json"
+            await response.prepare(raw)
+            await asyncio.sleep(float(raw.query.get("timeoutSeconds", 300)))
+            return response
+        names = sorted({namespace for (_, namespace, _) in self.objects if namespace})
+        items = [
+            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}} for name in names
+        ]
+        return aiohttp.web.json_response(
+            {"apiVersion": "v1", "kind": "NamespaceList", "metadata": {}, "items": items}
+        )
 
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
         self._forget_old_requests()

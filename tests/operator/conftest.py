@@ -42,7 +42,10 @@ def wait_for(check: Callable[[], T | None], timeout: float = 20.0, what: str = "
 class OperatorProcess:
     """`finetune-operator` as users start it, pointed at the emulator by a kubeconfig."""
 
-    def __init__(self, cluster: EmulatedCluster, folder: Path) -> None:
+    def __init__(
+        self, cluster: EmulatedCluster, folder: Path, namespaces: list[str] | None = None
+    ) -> None:
+        self.namespaces = namespaces or []
         self.kubeconfig = cluster.write_kubeconfig(folder / "kubeconfig")
         self.log = folder / "operator.log"
         self.metrics_port = free_port()
@@ -56,6 +59,7 @@ class OperatorProcess:
             f"--reconcile-seconds={RECONCILE_SECONDS}",
             f"--metrics-port={self.metrics_port}",
             f"--health-port={self.health_port}",
+            *(f"--namespace={namespace}" for namespace in self.namespaces),
         ]
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -8,11 +8,13 @@ cluster would put them in, and watch what the operator makes of it.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
 import pytest
 
+from tests.emulator import emulated_cluster
 from tests.operator.conftest import Kube, OperatorProcess, now, wait_for
 from tests.support import lora_job
 
@@ -348,3 +350,23 @@ def test_operator_metrics_and_json_logs(
     logs = operator.log_lines()
     assert logs
     assert not [line for line in logs if line.get("not_json")]
+
+
+def test_an_operator_watching_some_namespaces_leaves_the_others_alone(tmp_path: Path) -> None:
+    watched, other = "team-watched", "team-other"
+    with emulated_cluster() as cluster:  # of its own: the module's operator watches all
+        kube = Kube(cluster.url)
+        kube.create_job(document(), other)
+        # Both namespaces exist before the operator starts, as in a cluster (the
+        # emulator's namespace watch reports no new ones).
+        kube.core.create_namespaced_config_map(watched, {"metadata": {"name": "placeholder"}})
+        scoped = OperatorProcess(cluster, tmp_path, namespaces=[watched])
+        scoped.start()
+        try:
+            kube.create_job(document(), watched)
+            kube.wait_batch_job(f"{NAME}-a0", watched)
+            kube.wait_phase(NAME, watched, "Pending")
+            assert kube.batch_jobs(other) == []
+            assert not kube.status(NAME, other)
+        finally:
+            scoped.stop()

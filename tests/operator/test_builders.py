@@ -10,6 +10,7 @@ import pytest
 from finetune.api import FineTuneJob
 from finetune.api.loading import load_job
 from finetune_operator import builders
+from finetune_operator.config import OperatorConfig
 from tests.support import EXAMPLES, lora_job
 
 KUBERNETES_VERSION = "1.31.0"
@@ -172,3 +173,22 @@ def test_trainer_may_patch_only_its_own_status() -> None:
         {"kind": "ServiceAccount", "name": "dog-lora-trainer", "namespace": "ml"}
     ]
     assert pod_of(builders.batch_job(job(), attempt=0))["serviceAccountName"] == "dog-lora-trainer"
+
+
+def test_trainer_defaults_from_the_operator_configuration() -> None:
+    config = OperatorConfig.from_env(
+        {
+            "FINETUNE_TRAINER_IMAGE": "registry.local/trainer:1",
+            "FINETUNE_TRAINER_PULL_SECRETS": "a,b",
+        }
+    )
+    manifest = builders.batch_job(job(resources={"imagePullSecrets": [{"name": "b"}]}), 0, config)
+    pod = pod_of(manifest)
+    assert pod["containers"][0]["image"] == "registry.local/trainer:1"
+    assert pod["imagePullSecrets"] == [{"name": "b"}, {"name": "a"}]
+
+
+def test_a_hub_model_lets_the_offline_trainer_image_download() -> None:
+    assert env_of(builders.batch_job(job(), 0))["HF_HUB_OFFLINE"] == "0"
+    local = job(baseModel={"uri": "s3://models/sd15"})
+    assert "HF_HUB_OFFLINE" not in env_of(builders.batch_job(local, 0))

@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from finetune.api import API_VERSION, KIND, FineTuneJob
+from finetune.api.common import is_hub
 
 from .config import OperatorConfig
 
@@ -173,8 +174,12 @@ def _environment(job: FineTuneJob, attempt: int) -> list[Manifest]:
             "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}},
         },
     ]
+    models = [m for m in (spec.base_model, spec.lcm.teacher_model if spec.lcm else None) if m]
+    if any(is_hub(model.uri) for model in models):
+        # The trainer image is offline by default; a job naming a hub model allows it.
+        env.append({"name": "HF_HUB_OFFLINE", "value": "0"})
     # Secrets by reference only: their values never pass through the operator.
-    for source in (spec.base_model, spec.lcm.teacher_model if spec.lcm else None):
+    for source in models:
         if source is not None and source.hub_token_secret_ref is not None:
             ref = source.hub_token_secret_ref
             env.append(
@@ -255,8 +260,10 @@ def _pod_spec(job: FineTuneJob, attempt: int, settings: OperatorConfig) -> Manif
         ]
     if resources.affinity:
         pod["affinity"] = resources.affinity
-    if resources.image_pull_secrets:
-        pod["imagePullSecrets"] = [{"name": s.name} for s in resources.image_pull_secrets]
+    pull_secrets = [s.name for s in resources.image_pull_secrets]
+    pull_secrets += [name for name in settings.trainer_pull_secrets if name not in pull_secrets]
+    if pull_secrets:
+        pod["imagePullSecrets"] = [{"name": name} for name in pull_secrets]
     if spec.run_policy.priority_class_name:
         pod["priorityClassName"] = spec.run_policy.priority_class_name
     return pod

@@ -13,6 +13,8 @@ DEFAULT_TRAINER_IMAGE = "ghcr.io/finetune-dev/trainer:0.1.0"
 class OperatorConfig:
     trainer_image: str = DEFAULT_TRAINER_IMAGE
     image_pull_policy: str = "IfNotPresent"
+    # Pull secrets every training pod gets, besides a job's own.
+    trainer_pull_secrets: tuple[str, ...] = ()
     # How often each job is reconciled from the watched Jobs and pods. Reads come
     # from kopf's in-memory indexes, so a short interval costs no API calls.
     reconcile_seconds: float = 5.0
@@ -26,6 +28,9 @@ class OperatorConfig:
         return cls(
             trainer_image=env.get("FINETUNE_TRAINER_IMAGE", default.trainer_image),
             image_pull_policy=env.get("FINETUNE_IMAGE_PULL_POLICY", default.image_pull_policy),
+            trainer_pull_secrets=tuple(
+                name for name in env.get("FINETUNE_TRAINER_PULL_SECRETS", "").split(",") if name
+            ),
             reconcile_seconds=float(
                 env.get("FINETUNE_RECONCILE_SECONDS", default.reconcile_seconds)
             ),

@@ -1,0 +1,171 @@
+"""The Helm chart, rendered and linted by Helm's own engine (helm-python-sdk), every
+object checked against the Kubernetes schemas, bad values refused by its schema."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import helm_python
+import kubernetes_validate
+import pytest
+import yaml
+
+from finetune.api import FineTuneJob
+from finetune_operator import builders
+from finetune_operator.config import OperatorConfig
+from tests.support import ROOT, lora_job
+
+CHART = ROOT / "charts" / "finetune-operator"
+KUBERNETES_VERSION = "1.31.0"
+MONITORING = "monitoring.coreos.com/v1"
+MONITORS_ON = {
+    "metrics": {
+        "serviceMonitor": {"enabled": True, "skipApiCheck": True, "labels": {"release": "prom"}},
+        "podMonitor": {"enabled": True, "skipApiCheck": True},
+    }
+}
+VALUE_SETS = {
+    "default": {},
+    "namespaced": {"watchNamespaces": ["ml", "research"]},
+    "monitoring-on": MONITORS_ON,
+    "monitoring-without-the-api": {
+        "metrics": {"serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True}}
+    },
+    "monitoring-off": {"metrics": {"service": {"enabled": False}}},
+}
+
+
+@pytest.fixture(scope="module")
+def chart() -> Iterator[Any]:
+    with helm_python.Chart.load(CHART) as loaded:
+        yield loaded
+
+
+def render(chart: Any, values: dict[str, Any]) -> list[dict[str, Any]]:
+    chart.validate_schema(values)
+    rendered = chart.render(values=values, name="ft", namespace="finetune-system")
+    return [
+        document
+        for path, text in sorted(rendered.items())
+        if path.endswith(".yaml")
+        for document in yaml.safe_load_all(text)
+        if document
+    ]
+
+
+def of_kind(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [o for o in objects if o["kind"] == kind]
+
+
+@pytest.mark.parametrize("values", VALUE_SETS.values(), ids=VALUE_SETS.keys())
+def test_every_rendered_object_validates(chart: Any, values: dict[str, Any]) -> None:
+    objects = render(chart, values)
+    assert of_kind(objects, "Deployment")
+    for manifest in objects:
+        if manifest["apiVersion"] != MONITORING:  # not an upstream schema
+            kubernetes_validate.validate(manifest, KUBERNETES_VERSION, strict=True)
+
+
+def test_helm_lint_is_clean() -> None:
+    report = helm_python.lint(CHART, strict=True, kube_version=f"v{KUBERNETES_VERSION}")
+    assert report["errors"] == []
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []
+
+
+def test_monitors_need_their_value_and_the_api(chart: Any) -> None:
+    kinds = {o["kind"] for o in render(chart, MONITORS_ON)}
+    assert {"ServiceMonitor", "PodMonitor"} <= kinds
+    without_api = {o["kind"] for o in render(chart, VALUE_SETS["monitoring-without-the-api"])}
+    assert not {"ServiceMonitor", "PodMonitor"} & without_api
+    assert not {"ServiceMonitor", "PodMonitor"} & {o["kind"] for o in render(chart, {})}
+
+
+def test_monitors_select_what_the_operator_and_its_pods_serve(chart: Any) -> None:
+    objects = render(chart, MONITORS_ON)
+    (monitor,) = of_kind(objects, "ServiceMonitor")
+    (service,) = of_kind(objects, "Service")
+    assert monitor["metadata"]["labels"]["release"] == "prom"
+    assert (
+        monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    )
+    assert monitor["spec"]["endpoints"][0]["port"] == service["spec"]["ports"][0]["name"]
+    (pods,) = of_kind(objects, "PodMonitor")
+    trainer_pod = builders.batch_job(FineTuneJob.model_validate(lora_job()), 0)["spec"]["template"]
+    assert (
+        pods["spec"]["selector"]["matchLabels"].items() <= trainer_pod["metadata"]["labels"].items()
+    )
+    ports = {p["name"] for p in trainer_pod["spec"]["containers"][0]["ports"]}
+    assert pods["spec"]["podMetricsEndpoints"][0]["port"] in ports
+
+
+def test_namespaced_install_grants_nothing_cluster_wide_but_reading(chart: Any) -> None:
+    objects = render(chart, VALUE_SETS["namespaced"])
+    assert sorted(r["metadata"]["namespace"] for r in of_kind(objects, "Role")) == [
+        "ml",
+        "research",
+    ]
+    (observer,) = of_kind(objects, "ClusterRole")
+    verbs = {verb for rule in observer["rules"] for verb in rule["verbs"]}
+    assert verbs <= {"get", "list", "watch"}
+    (deployment,) = of_kind(objects, "Deployment")
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args == ["--namespace=ml", "--namespace=research"]
+
+
+def _allows(rules: list[dict[str, Any]], group: str, resource: str, verb: str) -> bool:
+    return any(
+        group in rule["apiGroups"] and resource in rule["resources"] and verb in rule["verbs"]
+        for rule in rules
+    )
+
+
+def test_the_operator_holds_every_permission_it_grants_trainers(chart: Any) -> None:
+    """Kubernetes refuses to let the operator create a Role granting more than it has."""
+    objects = render(chart, {})
+    operator_rules = [r for role in of_kind(objects, "ClusterRole") for r in role["rules"]]
+    for rule in builders.role(FineTuneJob.model_validate(lora_job()))["rules"]:
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                for verb in rule["verbs"]:
+                    assert _allows(operator_rules, group, resource, verb), (resource, verb)
+
+
+def test_the_deployment_configures_the_operator(chart: Any) -> None:
+    values = {
+        "trainer": {
+            "image": {"repository": "registry.local/trainer", "tag": "2"},
+            "imagePullSecrets": ["pull"],
+        },
+        "operator": {"reconcileSeconds": 2},
+    }
+    (deployment,) = of_kind(render(chart, values), "Deployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    config = OperatorConfig.from_env({e["name"]: e["value"] for e in container["env"]})
+    assert config.trainer_image == "registry.local/trainer:2"
+    assert config.trainer_pull_secrets == ("pull",)
+    assert config.reconcile_seconds == 2
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert (ports["metrics"], ports["health"]) == (config.metrics_port, config.health_port)
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+@pytest.mark.parametrize(
+    ("values", "named"),
+    [
+        ({"watchNamespaces": "ml"}, "watchNamespaces"),
+        ({"watchNamespaces": ["Not_A_Namespace"]}, "watchNamespaces"),
+        ({"operator": {"reconcileSeconds": 0}}, "reconcileSeconds"),
+        ({"operator": {"logFormat": "xml"}}, "logFormat"),
+        ({"metrics": {"port": 70000}}, "port"),
+        ({"image": {"repository": "x", "pullPolicy": "Sometimes"}}, "pullPolicy"),
+        ({"metrics": {"podMonitor": {"interval": "often"}}}, "interval"),
+        ({"replicas": 2}, "replicas"),
+    ],
+)
+def test_bad_values_are_refused_naming_the_key(
+    chart: Any, values: dict[str, Any], named: str
+) -> None:
+    with pytest.raises(helm_python.HelmValuesError, match=named):
+        chart.validate_schema(values)

@@ -3,6 +3,7 @@ object checked against the Kubernetes schemas, bad values refused by its schema.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -169,3 +170,31 @@ def test_bad_values_are_refused_naming_the_key(
 ) -> None:
     with pytest.raises(helm_python.HelmValuesError, match=named):
         chart.validate_schema(values)
+
+
+DASHBOARD = CHART / "dashboards" / "finetune-jobs.json"
+
+
+def test_the_dashboard_ships_as_a_configmap_for_the_grafana_sidecar(chart: Any) -> None:
+    (config_map,) = [
+        o
+        for o in of_kind(render(chart, {}), "ConfigMap")
+        if o["metadata"]["name"].endswith("-dashboard")
+    ]
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(config_map["data"]["finetune-jobs.json"]) == json.loads(DASHBOARD.read_text())
+    off = render(chart, {"dashboards": {"enabled": False}})
+    assert not [
+        o for o in of_kind(off, "ConfigMap") if o["metadata"]["name"].endswith("-dashboard")
+    ]
+
+
+def test_the_dashboard_has_a_stable_uid_and_its_variables() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert dashboard["uid"] == "finetune-jobs"
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert {"namespace", "job"} <= set(variables)
+    targets = [t for p in dashboard["panels"] for t in p.get("targets", [])]
+    assert targets
+    assert {t["datasource"]["uid"] for t in targets} == {"${datasource}"}

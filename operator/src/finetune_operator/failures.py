@@ -45,6 +45,9 @@ POD_REASONS = {
     "Preempting": "Preempted",
 }
 
+PERMANENT_REASONS = ("OOMKilled", *(reason for reason, _ in PERMANENT_EXIT_CODES.values()))
+DISRUPTION_REASONS = tuple(sorted({*DISRUPTIONS.values(), *POD_REASONS.values(), "Disrupted"}))
+
 
 class Kind(Enum):
     PERMANENT = "permanent"

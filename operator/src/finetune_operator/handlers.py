@@ -288,6 +288,13 @@ async def reconcile_job(
         await _act(action, body, accepted, policy, memo)
     patch.status.update(_status_patch(dict(status), outcome.status))
     _post(body, outcome.events)
+    if outcome.status.start_time is not None and current.start_time is None:
+        created = meta.get("creationTimestamp")
+        if created:
+            queued = outcome.status.start_time - datetime.fromisoformat(
+                created.replace("Z", "+00:00")
+            )
+            metrics.QUEUE_SECONDS.observe(max(0.0, queued.total_seconds()))
     if outcome.restarted:
         metrics.RESTARTS.labels(outcome.restarted).inc()
     if outcome.failed:

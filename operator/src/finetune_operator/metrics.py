@@ -14,6 +14,8 @@ from prometheus_client.registry import Collector
 
 from finetune.api.status import Phase
 
+from . import failures
+
 RECONCILE_SECONDS = Histogram(
     "finetune_operator_reconcile_duration_seconds",
     "Time to reconcile one FineTuneJob.",
@@ -23,6 +25,30 @@ RESTARTS = Counter("finetune_operator_restarts_total", "Gang restarts, by reason
 FAILURES = Counter(
     "finetune_operator_failures_total", "Failed FineTuneJobs, by reason.", ["reason"]
 )
+QUEUE_SECONDS = Histogram(
+    "finetune_operator_queue_duration_seconds",
+    "Time from a FineTuneJob's creation until all its pods run.",
+    buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600),
+)
+RESTART_REASONS = (
+    *failures.DISRUPTION_REASONS,
+    "HeartbeatTimeout",
+    "TrainerError",
+    "PodFailed",
+    "JobFailed",
+)
+FAILURE_REASONS = (
+    *failures.PERMANENT_REASONS,
+    "BackoffLimitExceeded",
+    "DeadlineExceeded",
+    "InvalidSpec",
+)
+# Every reason's series exists from the start, at zero: rate() and the dashboard see
+# a count go from 0 to 1 rather than a series appear.
+for _reason in RESTART_REASONS:
+    RESTARTS.labels(_reason)
+for _reason in FAILURE_REASONS:
+    FAILURES.labels(_reason)
 
 
 class JobPhases(Collector):

@@ -5,17 +5,25 @@ BIN := $(VENV)/bin
 CRD := crds/finetune.dev_finetunejobs.yaml
 CHART_CRD := charts/finetune-operator/crds/finetune.dev_finetunejobs.yaml
 
-.PHONY: setup test lint crd check quickstart
+.PHONY: setup system-packages test lint crd check quickstart
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # torch first (a pinned release; a loose requirement would pull a multi-GB CUDA
 # build on a CPU machine), then deepspeed, which ships only a source archive and
 # must build against that torch, then the project with all its extras.
-setup:
+setup: system-packages
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip setuptools wheel
 	$(BIN)/pip install torch==2.13.0
 	DS_BUILD_OPS=0 $(BIN)/pip install --no-build-isolation deepspeed==0.19.8
 	$(BIN)/pip install -e '.[operator,trainer,dev]'
+
+# Debian's Prometheus and Pushgateway: the dashboard's queries are tested against them.
+system-packages:
+	@if ! command -v prometheus >/dev/null || ! command -v prometheus-pushgateway >/dev/null; then \
+		$(SUDO) apt-get update -q && \
+		$(SUDO) apt-get install -y -q --no-install-recommends prometheus prometheus-pushgateway; \
+	fi
 
 test:
 	$(BIN)/pytest

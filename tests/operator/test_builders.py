@@ -180,12 +180,15 @@ def test_trainer_defaults_from_the_operator_configuration() -> None:
         {
             "FINETUNE_TRAINER_IMAGE": "registry.local/trainer:1",
             "FINETUNE_TRAINER_PULL_SECRETS": "a,b",
+            "FINETUNE_PUSHGATEWAY_URL": "http://gateway:9091",
         }
     )
     manifest = builders.batch_job(job(resources={"imagePullSecrets": [{"name": "b"}]}), 0, config)
     pod = pod_of(manifest)
     assert pod["containers"][0]["image"] == "registry.local/trainer:1"
     assert pod["imagePullSecrets"] == [{"name": "b"}, {"name": "a"}]
+    assert env_of(manifest)["FINETUNE_PUSHGATEWAY_URL"] == "http://gateway:9091"
+    assert "FINETUNE_PUSHGATEWAY_URL" not in env_of(builders.batch_job(job(), 0))
 
 
 def test_a_hub_model_lets_the_offline_trainer_image_download() -> None:

@@ -137,6 +137,7 @@ def test_the_deployment_configures_the_operator(chart: Any) -> None:
         "trainer": {
             "image": {"repository": "registry.local/trainer", "tag": "2"},
             "imagePullSecrets": ["pull"],
+            "pushgatewayUrl": "http://gateway:9091",
         },
         "operator": {"reconcileSeconds": 2},
     }
@@ -146,6 +147,7 @@ def test_the_deployment_configures_the_operator(chart: Any) -> None:
     assert config.trainer_image == "registry.local/trainer:2"
     assert config.trainer_pull_secrets == ("pull",)
     assert config.reconcile_seconds == 2
+    assert config.pushgateway_url == "http://gateway:9091"
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert (ports["metrics"], ports["health"]) == (config.metrics_port, config.health_port)
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
@@ -163,6 +165,7 @@ def test_the_deployment_configures_the_operator(chart: Any) -> None:
         ({"image": {"repository": "x", "pullPolicy": "Sometimes"}}, "pullPolicy"),
         ({"metrics": {"podMonitor": {"interval": "often"}}}, "interval"),
         ({"replicas": 2}, "replicas"),
+        ({"trainer": {"pushgatewayUrl": "gateway:9091"}}, "pushgatewayUrl"),
     ],
 )
 def test_bad_values_are_refused_naming_the_key(

@@ -157,7 +157,7 @@ def role_binding(job: FineTuneJob) -> Manifest:
     }
 
 
-def _environment(job: FineTuneJob, attempt: int) -> list[Manifest]:
+def _environment(job: FineTuneJob, attempt: int, settings: OperatorConfig) -> list[Manifest]:
     spec, names = job.spec, Names(job.metadata.name)
     resources = spec.resources
     env: list[Manifest] = [
@@ -174,6 +174,8 @@ def _environment(job: FineTuneJob, attempt: int) -> list[Manifest]:
             "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}},
         },
     ]
+    if settings.pushgateway_url:
+        env.append({"name": "FINETUNE_PUSHGATEWAY_URL", "value": settings.pushgateway_url})
     models = [m for m in (spec.base_model, spec.lcm.teacher_model if spec.lcm else None) if m]
     if any(is_hub(model.uri) for model in models):
         # The trainer image is offline by default; a job naming a hub model allows it.
@@ -207,7 +209,7 @@ def _pod_spec(job: FineTuneJob, attempt: int, settings: OperatorConfig) -> Manif
         "image": resources.image or settings.trainer_image,
         "imagePullPolicy": settings.image_pull_policy,
         "command": ["finetune", "train", f"{CONFIG_DIR}/{JOB_FILE}"],
-        "env": _environment(job, attempt),
+        "env": _environment(job, attempt, settings),
         "ports": [
             {"name": "rendezvous", "containerPort": RENDEZVOUS_PORT},
             {"name": "metrics", "containerPort": METRICS_PORT},

@@ -15,6 +15,8 @@ class OperatorConfig:
     image_pull_policy: str = "IfNotPresent"
     # Pull secrets every training pod gets, besides a job's own.
     trainer_pull_secrets: tuple[str, ...] = ()
+    # Where training pods push their final metrics; none when empty.
+    pushgateway_url: str = ""
     # How often each job is reconciled from the watched Jobs and pods. Reads come
     # from kopf's in-memory indexes, so a short interval costs no API calls.
     reconcile_seconds: float = 5.0
@@ -31,6 +33,7 @@ class OperatorConfig:
             trainer_pull_secrets=tuple(
                 name for name in env.get("FINETUNE_TRAINER_PULL_SECRETS", "").split(",") if name
             ),
+            pushgateway_url=env.get("FINETUNE_PUSHGATEWAY_URL", default.pushgateway_url),
             reconcile_seconds=float(
                 env.get("FINETUNE_RECONCILE_SECONDS", default.reconcile_seconds)
             ),

@@ -38,6 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="image of the training pods when a job sets none (env FINETUNE_TRAINER_IMAGE)",
     )
     parser.add_argument(
+        "--pushgateway-url",
+        default=default.pushgateway_url,
+        help="Pushgateway the training pods push their final metrics to "
+        "(env FINETUNE_PUSHGATEWAY_URL)",
+    )
+    parser.add_argument(
         "--reconcile-seconds",
         type=float,
         default=default.reconcile_seconds,
@@ -70,6 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The handlers read their configuration when imported.
     os.environ.update(
         FINETUNE_TRAINER_IMAGE=args.trainer_image,
+        FINETUNE_PUSHGATEWAY_URL=args.pushgateway_url,
         FINETUNE_RECONCILE_SECONDS=str(args.reconcile_seconds),
         FINETUNE_METRICS_PORT=str(args.metrics_port),
         FINETUNE_HEALTH_PORT=str(args.health_port),

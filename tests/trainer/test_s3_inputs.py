@@ -75,9 +75,11 @@ def test_train_from_s3_to_s3(
     }
     assert "runs/disc-lora/pytorch_lora_weights.safetensors" in keys
     assert "runs/disc-lora/README.md" in keys
-    assert not any("/checkpoints/" in key or "/.run/" in key for key in keys), (
+    assert not any("/.run/" in key or "/.staging/" in key for key in keys), (
         "working files were uploaded"
     )
+    # The checkpoint went up in the background, its manifest with it.
+    assert "runs/disc-lora/checkpoints/step-00000002/manifest.json" in keys
     weights = tmp_path / "weights.safetensors"
     client.download_file("models", "runs/disc-lora/pytorch_lora_weights.safetensors", str(weights))
     assert any(k.startswith("unet.") for k in load_file(weights))

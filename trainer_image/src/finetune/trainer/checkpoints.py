@@ -8,12 +8,15 @@ manifest verifies, so a save cut short by a crash is simply skipped.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
 import random
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,8 +24,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from .errors import DiskFull
+
 MANIFEST = "manifest.json"
 log = logging.getLogger(__name__)
+NO_SPACE = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
 
 
 def tag_for(step: int) -> str:
@@ -47,33 +53,49 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_manifest(folder: Path, step: int, layout: dict[str, Any] | None = None) -> None:
-    """`layout`: what a resuming run must share with this one (method, ZeRO stage, ranks)."""
-    files = sorted(
-        p
-        for p in folder.rglob("*")
-        if p.is_file() and p.name != MANIFEST and not p.name.endswith(".partial")
-    )
-    for path in files:  # durable before the manifest says so
+def describe(folder: Path, names: list[str]) -> list[dict[str, Any]]:
+    """Manifest entries (path, bytes, sha256) for these files of `folder`, each made
+    durable (fsync) first: a manifest never names bytes still in the page cache."""
+    entries = []
+    for name in names:
+        path = folder / name
         with path.open("rb") as handle:
             os.fsync(handle.fileno())
+        entries.append({"path": name, "bytes": path.stat().st_size, "sha256": _sha256(path)})
+    return entries
+
+
+def write_manifest_entries(
+    folder: Path, step: int, layout: dict[str, Any], entries: list[dict[str, Any]]
+) -> None:
     manifest = {
         "step": step,
-        "layout": layout or {},
-        "files": [
-            {
-                "path": p.relative_to(folder).as_posix(),
-                "bytes": p.stat().st_size,
-                "sha256": _sha256(p),
-            }
-            for p in files
-        ],
+        "layout": layout,
+        "files": sorted(entries, key=lambda e: str(e["path"])),
     }
     partial = folder / (MANIFEST + ".partial")
     partial.write_text(json.dumps(manifest, indent=1))
     with partial.open("rb") as handle:
         os.fsync(handle.fileno())
     partial.replace(folder / MANIFEST)
+
+
+def write_manifest(folder: Path, step: int, layout: dict[str, Any] | None = None) -> None:
+    """`layout`: what a resuming run must share with this one (method, ZeRO stage, ranks)."""
+    names = sorted(
+        p.relative_to(folder).as_posix()
+        for p in folder.rglob("*")
+        if p.is_file() and p.name != MANIFEST and not p.name.endswith(".partial")
+    )
+    write_manifest_entries(folder, step, layout or {}, describe(folder, names))
+
+
+def matches(path: Path, size: int, sha256: str) -> bool:
+    """True when `path` exists with exactly this size and SHA-256."""
+    try:
+        return path.stat().st_size == size and _sha256(path) == sha256
+    except OSError:
+        return False
 
 
 def verify(folder: Path) -> int | None:
@@ -149,3 +171,39 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 def rng_file(folder: Path, rank: int) -> Path:
     return folder / f"rng-rank{rank:04d}.pt"
+
+
+def _no_space(folder: Path) -> OSError | None:
+    """Whether `folder`'s file system takes 1 MiB more: torch's writer reports a failed
+    write without its errno, so a probe file finds the cause."""
+    probe = folder / ".space-probe"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with probe.open("wb") as handle:
+            handle.write(b"\0" * (1 << 20))
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as exc:
+        return exc if exc.errno in NO_SPACE else None
+    finally:
+        probe.unlink(missing_ok=True)
+    return None
+
+
+@contextmanager
+def space_checked(folder: Path, step: int) -> Iterator[None]:
+    """Turn a full disk (or a file-size limit) met while saving into a `DiskFull` that
+    says where and what to do; the folder then never gets a manifest."""
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:
+        cause = exc if isinstance(exc, OSError) and exc.errno in NO_SPACE else None
+        if cause is None and not isinstance(exc, OSError):
+            cause = _no_space(folder)
+        if cause is None:
+            raise
+        raise DiskFull(
+            f"{folder}: no space left to save the checkpoint of step {step} ({cause.strerror}). "
+            "The previous checkpoint is intact; give the job more local disk (or lower "
+            "spec.checkpointing.keepLast) and run it again to resume"
+        ) from exc

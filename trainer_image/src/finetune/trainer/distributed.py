@@ -78,3 +78,21 @@ def broadcast(value: Any) -> Any:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def minimum(value: int, device: torch.device) -> int:
+    """The smallest of every rank's `value`."""
+    if not dist.is_initialized():
+        return value
+    tensor = torch.tensor([value], device=device, dtype=torch.int64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return int(tensor.item())
+
+
+def all_gather(value: Any) -> list[Any]:
+    """Every rank's `value`, in rank order, on every rank."""
+    if not dist.is_initialized():
+        return [value]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered

@@ -6,7 +6,8 @@ from __future__ import annotations
 # The operator reads them to classify a failure:
 #   0   done
 #   1   anything else (a bug, out of memory, a lost rank): may be worth a retry
-#   2   bad input (a missing folder, an unreadable image, not a model): permanent
+#   2   bad input (a missing folder, an unreadable image, not a model) or no local
+#       disk space for a checkpoint: permanent
 #   3   the loss became NaN or infinite: the hyperparameters diverge; retrying
 #       the same spec diverges again
 #   4   S3 or the hub refused the credentials: permanent until the secret changes
@@ -30,6 +31,11 @@ class AccessDenied(JobInputError):  # noqa: N818 - named like the failure reason
     """S3 or the hub refused the job's credentials (missing, wrong, expired, or
     without access to what the job names). A `JobInputError`, so code that catches
     bad input catches this too; only the exit code differs."""
+
+
+class DiskFull(JobInputError):  # noqa: N818 - named like the failure reason it stands for
+    """The local disk (or a file-size limit) left no room to save a checkpoint or the
+    results. Permanent for this pod's disk: the same job on the same volume fills it again."""
 
 
 class NonFiniteLoss(Exception):  # noqa: N818 - named like the failure reason it stands for

@@ -24,17 +24,19 @@ import torch
 
 from ..api.common import is_s3
 from ..api.training import MixedPrecision, Optimizer, TrainingSpec
-from . import artifacts, checkpoints, distributed, outputs, samples
+from . import artifacts, checkpoints, distributed, metrics, outputs, samples
 from .batches import Batches, CaptionBatches, ConceptBatches
 from .captions import open_stream
 from .data import Example, examples_from
+from .durable import DurableCheckpoints
 from .encoding import Encoder
 from .errors import EXIT_INTERRUPTED, EXIT_OK, JobInputError, NonFiniteLoss
 from .methods import TrainedModules, TrainingMethod, method_for
 from .models import Components, load_components
 from .reporting import StatusReporter
 from .stopping import StopRequest
-from .storage import S3Settings, upload_results
+from .storage import S3Settings
+from .store import open_store
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +199,8 @@ class Trainer:
         self.checkpoint_root = plan.work_dir / "checkpoints"
         self.log_path = plan.work_dir / "train_log.jsonl"
         self.reporter: StatusReporter | None = None
+        # With an s3:// output: checkpoints uploaded in the background, resumed from S3.
+        self.durable: DurableCheckpoints | None = None
 
     # --- setup ---------------------------------------------------------------
 
@@ -229,6 +233,15 @@ class Trainer:
         self.batches = self._batches()
         self.method.attach(self.encoder)
         self._init_engine()
+        if is_s3(self.plan.output_uri):
+            self.durable = DurableCheckpoints(
+                open_store(self.plan.output_uri, self._s3()),
+                self.checkpoint_root,
+                self.rank,
+                self.device,
+                spec.checkpointing.keep_last,
+                self.reporter.checkpoint if self.reporter is not None else None,
+            )
         self.ema = None
         if hp.ema.enabled:
             from diffusers.training_utils import EMAModel
@@ -241,6 +254,9 @@ class Trainer:
         random.seed(hp.seed + self.rank.rank)
         np.random.seed((hp.seed + self.rank.rank) % 2**32)
         torch.manual_seed(hp.seed + self.rank.rank)
+
+    def _s3(self) -> S3Settings:
+        return S3Settings(self.spec.output.s3_endpoint_url, self.spec.output.s3_region)
 
     def _batches(self) -> Batches:
         spec, hp = self.spec, self.spec.training
@@ -320,10 +336,25 @@ class Trainer:
 
     # --- checkpoints ------------------------------------------------------------
 
+    def _latest(self) -> checkpoints.Checkpoint | None:
+        """The checkpoint to resume from: with an s3:// output, the newest durable one
+        there (fetched into the local folder); else the newest local one that verifies."""
+        found: checkpoints.Checkpoint | None
+        if self.durable is None:
+            found = distributed.broadcast(
+                checkpoints.latest(self.checkpoint_root) if self.rank.main else None
+            )
+            return found
+        found = distributed.broadcast(self.durable.restore() if self.rank.main else None)
+        # Another node has a disk of its own (on a shared one nothing is fetched again).
+        other_node = not self.rank.main and self.rank.local_rank == 0
+        if found is not None and other_node and self.durable.fetch(found.tag) is None:
+            raise JobInputError(f"{found.folder}: the checkpoint changed while resuming")
+        distributed.barrier()
+        return found
+
     def _resume(self) -> int:
-        found = distributed.broadcast(
-            checkpoints.latest(self.checkpoint_root) if self.rank.main else None
-        )
+        found = self._latest()
         if found is None:
             return 0
         saved = checkpoints.layout_of(found)
@@ -368,26 +399,34 @@ class Trainer:
     def _save_checkpoint(self, step: int) -> None:
         tag = checkpoints.tag_for(step)
         folder = self.checkpoint_root / tag
-        # DeepSpeed collects from every rank: all of them must call it.
-        self.engine.save_checkpoint(
-            str(self.checkpoint_root),
-            tag=tag,
-            client_state={"step": step},
-            save_latest=False,
-            exclude_frozen_parameters=True,
-        )
-        torch.save(checkpoints.rng_state(), checkpoints.rng_file(folder, self.rank.rank))
-        data_state = self.batches.state()
-        if data_state:
-            (folder / data_file(self.rank.rank)).write_text(json.dumps(data_state))
-        if self.ema is not None and self.rank.main:
-            torch.save(self.ema.state_dict(), folder / "ema.pt")
-        method_state = self.method.checkpoint_state()
-        if method_state is not None and self.rank.main:
-            torch.save(method_state, folder / METHOD_STATE)
+        if self.rank.main:  # a manifest left by an earlier run must not vouch for new files
+            (folder / checkpoints.MANIFEST).unlink(missing_ok=True)
         distributed.barrier()
-        if self.rank.main:
-            checkpoints.write_manifest(folder, step, self._layout())
+        with checkpoints.space_checked(folder, step):
+            # DeepSpeed collects from every rank: all of them must call it.
+            self.engine.save_checkpoint(
+                str(self.checkpoint_root),
+                tag=tag,
+                client_state={"step": step},
+                save_latest=False,
+                exclude_frozen_parameters=True,
+            )
+            torch.save(checkpoints.rng_state(), checkpoints.rng_file(folder, self.rank.rank))
+            data_state = self.batches.state()
+            if data_state:
+                (folder / data_file(self.rank.rank)).write_text(json.dumps(data_state))
+            if self.ema is not None and self.rank.main:
+                torch.save(self.ema.state_dict(), folder / "ema.pt")
+            method_state = self.method.checkpoint_state()
+            if method_state is not None and self.rank.main:
+                torch.save(method_state, folder / METHOD_STATE)
+        distributed.barrier()
+        if self.durable is not None:
+            with checkpoints.space_checked(folder, step):
+                self.durable.saved(step, self._layout())
+        elif self.rank.main:
+            with checkpoints.space_checked(folder, step):
+                checkpoints.write_manifest(folder, step, self._layout())
             checkpoints.prune(self.checkpoint_root, self.spec.checkpointing.keep_last)
             if self.reporter is not None:
                 self.reporter.checkpoint(str(folder), step)
@@ -399,6 +438,10 @@ class Trainer:
         # Rank 0 alone reports (in a pod); whatever way the run ends, what is
         # pending still goes out.
         self.reporter = StatusReporter.from_env() if self.rank.main else None
+        self.metrics = metrics.start(
+            self.plan.name, str(self.spec.method), self.rank.rank, self.rank.local_rank
+        )
+        self._uploads_recorded = (0, 0.0)  # bytes and seconds of checkpoint uploads so far
         try:
             return self._run()
         finally:
@@ -436,10 +479,20 @@ class Trainer:
                 distributed.any_rank(self.stop.requested, self.device) and step < hp.max_steps
             )
             if step % interval == 0 or stopping:
+                saving = time.perf_counter()
                 self._save_checkpoint(step)
+                folder = self.checkpoint_root / checkpoints.tag_for(step)
+                self.metrics.record_checkpoint_saved(
+                    time.perf_counter() - saving, metrics.folder_bytes(folder)
+                )
+            if self.durable is not None:
+                self.durable.poll()
+                self._record_uploads()
             if crash_after and step == crash_after and self.rank.rank == self.rank.world - 1:
                 os._exit(1)
             if stopping:
+                if self.durable is not None:
+                    self.durable.finish()
                 if progress is not None:
                     progress.close()
                 if self.rank.main:
@@ -470,9 +523,12 @@ class Trainer:
         )
 
     def _record(self, step: int, loss: float, speed: float, progress: Any) -> None:
+        hp = self.spec.training
+        lr = self.scheduler.get_last_lr()[0] if self.scheduler is not None else None
+        seconds = hp.batch_size * hp.gradient_accumulation_steps * self.rank.world / speed
+        self.metrics.record_step(step, hp.max_steps, loss, lr, speed, seconds, self._gpu_memory())
         if not self.rank.main:
             return
-        lr = self.scheduler.get_last_lr()[0] if self.scheduler is not None else None
         entry: dict[str, Any] = {
             "step": step,
             "loss": loss,
@@ -491,6 +547,25 @@ class Trainer:
         if self.reporter is not None:
             self.reporter.progress(step, self.spec.training.max_steps, loss, speed)
 
+    def _gpu_memory(self) -> tuple[int, int]:
+        """(allocated, peak) bytes of this rank's GPU; none on a CPU."""
+        if self.device.type != "cuda":
+            return (0, 0)
+        return (
+            torch.cuda.memory_allocated(self.device),
+            torch.cuda.max_memory_allocated(self.device),
+        )
+
+    def _record_uploads(self) -> None:
+        """Once another checkpoint's files are all uploaded, its time and bytes."""
+        assert self.durable is not None
+        uploader = self.durable.uploader
+        sent, seconds = uploader.bytes_sent, uploader.seconds
+        if sent > self._uploads_recorded[0]:
+            done_bytes, done_seconds = self._uploads_recorded
+            self.metrics.record_checkpoint_uploaded(seconds - done_seconds, sent - done_bytes)
+            self._uploads_recorded = (sent, seconds)
+
     def _samples(self, step: int) -> Path | None:
         grid = None
         if self.rank.main:
@@ -504,25 +579,39 @@ class Trainer:
                 self.device,
                 self.dtype,
             )
+            validation = self.spec.validation
+            self.metrics.record_samples(len(validation.prompts) * validation.images_per_prompt)
         distributed.barrier()
         return grid
 
     def _finish(self, step: int, last_loss: float | None) -> None:
+        if self.durable is not None:  # every checkpoint durable before the results
+            self.durable.finish()
         if self.ema is not None:
             self.ema.copy_to(self.module.unet.parameters())
         grid = self._samples(step) if self.spec.validation.prompts else None
         if self.rank.main:
             work_dir = self.plan.work_dir
             staging = outputs.staging_folder(work_dir)
-            self.method.save(self.module, staging)
-            card = outputs.model_card(self.spec, self.plan.name, step, last_loss, grid, work_dir)
-            (staging / outputs.MODEL_CARD).write_text(card)
+            with checkpoints.space_checked(staging, step):
+                self.method.save(self.module, staging)
+                # The card lists the weights and the samples with their SHA-256 and size.
+                listed = artifacts.list_artifacts(staging, "") + [
+                    a for a in artifacts.list_artifacts(work_dir, "") if a["kind"] == "samples"
+                ]
+                files = [(a["uri"].lstrip("/"), a["bytes"], a["sha256"]) for a in listed]
+                card = outputs.model_card(
+                    self.spec, self.plan.name, step, last_loss, grid, work_dir, files
+                )
+                (staging / outputs.MODEL_CARD).write_text(card)
             outputs.promote(staging, work_dir)
             if is_s3(self.plan.output_uri):
-                settings = S3Settings(self.spec.output.s3_endpoint_url, self.spec.output.s3_region)
-                upload_results(work_dir, self.plan.output_uri, settings)
+                outputs.upload_results(work_dir, open_store(self.plan.output_uri, self._s3()))
             if self.reporter is not None:
                 self.reporter.artifacts(artifacts.list_artifacts(work_dir, self.plan.output_uri))
                 self.reporter.close()
+            if self.durable is not None:
+                self._record_uploads()
+            self.metrics.push()  # a job shorter than a scrape interval is still seen
             print(f"Done: {step} steps; results in {self.plan.output_uri}", flush=True)
         distributed.barrier()

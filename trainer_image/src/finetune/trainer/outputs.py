@@ -13,6 +13,8 @@ from pathlib import Path
 import yaml
 
 from ..api.training import TrainingSpec
+from .storage import NOT_RESULTS
+from .store import Store
 
 STAGING = ".staging"
 MODEL_CARD = "README.md"
@@ -46,7 +48,9 @@ def model_card(
     final_loss: float | None,
     grid: Path | None,
     work_dir: Path,
+    files: list[tuple[str, int, str]] | None = None,
 ) -> str:
+    """`files`: (path in the results, bytes, sha256) of what the card describes."""
     method = spec.method
     hyper = spec.training.model_dump(by_alias=True, exclude_none=True, mode="json")
     for section in ("lora", "custom_diffusion", "lcm"):
@@ -85,6 +89,10 @@ def model_card(
         lines += ["## Validation prompts", "", *[f"- `{p}`" for p in spec.validation.prompts], ""]
     if grid is not None:
         lines += ["## Samples", "", f"![samples]({grid.relative_to(work_dir).as_posix()})", ""]
+    if files:
+        lines += ["## Files", "", "| file | bytes | sha256 |", "| --- | ---: | --- |"]
+        lines += [f"| `{path}` | {size} | `{sha256}` |" for path, size, sha256 in files]
+        lines += [""]
     lines += [
         "## Hyperparameters",
         "",
@@ -151,3 +159,16 @@ def usage(spec: TrainingSpec, prompt: str) -> list[str]:
             f'pipe = StableDiffusionPipeline.from_pretrained("{here}")',
         ]
     return [*lines, f'image = pipe("{prompt}").images[0]']
+
+
+def upload_results(folder: Path, store: Store) -> None:
+    """Put a finished run's results in `store`, the model card last so a prefix with a
+    README.md is complete. Checkpoints (uploaded as they are saved) and working files
+    stay out."""
+    files = [
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and p.relative_to(folder).parts[0] not in NOT_RESULTS
+    ]
+    for path in sorted(files, key=lambda p: (p == folder / MODEL_CARD, str(p))):
+        store.put_file(path, path.relative_to(folder).as_posix())

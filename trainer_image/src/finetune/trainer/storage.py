@@ -8,6 +8,7 @@ EKS, or instance metadata.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -60,11 +61,11 @@ class S3Settings:
     endpoint_url: str | None = None
     region: str | None = None
 
-    def client(self) -> Any:
+    def client(self, attempts: int = 8) -> Any:
         import boto3
         from botocore.config import Config
 
-        config = Config(retries={"max_attempts": 8, "mode": "adaptive"})
+        config = Config(retries={"max_attempts": attempts, "mode": "adaptive"})
         return boto3.client(
             "s3", endpoint_url=self.endpoint_url, region_name=self.region, config=config
         )
@@ -104,46 +105,65 @@ def list_keys(client: Any, bucket: str, prefix: str) -> Iterator[tuple[str, int]
                 yield item["Key"], int(item["Size"])
 
 
+def _md5(path: Path) -> str:
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "md5").hexdigest()
+
+
+def intact(path: Path, size: int, etag: str) -> bool:
+    """`path` holds the object: same size and, where the ETag is the MD5 of the bytes
+    (a single-part upload), the same MD5. A multipart ETag is checked by size."""
+    if not path.is_file() or path.stat().st_size != size:
+        return False
+    return "-" in etag or len(etag) != 32 or _md5(path) == etag
+
+
+def _etag_is_no_md5(client: Any, location: S3Location, key: str) -> bool:
+    """Objects encrypted with KMS or a customer key have ETags that are not the MD5."""
+    head = client.head_object(Bucket=location.bucket, Key=key)
+    return head.get("ServerSideEncryption") == "aws:kms" or "SSECustomerAlgorithm" in head
+
+
 def download_prefix(uri: str, destination: Path, settings: S3Settings) -> Path:
-    """Mirror every object under `uri` into `destination`; files already there with
-    the same size are kept, so a restarted job does not download them again."""
+    """Mirror every object under `uri` into `destination`, each checked against its size
+    and ETag. A marker beside the folder records what was verified, so a restarted job
+    reuses its cache without downloading (or hashing) anything again; an interrupted
+    download leaves `.partial` files only and is simply resumed."""
     location = S3Location.parse(uri)
     prefix = prefix_of(location)
     client = settings.client()
-    found = 0
+    marker = destination.with_name(destination.name + ".verified.json")
+    try:
+        verified: dict[str, list[Any]] = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        verified = {}
+    now: dict[str, list[Any]] = {}
     with refusals_named(uri):
-        for key, size in list_keys(client, location.bucket, prefix):
+        pages = client.get_paginator("list_objects_v2").paginate(
+            Bucket=location.bucket, Prefix=prefix
+        )
+        for item in (item for page in pages for item in page.get("Contents", [])):
+            key, size, etag = item["Key"], int(item["Size"]), str(item["ETag"]).strip('"')
             relative = key[len(prefix) :]
-            if not relative:
+            if not relative or key.endswith("/"):
                 continue
-            found += 1
+            now[relative] = [size, etag]
             target = destination / relative
-            if target.exists() and target.stat().st_size == size:
+            known = verified.get(relative) == [size, etag] and target.is_file()
+            if (known and target.stat().st_size == size) or intact(target, size, etag):
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
             partial = target.with_name(target.name + ".partial")
             client.download_file(location.bucket, key, str(partial))
+            if not intact(partial, size, etag) and not _etag_is_no_md5(client, location, key):
+                partial.unlink(missing_ok=True)
+                raise JobInputError(
+                    f"s3://{location.bucket}/{key}: the download does not match the object's "
+                    "size and ETag; it changed while downloading, or the transfer was corrupted"
+                )
             partial.replace(target)
-    if found == 0:
+    if not now:
         raise JobInputError(f"{uri}: no objects under this S3 prefix")
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps(now))
     return destination
-
-
-def upload_results(folder: Path, uri: str, settings: S3Settings) -> None:
-    """Upload a finished run's results to the S3 prefix `uri`, the model card last so a
-    prefix with a README.md is complete. Checkpoints and working files stay behind."""
-    location = S3Location.parse(uri)
-    prefix = location.prefix.rstrip("/")
-    client = settings.client()
-    files = [
-        p
-        for p in folder.rglob("*")
-        if p.is_file() and p.relative_to(folder).parts[0] not in NOT_RESULTS
-    ]
-    for path in sorted(files, key=lambda p: (p == folder / "README.md", str(p))):
-        key = (
-            f"{prefix}/{path.relative_to(folder).as_posix()}"
-            if prefix
-            else path.relative_to(folder).as_posix()
-        )
-        client.upload_file(str(path), location.bucket, key)

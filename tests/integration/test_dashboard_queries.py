@@ -1,0 +1,187 @@
+"""Every query of the Grafana dashboard, run against a real Prometheus that scraped a
+real training run, the operator and a Pushgateway.
+
+Debian's `prometheus` and `prometheus-pushgateway` (installed by `make setup`) run
+here on loopback. The operator runs against the emulated API and takes one job
+through a restart to success, for the fleet panels; a tiny LoRA run serves its
+metrics while it trains and pushes its final values when it ends, for the per-job
+panels. Each panel's PromQL then goes to Prometheus's HTTP API with the dashboard's
+variables filled in, and must return samples.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from finetune.trainer.launch import free_port
+from tests.emulator import emulated_cluster
+from tests.operator.conftest import Kube, OperatorProcess, wait_for
+from tests.support import ROOT, lora_job
+from tests.trainer.jobs import finetune_run, job_file
+
+pytestmark = pytest.mark.slow
+
+DASHBOARD = ROOT / "charts" / "finetune-operator" / "dashboards" / "finetune-jobs.json"
+NAMESPACE, JOB = "ml", "tiny"
+
+
+def binary(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} is not installed: `make setup` installs Debian's package")
+    return path
+
+
+def ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+class Server:
+    """A Prometheus-family server on a free loopback port, for one test."""
+
+    def __init__(self, command: list[str], port: int, log: Path) -> None:
+        self.url = f"http://127.0.0.1:{port}"
+        with log.open("wb") as out:
+            self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        wait_for(lambda: ready(f"{self.url}/-/ready"), timeout=60, what=command[0])
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+
+@pytest.fixture
+def pushgateway(tmp_path: Path) -> Iterator[Server]:
+    port = free_port()
+    server = Server(
+        [binary("prometheus-pushgateway"), f"--web.listen-address=127.0.0.1:{port}"],
+        port,
+        tmp_path / "pushgateway.log",
+    )
+    yield server
+    server.stop()
+
+
+def prometheus(folder: Path, targets: dict[str, str]) -> Server:
+    port = free_port()
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "scrape_configs": [
+            # The trainer's job and namespace labels name the FineTuneJob: keep them.
+            {"job_name": name, "honor_labels": True, "static_configs": [{"targets": [target]}]}
+            for name, target in targets.items()
+        ],
+    }
+    (folder / "prometheus.yml").write_text(yaml.safe_dump(config))
+    command = [
+        binary("prometheus"),
+        f"--config.file={folder / 'prometheus.yml'}",
+        f"--storage.tsdb.path={folder / 'data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+    ]
+    return Server(command, port, folder / "prometheus.log")
+
+
+def query(server: Server, expression: str) -> list[dict[str, Any]]:
+    url = f"{server.url}/api/v1/query?" + urllib.parse.urlencode({"query": expression})
+    with urllib.request.urlopen(url, timeout=10) as response:
+        answer = json.loads(response.read())
+    assert answer["status"] == "success", answer
+    result: list[dict[str, Any]] = answer["data"]["result"]
+    return result
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    variables = {"$namespace": NAMESPACE, "$job": JOB, "$__range": "10m"}
+    found = []
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            expression = target["expr"]
+            for name, value in variables.items():
+                expression = expression.replace(name, value)
+            found.append((f"{panel['title']} / {target['legendFormat']}", expression))
+    for variable in dashboard["templating"]["list"]:
+        if variable["type"] == "query":  # label_values(metric{...}, label): the metric must exist
+            metric = variable["query"]["query"].split("(", 1)[1].rsplit(",", 1)[0]
+            found.append((f"variable {variable['name']}", metric.replace("$namespace", NAMESPACE)))
+    return found
+
+
+def drive_a_job_through_a_restart(kube: Kube) -> None:
+    """Fleet data: one job created, failed once, restarted, run and finished."""
+    document = lora_job(resources={"nodes": 2, "gpusPerNode": 0})
+    kube.create_job(document, NAMESPACE)
+    name = document["metadata"]["name"]
+    kube.wait_batch_job(f"{name}-a0", NAMESPACE)
+    kube.job_running(f"{name}-a0", NAMESPACE, pods=2)
+    kube.wait_phase(name, NAMESPACE, "Running")
+    kube.failed_pod(name, 0, 0, NAMESPACE, exit_code=1)
+    kube.job_condition(f"{name}-a0", NAMESPACE, "Failed", "BackoffLimitExceeded")
+    kube.wait_batch_job(f"{name}-a1", NAMESPACE)
+    kube.job_running(f"{name}-a1", NAMESPACE, pods=2)
+    kube.wait_phase(name, NAMESPACE, "Running")
+    kube.job_condition(f"{name}-a1", NAMESPACE, "Complete")
+    kube.wait_phase(name, NAMESPACE, "Succeeded")
+
+
+def test_every_dashboard_query_returns_data(
+    tmp_path: Path, tiny_model: Path, disc_images: Path, pushgateway: Server
+) -> None:
+    trainer_port = free_port()
+    with emulated_cluster() as cluster:
+        operator = OperatorProcess(cluster, tmp_path)
+        operator.start()
+        server = prometheus(
+            tmp_path,
+            {
+                "operator": f"127.0.0.1:{operator.metrics_port}",
+                "trainer": f"127.0.0.1:{trainer_port}",
+                "pushgateway": pushgateway.url.removeprefix("http://"),
+            },
+        )
+        try:
+            drive_a_job_through_a_restart(Kube(cluster.url))
+            job = job_file(
+                tmp_path,
+                tiny_model,
+                disc_images,
+                name=JOB,
+                training={"maxSteps": 20},
+                checkpointing={"everyNSteps": 10},
+            )
+            env = {
+                "FINETUNE_NAMESPACE": NAMESPACE,
+                "FINETUNE_METRICS_PORT": str(trainer_port),
+                "FINETUNE_PUSHGATEWAY_URL": pushgateway.url,
+            }
+            result = finetune_run(job, nproc=1, env=env)
+            assert result.returncode == 0, result.stderr[-3000:]
+            # The run is over: what Prometheus has now is what a user's would.
+            wait_for(
+                lambda: query(
+                    server, f'finetune_step{{job="{JOB}", namespace="{NAMESPACE}"}} == 20'
+                ),
+                what="the final step, scraped from the Pushgateway",
+            )
+            empty = [
+                title for title, expression in dashboard_queries() if not query(server, expression)
+            ]
+            assert empty == []
+        finally:
+            server.stop()
+            operator.stop()

@@ -1,0 +1,203 @@
+"""The trainer's Prometheus metrics, served on a port in each pod.
+
+One `finetune_` prefix, base units (seconds, bytes), `_total` on counters, and
+bounded labels only: job, namespace, method and rank (never a step or a prompt).
+The first process of each pod (local rank 0) serves `/metrics` on
+`$FINETUNE_METRICS_PORT` (default 9400, the port the operator's pods name
+`metrics`); with `$FINETUNE_PUSHGATEWAY_URL` set, rank 0 also pushes the final
+values when training ends, so a job shorter than a scrape interval is still seen.
+The `job` and `namespace` labels name the FineTuneJob: scrape with honor_labels
+(the chart's PodMonitor does) so Prometheus keeps them rather than its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    push_to_gateway,
+    start_http_server,
+)
+
+log = logging.getLogger(__name__)
+
+PORT_ENV = "FINETUNE_METRICS_PORT"
+PUSHGATEWAY_ENV = "FINETUNE_PUSHGATEWAY_URL"
+DEFAULT_PORT = 9400
+LABELS = ("job", "namespace", "method", "rank")
+STEP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
+TRANSFER_BUCKETS = (0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800)
+
+
+@dataclass(frozen=True)
+class Identity:
+    job: str
+    namespace: str
+    method: str
+    rank: int
+
+    def labels(self) -> dict[str, str]:
+        return {
+            "job": self.job,
+            "namespace": self.namespace,
+            "method": self.method,
+            "rank": str(self.rank),
+        }
+
+
+class TrainerMetrics:
+    """Every metric of one training process, in a registry of its own."""
+
+    def __init__(self, identity: Identity) -> None:
+        self.identity = identity
+        self.registry = CollectorRegistry()
+        r, labels = self.registry, LABELS
+
+        def gauge(name: str, text: str) -> Gauge:
+            return Gauge(name, text, labels, registry=r)
+
+        self.step = gauge("finetune_step", "Optimizer steps done.")
+        self.total_steps = gauge("finetune_total_steps", "Steps the job trains for.")
+        self.loss = gauge("finetune_loss", "Training loss of the last step (mean over ranks).")
+        self.learning_rate = gauge("finetune_learning_rate", "Learning rate of the last step.")
+        self.images_per_second = gauge(
+            "finetune_images_per_second", "Images per second over the whole gang."
+        )
+        self.eta = gauge("finetune_eta_seconds", "Estimated seconds until training ends.")
+        self.gpu_allocated = gauge(
+            "finetune_gpu_memory_allocated_bytes", "GPU memory held by tensors now."
+        )
+        self.gpu_peak = gauge("finetune_gpu_memory_peak_bytes", "Peak GPU memory held by tensors.")
+        self.step_seconds = Histogram(
+            "finetune_step_duration_seconds",
+            "Time per optimizer step.",
+            labels,
+            buckets=STEP_BUCKETS,
+            registry=r,
+        )
+        self.checkpoint_save_seconds = Histogram(
+            "finetune_checkpoint_save_duration_seconds",
+            "Time to write a checkpoint locally.",
+            labels,
+            buckets=TRANSFER_BUCKETS,
+            registry=r,
+        )
+        self.checkpoint_upload_seconds = Histogram(
+            "finetune_checkpoint_upload_duration_seconds",
+            "Time to upload a checkpoint's files.",
+            labels,
+            buckets=TRANSFER_BUCKETS,
+            registry=r,
+        )
+        self.checkpoint_bytes = Counter(
+            "finetune_checkpoint_bytes_total", "Bytes of checkpoints written.", labels, registry=r
+        )
+        self.checkpoint_uploaded_bytes = Counter(
+            "finetune_checkpoint_uploaded_bytes_total",
+            "Bytes of checkpoints uploaded.",
+            labels,
+            registry=r,
+        )
+        self.samples = Counter(
+            "finetune_samples_generated_total", "Validation images generated.", labels, registry=r
+        )
+        # Series exist from the start (at zero), so a dashboard never shows "no data"
+        # for a job that has not checkpointed or sampled yet.
+        for metric in (
+            self.checkpoint_bytes,
+            self.checkpoint_uploaded_bytes,
+            self.samples,
+            self.step_seconds,
+            self.checkpoint_save_seconds,
+            self.checkpoint_upload_seconds,
+        ):
+            metric.labels(**identity.labels())
+
+    def record_step(
+        self,
+        step: int,
+        total_steps: int,
+        loss: float,
+        learning_rate: float | None,
+        images_per_second: float,
+        seconds: float,
+        gpu: tuple[int, int] | None = None,
+    ) -> None:
+        labels = self.identity.labels()
+        self.step.labels(**labels).set(step)
+        self.total_steps.labels(**labels).set(total_steps)
+        self.loss.labels(**labels).set(loss)
+        if learning_rate is not None:
+            self.learning_rate.labels(**labels).set(learning_rate)
+        self.images_per_second.labels(**labels).set(images_per_second)
+        self.step_seconds.labels(**labels).observe(seconds)
+        self.eta.labels(**labels).set(max(0, total_steps - step) * seconds)
+        if gpu is not None:
+            self.gpu_allocated.labels(**labels).set(gpu[0])
+            self.gpu_peak.labels(**labels).set(gpu[1])
+
+    def record_checkpoint_saved(self, seconds: float, size: int) -> None:
+        labels = self.identity.labels()
+        self.checkpoint_save_seconds.labels(**labels).observe(seconds)
+        self.checkpoint_bytes.labels(**labels).inc(size)
+
+    def record_checkpoint_uploaded(self, seconds: float, size: int) -> None:
+        labels = self.identity.labels()
+        self.checkpoint_upload_seconds.labels(**labels).observe(seconds)
+        self.checkpoint_uploaded_bytes.labels(**labels).inc(size)
+
+    def record_samples(self, count: int) -> None:
+        self.samples.labels(**self.identity.labels()).inc(count)
+
+    def serve(self, env: Mapping[str, str] | None = None) -> int | None:
+        """Serve /metrics on the configured port; None (and a warning) when it is taken."""
+        env = os.environ if env is None else env
+        port = int(env.get(PORT_ENV, DEFAULT_PORT))
+        try:
+            start_http_server(port, registry=self.registry)
+        except OSError as exc:
+            log.warning("metrics: port %d unavailable (%s); not serving /metrics", port, exc)
+            return None
+        return port
+
+    def push(self, env: Mapping[str, str] | None = None) -> bool:
+        """Push the final values to the Pushgateway, if one is configured."""
+        env = os.environ if env is None else env
+        gateway = env.get(PUSHGATEWAY_ENV)
+        if not gateway:
+            return False
+        grouping = {"namespace": self.identity.namespace, "rank": str(self.identity.rank)}
+        try:
+            push_to_gateway(
+                gateway, job=self.identity.job, registry=self.registry, grouping_key=grouping
+            )
+        except OSError as exc:
+            log.warning(
+                "metrics: the Pushgateway at %s refused the final values (%s)", gateway, exc
+            )
+            return False
+        return True
+
+
+def start(
+    job: str, method: str, rank: int, local_rank: int, env: Mapping[str, str] | None = None
+) -> TrainerMetrics:
+    """This process's metrics; the first process of a pod serves them."""
+    env = os.environ if env is None else env
+    namespace = env.get("FINETUNE_NAMESPACE", "default")
+    metrics = TrainerMetrics(Identity(job, namespace, method, rank))
+    if local_rank == 0:
+        metrics.serve(env)
+    return metrics
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())

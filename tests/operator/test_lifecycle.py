@@ -153,6 +153,7 @@ def test_a_failed_pod_restarts_the_whole_gang_up_to_the_backoff_limit(
         (2, "Error", "spec.data.concepts[0].instanceImages: no images in ./dog", "InvalidInput"),
         (3, "Error", "the loss is NaN at step 12", "NonFiniteLoss"),
         (4, "Error", "s3://bucket/out: S3 refused the request (AccessDenied)", "AccessDenied"),
+        (5, "Error", "/var/cache/finetune/step-00000004: no space left", "DiskFull"),
     ],
 )
 def test_a_permanent_failure_is_not_retried(

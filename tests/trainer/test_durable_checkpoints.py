@@ -308,7 +308,7 @@ def test_a_full_disk_while_saving_is_a_clear_error_and_keeps_the_last_checkpoint
         timeout=300,
         check=False,
     )
-    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.returncode == 5, result.stderr[-3000:]  # EXIT_DISK_FULL
     root = tmp_path / "out" / "checkpoints"
     assert f"{root / 'step-00000004'}: no space left to save the checkpoint of step 4" in (
         result.stderr

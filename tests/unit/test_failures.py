@@ -14,10 +14,12 @@ from finetune.api import FineTuneJob
 from finetune.trainer import launch, models
 from finetune.trainer.errors import (
     EXIT_ACCESS_DENIED,
+    EXIT_DISK_FULL,
     EXIT_FAILED,
     EXIT_INVALID_INPUT,
     EXIT_NON_FINITE_LOSS,
     AccessDenied,
+    DiskFull,
     JobInputError,
     NonFiniteLoss,
     exit_code_for,
@@ -40,6 +42,7 @@ def test_a_finite_loss_passes() -> None:
 def test_exit_codes() -> None:
     assert exit_code_for(NonFiniteLoss("x")) == EXIT_NON_FINITE_LOSS == 3
     assert exit_code_for(AccessDenied("x")) == EXIT_ACCESS_DENIED == 4
+    assert exit_code_for(DiskFull("x")) == EXIT_DISK_FULL == 5
     assert exit_code_for(JobInputError("x")) == EXIT_INVALID_INPUT == 2
     assert exit_code_for(RuntimeError("x")) == EXIT_FAILED == 1
 

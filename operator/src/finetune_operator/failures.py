@@ -19,12 +19,18 @@ from enum import Enum
 from typing import Any
 
 # errors.py imports nothing: the operator can read the trainer's codes without torch.
-from finetune.trainer.errors import EXIT_ACCESS_DENIED, EXIT_INVALID_INPUT, EXIT_NON_FINITE_LOSS
+from finetune.trainer.errors import (
+    EXIT_ACCESS_DENIED,
+    EXIT_DISK_FULL,
+    EXIT_INVALID_INPUT,
+    EXIT_NON_FINITE_LOSS,
+)
 
 PERMANENT_EXIT_CODES = {
     EXIT_INVALID_INPUT: ("InvalidInput", "the trainer refused its input"),
     EXIT_NON_FINITE_LOSS: ("NonFiniteLoss", "the training loss became NaN or infinite"),
     EXIT_ACCESS_DENIED: ("AccessDenied", "S3 or the model hub refused the credentials"),
+    EXIT_DISK_FULL: ("DiskFull", "the pod's disk filled up while saving; raise its size"),
 }
 
 # DisruptionTarget reasons, and the pod-level reasons older kubelets set.

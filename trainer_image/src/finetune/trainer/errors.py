@@ -6,17 +6,19 @@ from __future__ import annotations
 # The operator reads them to classify a failure:
 #   0   done
 #   1   anything else (a bug, out of memory, a lost rank): may be worth a retry
-#   2   bad input (a missing folder, an unreadable image, not a model) or no local
-#       disk space for a checkpoint: permanent
+#   2   bad input (a missing folder, an unreadable image, not a model): permanent
 #   3   the loss became NaN or infinite: the hyperparameters diverge; retrying
 #       the same spec diverges again
 #   4   S3 or the hub refused the credentials: permanent until the secret changes
+#   5   no local disk space left to save a checkpoint or the results: permanent
+#       for this volume; the previous checkpoint stays intact
 #   130 stopped on request (SIGINT/SIGTERM) with a checkpoint saved
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_INVALID_INPUT = 2
 EXIT_NON_FINITE_LOSS = 3
 EXIT_ACCESS_DENIED = 4
+EXIT_DISK_FULL = 5
 EXIT_INTERRUPTED = 130
 
 
@@ -46,6 +48,8 @@ def exit_code_for(error: BaseException) -> int:
     """The exit code a process ends with after `error`."""
     if isinstance(error, AccessDenied):
         return EXIT_ACCESS_DENIED
+    if isinstance(error, DiskFull):
+        return EXIT_DISK_FULL
     if isinstance(error, JobInputError):
         return EXIT_INVALID_INPUT
     if isinstance(error, NonFiniteLoss):

@@ -35,7 +35,7 @@ import kubernetes  # noqa: E402
 from finetune.api import FineTuneJob  # noqa: E402
 from finetune.trainer.launch import free_port  # noqa: E402
 from finetune_operator import builders  # noqa: E402
-from tests.emulator import emulated_cluster  # noqa: E402
+from tests.emulator import EmulatedCluster, emulated_cluster  # noqa: E402
 from tests.support import lora_job  # noqa: E402
 
 GROUP, VERSION, PLURAL = "finetune.dev", "v1alpha1", "finetunejobs"
@@ -98,21 +98,10 @@ def count_jobs(batch: Any, namespace: str) -> int:
 
 
 def ours(
-    url: str, jobs: int, reconcile_seconds: float, hold: float, folder: Path
+    cluster: EmulatedCluster, jobs: int, reconcile_seconds: float, hold: float, folder: Path
 ) -> dict[str, Any]:
-    kubeconfig = folder / "kubeconfig"
-    kubeconfig.write_text(
-        json.dumps(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [{"name": "e", "cluster": {"server": url}}],
-                "users": [{"name": "u", "user": {"token": "t"}}],
-                "contexts": [{"name": "e", "context": {"cluster": "e", "user": "u"}}],
-                "current-context": "e",
-            }
-        )
-    )
+    url = cluster.url
+    kubeconfig = cluster.write_kubeconfig(folder / "kubeconfig")
     health = free_port()
     command = [
         str(Path(sys.executable).parent / "finetune-operator"),
@@ -178,7 +167,7 @@ def main() -> None:
         tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as folder,
     ):
         floor = baseline(cluster.url, args.jobs)
-        measured = ours(cluster.url, args.jobs, args.reconcile_seconds, args.hold, Path(folder))
+        measured = ours(cluster, args.jobs, args.reconcile_seconds, args.hold, Path(folder))
     result = {
         "jobs": args.jobs,
         "reconcile_seconds": args.reconcile_seconds,

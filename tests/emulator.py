@@ -32,6 +32,7 @@ import kmock
 import yaml
 
 from finetune.api.job import GROUP, KIND, PLURAL, SHORT_NAMES, SINGULAR, VERSION
+from tests.support import merge
 
 NAMESPACES = "/api/v1/namespaces"
 
@@ -83,7 +84,7 @@ class StampingEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
             elif request.action == kmock.action.UPDATE and request.subresource is None:
                 current = self._current(request)
                 if current is not None and "spec" in body:
-                    merged = _merged(current.get("spec", {}), body["spec"])
+                    merged = merge(current.get("spec", {}), body["spec"])
                     if merged != current.get("spec", {}):
                         meta["generation"] = current["metadata"].get("generation", 1) + 1
             meta["resourceVersion"] = str(next(self._versions))
@@ -94,18 +95,6 @@ class StampingEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
             if (resource, namespace, name) == (request.resource, request.namespace, request.name):
                 return None if obj.deleted else dict(obj.raw)
         return None
-
-
-def _merged(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in patch.items():
-        if value is None:
-            out.pop(key, None)
-        elif isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merged(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 def _now() -> str:

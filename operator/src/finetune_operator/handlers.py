@@ -289,11 +289,9 @@ async def reconcile_job(
     patch.status.update(_status_patch(dict(status), outcome.status))
     _post(body, outcome.events)
     if outcome.status.start_time is not None and current.start_time is None:
-        created = meta.get("creationTimestamp")
-        if created:
-            queued = outcome.status.start_time - datetime.fromisoformat(
-                created.replace("Z", "+00:00")
-            )
+        created = reconcile.parse_time(meta.get("creationTimestamp"))
+        if created is not None:
+            queued = outcome.status.start_time - created
             metrics.QUEUE_SECONDS.observe(max(0.0, queued.total_seconds()))
     if outcome.restarted:
         metrics.RESTARTS.labels(outcome.restarted).inc()

@@ -156,7 +156,7 @@ def _job_condition(job: dict[str, Any], type_: str) -> dict[str, Any] | None:
     return None
 
 
-def _parse_time(value: Any) -> datetime | None:
+def parse_time(value: Any) -> datetime | None:
     if isinstance(value, datetime):
         return value
     if not value:
@@ -306,7 +306,7 @@ def _suspension(o: Observed, out: Outcome, job: dict[str, Any]) -> Outcome | Non
 def _heartbeat_lost(o: Observed, job: dict[str, Any]) -> Failure | None:
     """No progress report for heartbeatTimeoutSeconds, counted from the later of the
     last report and this attempt's start (loading a model reports nothing)."""
-    references = [_parse_time(job.get("status", {}).get("startTime"))]
+    references = [parse_time(job.get("status", {}).get("startTime"))]
     if o.status.progress is not None:
         references.append(o.status.progress.last_heartbeat)
     known = [t for t in references if t is not None]

@@ -3,7 +3,6 @@ each (the output URI plus its path there), its SHA-256, size and kind."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -13,6 +12,7 @@ from .methods.custom_diffusion import WEIGHTS_FILE as CUSTOM_DIFFUSION_FILE
 from .methods.lora import KOHYA_FILE, LORA_FILE
 from .outputs import MODEL_CARD
 from .reporting import MAX_ARTIFACTS
+from .storage import file_digest
 
 PIPELINE_INDEX = "model_index.json"
 # Weights first, then the model card, then samples: what the cap cuts is samples.
@@ -68,11 +68,6 @@ def kind_of(relative: PurePosixPath, parts: set[str]) -> ArtifactKind | None:
     return None
 
 
-def _sha256(path: Path) -> str:
-    with path.open("rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
 def list_artifacts(
     work_dir: Path, output_uri: str, limit: int = MAX_ARTIFACTS
 ) -> list[dict[str, Any]]:
@@ -95,7 +90,7 @@ def list_artifacts(
     return [
         {
             "uri": f"{base}/{relative}",
-            "sha256": _sha256(path),
+            "sha256": file_digest(path),
             "bytes": path.stat().st_size,
             "kind": kind.value,
         }

@@ -9,7 +9,6 @@ manifest verifies, so a save cut short by a crash is simply skipped.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 
 from .errors import DiskFull
+from .storage import file_digest
 
 MANIFEST = "manifest.json"
 log = logging.getLogger(__name__)
@@ -45,14 +45,6 @@ class Checkpoint:
         return self.folder.name
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def describe(folder: Path, names: list[str]) -> list[dict[str, Any]]:
     """Manifest entries (path, bytes, sha256) for these files of `folder`, each made
     durable (fsync) first: a manifest never names bytes still in the page cache."""
@@ -61,7 +53,7 @@ def describe(folder: Path, names: list[str]) -> list[dict[str, Any]]:
         path = folder / name
         with path.open("rb") as handle:
             os.fsync(handle.fileno())
-        entries.append({"path": name, "bytes": path.stat().st_size, "sha256": _sha256(path)})
+        entries.append({"path": name, "bytes": path.stat().st_size, "sha256": file_digest(path)})
     return entries
 
 
@@ -93,7 +85,7 @@ def write_manifest(folder: Path, step: int, layout: dict[str, Any] | None = None
 def matches(path: Path, size: int, sha256: str) -> bool:
     """True when `path` exists with exactly this size and SHA-256."""
     try:
-        return path.stat().st_size == size and _sha256(path) == sha256
+        return path.stat().st_size == size and file_digest(path) == sha256
     except OSError:
         return False
 
@@ -104,7 +96,7 @@ def verify(folder: Path) -> int | None:
         manifest = json.loads((folder / MANIFEST).read_text())
         for entry in manifest["files"]:
             path = folder / entry["path"]
-            if path.stat().st_size != entry["bytes"] or _sha256(path) != entry["sha256"]:
+            if path.stat().st_size != entry["bytes"] or file_digest(path) != entry["sha256"]:
                 log.warning(
                     "checkpoint %s: %s does not match its manifest; skipped", folder, entry["path"]
                 )

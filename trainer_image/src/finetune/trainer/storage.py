@@ -105,9 +105,10 @@ def list_keys(client: Any, bucket: str, prefix: str) -> Iterator[tuple[str, int]
                 yield item["Key"], int(item["Size"])
 
 
-def _md5(path: Path) -> str:
+def file_digest(path: Path, algorithm: str = "sha256") -> str:
+    """The hex digest of a file's bytes, read in blocks."""
     with path.open("rb") as handle:
-        return hashlib.file_digest(handle, "md5").hexdigest()
+        return hashlib.file_digest(handle, algorithm).hexdigest()
 
 
 def intact(path: Path, size: int, etag: str) -> bool:
@@ -115,7 +116,7 @@ def intact(path: Path, size: int, etag: str) -> bool:
     (a single-part upload), the same MD5. A multipart ETag is checked by size."""
     if not path.is_file() or path.stat().st_size != size:
         return False
-    return "-" in etag or len(etag) != 32 or _md5(path) == etag
+    return "-" in etag or len(etag) != 32 or file_digest(path, "md5") == etag
 
 
 def _etag_is_no_md5(client: Any, location: S3Location, key: str) -> bool:

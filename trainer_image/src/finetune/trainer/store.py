@@ -215,6 +215,16 @@ class S3Store:
             )
 
 
+def _copy_whole(source: Path, target: Path) -> None:
+    """Copy through a `.partial` file renamed once complete; a file onto itself is a no-op."""
+    if target.resolve() == source.resolve():
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    shutil.copyfile(source, partial)
+    partial.replace(target)
+
+
 class LocalStore:
     """A folder; writes go through a `.partial` file renamed once complete."""
 
@@ -223,22 +233,10 @@ class LocalStore:
         self.uri = str(root)
 
     def put_file(self, path: Path, key: str) -> None:
-        target = self.root / key
-        if target.resolve() == path.resolve():
-            return
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(target.name + ".partial")
-        shutil.copyfile(path, partial)
-        partial.replace(target)
+        _copy_whole(path, self.root / key)
 
     def get_file(self, key: str, path: Path) -> None:
-        source = self.root / key
-        if source.resolve() == path.resolve():
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")
-        shutil.copyfile(source, partial)
-        partial.replace(path)
+        _copy_whole(self.root / key, path)
 
     def keys(self, prefix: str = "") -> Iterator[tuple[str, int]]:
         if not self.root.is_dir():

@@ -68,6 +68,41 @@ def test_yaml_syntax_error_names_the_line(tmp_path: Path) -> None:
     assert result.stderr.startswith(f"{path}: line 5, column 8: YAML syntax error:")
 
 
+DUPLICATE_SEED = """\
+apiVersion: finetune.dev/v1alpha1
+kind: FineTuneJob
+metadata:
+  name: dog-lora
+spec:
+  method: lora
+  baseModel: {uri: "hf://org/model@v1"}
+  data:
+    concepts: [{instanceImages: ./dog, instancePrompt: a photo of sks dog}]
+  training:
+    seed: 1
+    maxSteps: 100
+    seed: 2
+  output: {uri: "s3://bucket/out"}
+"""
+
+
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_a_duplicate_key_is_refused_with_its_line(tmp_path: Path, command: str) -> None:
+    """PyYAML alone keeps the last `seed` and calls the file valid."""
+    path = write(tmp_path, "job.yaml", DUPLICATE_SEED)
+    result = run(command, path)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"{path}: line 13, column 5: duplicate key 'seed' (first on line 11)"
+    ]
+
+
+def test_anchors_merged_with_a_key_may_override_it(tmp_path: Path) -> None:
+    text = DUPLICATE_SEED.replace("    seed: 1\n", "    <<: {seed: 1}\n")
+    result = run("validate", write(tmp_path, "job.yaml", text))
+    assert result.returncode == 0, result.stderr
+
+
 def test_wrong_kind_is_named(tmp_path: Path) -> None:
     path = write(tmp_path, "pod.yaml", yaml.safe_dump({**lora_job(), "kind": "PyTorchJob"}))
     result = run("validate", path)

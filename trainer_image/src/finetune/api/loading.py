@@ -24,6 +24,34 @@ class LoadResult:
         return not self.problems
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping, where PyYAML would
+    silently keep the last value. Keys merged in with `<<` may still be overridden."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.get(key)
+            except TypeError:  # unhashable: SafeLoader reports it below
+                continue
+            if first is not None:
+                raise DuplicateKeyError(key, first, key_node.start_mark)
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+class DuplicateKeyError(yaml.MarkedYAMLError):
+    def __init__(self, key: Any, first: yaml.Mark, again: yaml.Mark) -> None:
+        super().__init__(
+            problem=f"duplicate key {key!r} (first on line {first.line + 1})",
+            problem_mark=again,
+        )
+
+
 class JobFileError(Exception):
     """A job file that cannot be used; `problems` says why, field by field."""
 
@@ -37,7 +65,12 @@ def load_text(text: str, source: str) -> LoadResult:
     """Validate every YAML document in `text`; empty documents are skipped."""
     result = LoadResult(source)
     try:
-        documents = list(yaml.safe_load_all(text))
+        documents = list(yaml.load_all(text, Loader=UniqueKeyLoader))
+    except DuplicateKeyError as exc:
+        mark = exc.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        result.problems.append(FieldProblem("", f"{where}{exc.problem}"))
+        return result
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""

@@ -105,6 +105,12 @@ class CaptionDataset(ApiModel):
     )
 
 
+class AlphaMode(StrEnum):
+    WHITE = "white"
+    BLACK = "black"
+    REFUSE = "refuse"
+
+
 class DataSpec(ApiModel):
     """What the model learns from, and how images are prepared."""
 
@@ -130,6 +136,22 @@ class DataSpec(ApiModel):
         default=False, description="Crop the centre square; otherwise a random crop."
     )
     random_flip: bool = Field(default=False, description="Flip images horizontally at random.")
+    alpha: AlphaMode = Field(
+        default=AlphaMode.WHITE,
+        description=(
+            "Images with transparent pixels (RGBA, LA, transparent palettes): composited on "
+            "`white` or `black`, or `refuse`d with an error naming the file."
+        ),
+    )
+    min_image_size: int | None = Field(
+        default=None,
+        ge=1,
+        le=4096,
+        description=(
+            "Refuse images whose short side is below this many pixels. Unset: images below "
+            "half of `resolution` are used with a warning."
+        ),
+    )
 
 
 class LrScheduler(StrEnum):

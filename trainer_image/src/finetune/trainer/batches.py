@@ -127,7 +127,7 @@ class CaptionBatches:
     def batch(self, micro_step: int) -> Batch:
         pixels, prompts = [], []
         for sample, position in self.stream.take(micro_step, self.batch_size):
-            image, _ = self.preprocess(sample.decode(), position)
+            image, _ = self.preprocess(sample.decode(self.preprocess.rules), position)
             pixels.append(image)
             prompts.append(sample.caption)
         latents = self.encoder.latents(torch.stack(pixels))

@@ -34,8 +34,10 @@ from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from ..api.common import is_s3
 from ..api.training import CaptionDataset, DatasetFormat
+from . import images
 from .data import IMAGE_SUFFIXES, IndexStream
 from .errors import JobInputError
+from .images import ImageRules
 from .storage import S3Location, S3Settings, list_keys, prefix_of, refusals_named
 
 if TYPE_CHECKING:
@@ -56,15 +58,9 @@ class CaptionedImage:
     image: bytes
     caption: str
 
-    def decode(self) -> Image:
-        from PIL import Image
-
-        try:
-            with Image.open(io.BytesIO(self.image)) as opened:
-                opened.load()
-                return opened.copy()
-        except Exception as exc:  # PIL raises OSError, SyntaxError, DecompressionBombError...
-            raise JobInputError(f"{self.name}: not a readable image ({exc})") from exc
+    def decode(self, rules: ImageRules | None = None) -> Image:
+        """The image as 8-bit RGB; its size is checked against `rules` as it is read."""
+        return images.check(self.image, self.name, rules or ImageRules())
 
 
 class Files(Protocol):

@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..api.common import is_s3
+from . import images
 from .errors import JobInputError
+from .images import ImageRules
 from .storage import S3Settings, cache_key, download_prefix
 
 if TYPE_CHECKING:
@@ -54,26 +56,21 @@ def image_files(folder: Path, field: str) -> list[Path]:
     return files
 
 
-def check_image(path: Path) -> None:
-    """Decode the whole image (`verify` alone misses truncated JPEGs)."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            image.load()
-    except Exception as exc:  # PIL raises OSError, SyntaxError, DecompressionBombError...
-        raise JobInputError(f"{path}: not a readable image ({exc})") from exc
-
-
 def examples_from(
-    folder: Path, prompt: str, caption_files: bool, field: str, check: bool = True
+    folder: Path,
+    prompt: str,
+    caption_files: bool,
+    field: str,
+    check: bool = True,
+    rules: ImageRules | None = None,
 ) -> list[Example]:
     """Every image of `folder` with its prompt: `NAME.txt` when present and allowed.
-    `check` decodes each image first (off where the launcher has checked them)."""
+    `check` decodes each image first and checks it against `rules` (off where the
+    launcher has checked them)."""
     examples = []
     for path in image_files(folder, field):
         if check:
-            check_image(path)
+            images.check(path, str(path), rules or ImageRules())
         caption = path.with_suffix(".txt")
         text = (
             caption.read_text(encoding="utf-8").strip()
@@ -87,11 +84,19 @@ def examples_from(
 class ImagePreprocessor:
     """Resize the short side to the resolution, crop a square, maybe flip."""
 
-    def __init__(self, resolution: int, center_crop: bool, random_flip: bool, seed: int) -> None:
+    def __init__(
+        self,
+        resolution: int,
+        center_crop: bool,
+        random_flip: bool,
+        seed: int,
+        rules: ImageRules | None = None,
+    ) -> None:
         self.resolution = resolution
         self.center_crop = center_crop
         self.random_flip = random_flip
         self.seed = seed
+        self.rules = rules or ImageRules()
 
     def deterministic_for(self, size: tuple[int, int]) -> bool:
         """True when the result does not depend on the position (so latents can be cached)."""
@@ -99,11 +104,14 @@ class ImagePreprocessor:
         return not self.random_flip and (self.center_crop or square)
 
     def __call__(self, source: Path | Image, position: int) -> tuple[torch.Tensor, bool]:
-        """The image as a [-1, 1] tensor, and whether it is the same at every position."""
+        """The image (a file, or one `images.decode` returned) as a [-1, 1] tensor, and
+        whether it is the same at every position."""
         import torch
         from PIL import Image, ImageOps
 
-        image = load_rgb(source)
+        image = (
+            images.decode(source, str(source), self.rules) if isinstance(source, Path) else source
+        )
         width, height = image.size
         deterministic = self.deterministic_for((width, height))
         scale = self.resolution / min(width, height)
@@ -123,16 +131,6 @@ class ImagePreprocessor:
         if self.random_flip and bool(torch.rand(1, generator=generator) < 0.5):
             image = ImageOps.mirror(image)
         return to_tensor(image), deterministic
-
-
-def load_rgb(source: Path | Image) -> Image:
-    """An RGB image from a file or a decoded image, turned upright by its EXIF tag."""
-    from PIL import Image, ImageOps
-
-    if isinstance(source, Path):
-        with Image.open(source) as opened:
-            return ImageOps.exif_transpose(opened).convert("RGB")
-    return ImageOps.exif_transpose(source).convert("RGB")
 
 
 def to_tensor(image: Image) -> torch.Tensor:

@@ -23,6 +23,7 @@ from ..api.training import TrainingSpec
 from .captions import check_dataset
 from .data import examples_from, resolve_folder
 from .errors import EXIT_INTERRUPTED, JobInputError, exit_code_for
+from .images import ImageRules
 from .loop import RunPlan, check_optimizer
 from .models import resolve_model
 from .reporting import write_termination_message
@@ -101,6 +102,7 @@ def prepare(spec: TrainingSpec, name: str, output_uri: str | None = None) -> Run
             concept.instance_prompt,
             concept.caption_files,
             f"spec.data.concepts[{index}].instanceImages",
+            rules=ImageRules.of(spec.data),
         )
         concepts.append(folder.resolve())
         if concept.class_images.uri:

@@ -31,6 +31,7 @@ from .data import Example, examples_from
 from .durable import DurableCheckpoints
 from .encoding import Encoder
 from .errors import EXIT_INTERRUPTED, EXIT_OK, JobInputError, NonFiniteLoss
+from .images import ImageRules
 from .methods import TrainedModules, TrainingMethod, method_for
 from .models import Components, load_components
 from .reporting import StatusReporter
@@ -285,7 +286,8 @@ class Trainer:
             if class_images:
                 assert concept.class_prompt is not None
                 field = f"spec.data.concepts[{index}].classImages.uri"
-                found += examples_from(folder, concept.class_prompt, False, field)[
+                rules = ImageRules.of(self.spec.data)
+                found += examples_from(folder, concept.class_prompt, False, field, rules=rules)[
                     : concept.class_images.count
                 ]
             else:

@@ -21,6 +21,7 @@ from ..batches import Batch
 from ..data import Example, ImagePreprocessor, Prepared
 from ..diffusion import add_noise, denoising_loss
 from ..encoding import Encoder
+from ..images import ImageRules
 from ..models import Components
 
 
@@ -64,7 +65,11 @@ class TrainingMethod(ABC):
         self.teacher_folder = teacher_folder
         data = spec.data
         self.preprocess = ImagePreprocessor(
-            data.resolution, data.center_crop, data.random_flip, spec.training.seed
+            data.resolution,
+            data.center_crop,
+            data.random_flip,
+            spec.training.seed,
+            ImageRules.of(data),
         )
 
     @property

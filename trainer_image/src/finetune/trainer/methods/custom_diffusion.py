@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...api.training import FreezeMode
-from ..data import Example, Prepared, load_rgb, to_tensor
+from ..data import Example, Prepared, to_tensor
 from ..errors import JobInputError
+from ..images import ImageRules, decode
 from .base import TrainedModules, TrainingMethod
 
 WEIGHTS_FILE = "pytorch_custom_diffusion_weights.safetensors"
@@ -123,11 +124,19 @@ class ScaleAugmentation:
     """The reference method's augmentation: the image drawn smaller (on a blank canvas,
     the loss masked to it) or larger (cropped) than the resolution, the prompt told so."""
 
-    def __init__(self, resolution: int, latent_factor: int, random_flip: bool, seed: int) -> None:
+    def __init__(
+        self,
+        resolution: int,
+        latent_factor: int,
+        random_flip: bool,
+        seed: int,
+        rules: ImageRules | None = None,
+    ) -> None:
         self.resolution = resolution
         self.factor = latent_factor
         self.random_flip = random_flip
         self.seed = seed
+        self.rules = rules or ImageRules()
 
     def __call__(self, example: Example, position: int) -> Prepared:
         from PIL import Image, ImageOps
@@ -142,7 +151,8 @@ class ScaleAugmentation:
             scale = draw(size // 3, size)
         else:
             scale = draw(int(1.2 * size), int(1.4 * size))
-        image = load_rgb(example.image).resize((scale, scale), Image.Resampling.BILINEAR)
+        image = decode(example.image, str(example.image), self.rules)
+        image = image.resize((scale, scale), Image.Resampling.BILINEAR)
         if self.random_flip and float(torch.rand(1, generator=rng)) < 0.5:
             image = ImageOps.mirror(image)
         latent = size // self.factor
@@ -196,7 +206,13 @@ class CustomDiffusion(TrainingMethod):
         factor = 2 ** (len(c.vae.config.block_out_channels) - 1)
         data = self.spec.data
         self.augment = (
-            ScaleAugmentation(data.resolution, factor, data.random_flip, self.spec.training.seed)
+            ScaleAugmentation(
+                data.resolution,
+                factor,
+                data.random_flip,
+                self.spec.training.seed,
+                ImageRules.of(data),
+            )
             if cd.augmentation
             else None
         )

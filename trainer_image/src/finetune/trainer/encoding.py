@@ -2,16 +2,63 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 
 from .models import Components
 
+log = logging.getLogger(__name__)
+
+MAX_PROMPT_WARNINGS = 20  # distinct cut prompts named before falling silent
+SHOWN_PROMPT_CHARS = 60
+
+
+def abbreviated(prompt: str, limit: int = SHOWN_PROMPT_CHARS) -> str:
+    return prompt if len(prompt) <= limit else prompt[: limit - 1] + "…"
+
+
+class PromptLengths:
+    """Warns once per distinct prompt the tokenizer cuts, naming it and how many
+    tokens it loses (CLIP keeps 77, start and end markers included)."""
+
+    def __init__(self, tokenizer: Any, announce: bool = True) -> None:
+        self.tokenizer = tokenizer
+        self.announce = announce
+        self.warned: set[str] = set()
+
+    def check(self, prompts: list[str]) -> None:
+        if not self.announce or len(self.warned) >= MAX_PROMPT_WARNINGS:
+            return
+        limit = int(self.tokenizer.model_max_length)
+        for prompt in dict.fromkeys(prompts):
+            if prompt in self.warned:
+                continue
+            # verbose=False: the tokenizer's own, prompt-less warning stays quiet.
+            count = len(self.tokenizer(prompt, verbose=False).input_ids)
+            if count <= limit:
+                continue
+            self.warned.add(prompt)
+            log.warning(
+                "prompt %r is %d tokens long; the tokenizer keeps %d, so the last %d are dropped",
+                abbreviated(prompt),
+                count,
+                limit,
+                count - limit,
+            )
+            if len(self.warned) == MAX_PROMPT_WARNINGS:
+                log.warning(
+                    "%d prompts cut so far; further ones are not reported", len(self.warned)
+                )
+                return
+
 
 class Encoder:
     """Encodes what the methods train on. Prompts are embedded here when the text
     encoder is frozen; when it trains, only token ids leave, for the engine to embed.
+    `announce`: warn about prompts the tokenizer cuts (one rank is enough when every
+    rank sees the same prompts).
 
     `cache` keeps VAE latent distributions and prompt embeddings for reuse: right
     for a few concept images seen thousands of times, wrong for a streamed dataset.
@@ -24,6 +71,7 @@ class Encoder:
         dtype: torch.dtype,
         text_encoder_trains: bool,
         cache: bool,
+        announce: bool = True,
     ) -> None:
         self.components = components
         self.device = device
@@ -32,6 +80,7 @@ class Encoder:
         self.cache = cache
         self._latents: dict[Any, torch.Tensor] = {}
         self._text: dict[str, torch.Tensor] = {}
+        self.prompt_lengths = PromptLengths(components.tokenizer, announce)
 
     def cached_latents(self, cache_key: Any) -> torch.Tensor | None:
         """Freshly sampled latents from a cached distribution, if there is one."""
@@ -56,6 +105,8 @@ class Encoder:
         return self._sample(parameters)
 
     def tokens(self, prompts: list[str]) -> torch.Tensor:
+        """Token ids, cut to the tokenizer's limit (with a warning naming each cut prompt)."""
+        self.prompt_lengths.check(prompts)
         tokenizer = self.components.tokenizer
         ids = tokenizer(
             prompts,

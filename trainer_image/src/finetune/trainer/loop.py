@@ -230,6 +230,8 @@ class Trainer:
             self.dtype,
             text_encoder_trains=self.module.text_encoder is not None,
             cache=spec.data.dataset is None,
+            # Concept prompts are the same on every rank; dataset captions are not.
+            announce=self.rank.main or spec.data.dataset is not None,
         )
         self.batches = self._batches()
         self.method.attach(self.encoder)

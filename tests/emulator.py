@@ -17,6 +17,7 @@ assert ownerReferences rather than cascading deletion.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import threading
 import uuid
@@ -40,6 +41,11 @@ NAMESPACES = "/api/v1/namespaces"
 class StampingEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
     _versions = itertools.count(1)
     REQUESTS_KEPT = 64  # more than the requests ever in flight at once
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        # Requests per namespace, for tests that count what an operator costs the API.
+        self.requests_in: collections.Counter[str] = collections.Counter()
 
     def _forget_old_requests(self) -> None:
         if len(self._requests) > 2 * self.REQUESTS_KEPT:
@@ -70,6 +76,8 @@ class StampingEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
 
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
         self._forget_old_requests()
+        if request.namespace:
+            self.requests_in[request.namespace] += 1
         body = request.data if isinstance(request.data, dict) else None
         if request.resource is not None and body is not None:
             meta = body.setdefault("metadata", {})

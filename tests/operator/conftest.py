@@ -150,6 +150,23 @@ class Kube:
 
         return wait_for(matching, what=f"{namespace}/{name}: {what}")
 
+    def hold_status(
+        self,
+        name: str,
+        namespace: str,
+        check: Callable[[dict[str, Any]], bool],
+        what: str,
+        ticks: int = 10,
+    ) -> dict[str, Any]:
+        """Assert that `check` holds over `ticks` of the operator's reconcile interval."""
+        deadline = time.monotonic() + ticks * RECONCILE_SECONDS
+        while True:
+            status = self.status(name, namespace)
+            assert check(status), f"{namespace}/{name} no longer {what}: {status}"
+            if time.monotonic() > deadline:
+                return status
+            time.sleep(RECONCILE_SECONDS / 3)
+
     def wait_phase(self, name: str, namespace: str, phase: str) -> dict[str, Any]:
         return self.wait_status(name, namespace, lambda s: s.get("phase") == phase, phase)
 
@@ -192,6 +209,15 @@ class Kube:
     def job_running(self, name: str, namespace: str, pods: int) -> None:
         self.set_job_status(name, namespace, {"active": pods, "startTime": now()})
 
+    def gang_running(self, job: str, attempt: int, namespace: str, nodes: int) -> list[str]:
+        """Every rank's pod scheduled with its container running, and the Job active."""
+        names = [self.pod(job, attempt, index, namespace, running()) for index in range(nodes)]
+        self.job_running(f"{job}-a{attempt}", namespace, pods=nodes)
+        return names
+
+    def set_pod_status(self, name: str, namespace: str, status: dict[str, Any]) -> None:
+        self.core.patch_namespaced_pod_status(name, namespace, {"status": status})
+
     def job_condition(self, name: str, namespace: str, type_: str, reason: str = "") -> None:
         condition = {"type": type_, "status": "True", "reason": reason, "message": reason}
         self.set_job_status(name, namespace, {"active": 0, "conditions": [condition]})
@@ -203,7 +229,7 @@ class Kube:
         index: int,
         namespace: str,
         status: dict[str, Any],
-    ) -> None:
+    ) -> str:
         """A pod of the gang in a given state, labelled as the Job controller would."""
         labels = {
             "finetune.dev/job": job,
@@ -222,6 +248,7 @@ class Kube:
             "status": status,
         }
         self.core.create_namespaced_pod(namespace, body)
+        return str(body["metadata"]["name"])
 
     def failed_pod(
         self,
@@ -233,23 +260,58 @@ class Kube:
         reason: str = "Error",
         message: str = "",
         conditions: list[dict[str, Any]] | None = None,
-    ) -> None:
+    ) -> str:
         terminated = {"exitCode": exit_code, "reason": reason, "message": message}
         status = {
             "phase": "Failed",
             "conditions": conditions or [],
-            "containerStatuses": [
-                {
-                    "name": "trainer",
-                    "state": {"terminated": terminated},
-                    "ready": False,
-                    "restartCount": 0,
-                    "image": "trainer",
-                    "imageID": "",
-                }
-            ],
+            "containerStatuses": [container({"terminated": terminated})],
         }
-        self.pod(job, attempt, index, namespace, status)
+        return self.pod(job, attempt, index, namespace, status)
+
+
+def container(state: dict[str, Any], ready: bool = False) -> dict[str, Any]:
+    return {
+        "name": "trainer",
+        "state": state,
+        "ready": ready,
+        "restartCount": 0,
+        "image": "trainer",
+        "imageID": "",
+    }
+
+
+def running() -> dict[str, Any]:
+    """A pod's status once its trainer container has started."""
+    scheduled = {"type": "PodScheduled", "status": "True"}
+    return {
+        "phase": "Running",
+        "conditions": [scheduled],
+        "containerStatuses": [container({"running": {"startedAt": now()}}, ready=True)],
+    }
+
+
+def unschedulable(message: str) -> dict[str, Any]:
+    """A pod the scheduler cannot place, as `kubectl describe` shows it."""
+    condition = {
+        "type": "PodScheduled",
+        "status": "False",
+        "reason": "Unschedulable",
+        "message": message,
+    }
+    return {"phase": "Pending", "conditions": [condition]}
+
+
+def pulling(reason: str, message: str) -> dict[str, Any]:
+    """A scheduled pod whose container waits, e.g. for its image."""
+    scheduled = {"type": "PodScheduled", "status": "True"}
+    waiting = container({"waiting": {"reason": reason, "message": message}})
+    return {"phase": "Pending", "conditions": [scheduled], "containerStatuses": [waiting]}
+
+
+def succeeded() -> dict[str, Any]:
+    terminated = {"exitCode": 0, "reason": "Completed"}
+    return {"phase": "Succeeded", "containerStatuses": [container({"terminated": terminated})]}
 
 
 def now(offset_seconds: float = 0) -> str:

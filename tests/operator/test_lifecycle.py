@@ -3,19 +3,31 @@ conditions, restarts, failures, suspend, deadlines, hang detection and TTL.
 
 The emulator runs no controllers, so the tests play the Job controller and the
 kubelet: they write the Job's status and create the gang's pods in the states a
-cluster would put them in, and watch what the operator makes of it.
+cluster would put them in, and watch what the operator makes of it, over many
+reconcile ticks where a phase must hold.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
 import pytest
 
-from tests.emulator import emulated_cluster
-from tests.operator.conftest import Kube, OperatorProcess, now, wait_for
+from tests.emulator import EmulatedCluster, emulated_cluster
+from tests.operator.conftest import (
+    RECONCILE_SECONDS,
+    Kube,
+    OperatorProcess,
+    now,
+    pulling,
+    running,
+    succeeded,
+    unschedulable,
+    wait_for,
+)
 from tests.support import lora_job
 
 KUBERNETES_VERSION = "1.31.0"
@@ -26,6 +38,10 @@ SERVER_FIELDS = ("uid", "creationTimestamp", "resourceVersion", "generation")
 def document(**spec: Any) -> dict[str, Any]:
     changes = {"resources": {"nodes": 2, "gpusPerNode": 4}} | spec
     return lora_job(**changes)
+
+
+def events(kube: Kube, namespace: str, reason: str) -> list[Any]:
+    return [e for e in kube.events(namespace, NAME) if e.reason == reason]
 
 
 def condition(status: dict[str, Any], type_: str) -> dict[str, Any]:
@@ -41,7 +57,7 @@ def start(kube: Kube, namespace: str, **spec: Any) -> dict[str, Any]:
 
 
 def run_gang(kube: Kube, namespace: str, attempt: int = 0) -> dict[str, Any]:
-    kube.job_running(f"{NAME}-a{attempt}", namespace, pods=2)
+    kube.gang_running(NAME, attempt, namespace, nodes=2)
     return kube.wait_status(
         NAME,
         namespace,
@@ -118,31 +134,49 @@ def test_a_failed_pod_restarts_the_whole_gang_up_to_the_backoff_limit(
 ) -> None:
     start(kube, namespace, runPolicy={"backoffLimit": 1})
     run_gang(kube, namespace)
-    kube.failed_pod(NAME, 0, 1, namespace, exit_code=1, message="RuntimeError: NCCL timeout")
+    failed = kube.failed_pod(
+        NAME, 0, 1, namespace, exit_code=1, message="RuntimeError: NCCL timeout"
+    )
     kube.job_condition(f"{NAME}-a0", namespace, "Failed", "BackoffLimitExceeded")
     restarted = kube.wait_batch_job(f"{NAME}-a1", namespace)
     status = kube.wait_status(NAME, namespace, lambda s: s.get("attempt") == 1, "attempt 1")
     assert (status["restarts"], status["failedAttempts"]) == (1, 1)
-    assert status["phase"] == "Restarting"
     restarting = condition(status, "Restarting")
     assert (restarting["status"], restarting["reason"]) == ("True", "TrainerError")
     assert "NCCL timeout" in restarting["message"]
-    wait_for(lambda: kube.batch_job(f"{NAME}-a0", namespace) is None, what="attempt 0 deleted")
     event = kube.wait_event(namespace, NAME, "Restarted")
     assert event.type == "Warning"
     assert "TrainerError" in event.message
     assert restarted["spec"]["template"]["metadata"]["labels"]["finetune.dev/attempt"] == "1"
+    # Restarting holds until the new gang runs; the failed attempt is kept for its logs.
+    status = kube.hold_status(
+        NAME,
+        namespace,
+        lambda s: s["phase"] == "Restarting" and condition(s, "Restarting")["status"] == "True",
+        "Restarting",
+    )
+    assert status["lastFailedAttempt"] == {
+        "attempt": 0,
+        "job": f"{NAME}-a0",
+        "pods": [failed],
+        "reason": "TrainerError",
+    }
+    assert kube.batch_job(f"{NAME}-a0", namespace) is not None
+    assert kube.core.read_namespaced_pod(failed, namespace).status.phase == "Failed"
 
     status = run_gang(kube, namespace, attempt=1)
     assert condition(status, "Restarting")["status"] == "False"
-    kube.failed_pod(NAME, 1, 0, namespace, exit_code=1)
+    again = kube.failed_pod(NAME, 1, 0, namespace, exit_code=1)
     kube.job_condition(f"{NAME}-a1", namespace, "Failed", "BackoffLimitExceeded")
     status = kube.wait_phase(NAME, namespace, "Failed")
     assert status["failureReason"] == "BackoffLimitExceeded"
     assert "2 failed attempts" in status["failureMessage"]
     assert condition(status, "Failed")["reason"] == "BackoffLimitExceeded"
     assert kube.batch_job(f"{NAME}-a2", namespace) is None
-    wait_for(lambda: kube.batch_job(f"{NAME}-a1", namespace) is None, what="attempt 1 deleted")
+    # The newest failed attempt is kept in place of the older one.
+    assert status["lastFailedAttempt"]["pods"] == [again]
+    assert kube.batch_job(f"{NAME}-a1", namespace) is not None
+    wait_for(lambda: kube.batch_job(f"{NAME}-a0", namespace) is None, what="attempt 0 deleted")
 
 
 @pytest.mark.usefixtures("operator")
@@ -161,13 +195,17 @@ def test_a_permanent_failure_is_not_retried(
 ) -> None:
     start(kube, namespace, runPolicy={"backoffLimit": 5})
     run_gang(kube, namespace)
-    kube.failed_pod(NAME, 0, 0, namespace, exit_code, container_reason, message)
+    failed = kube.failed_pod(NAME, 0, 0, namespace, exit_code, container_reason, message)
     kube.job_condition(f"{NAME}-a0", namespace, "Failed", "BackoffLimitExceeded")
     status = kube.wait_phase(NAME, namespace, "Failed")
     assert status["failureReason"] == reason
     assert message in status["failureMessage"]
     assert status.get("restarts", 0) == 0
     assert kube.batch_job(f"{NAME}-a1", namespace) is None
+    # The failed rank's pod stays for `kubectl logs`, and status names it.
+    assert status["lastFailedAttempt"]["pods"] == [failed]
+    assert kube.batch_job(f"{NAME}-a0", namespace) is not None
+    assert kube.core.read_namespaced_pod(failed, namespace).status.phase == "Failed"
     event = kube.wait_event(namespace, NAME, "Failed")
     assert event.type == "Warning"
     assert reason in event.message
@@ -187,6 +225,14 @@ def test_preemption_restarts_without_counting_against_the_backoff_limit(
     status = kube.wait_status(NAME, namespace, lambda s: s.get("attempt") == 1, "attempt 1")
     assert (status["restarts"], status.get("failedAttempts", 0)) == (1, 0)
     assert condition(status, "Restarting")["reason"] == "Preempted"
+    assert status["lastFailedAttempt"]["reason"] == "Preempted"
+    # Once a later attempt succeeds, the kept one has served its purpose.
+    run_gang(kube, namespace, attempt=1)
+    kube.job_condition(f"{NAME}-a1", namespace, "Complete")
+    status = kube.wait_phase(NAME, namespace, "Succeeded")
+    assert "lastFailedAttempt" not in status
+    wait_for(lambda: kube.batch_job(f"{NAME}-a0", namespace) is None, what="attempt 0 deleted")
+    assert kube.batch_job(f"{NAME}-a1", namespace) is not None
 
 
 @pytest.mark.usefixtures("operator")
@@ -203,6 +249,8 @@ def test_suspend_stops_the_gang_and_resume_continues_it(kube: Kube, namespace: s
     assert condition(status, "Running")["status"] == "False"
     kube.wait_event(namespace, NAME, "Suspended")
     kube.set_job_status(f"{NAME}-a0", namespace, {"active": 0})  # the Job controller's part
+    kube.hold_status(NAME, namespace, lambda s: s["phase"] == "Suspended", "Suspended")
+    assert len(events(kube, namespace, "Suspended")) == 1
 
     kube.patch_spec(NAME, namespace, {"runPolicy": {"suspend": False}})
     wait_for(
@@ -234,16 +282,112 @@ def test_a_kueue_job_waits_for_admission(kube: Kube, namespace: str) -> None:
 
 
 @pytest.mark.usefixtures("operator")
-def test_a_silent_trainer_restarts_the_gang(kube: Kube, namespace: str) -> None:
+def test_a_gang_waiting_for_gpus_stays_pending_with_the_reason(kube: Kube, namespace: str) -> None:
     start(kube, namespace, runPolicy={"heartbeatTimeoutSeconds": 60})
-    kube.patch_status(NAME, namespace, {"progress": {"step": 3, "lastHeartbeat": now(-600)}})
+    no_gpus = "0/4 nodes are available: 4 Insufficient nvidia.com/gpu."
+    pods = [kube.pod(NAME, 0, index, namespace, unschedulable(no_gpus)) for index in range(2)]
+    # The Job controller counts Pending pods as active; its Job started 15 minutes ago,
+    # far longer than the heartbeat timeout.
     kube.set_job_status(f"{NAME}-a0", namespace, {"active": 2, "startTime": now(-900)})
+    status = kube.wait_status(
+        NAME, namespace, lambda s: condition(s, "Running")["reason"] == "Unschedulable", "waiting"
+    )
+    assert no_gpus in condition(status, "Running")["message"]
+    status = kube.hold_status(
+        NAME,
+        namespace,
+        lambda s: s["phase"] == "Pending" and s.get("attempt", 0) == 0 and not s.get("startTime"),
+        "Pending without restarts",
+    )
+    assert condition(status, "Running")["status"] == "False"
+    (event,) = events(kube, namespace, "Unschedulable")
+    assert (event.type, event.message) == ("Warning", f"2 of 2 pods waiting; rank 0: {no_gpus}")
+    assert not events(kube, namespace, "Started") + events(kube, namespace, "Restarted")
+
+    # Scheduled, the image cannot be pulled: a new reason, one new event.
+    back_off = 'Back-off pulling image "registry.example/trainer:v9"'
+    for name in pods:
+        kube.set_pod_status(name, namespace, pulling("ImagePullBackOff", back_off))
+    kube.wait_event(namespace, NAME, "ImagePullBackOff")
+    status = kube.hold_status(NAME, namespace, lambda s: s["phase"] == "Pending", "Pending")
+    assert condition(status, "Running")["reason"] == "ImagePullBackOff"
+    assert len(events(kube, namespace, "ImagePullBackOff")) == 1
+    assert len(events(kube, namespace, "Unschedulable")) == 1
+
+    for name in pods:
+        kube.set_pod_status(name, namespace, running())
+    status = kube.wait_phase(NAME, namespace, "Running")
+    assert condition(status, "Running")["reason"] == "PodsRunning"
+    assert status["startTime"]
+    kube.wait_event(namespace, NAME, "Started")
+
+
+@pytest.mark.usefixtures("operator")
+def test_a_gang_never_scheduled_fails_after_the_scheduling_timeout(
+    kube: Kube, namespace: str
+) -> None:
+    start(kube, namespace, runPolicy={"schedulingTimeoutSeconds": 2})
+    no_gpus = "0/4 nodes are available: 4 Insufficient nvidia.com/gpu."
+    kube.pod(NAME, 0, 0, namespace, running())
+    kube.pod(NAME, 0, 1, namespace, unschedulable(no_gpus))
+    status = kube.wait_phase(NAME, namespace, "Failed")
+    assert status["failureReason"] == "SchedulingTimeout"
+    assert "runPolicy.schedulingTimeoutSeconds (2s)" in status["failureMessage"]
+    assert no_gpus in status["failureMessage"]
+    assert "SchedulingTimeout" in kube.wait_event(namespace, NAME, "Failed").message
+    # The waiting gang holds GPUs (rank 0 got one): it is torn down.
+    wait_for(lambda: kube.batch_job(f"{NAME}-a0", namespace) is None, what="attempt 0 deleted")
+
+
+@pytest.mark.usefixtures("operator")
+def test_a_staggered_finish_stays_running_until_every_rank_succeeded(
+    kube: Kube, namespace: str
+) -> None:
+    start(kube, namespace)
+    pods = kube.gang_running(NAME, 0, namespace, nodes=2)
+    kube.wait_phase(NAME, namespace, "Running")
+    # Rank 1 is done; rank 0 still saves and uploads the results.
+    kube.set_pod_status(pods[1], namespace, succeeded())
+    kube.set_job_status(f"{NAME}-a0", namespace, {"active": 1, "succeeded": 1})
+    status = kube.hold_status(
+        NAME,
+        namespace,
+        lambda s: s["phase"] == "Running" and condition(s, "Running")["status"] == "True",
+        "Running",
+    )
+    assert "(1 finished)" in condition(status, "Running")["message"]
+    kube.set_pod_status(pods[0], namespace, succeeded())
+    kube.job_condition(f"{NAME}-a0", namespace, "Complete")
+    kube.wait_phase(NAME, namespace, "Succeeded")
+
+
+def test_a_hang_after_a_rank_finished_restarts_the_gang(
+    kube: Kube, namespace: str, operator: OperatorProcess
+) -> None:
+    start(kube, namespace, runPolicy={"heartbeatTimeoutSeconds": 60})
+    pods = kube.gang_running(NAME, 0, namespace, nodes=2)
+    kube.wait_phase(NAME, namespace, "Running")
+    kube.set_pod_status(pods[1], namespace, succeeded())
+    kube.set_job_status(f"{NAME}-a0", namespace, {"active": 1, "succeeded": 1})
+    # The operator is down while rank 0 hangs; back 15 minutes later, it finds the
+    # gang running since then and the trainer silent for 10 of them.
+    operator.kill()
+    status = kube.status(NAME, namespace)
+    conditions = [
+        c | {"lastTransitionTime": now(-900)} if c["type"] == "Running" else c
+        for c in status["conditions"]
+    ]
+    progress = {"step": 3, "lastHeartbeat": now(-600)}
+    kube.patch_status(NAME, namespace, {"conditions": conditions, "progress": progress})
+    operator.start()
     kube.wait_batch_job(f"{NAME}-a1", namespace)
     status = kube.wait_status(NAME, namespace, lambda s: s.get("attempt") == 1, "attempt 1")
     restarting = condition(status, "Restarting")
     assert restarting["reason"] == "HeartbeatTimeout"
     assert "heartbeatTimeoutSeconds 60" in restarting["message"]
     assert status["failedAttempts"] == 1
+    # A hung gang still holds its GPUs: it is torn down, not kept.
+    wait_for(lambda: kube.batch_job(f"{NAME}-a0", namespace) is None, what="attempt 0 deleted")
 
 
 @pytest.mark.usefixtures("operator")
@@ -302,13 +446,21 @@ def test_a_spec_change_after_start_is_ignored_with_a_warning(kube: Kube, namespa
 
 
 @pytest.mark.usefixtures("operator")
-def test_an_invalid_spec_fails_naming_the_field(kube: Kube, namespace: str) -> None:
+def test_an_invalid_spec_fails_naming_the_field_and_costs_nothing_after(
+    kube: Kube, namespace: str, cluster: EmulatedCluster
+) -> None:
     kube.create_job(document(training={"learningRate": -1}), namespace)
     status = kube.wait_phase(NAME, namespace, "Failed")
     assert status["failureReason"] == "InvalidSpec"
     assert "spec.training.learningRate" in status["failureMessage"]
+    assert status["observedGeneration"] == 1
     assert kube.batch_jobs(namespace) == []
     assert kube.wait_event(namespace, NAME, "InvalidSpec").type == "Warning"
+    # A job failed for good is left alone: no request in its namespace for 10 ticks.
+    requests = cluster.handler.requests_in
+    before = requests[namespace]
+    time.sleep(10 * RECONCILE_SECONDS)
+    assert requests[namespace] == before
 
 
 def test_an_operator_restart_makes_no_duplicates(

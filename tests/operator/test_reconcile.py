@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from finetune.api.cluster import RunPolicy
 from finetune.api.status import ConditionType, FineTuneJobStatus, Phase, Progress
-from finetune_operator import failures, reconcile, spec_changes
+from finetune_operator import failures, gang, reconcile, spec_changes
 from finetune_operator.reconcile import Observed, StartAttempt, StopAttempt
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
@@ -51,6 +52,12 @@ def exited(code: int, reason: str = "Error") -> dict[str, Any]:
     return {"containerStatuses": [{"state": {"terminated": terminated}}]}
 
 
+RUNNING: dict[str, Any] = {
+    "phase": "Running",
+    "containerStatuses": [{"state": {"running": {"startedAt": stamp(NOW)}}}],
+}
+
+
 def test_a_condition_keeps_its_transition_time_until_its_status_flips() -> None:
     status = FineTuneJobStatus()
     earlier = NOW - timedelta(hours=1)
@@ -74,8 +81,9 @@ def test_a_new_attempt_is_not_judged_by_the_last_attempts_heartbeat() -> None:
         progress=Progress(step=10, last_heartbeat=NOW - timedelta(hours=2)),
     )
     fresh = running_job(started=NOW - timedelta(seconds=30))
-    outcome = reconcile.reconcile(observed(status, fresh, heartbeatTimeoutSeconds=600))
-    assert outcome.status.phase is Phase.RUNNING
+    gang = [pod(0, **RUNNING), pod(1, **RUNNING)]
+    outcome = reconcile.reconcile(observed(status, fresh, gang, heartbeatTimeoutSeconds=600))
+    assert outcome.status.phase == Phase.RUNNING
     assert outcome.actions == []
 
 
@@ -89,11 +97,12 @@ def test_the_deadline_counts_from_the_first_start_across_attempts() -> None:
     outcome = reconcile.reconcile(
         observed(status, job_failed, [failed], activeDeadlineSeconds=3600, backoffLimit=5)
     )
-    assert outcome.actions == [StopAttempt(2), StartAttempt(3, deadline_seconds=600)]
+    # The failed attempt's Job is kept for its logs; the new one gets what is left.
+    assert outcome.actions == [StartAttempt(3, deadline_seconds=600)]
 
     late = status.model_copy(update={"start_time": NOW - timedelta(seconds=3700)})
     outcome = reconcile.reconcile(observed(late, job, activeDeadlineSeconds=3600))
-    assert outcome.status.phase is Phase.FAILED
+    assert outcome.status.phase == Phase.FAILED
     assert outcome.status.failure_reason == "DeadlineExceeded"
     assert outcome.actions == [StopAttempt(2)]
 
@@ -135,3 +144,64 @@ def test_only_run_policy_knobs_change_after_creation() -> None:
     assert applied == ["spec.runPolicy.backoffLimit", "spec.runPolicy.suspend"]
     assert ignored == ["spec.runPolicy.queueName", "spec.training.learningRate"]
     assert spec_changes.split(old, old) == ([], [])
+
+
+def test_a_phase_read_back_as_a_string_still_matches() -> None:
+    """The API models hand back plain strings: a Suspended job read from the API
+    must not post another Suspended event on every tick."""
+    status = FineTuneJobStatus.model_validate({"phase": "Suspended", "attempt": 0})
+    assert type(status.phase) is str
+    job = {"spec": {"suspend": True}, "status": {}}
+    outcome = reconcile.reconcile(observed(status, job, suspend=True))
+    assert outcome.events == []
+    restarting = FineTuneJobStatus.model_validate({"phase": "Restarting", "attempt": 1})
+    outcome = reconcile.reconcile(observed(restarting, {"spec": {}, "status": {"active": 2}}))
+    assert outcome.status.phase == Phase.RESTARTING
+
+
+def test_the_gang_is_read_from_its_pods_not_the_jobs_active_count() -> None:
+    waiting = {
+        "phase": "Pending",
+        "conditions": [
+            {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "m"}
+        ],
+    }
+    pulling = {
+        "phase": "Pending",
+        "conditions": [{"type": "PodScheduled", "status": "True"}],
+        "containerStatuses": [{"state": {"waiting": {"reason": "ErrImagePull", "message": "x"}}}],
+    }
+    creating = {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "True"}]}
+    done = {"phase": "Succeeded"}
+
+    def read(*statuses: dict[str, Any]) -> gang.Gang:
+        return gang.read([pod(i, **s) for i, s in enumerate(statuses)], nodes=2)
+
+    assert read(RUNNING, RUNNING).runs
+    assert read(RUNNING, done).runs
+    assert read(RUNNING, done).training
+    assert not read(done, done).training
+    assert read(RUNNING, waiting).waiting() == ("Unschedulable", "1 of 2 pods waiting; rank 1: m")
+    assert not read(RUNNING, waiting).scheduled
+    assert read(pulling, waiting).waiting()[0] == "Unschedulable"
+    assert read(creating, pulling).waiting() == ("ErrImagePull", "2 of 2 pods waiting; rank 1: x")
+    assert read(creating, creating).waiting()[0] == "ContainerCreating"
+    assert read(creating, creating).scheduled
+    assert read(RUNNING).waiting() == ("CreatingPods", "1 of 2 pods not created yet")
+    # A replacement pod stands for its rank; a failed pod only when nothing newer does.
+    replaced = gang.read([pod(0), pod(0, **RUNNING), pod(1, **RUNNING)], nodes=2)
+    assert replaced.runs
+    assert not replaced.failed
+    assert [r.pod for r in gang.read([pod(0), pod(1, **RUNNING)], nodes=2).failed] == ["p0"]
+
+
+def test_a_hang_is_timed_from_when_the_gang_ran_not_from_the_jobs_start() -> None:
+    status = FineTuneJobStatus(phase=Phase.PENDING)
+    job = running_job(started=NOW - timedelta(hours=2))  # its pods waited for GPUs
+    running = [pod(0, **RUNNING), pod(1, **RUNNING)]
+    outcome = reconcile.reconcile(observed(status, job, running, heartbeatTimeoutSeconds=600))
+    assert (outcome.status.phase, outcome.actions) == (Phase.RUNNING, [])
+    assert outcome.status.start_time == NOW
+    later = observed(outcome.status, job, running, heartbeatTimeoutSeconds=600)
+    later = dataclasses.replace(later, now=NOW + timedelta(seconds=601))
+    assert reconcile.reconcile(later).restarted == "HeartbeatTimeout"

@@ -49,6 +49,7 @@ OPERATOR_FIELDS = (
     "attempt",
     "failureReason",
     "failureMessage",
+    "lastFailedAttempt",
 )
 
 
@@ -82,7 +83,14 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
 def attempts(
     namespace: str | None, labels: Mapping[str, str], body: kopf.Body, **_: Any
 ) -> dict[Any, Any]:
-    slim = {"spec": {"suspend": body.spec.get("suspend")}, "status": dict(body.status)}
+    slim = {
+        "metadata": {
+            "name": body.meta.name,
+            "creationTimestamp": body.meta.get("creationTimestamp"),
+        },
+        "spec": {"suspend": body.spec.get("suspend")},
+        "status": dict(body.status),
+    }
     return {(namespace, labels[LABEL_JOB], labels.get(LABEL_ATTEMPT)): slim}
 
 
@@ -189,6 +197,15 @@ async def _accepted(memo: kopf.Memo, name: str, namespace: str) -> FineTuneJob |
     return accepted
 
 
+def _live_policy(live_spec: Any) -> RunPolicy:
+    """The run policy as the spec says it now; the defaults when it does not validate
+    (a job that failed with InvalidSpec still gets its TTL)."""
+    try:
+        return RunPolicy.model_validate(dict(live_spec.get("runPolicy") or {}))
+    except ValidationError:
+        return RunPolicy()
+
+
 def _policy(accepted: FineTuneJob, live_spec: Any) -> RunPolicy:
     """The accepted run policy with the knobs that may change taken from the live spec."""
     live = dict(live_spec.get("runPolicy") or {})
@@ -266,6 +283,16 @@ async def reconcile_job(
     namespace = namespace or "default"
     started = time.perf_counter()
     current = FineTuneJobStatus.model_validate(dict(status))
+    generation = int(meta.get("generation") or 1)
+    if current.phase in reconcile.FINISHED:
+        # Only the TTL is left to watch: no job file to read, no Job to look at.
+        finished = reconcile.Observed(generation, 0, _live_policy(spec), current, None, [], _now())
+        outcome = reconcile.reconcile(finished)
+        for action in outcome.actions:
+            if isinstance(action, reconcile.DeleteFineTuneJob):
+                await in_thread(memo.cluster.delete_finetunejob, namespace, name)
+        patch.status.update(_status_patch(dict(status), outcome.status))
+        return
     if current.attempt < getattr(memo, "started", 0):
         return  # a status older than our last restart: wait for the watch to catch up
     accepted = await _accepted(memo, name, namespace)
@@ -274,7 +301,7 @@ async def reconcile_job(
     policy = _policy(accepted, spec)
     key = (namespace, name, str(current.attempt))
     observed = reconcile.Observed(
-        generation=int(meta.get("generation") or 1),
+        generation=generation,
         nodes=accepted.spec.resources.nodes,
         policy=policy,
         status=current,

@@ -41,6 +41,7 @@ FAILURE_REASONS = (
     *failures.PERMANENT_REASONS,
     "BackoffLimitExceeded",
     "DeadlineExceeded",
+    "SchedulingTimeout",
     "InvalidSpec",
 )
 # Every reason's series exists from the start, at zero: rate() and the dashboard see

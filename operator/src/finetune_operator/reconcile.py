@@ -5,7 +5,11 @@ status and run policy, the Job of its current attempt and that attempt's pods,
 and returns the operator's part of the status plus what to do (start or stop an
 attempt, suspend, delete a finished job). It never touches what the trainer
 writes (progress, lastCheckpoint, artifacts). The kopf handlers feed it and
-carry out its actions; the policies themselves live here and in `failures`.
+carry out its actions; the policies themselves live here and in `failures`;
+what the pods are doing is read by `gang`.
+
+Phases and conditions read back from the API are plain strings (the models use
+`use_enum_values`): they are compared by value, never by identity.
 """
 
 from __future__ import annotations
@@ -19,11 +23,12 @@ from finetune.api.status import (
     Condition,
     ConditionStatus,
     ConditionType,
+    FailedAttempt,
     FineTuneJobStatus,
     Phase,
 )
 
-from . import failures
+from . import failures, gang
 from .failures import Failure
 
 FINISHED = (Phase.SUCCEEDED, Phase.FAILED)
@@ -122,10 +127,13 @@ def set_condition(
     )
 
 
+def find_condition(status: FineTuneJobStatus, type_: ConditionType) -> Condition | None:
+    return next((c for c in status.conditions if c.type == type_.value), None)
+
+
 def condition_is(status: FineTuneJobStatus, type_: ConditionType) -> bool:
-    return any(
-        c.type == type_.value and c.status == ConditionStatus.TRUE for c in status.conditions
-    )
+    found = find_condition(status, type_)
+    return found is not None and found.status == ConditionStatus.TRUE
 
 
 def created(status: FineTuneJobStatus, generation: int, job_name: str, now: datetime) -> None:
@@ -143,6 +151,7 @@ def created(status: FineTuneJobStatus, generation: int, job_name: str, now: date
 
 
 def invalid(status: FineTuneJobStatus, generation: int, message: str, now: datetime) -> None:
+    status.observed_generation = generation
     _finish(status, generation, now, Phase.FAILED, "InvalidSpec", message)
 
 
@@ -177,7 +186,7 @@ def _finish(
 ) -> None:
     status.phase = phase
     status.completion_time = status.completion_time or now
-    succeeded = phase is Phase.SUCCEEDED
+    succeeded = phase == Phase.SUCCEEDED
     kind = ConditionType.SUCCEEDED if succeeded else ConditionType.FAILED
     set_condition(status, kind, True, reason, message, generation, now)
     for other in (ConditionType.RUNNING, ConditionType.RESTARTING):
@@ -187,13 +196,35 @@ def _finish(
         status.failure_reason, status.failure_message = reason, message
 
 
-def _fail(o: Observed, out: Outcome, reason: str, message: str) -> Outcome:
+def _fail(o: Observed, out: Outcome, reason: str, message: str, stop: bool = True) -> Outcome:
+    """Fail the job for good. `stop` deletes the attempt's Job (its pods still run or
+    wait); a Job that failed by itself is kept instead, for its pods' logs."""
     _finish(out.status, o.generation, o.now, Phase.FAILED, reason, message)
-    if o.batch_job is not None:
+    if stop and o.batch_job is not None:
         out.actions.append(StopAttempt(out.status.attempt))
     out.events.append(Event("Warning", "Failed", f"{reason}: {message}"))
     out.failed = reason
     return out
+
+
+def _keep_failed_attempt(o: Observed, out: Outcome, reason: str) -> None:
+    """Keep the attempt whose Job failed (its failed pods hold the logs) in place of
+    the one kept before, which goes."""
+    status = out.status
+    kept = status.last_failed_attempt
+    if kept is not None and kept.attempt != status.attempt:
+        out.actions.append(StopAttempt(kept.attempt))
+    failed_pods = sorted(
+        str(p.get("metadata", {}).get("name", ""))
+        for p in o.pods
+        if p.get("status", {}).get("phase") == "Failed"
+    )
+    status.last_failed_attempt = FailedAttempt(
+        attempt=status.attempt,
+        job=str((o.batch_job or {}).get("metadata", {}).get("name", "")),
+        pods=failed_pods,
+        reason=reason,
+    )
 
 
 def _remaining_deadline(o: Observed) -> int | None:
@@ -203,9 +234,12 @@ def _remaining_deadline(o: Observed) -> int | None:
     return int(limit - (o.now - started).total_seconds())
 
 
-def _restart(o: Observed, out: Outcome, failure: Failure) -> Outcome:
-    """Tear down the gang and start a new attempt, which resumes from the last checkpoint."""
+def _restart(o: Observed, out: Outcome, failure: Failure, job_failed: bool) -> Outcome:
+    """Start a new attempt, which resumes from the last checkpoint. An attempt whose
+    Job failed is kept for its logs; one that still runs (a hang) is torn down."""
     status = out.status
+    if job_failed:
+        _keep_failed_attempt(o, out, failure.reason)
     if failure.counted:
         status.failed_attempts += 1
         if status.failed_attempts > o.policy.backoff_limit:
@@ -215,6 +249,7 @@ def _restart(o: Observed, out: Outcome, failure: Failure) -> Outcome:
                 "BackoffLimitExceeded",
                 f"{status.failed_attempts} failed attempts (backoffLimit {o.policy.backoff_limit}); "
                 f"the last: {failure.reason}: {failure.message}",
+                stop=not job_failed,
             )
     previous, status.attempt = status.attempt, status.attempt + 1
     status.restarts += 1
@@ -231,7 +266,9 @@ def _restart(o: Observed, out: Outcome, failure: Failure) -> Outcome:
     set_condition(
         status, ConditionType.RUNNING, False, failure.reason, message, o.generation, o.now
     )
-    out.actions += [StopAttempt(previous), StartAttempt(status.attempt, _remaining_deadline(o))]
+    if not job_failed:
+        out.actions.append(StopAttempt(previous))
+    out.actions.append(StartAttempt(status.attempt, _remaining_deadline(o)))
     out.events.append(Event("Warning", "Restarted", f"{failure.reason}: {message}"))
     out.restarted = failure.reason
     return out
@@ -247,8 +284,9 @@ def _after_failed_job(o: Observed, out: Outcome, job_failed: dict[str, Any]) -> 
         )
     failure = failures.classify(o.pods, job_failed.get("message", ""))
     if failure.permanent:
-        return _fail(o, out, failure.reason, failure.message)
-    return _restart(o, out, failure)
+        _keep_failed_attempt(o, out, failure.reason)
+        return _fail(o, out, failure.reason, failure.message, stop=False)
+    return _restart(o, out, failure, job_failed=True)
 
 
 def _suspension(o: Observed, out: Outcome, job: dict[str, Any]) -> Outcome | None:
@@ -257,7 +295,7 @@ def _suspension(o: Observed, out: Outcome, job: dict[str, Any]) -> Outcome | Non
     if o.policy.suspend:
         if not job_suspended:
             out.actions.append(SuspendAttempt(status.attempt, True))
-        if status.phase is not Phase.SUSPENDED:
+        if status.phase != Phase.SUSPENDED:
             out.events.append(
                 Event("Normal", "Suspended", "pods stopped; checkpoints are kept for resume")
             )
@@ -303,10 +341,11 @@ def _suspension(o: Observed, out: Outcome, job: dict[str, Any]) -> Outcome | Non
     return None
 
 
-def _heartbeat_lost(o: Observed, job: dict[str, Any]) -> Failure | None:
+def _heartbeat_lost(o: Observed, running_since: datetime | None) -> Failure | None:
     """No progress report for heartbeatTimeoutSeconds, counted from the later of the
-    last report and this attempt's start (loading a model reports nothing)."""
-    references = [parse_time(job.get("status", {}).get("startTime"))]
+    last report and the moment this attempt's gang ran (loading a model reports
+    nothing; waiting for GPUs is not a hang)."""
+    references = [running_since]
     if o.status.progress is not None:
         references.append(o.status.progress.last_heartbeat)
     known = [t for t in references if t is not None]
@@ -324,13 +363,50 @@ def _heartbeat_lost(o: Observed, job: dict[str, Any]) -> Failure | None:
     )
 
 
+def _waiting_since(o: Observed, job: dict[str, Any]) -> datetime | None:
+    """Since when this attempt's gang has waited to be scheduled: its Job's creation,
+    or the last resume (or Kueue's admission) if later."""
+    moments = [parse_time(job.get("metadata", {}).get("creationTimestamp"))]
+    suspended = find_condition(o.status, ConditionType.SUSPENDED)
+    if suspended is not None and suspended.status == ConditionStatus.FALSE:
+        moments.append(suspended.last_transition_time)
+    known = [m for m in moments if m is not None]
+    return max(known) if known else None
+
+
+def _waiting(o: Observed, out: Outcome, job: dict[str, Any], pods: gang.Gang) -> Outcome:
+    """The gang does not run yet: Pending (or still Restarting), with the reason in the
+    Running condition and, for a problem, one event each time the reason changes."""
+    status = out.status
+    if status.phase != Phase.RESTARTING:
+        status.phase = Phase.PENDING
+    reason, message = pods.waiting()
+    before = find_condition(status, ConditionType.RUNNING)
+    changed = before is None or before.status == ConditionStatus.TRUE or before.reason != reason
+    if changed and reason not in gang.STARTING:
+        out.events.append(Event("Warning", reason, message))
+    set_condition(status, ConditionType.RUNNING, False, reason, message, o.generation, o.now)
+    limit, since = o.policy.scheduling_timeout_seconds, _waiting_since(o, job)
+    if limit is None or since is None or pods.scheduled:
+        return out
+    if (o.now - since).total_seconds() <= limit:
+        return out
+    return _fail(
+        o,
+        out,
+        "SchedulingTimeout",
+        f"attempt {status.attempt}'s pods were not all scheduled within "
+        f"runPolicy.schedulingTimeoutSeconds ({limit}s): {reason}: {message}",
+    )
+
+
 def _running(o: Observed, out: Outcome, job: dict[str, Any]) -> Outcome:
     status = out.status
-    active = int(job.get("status", {}).get("active") or 0)
-    if active < o.nodes:
-        if status.phase is not Phase.RESTARTING:
-            status.phase = Phase.PENDING
-        return out
+    pods = gang.read(o.pods, o.nodes)
+    if pods.failed:
+        return out  # the Job controller is about to mark the Job Failed: hold the phase
+    if not pods.runs:
+        return _waiting(o, out, job, pods)
     if status.start_time is None:
         status.start_time = o.now
         out.events.append(Event("Normal", "Started", f"all {o.nodes} pods of the gang run"))
@@ -345,17 +421,39 @@ def _running(o: Observed, out: Outcome, job: dict[str, Any]) -> Outcome:
             o.now,
         )
     status.phase = Phase.RUNNING
+    finished = o.nodes - sum(r.state == gang.RankState.RUNNING for r in pods.ranks.values())
     set_condition(
         status,
         ConditionType.RUNNING,
         True,
         "PodsRunning",
-        f"{active} pods of attempt {status.attempt} run",
+        f"the {o.nodes} pods of attempt {status.attempt} run"
+        + (f" ({finished} finished)" if finished else ""),
         o.generation,
         o.now,
     )
-    lost = _heartbeat_lost(o, job)
-    return _restart(o, out, lost) if lost is not None else out
+    if not pods.training:
+        return out  # every rank finished: the Job completes next
+    running = find_condition(status, ConditionType.RUNNING)
+    lost = _heartbeat_lost(o, running.last_transition_time if running is not None else None)
+    return _restart(o, out, lost, job_failed=False) if lost is not None else out
+
+
+def _succeeded(o: Observed, out: Outcome) -> Outcome:
+    status = out.status
+    _finish(
+        status,
+        o.generation,
+        o.now,
+        Phase.SUCCEEDED,
+        "TrainingComplete",
+        "all pods finished; the results are in spec.output.uri",
+    )
+    if status.last_failed_attempt is not None:  # no longer needed for debugging
+        out.actions.append(StopAttempt(status.last_failed_attempt.attempt))
+        status.last_failed_attempt = None
+    out.events.append(Event("Normal", "Succeeded", "training finished"))
+    return out
 
 
 def reconcile(o: Observed) -> Outcome:
@@ -372,16 +470,7 @@ def reconcile(o: Observed) -> Outcome:
         out.actions.append(StartAttempt(status.attempt, _remaining_deadline(o)))
         return out
     if _job_condition(job, "Complete") is not None:
-        _finish(
-            status,
-            o.generation,
-            o.now,
-            Phase.SUCCEEDED,
-            "TrainingComplete",
-            "all pods finished; the results are in spec.output.uri",
-        )
-        out.events.append(Event("Normal", "Succeeded", "training finished"))
-        return out
+        return _succeeded(o, out)
     if (job_failed := _job_condition(job, "Failed")) is not None:
         return _after_failed_job(o, out, job_failed)
     remaining = _remaining_deadline(o)

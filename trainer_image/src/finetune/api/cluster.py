@@ -100,6 +100,7 @@ MUTABLE_RUN_POLICY = (
     "activeDeadlineSeconds",
     "ttlSecondsAfterFinished",
     "heartbeatTimeoutSeconds",
+    "schedulingTimeoutSeconds",
 )
 
 
@@ -128,6 +129,14 @@ class RunPolicy(ApiModel):
         default=1800,
         ge=60,
         description="Restart the gang when the trainer reports no progress for this long.",
+    )
+    scheduling_timeout_seconds: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Fail with `SchedulingTimeout` when an attempt's pods are not all scheduled this long "
+            "after its Job was created or resumed (time suspended or queued in Kueue does not count)."
+        ),
     )
     queue_name: str | None = Field(
         default=None,

@@ -118,6 +118,17 @@ class Artifact(StatusModel):
     kind: ArtifactKind = Field(description="What the file is.")
 
 
+class FailedAttempt(StatusModel):
+    """A failed gang attempt whose Job and pods are kept for `kubectl logs`."""
+
+    attempt: int = Field(ge=0, description="The attempt's number.")
+    job: str = Field(max_length=253, description="Its Job, `<name>-a<attempt>`.")
+    pods: list[str] = Field(
+        default_factory=list, max_length=256, description="Its pods that failed, by name."
+    )
+    reason: str = Field(max_length=1024, description="Why it failed, e.g. `TrainerError`.")
+
+
 class FineTuneJobStatus(StatusModel):
     """Observed state of a FineTuneJob."""
 
@@ -149,8 +160,15 @@ class FineTuneJobStatus(StatusModel):
         ge=0,
         description="The current gang attempt; its Job is `<name>-a<attempt>`.",
     )
+    last_failed_attempt: FailedAttempt | None = Field(
+        default=None,
+        description=(
+            "The newest failed attempt, kept (its Job and failed pods) until a later attempt "
+            "succeeds or the job is deleted."
+        ),
+    )
     start_time: datetime | None = Field(
-        default=None, description="When the first pod started training."
+        default=None, description="When every pod of the gang first ran."
     )
     completion_time: datetime | None = Field(
         default=None, description="When the job succeeded or failed."

@@ -1,0 +1,149 @@
+"""What a gang attempt's pods are doing, read in one place.
+
+`Job.status.active` counts pods that are still Pending (unschedulable, pulling
+their image), so it cannot tell a gang that trains from one that waits for GPUs.
+This reads each rank's pod instead: scheduled or not, its container started or
+waiting (and why), finished or failed. Pure: the pods come from the operator's
+index, in the shape the API returns them.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
+# A condition reason must be CamelCase; a kubelet's waiting reason normally is.
+_REASON = re.compile(r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
+# Waiting reasons that are steps of a normal start, not problems.
+STARTING = frozenset({"CreatingPods", "Scheduling", "ContainerCreating", "PodInitializing"})
+
+
+class RankState(IntEnum):
+    """One rank's pod, in the order a replacement pod is preferred over its
+    predecessor (a failed pod only counts when nothing newer stands for its rank)."""
+
+    FAILED = 0
+    WAITING = 1
+    SUCCEEDED = 2
+    RUNNING = 3
+
+
+@dataclass(frozen=True)
+class Rank:
+    index: int
+    state: RankState
+    scheduled: bool
+    reason: str = ""  # why it waits, or how it failed
+    message: str = ""
+    pod: str = ""
+
+
+@dataclass(frozen=True)
+class Gang:
+    nodes: int
+    ranks: dict[int, Rank]
+
+    def _count(self, *states: RankState) -> int:
+        return sum(rank.state in states for rank in self.ranks.values())
+
+    @property
+    def runs(self) -> bool:
+        """Every rank's container has started, or finished successfully."""
+        return self._count(RankState.RUNNING, RankState.SUCCEEDED) == self.nodes
+
+    @property
+    def training(self) -> bool:
+        """At least one rank still runs (so its heartbeat is expected)."""
+        return self._count(RankState.RUNNING) > 0
+
+    @property
+    def scheduled(self) -> bool:
+        return len(self.ranks) == self.nodes and all(r.scheduled for r in self.ranks.values())
+
+    @property
+    def failed(self) -> list[Rank]:
+        return [r for r in self.ranks.values() if r.state == RankState.FAILED]
+
+    def waiting(self) -> tuple[str, str]:
+        """Why the gang does not run yet: the reason of the rank furthest from running,
+        a problem (Unschedulable, ImagePullBackOff) before a normal step."""
+        missing = [i for i in range(self.nodes) if i not in self.ranks]
+        waiting = [r for r in self.ranks.values() if r.state == RankState.WAITING]
+        problems = [r for r in waiting if r.reason not in STARTING]
+        if problems:
+            rank = min(problems, key=lambda r: (r.reason != "Unschedulable", r.index))
+        elif missing:
+            return "CreatingPods", f"{len(missing)} of {self.nodes} pods not created yet"
+        elif waiting:
+            order = ("Scheduling", "ContainerCreating", "PodInitializing")
+            rank = min(waiting, key=lambda r: (order.index(r.reason), r.index))
+        else:
+            return "CreatingPods", f"{self.nodes} pods not created yet"
+        count = len(waiting) + len(missing)
+        detail = f": {rank.message}" if rank.message else ""
+        return rank.reason, f"{count} of {self.nodes} pods waiting; rank {rank.index}{detail}"
+
+
+def _condition(pod: dict[str, Any], type_: str) -> dict[str, Any] | None:
+    for condition in pod.get("status", {}).get("conditions") or []:
+        if condition.get("type") == type_:
+            return dict(condition)
+    return None
+
+
+def _containers(pod: dict[str, Any]) -> list[dict[str, Any]]:
+    return list(pod.get("status", {}).get("containerStatuses") or [])
+
+
+def _reason(value: Any, fallback: str) -> str:
+    text = str(value or "")
+    return text if _REASON.match(text) else fallback
+
+
+def read_rank(pod: dict[str, Any], index: int) -> Rank:
+    name = str(pod.get("metadata", {}).get("name", ""))
+    phase = pod.get("status", {}).get("phase")
+    containers = _containers(pod)
+    if phase == "Succeeded":
+        return Rank(index, RankState.SUCCEEDED, True, pod=name)
+    if phase == "Failed":
+        return Rank(index, RankState.FAILED, True, pod=name)
+    scheduled_condition = _condition(pod, "PodScheduled")
+    scheduled = phase == "Running" or (
+        scheduled_condition is not None and scheduled_condition.get("status") == "True"
+    )
+    if not scheduled:
+        if scheduled_condition is not None and scheduled_condition.get("reason"):
+            reason = _reason(scheduled_condition.get("reason"), "Unschedulable")
+            message = str(scheduled_condition.get("message") or "")
+            return Rank(index, RankState.WAITING, False, reason, message, name)
+        return Rank(index, RankState.WAITING, False, "Scheduling", "not scheduled yet", name)
+    if phase == "Running" and (
+        not containers or any("running" in (c.get("state") or {}) for c in containers)
+    ):
+        return Rank(index, RankState.RUNNING, True, pod=name)
+    for container in containers:
+        waiting = (container.get("state") or {}).get("waiting")
+        if waiting:
+            reason = _reason(waiting.get("reason"), "ContainerWaiting")
+            return Rank(
+                index, RankState.WAITING, True, reason, str(waiting.get("message") or ""), name
+            )
+    return Rank(index, RankState.WAITING, True, "ContainerCreating", "", name)
+
+
+def read(pods: list[dict[str, Any]], nodes: int) -> Gang:
+    """The gang of `nodes` ranks from its pods; the most advanced pod stands for a rank."""
+    ranks: dict[int, Rank] = {}
+    for pod in pods:
+        index_text = (pod.get("metadata", {}).get("annotations") or {}).get(COMPLETION_INDEX)
+        if index_text is None or not str(index_text).isdigit():
+            continue
+        rank = read_rank(pod, int(index_text))
+        known = ranks.get(rank.index)
+        if known is None or rank.state > known.state:
+            ranks[rank.index] = rank
+    return Gang(nodes, ranks)

@@ -17,8 +17,8 @@ from typing import Any
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 # A condition reason must be CamelCase; a kubelet's waiting reason normally is.
 _REASON = re.compile(r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
-# Waiting reasons that are steps of a normal start, not problems.
-STARTING = frozenset({"CreatingPods", "Scheduling", "ContainerCreating", "PodInitializing"})
+# The steps of a normal start, in order; any other reason a pod waits is a problem.
+STARTING = ("CreatingPods", "Scheduling", "ContainerCreating", "PodInitializing")
 
 
 class RankState(IntEnum):
@@ -46,18 +46,18 @@ class Gang:
     nodes: int
     ranks: dict[int, Rank]
 
-    def _count(self, *states: RankState) -> int:
+    def count(self, *states: RankState) -> int:
         return sum(rank.state in states for rank in self.ranks.values())
 
     @property
     def runs(self) -> bool:
         """Every rank's container has started, or finished successfully."""
-        return self._count(RankState.RUNNING, RankState.SUCCEEDED) == self.nodes
+        return self.count(RankState.RUNNING, RankState.SUCCEEDED) == self.nodes
 
     @property
     def training(self) -> bool:
         """At least one rank still runs (so its heartbeat is expected)."""
-        return self._count(RankState.RUNNING) > 0
+        return self.count(RankState.RUNNING) > 0
 
     @property
     def scheduled(self) -> bool:
@@ -68,23 +68,25 @@ class Gang:
         return [r for r in self.ranks.values() if r.state == RankState.FAILED]
 
     def waiting(self) -> tuple[str, str]:
-        """Why the gang does not run yet: the reason of the rank furthest from running,
-        a problem (Unschedulable, ImagePullBackOff) before a normal step."""
-        missing = [i for i in range(self.nodes) if i not in self.ranks]
+        """Why a gang that does not run waits: the reason of its rank furthest from
+        running, a problem (Unschedulable first, then e.g. ImagePullBackOff) before
+        a normal step, and pods not created yet before the steps of created ones."""
+        missing = self.nodes - len(self.ranks)
         waiting = [r for r in self.ranks.values() if r.state == RankState.WAITING]
-        problems = [r for r in waiting if r.reason not in STARTING]
-        if problems:
-            rank = min(problems, key=lambda r: (r.reason != "Unschedulable", r.index))
-        elif missing:
-            return "CreatingPods", f"{len(missing)} of {self.nodes} pods not created yet"
-        elif waiting:
-            order = ("Scheduling", "ContainerCreating", "PodInitializing")
-            rank = min(waiting, key=lambda r: (order.index(r.reason), r.index))
-        else:
-            return "CreatingPods", f"{self.nodes} pods not created yet"
-        count = len(waiting) + len(missing)
+        if missing and all(r.reason in STARTING for r in waiting):
+            return "CreatingPods", f"{missing} of {self.nodes} pods not created yet"
+        rank = min(waiting, key=_urgency)
         detail = f": {rank.message}" if rank.message else ""
+        count = len(waiting) + missing
         return rank.reason, f"{count} of {self.nodes} pods waiting; rank {rank.index}{detail}"
+
+
+def _urgency(rank: Rank) -> tuple[int, int]:
+    if rank.reason == "Unschedulable":
+        return -2, rank.index
+    if rank.reason not in STARTING:
+        return -1, rank.index
+    return STARTING.index(rank.reason), rank.index
 
 
 def _condition(pod: dict[str, Any], type_: str) -> dict[str, Any] | None:

@@ -286,7 +286,15 @@ async def reconcile_job(
     generation = int(meta.get("generation") or 1)
     if current.phase in reconcile.FINISHED:
         # Only the TTL is left to watch: no job file to read, no Job to look at.
-        finished = reconcile.Observed(generation, 0, _live_policy(spec), current, None, [], _now())
+        finished = reconcile.Observed(
+            generation=generation,
+            nodes=0,
+            policy=_live_policy(spec),
+            status=current,
+            batch_job=None,
+            pods=[],
+            now=_now(),
+        )
         outcome = reconcile.reconcile(finished)
         for action in outcome.actions:
             if isinstance(action, reconcile.DeleteFineTuneJob):

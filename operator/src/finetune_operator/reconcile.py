@@ -421,7 +421,7 @@ def _running(o: Observed, out: Outcome, job: dict[str, Any]) -> Outcome:
             o.now,
         )
     status.phase = Phase.RUNNING
-    finished = o.nodes - sum(r.state == gang.RankState.RUNNING for r in pods.ranks.values())
+    finished = pods.count(gang.RankState.SUCCEEDED)
     set_condition(
         status,
         ConditionType.RUNNING,

@@ -79,3 +79,46 @@ def test_unknown_hub_repo(tmp_path: Path, disc_images: Path, uri: str) -> None:
     result = finetune_run(job, env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
     assert_refused(result, uri)
     assert_no_output(tmp_path)
+
+
+def copied_images(tmp_path: Path, disc_images: Path, count: int = 2) -> Path:
+    images = tmp_path / "images"
+    images.mkdir()
+    for source in sorted(disc_images.glob("*.png"))[:count]:
+        (images / source.name).write_bytes(source.read_bytes())
+    return images
+
+
+def test_an_output_inside_the_instance_folder(
+    tmp_path: Path, tiny_model: Path, disc_images: Path
+) -> None:
+    images = copied_images(tmp_path, disc_images)
+    job = job_file(tmp_path, tiny_model, images, output={"uri": str(images / "out")})
+    assert_refused(
+        finetune_run(job),
+        f"spec.output.uri: {images / 'out'} is inside",
+        f"spec.data.concepts[0].instanceImages ({images})",
+    )
+    assert (
+        sorted(p.name for p in images.iterdir())
+        == sorted(p.name for p in disc_images.glob("*.png"))[:2]
+    ), "nothing may be written among the photos"
+
+
+def test_images_refused_by_the_data_settings(
+    tmp_path: Path, tiny_model: Path, disc_images: Path
+) -> None:
+    from PIL import Image
+
+    images = copied_images(tmp_path, disc_images)
+    tiny = images / "tiny.png"
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(tiny)
+    job = job_file(tmp_path, tiny_model, images, data={"minImageSize": 32})
+    assert_refused(finetune_run(job), str(tiny), "8x8", "spec.data.minImageSize")
+
+    tiny.unlink()
+    logo = images / "logo.png"
+    Image.new("RGBA", (64, 64), (255, 0, 0, 100)).save(logo)
+    job = job_file(tmp_path, tiny_model, images, data={"alpha": "refuse"})
+    assert_refused(finetune_run(job), str(logo), "transparent", "spec.data.alpha")
+    assert_no_output(tmp_path)

@@ -26,6 +26,7 @@ from .errors import EXIT_INTERRUPTED, JobInputError, exit_code_for
 from .images import ImageRules
 from .loop import RunPlan, check_optimizer
 from .models import resolve_model
+from .overlap import check_output_apart
 from .reporting import write_termination_message
 from .storage import S3Settings, cache_key
 
@@ -73,6 +74,7 @@ def prepare(spec: TrainingSpec, name: str, output_uri: str | None = None) -> Run
     if output != spec.output.uri:
         spec = spec.model_copy(update={"output": spec.output.model_copy(update={"uri": output})})
     check_optimizer(spec)
+    check_output_apart(spec, output)
     cache = cache_dir()
     s3 = S3Settings(spec.output.s3_endpoint_url, spec.output.s3_region)
     if is_s3(output):

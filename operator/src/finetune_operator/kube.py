@@ -18,18 +18,11 @@ from kubernetes.client.exceptions import ApiException
 from finetune.api import GROUP, VERSION
 from finetune.api.job import PLURAL
 
+from .connection import connect as connect  # where the handlers have always found it
+
 Manifest = dict[str, Any]
 
 BACKGROUND = {"propagationPolicy": "Background"}
-
-
-def connect() -> ApiClient:
-    """In a pod, its service account; elsewhere, the current kubeconfig context."""
-    try:
-        kubernetes.config.load_incluster_config()
-    except kubernetes.config.ConfigException:
-        kubernetes.config.load_kube_config()
-    return ApiClient()
 
 
 class Cluster:

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Sequence
 
 import kopf
 
 from .config import OperatorConfig
+from .connection import PROBE_SECONDS, ClusterUnreachable, connect
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,6 +83,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         FINETUNE_METRICS_PORT=str(args.metrics_port),
         FINETUNE_HEALTH_PORT=str(args.health_port),
     )
+    try:
+        connect(probe_seconds=PROBE_SECONDS)
+    except ClusterUnreachable as exc:
+        print(f"finetune-operator: no Kubernetes cluster: {exc}", file=sys.stderr)
+        return 1
     log_format = kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.FULL
     kopf.configure(verbose=args.verbose, log_format=log_format)
     from . import handlers  # noqa: F401  (registers the handlers)

@@ -5,14 +5,18 @@ from __future__ import annotations
 # Exit codes of `finetune run` / `finetune train` (and of each training process).
 # The operator reads them to classify a failure:
 #   0   done
-#   1   anything else (a bug, out of memory, a lost rank): may be worth a retry
-#   2   bad input (a missing folder, an unreadable image, not a model): permanent
+#   1   anything else (a bug, out of memory, a lost rank, S3 or the hub unreachable
+#       after the retries): may be worth a retry
+#   2   bad input (a missing folder, an unreadable image, not a model, an output that
+#       is a file or cannot be written, `--nproc` out of range, an output another run
+#       holds): permanent
 #   3   the loss became NaN or infinite: the hyperparameters diverge; retrying
 #       the same spec diverges again
 #   4   S3 or the hub refused the credentials: permanent until the secret changes
 #   5   no local disk space left to save a checkpoint or the results: permanent
 #       for this volume; the previous checkpoint stays intact
-#   130 stopped on request (SIGINT/SIGTERM) with a checkpoint saved
+#   130 stopped on request (SIGINT/SIGTERM/SIGHUP): with a checkpoint saved once
+#       training began; before that, with nothing written
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_INVALID_INPUT = 2
@@ -38,6 +42,10 @@ class AccessDenied(JobInputError):  # noqa: N818 - named like the failure reason
 class DiskFull(JobInputError):  # noqa: N818 - named like the failure reason it stands for
     """The local disk (or a file-size limit) left no room to save a checkpoint or the
     results. Permanent for this pod's disk: the same job on the same volume fills it again."""
+
+
+class Unreachable(Exception):  # noqa: N818 - named like what happened
+    """S3 or the hub could not be reached within the retry budget: exit 1, retryable."""
 
 
 class NonFiniteLoss(Exception):  # noqa: N818 - named like the failure reason it stands for

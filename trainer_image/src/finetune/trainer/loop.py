@@ -35,7 +35,7 @@ from .images import ImageRules
 from .methods import TrainedModules, TrainingMethod, method_for
 from .models import Components, load_components
 from .reporting import StatusReporter
-from .stopping import StopRequest
+from .stopping import Stopped, StopRequest
 from .storage import S3Settings
 from .store import open_store
 
@@ -453,9 +453,12 @@ class Trainer:
                 self.reporter.close()
 
     def _run(self) -> int:
-        self._setup()
+        # Nothing to save yet: a stop while models load, class images are generated or
+        # a checkpoint is fetched ends the process at once (`Stopped`, exit 130).
+        with self.stop.interruptible():
+            self._setup()
+            step = self._resume()
         hp = self.spec.training
-        step = self._resume()
         interval = self.spec.checkpointing.every_n_steps or hp.max_steps
         crash_after = int(os.environ.get(CRASH_AFTER_STEP_ENV, "0"))
         images_per_step = hp.batch_size * hp.gradient_accumulation_steps * self.rank.world
@@ -574,17 +577,22 @@ class Trainer:
         grid = None
         if self.rank.main:
             folder = samples.sample_folder(self.plan.work_dir, step)
-            grid = samples.generate(
-                self.spec,
-                self.components,
-                self.method.sampling_modules(self.module),
-                self.method.sampling_scheduler(),
-                folder,
-                self.device,
-                self.dtype,
-            )
-            validation = self.spec.validation
-            self.metrics.record_samples(len(validation.prompts) * validation.images_per_prompt)
+            try:
+                grid = samples.generate(
+                    self.spec,
+                    self.components,
+                    self.method.sampling_modules(self.module),
+                    self.method.sampling_scheduler(),
+                    folder,
+                    self.device,
+                    self.dtype,
+                    self.stop,
+                )
+            except Stopped:  # the loop's next step stops every rank, with a checkpoint
+                log.warning("step %d: samples left out, a stop was requested", step)
+            else:
+                validation = self.spec.validation
+                self.metrics.record_samples(len(validation.prompts) * validation.images_per_prompt)
         distributed.barrier()
         return grid
 

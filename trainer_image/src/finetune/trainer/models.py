@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from ..api.common import is_hub, is_s3
-from .errors import AccessDenied, JobInputError
+from .errors import AccessDenied, JobInputError, Unreachable
 from .storage import S3Settings, cache_key, download_prefix
+from .store import RETRY_FOR_ENV, retry_budget, with_retries
 
 # What a Stable Diffusion folder must hold for the trainer to use it.
 REQUIRED_PARTS = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -40,7 +41,7 @@ def check_model_folder(folder: Path, uri: str) -> None:
 
 
 def _from_hub(uri: str, cache_dir: Path) -> Path:
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
@@ -50,14 +51,29 @@ def _from_hub(uri: str, cache_dir: Path) -> Path:
     )
 
     repo, _, revision = uri.removeprefix("hf://").partition("@")
-    try:
-        path = snapshot_download(
-            repo,
-            revision=revision or None,
-            cache_dir=cache_dir,
-            token=os.environ.get("HF_TOKEN") or None,
-            ignore_patterns=_HUB_IGNORE,
+
+    def transient(exc: BaseException) -> bool:
+        """The hub out of reach (not offline on purpose), or answering 429/5xx."""
+        if isinstance(exc, LocalEntryNotFoundError):
+            return not constants.HF_HUB_OFFLINE
+        if isinstance(exc, HfHubHTTPError) and exc.response is not None:
+            status = int(exc.response.status_code)
+            return status == 429 or status >= 500
+        return False
+
+    def download() -> str:
+        return str(
+            snapshot_download(
+                repo,
+                revision=revision or None,
+                cache_dir=cache_dir,
+                token=os.environ.get("HF_TOKEN") or None,
+                ignore_patterns=_HUB_IGNORE,
+            )
         )
+
+    try:
+        path = with_retries(uri, download, is_transient=transient)
     except GatedRepoError as exc:
         raise AccessDenied(
             f"{uri}: the repository is gated; set a token with access (baseModel.hubTokenSecretRef)"
@@ -67,14 +83,19 @@ def _from_hub(uri: str, cache_dir: Path) -> Path:
     except RevisionNotFoundError as exc:
         raise JobInputError(f"{uri}: no revision {revision!r} in the repository") from exc
     except LocalEntryNotFoundError as exc:
-        raise JobInputError(f"{uri}: not in the local cache and the hub cannot be reached") from exc
+        if not constants.HF_HUB_OFFLINE:
+            raise Unreachable(
+                f"{uri}: the hub cannot be reached (retried for "
+                f"{retry_budget():.0f} s, ${RETRY_FOR_ENV}); a later try may succeed"
+            ) from exc
+        raise JobInputError(f"{uri}: not in the local cache and the hub is offline") from exc
     except HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else None
         if status in (401, 403):  # the token (HF_TOKEN) is missing, wrong or lacks access
             raise AccessDenied(f"{uri}: the hub refused the download ({status})") from exc
         if status == 404:
             raise JobInputError(f"{uri}: the hub refused the download ({status})") from exc
-        raise  # 429, 5xx: worth a retry
+        raise Unreachable(f"{uri}: the hub answered {status} after retries") from exc
     return Path(path)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import torch
 
 from ..api.training import TrainingSpec
 from .models import Components, inference_pipeline
+from .stopping import StopRequest
 
 
 def sample_folder(work_dir: Path, step: int) -> Path:
@@ -36,8 +38,12 @@ def generate(
     folder: Path,
     device: torch.device,
     dtype: torch.dtype,
+    stop: StopRequest | None = None,
 ) -> Path:
-    """Generate `imagesPerPrompt` images for each prompt with a fixed seed; return the grid."""
+    """Generate `imagesPerPrompt` images for each prompt with a fixed seed; return the grid.
+
+    A stop request ends it between two denoising steps (`Stopped`), the folder removed:
+    no step's samples are ever half there."""
     pipeline = inference_pipeline(components, scheduler, **trained)
     modes = {name: module.training for name, module in trained.items()}
     for module in trained.values():
@@ -57,13 +63,29 @@ def generate(
                     height=spec.data.resolution,
                     width=spec.data.resolution,
                     generator=generator,
+                    callback_on_step_end=_stop_check(stop),
                 ).images
             for number, image in enumerate(result):
                 image.save(folder / f"prompt-{index:02d}-{number:02d}.png")
             images += result
+        path = folder / "grid.png"
+        grid(images, validation.images_per_prompt).save(path)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
     finally:
         for name, module in trained.items():
             module.train(modes[name])
-    path = folder / "grid.png"
-    grid(images, validation.images_per_prompt).save(path)
     return path
+
+
+def _stop_check(stop: StopRequest | None) -> Any:
+    """A pipeline callback that raises `Stopped` once a stop is requested."""
+    if stop is None:
+        return None
+
+    def check(pipeline: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        stop.raise_if_requested()
+        return tensors
+
+    return check

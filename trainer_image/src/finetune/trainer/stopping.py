@@ -1,19 +1,102 @@
-"""A clean stop on request, without torch: the worker installs it before anything
-slow is imported, so a signal during start-up is remembered, not fatal."""
+"""A clean stop on request, without torch.
+
+SIGINT (Ctrl-C), SIGTERM (a pod's end) and SIGHUP (a closed terminal) all ask for the
+same stop. A process installs one `StopRequest` first thing, so a signal during start-up
+is remembered, not fatal. What the process does decides how fast it answers:
+
+- the training loop reads `requested` once a step (all ranks agree, then checkpoint);
+- waits (retry backoffs, polls) go through `pause`, which ends early with `Stopped`;
+- blocking work with nothing to save (downloads, loading a model) runs inside
+  `interruptible()`, where the signal raises `Stopped` in the main thread at once;
+- pipelines (class images, samples) check `raise_if_requested` between their steps.
+
+The handler only sets a flag (or raises): no locks are taken in signal context.
+"""
 
 from __future__ import annotations
 
 import signal
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import FrameType
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# How often a pause looks at the flag: the bound on how late a stop is noticed there.
+POLL_SECONDS = 0.1
+
+
+class Stopped(Exception):  # noqa: N818 - it is what happened, not a failure
+    """A stop was requested while the process waited or did work it can drop."""
 
 
 class StopRequest:
-    """SIGINT/SIGTERM ask for a clean stop: finish the step, checkpoint, exit."""
+    """SIGINT/SIGTERM/SIGHUP ask for a clean stop: finish the step, checkpoint, exit 130."""
 
     def __init__(self) -> None:
+        global _current
         self.requested = False
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, self._handle)
+        self.signal: int | None = None
+        self._raising = 0
+        self._previous = {signum: signal.signal(signum, self._handle) for signum in STOP_SIGNALS}
+        _current = self
+
+    def close(self) -> None:
+        """Put back the handlers found (for a caller that goes on, like a test)."""
+        global _current
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        if _current is self:
+            _current = None
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.requested = True
+        self.signal = signum
+        if self._raising:
+            raise Stopped(f"stopped by {signal.Signals(signum).name}")
+
+    def raise_if_requested(self) -> None:
+        if self.requested:
+            raise Stopped("stopped on request")
+
+    def pause(self, seconds: float) -> None:
+        """Sleep `seconds`, or raise `Stopped` as soon as a stop is asked for."""
+        deadline = time.monotonic() + seconds
+        while True:
+            self.raise_if_requested()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(POLL_SECONDS, left))
+
+    @contextmanager
+    def interruptible(self) -> Iterator[None]:
+        """A signal inside this block raises `Stopped` in the main thread right away
+        (also out of a blocking read); use it only where dropping the work is safe."""
+        self.raise_if_requested()
+        self._raising += 1
+        try:
+            yield
+        finally:
+            self._raising -= 1
+
+
+_current: StopRequest | None = None
+
+
+def current() -> StopRequest | None:
+    """The process's stop request, once one is installed."""
+    return _current
+
+
+def pause(seconds: float) -> None:
+    """`time.sleep`, cut short by a stop request when this process has one."""
+    if _current is None:
+        time.sleep(seconds)
+    else:
+        _current.pause(seconds)
+
+
+def raise_if_requested() -> None:
+    if _current is not None:
+        _current.raise_if_requested()

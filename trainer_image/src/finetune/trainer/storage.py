@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import stopping
 from .errors import AccessDenied, JobInputError
 
 # S3 answers that retrying cannot change.
@@ -88,7 +90,14 @@ def refusals_named(uri: str) -> Iterator[None]:
             raise JobInputError(f"{uri}: S3 refused the request ({code})") from exc
         raise
     except NoCredentialsError as exc:
-        raise AccessDenied(f"{uri}: no S3 credentials (set output.credentialsSecretRef)") from exc
+        raise AccessDenied(f"{uri}: no S3 credentials ({credentials_advice()})") from exc
+
+
+def credentials_advice() -> str:
+    """Where S3 credentials come from, said for where this process runs."""
+    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+        return "set spec.output.credentialsSecretRef to a Secret with the keys"
+    return "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE with ~/.aws/credentials"
 
 
 def prefix_of(location: S3Location) -> str:
@@ -153,6 +162,7 @@ def download_prefix(uri: str, destination: Path, settings: S3Settings) -> Path:
             known = verified.get(relative) == [size, etag] and target.is_file()
             if (known and target.stat().st_size == size) or intact(target, size, etag):
                 continue
+            stopping.raise_if_requested()  # between files: a stop leaves whole files only
             target.parent.mkdir(parents=True, exist_ok=True)
             partial = target.with_name(target.name + ".partial")
             client.download_file(location.bucket, key, str(partial))

@@ -6,7 +6,8 @@ S3 goes through boto3 (an endpoint URL for MinIO and other S3-compatible stores,
 credentials from boto3's standard chain) with tuned multipart transfers, botocore's
 own retries, and an outer retry loop with exponential backoff and jitter that
 rides out a longer outage. Permanent refusals (403, a missing bucket...) are raised
-at once, never retried.
+at once, never retried. The loop's waits end at once on a stop request
+(`stopping.pause` raises `Stopped`), so Ctrl-C is never stuck behind an outage.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol, TypeVar
 
+from . import stopping
 from .errors import AccessDenied, JobInputError
 from .storage import (
     CREDENTIAL_S3_ERRORS,
@@ -94,26 +96,32 @@ def upload_refusal(exc: BaseException) -> str | None:
     return code if code in PERMANENT_S3_ERRORS else None
 
 
-def with_retries(what: str, call: Callable[[], T], retry_for: float | None = None) -> T:
+def retry_budget() -> float:
+    """Seconds a transient failure is retried (`$FINETUNE_S3_RETRY_SECONDS`, also for the hub)."""
+    return float(os.environ.get(RETRY_FOR_ENV, DEFAULT_RETRY_FOR))
+
+
+def with_retries(
+    what: str,
+    call: Callable[[], T],
+    retry_for: float | None = None,
+    is_transient: Callable[[BaseException], bool] = transient,
+) -> T:
     """`call()`, tried again with exponential backoff and full jitter while it fails
     transiently, for at most `retry_for` seconds; anything else is raised at once."""
-    budget = (
-        retry_for
-        if retry_for is not None
-        else float(os.environ.get(RETRY_FOR_ENV, DEFAULT_RETRY_FOR))
-    )
+    budget = retry_for if retry_for is not None else retry_budget()
     deadline = time.monotonic() + budget
     attempt = 0
     while True:
         try:
             return call()
         except Exception as exc:
-            if not transient(exc) or time.monotonic() >= deadline:
+            if not is_transient(exc) or time.monotonic() >= deadline:
                 raise
             delay = random.uniform(0, min(MAX_BACKOFF, 0.5 * 2**attempt))
             attempt += 1
             log.warning("%s: %s; trying again in %.1f s (try %d)", what, exc, delay, attempt)
-            time.sleep(delay)
+            stopping.pause(delay)
 
 
 class S3Store:

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 CRD := crds/finetune.dev_finetunejobs.yaml
 CHART_CRD := charts/finetune-operator/crds/finetune.dev_finetunejobs.yaml
 
-.PHONY: setup system-packages test lint crd check quickstart
+.PHONY: setup system-packages test test-loaded lint crd check quickstart
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # torch first (a pinned release; a loose requirement would pull a multi-GB CUDA
@@ -17,6 +17,7 @@ setup: system-packages
 	$(BIN)/pip install torch==2.13.0
 	DS_BUILD_OPS=0 $(BIN)/pip install --no-build-isolation deepspeed==0.19.8
 	$(BIN)/pip install -e '.[operator,trainer,dev]'
+	$(BIN)/python -m finetune.trainer.extensions  # DeepSpeed's CPU comm op, built once here
 
 # Debian's Prometheus and Pushgateway: the dashboard's queries are tested against them.
 system-packages:
@@ -27,6 +28,14 @@ system-packages:
 
 test:
 	$(BIN)/pytest
+
+# The suite beside two CPU-burning processes, the way a busy CI runner sees it: tests
+# must wait on events, never race a fixed sleep. The burners end with the suite.
+test-loaded:
+	@$(BIN)/python -c 'while True: pass' & one=$$!; \
+	$(BIN)/python -c 'while True: pass' & two=$$!; \
+	trap 'kill $$one $$two' EXIT INT TERM; \
+	$(BIN)/pytest $(PYTEST_ARGS)
 
 lint:
 	$(BIN)/ruff check .

@@ -37,6 +37,9 @@ def init(rank: Rank) -> torch.device:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
+    from .extensions import build_comm_op
+
+    build_comm_op()  # where a killed build cannot leave every later start waiting
     accelerator = get_accelerator()
     # Ranks wait at barriers while rank 0 alone generates class images, samples and
     # uploads results: far longer than the default 10 minutes on a big job.

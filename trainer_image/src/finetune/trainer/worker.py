@@ -14,11 +14,13 @@ import warnings
 from pathlib import Path
 
 from .errors import EXIT_FAILED, EXIT_INTERRUPTED, exit_code_for
-from .stopping import StopRequest
+from .stopping import Stopped, StopRequest
+from .tether import tie_to_launcher
 
 
 def main(argv: list[str]) -> int:
     stop = StopRequest()  # first: a signal while torch loads must not kill us
+    tie_to_launcher()  # and die with the launcher, whatever kills it
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -38,6 +40,10 @@ def main(argv: list[str]) -> int:
         if stop.requested:
             return EXIT_INTERRUPTED  # asked to stop before training began: nothing to save
         return Trainer(plan, rank, stop).run()
+    except Stopped:
+        if rank.main:
+            print("Stopped on request.", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     except Exception as exc:
         code = exit_code_for(exc)
         if code == EXIT_FAILED:  # unexpected: the traceback is worth having

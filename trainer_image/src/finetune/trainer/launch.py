@@ -3,7 +3,10 @@
 `finetune run` (a laptop, a workstation, CI) and the trainer image's entrypoint
 (`finetune train` in a pod) both come here; only where the rendezvous comes
 from differs. Inputs are resolved once, before any worker starts, so a bad
-path fails in seconds rather than after every rank has loaded a model.
+path fails in seconds rather than after every rank has loaded a model. Before any
+input is fetched the output is checked (a folder that takes a write, an S3 prefix that
+takes a probe) and leased, so a second run into it is refused (`lease`). A stop request
+during all this ends the start at once with exit 130 (`stopping`).
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -22,13 +27,18 @@ from ..api.common import is_s3
 from ..api.training import TrainingSpec
 from .captions import check_dataset
 from .data import examples_from, resolve_folder
-from .errors import EXIT_INTERRUPTED, JobInputError, exit_code_for
+from .errors import EXIT_FAILED, EXIT_INTERRUPTED, JobInputError, Unreachable, exit_code_for
 from .images import ImageRules
+from .lease import OutputClaim
 from .loop import RunPlan, check_optimizer
 from .models import resolve_model
 from .overlap import check_output_apart
+from .preflight import check_output, checked_nproc
 from .reporting import write_termination_message
+from .stopping import STOP_SIGNALS, Stopped, StopRequest
 from .storage import S3Settings, cache_key
+from .store import RETRY_FOR_ENV, retry_budget, transient
+from .tether import LAUNCHER_PID_ENV
 
 CACHE_ENV = "FINETUNE_CACHE_DIR"
 
@@ -68,8 +78,14 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def prepare(spec: TrainingSpec, name: str, output_uri: str | None = None) -> RunPlan:
-    """Resolve every input to a local path (downloading once) and check it can be used."""
+def prepare(
+    spec: TrainingSpec,
+    name: str,
+    output_uri: str | None = None,
+    claim: Callable[[str, Path, S3Settings], None] | None = None,
+) -> RunPlan:
+    """Check the output and `claim` it (take its lease), then resolve every input to a
+    local path (downloading once) and check it can be used."""
     output = output_uri or spec.output.uri
     if output != spec.output.uri:
         spec = spec.model_copy(update={"output": spec.output.model_copy(update={"uri": output})})
@@ -81,7 +97,9 @@ def prepare(spec: TrainingSpec, name: str, output_uri: str | None = None) -> Run
         work_dir = cache / "runs" / cache_key(output)
     else:
         work_dir = Path(output).expanduser().resolve()
-    work_dir.mkdir(parents=True, exist_ok=True)
+    check_output(output, work_dir, s3)
+    if claim is not None:
+        claim(output, work_dir, s3)
     model = resolve_model(spec.base_model.uri, cache, s3)
     teacher = None
     if spec.lcm is not None and spec.lcm.teacher_model is not None:
@@ -115,20 +133,22 @@ def prepare(spec: TrainingSpec, name: str, output_uri: str | None = None) -> Run
     return RunPlan(name, spec, work_dir, model.resolve(), concepts, classes, output, teacher)
 
 
-def default_nproc() -> int:
-    """One process per visible GPU; one on a machine without."""
+def gpu_count() -> int:
     import torch
 
-    return max(1, torch.cuda.device_count())
+    return int(torch.cuda.device_count())
 
 
 class Workers:
     """The processes of this node. Any one failing stops them all: DeepSpeed ranks
     cannot rejoin a running gang, so the whole gang restarts instead."""
 
-    def __init__(self, plan_file: Path, rendezvous: Rendezvous) -> None:
+    def __init__(
+        self, plan_file: Path, rendezvous: Rendezvous, keep_fds: tuple[int, ...] = ()
+    ) -> None:
         self.plan_file = plan_file
         self.rendezvous = rendezvous
+        self.keep_fds = keep_fds
         self.processes: list[subprocess.Popen[bytes]] = []
         self.interrupted = False
 
@@ -143,26 +163,34 @@ class Workers:
             MASTER_ADDR=r.master_addr,
             MASTER_PORT=str(r.master_port),
         )
+        env[LAUNCHER_PID_ENV] = str(os.getpid())  # workers die with us (`tether`)
         if "OMP_NUM_THREADS" not in os.environ:
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // r.nproc_per_node))
         return env
 
     def _forward(self, signum: int, frame: FrameType | None) -> None:
-        """Ctrl-C or a pod's SIGTERM: ask every worker for a clean, checkpointed stop."""
+        """Ctrl-C, a pod's SIGTERM or a closed terminal's SIGHUP: ask every worker for a
+        clean, checkpointed stop."""
         self.interrupted = True
         for process in self.processes:
             if process.poll() is None:
                 process.send_signal(signal.SIGINT)
 
     def run(self) -> int:
-        previous = {s: signal.signal(s, self._forward) for s in (signal.SIGINT, signal.SIGTERM)}
+        previous = {s: signal.signal(s, self._forward) for s in STOP_SIGNALS}
         try:
             for local_rank in range(self.rendezvous.nproc_per_node):
                 command = [sys.executable, "-m", "finetune.trainer.worker", str(self.plan_file)]
                 # A session of their own: the terminal's Ctrl-C reaches only us, and
-                # we pass it on exactly once.
+                # we pass it on exactly once. They keep the output's lease fd open, so
+                # the output stays locked until the last of them is gone.
                 self.processes.append(
-                    subprocess.Popen(command, env=self._env(local_rank), start_new_session=True)
+                    subprocess.Popen(
+                        command,
+                        env=self._env(local_rank),
+                        start_new_session=True,
+                        pass_fds=self.keep_fds,
+                    )
                 )
             return self._wait()
         finally:
@@ -175,9 +203,10 @@ class Workers:
             failed = [c for c in codes if c not in (None, 0)]
             if failed:
                 self._stop_all()
-                code = failed[0]
-                if self.interrupted and code in (EXIT_INTERRUPTED, -signal.SIGINT, -signal.SIGTERM):
+                stopped = {EXIT_INTERRUPTED} | {-s for s in STOP_SIGNALS}
+                if self.interrupted and stopped & set(failed):
                     return EXIT_INTERRUPTED
+                code = failed[0]
                 return code if code > 0 else 128 - code  # killed by a signal: 128 + its number
             if all(c == 0 for c in codes):
                 return 0
@@ -196,11 +225,16 @@ class Workers:
                 process.wait()
 
 
-def launch(plan: RunPlan, rendezvous: Rendezvous) -> int:
-    plan_file = plan.work_dir / ".run" / f"plan-node{rendezvous.node_rank}.json"
+def launch(plan: RunPlan, rendezvous: Rendezvous, keep_fds: tuple[int, ...] = ()) -> int:
+    # A name of its own: no run can read (or overwrite) another run's plan.
+    run_id = uuid.uuid4().hex[:12]
+    plan_file = plan.work_dir / ".run" / f"plan-{run_id}-node{rendezvous.node_rank}.json"
     plan_file.parent.mkdir(parents=True, exist_ok=True)
     plan_file.write_text(plan.to_json())
-    code = Workers(plan_file, rendezvous).run()
+    try:
+        code = Workers(plan_file, rendezvous, keep_fds).run()
+    finally:
+        plan_file.unlink(missing_ok=True)
     if code not in (0, EXIT_INTERRUPTED):
         # The first message is kept: this one shows only when no worker could leave
         # its own (a rank killed by a signal).
@@ -221,24 +255,58 @@ def _ended(code: int) -> str:
 
 def run_local(spec: TrainingSpec, name: str, nproc: int | None, output_uri: str | None) -> int:
     """`finetune run`: the whole job on this machine."""
-    try:
-        plan = prepare(spec, name, output_uri)
-    except JobInputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exit_code_for(exc)
-    rendezvous = Rendezvous(nproc_per_node=nproc or default_nproc(), master_port=free_port())
-    return launch(plan, rendezvous)
+    return _start(spec, name, output_uri, in_pod=False, nproc=nproc)
 
 
 def run_in_pod(spec: TrainingSpec, name: str) -> int:
     """`finetune train`: this pod's share of a gang, rendezvous from the environment."""
+    return _start(spec, name, None, in_pod=True)
+
+
+def _start(
+    spec: TrainingSpec, name: str, output_uri: str | None, in_pod: bool, nproc: int | None = None
+) -> int:
+    stop = StopRequest()  # Ctrl-C, SIGTERM or SIGHUP from here on end the start at once
+    claim = OutputClaim(wait_for_own_job=in_pod)
     try:
-        plan = prepare(spec, name)
-    except JobInputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        write_termination_message(str(exc))
-        return exit_code_for(exc)
-    except Exception as exc:  # S3 or the hub unreachable, a bug: still say why
-        write_termination_message(f"preparing the inputs failed: {type(exc).__name__}: {exc}")
-        raise
-    return launch(plan, Rendezvous.from_env())
+        try:
+            if in_pod:
+                rendezvous = Rendezvous.from_env()
+            else:
+                nproc = checked_nproc(nproc, gpu_count())
+                rendezvous = Rendezvous(nproc_per_node=nproc, master_port=free_port())
+            # Node 0 alone leases: every node of a gang writes into the one output.
+            with stop.interruptible():
+                plan = prepare(spec, name, output_uri, claim if rendezvous.node_rank == 0 else None)
+        except Stopped:
+            print("Stopped before training began; nothing was written.", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        except (JobInputError, Unreachable) as exc:
+            return _refused(str(exc), exit_code_for(exc), in_pod)
+        except Exception as exc:
+            if transient(exc):  # S3 out of reach past the retries: a later try may work
+                return _refused(
+                    f"S3 cannot be reached after retrying for {retry_budget():.0f} s "
+                    f"(${RETRY_FOR_ENV}): {exc}",
+                    EXIT_FAILED,
+                    in_pod,
+                )
+            if in_pod:  # a bug: still say why
+                write_termination_message(
+                    f"preparing the inputs failed: {type(exc).__name__}: {exc}"
+                )
+            raise
+        if stop.requested:
+            print("Stopped before training began; nothing was written.", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        return launch(plan, rendezvous, claim.fds())
+    finally:
+        claim.release()
+        stop.close()
+
+
+def _refused(message: str, code: int, in_pod: bool) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    if in_pod:
+        write_termination_message(message)
+    return code

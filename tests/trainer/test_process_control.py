@@ -1,0 +1,149 @@
+"""`finetune run` as processes, with real signals: a second run into a busy output is
+refused naming the holder, the workers die with a SIGKILLed launcher, and SIGHUP (a
+closed terminal) stops like Ctrl-C, with a checkpoint and exit 130."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import suppress
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from finetune.trainer import checkpoints
+from finetune.trainer.lease import LocalLease
+from tests.trainer.jobs import FINETUNE, finetune_run, job_file
+
+pytestmark = pytest.mark.slow
+
+# Long enough to still be training when the test acts; the test never waits for the end.
+LONG: dict[str, Any] = {"training": {"maxSteps": 400}, "checkpointing": {"everyNSteps": 200}}
+
+
+def children(pid: int) -> list[int]:
+    """The pids whose parent is `pid`, read from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie waiting for its reaper has ended)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+class Run:
+    """`finetune run` in the background, its output in files (a full pipe would stall it)."""
+
+    def __init__(self, job: Path, nproc: int) -> None:
+        self.folder = job.parent
+        env = {**os.environ, "FINETUNE_CACHE_DIR": str(self.folder / "cache")}
+        self.stdout = (self.folder / "stdout.txt").open("w")
+        self.stderr = (self.folder / "stderr.txt").open("w")
+        self.process = subprocess.Popen(
+            [str(FINETUNE), "run", str(job), "--nproc", str(nproc)],
+            env=env,
+            stdout=self.stdout,
+            stderr=self.stderr,
+        )
+        self.workers: list[int] = []
+
+    def output(self) -> str:
+        return (self.folder / "stdout.txt").read_text() + (self.folder / "stderr.txt").read_text()
+
+    def wait_for_training(self, output: Path, timeout: float = 900) -> None:
+        """Until the first step is logged: the workers are up and training."""
+        log = output / "train_log.jsonl"
+        deadline = time.monotonic() + timeout
+        while not (log.exists() and log.read_text().strip()):
+            if self.process.poll() is not None:
+                pytest.fail(f"exited {self.process.returncode} first:\n{self.output()[-3000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"no step logged in {timeout} s:\n{self.output()[-3000:]}")
+            time.sleep(0.5)
+        self.workers = children(self.process.pid)
+
+    def end(self) -> None:
+        """Kill the launcher and every worker still there (a finalizer: also on failure)."""
+        for pid in [self.process.pid, *self.workers, *children(self.process.pid)]:
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.process.wait(timeout=60)
+        self.stdout.close()
+        self.stderr.close()
+
+
+@pytest.fixture
+def runs() -> Iterator[list[Run]]:
+    started: list[Run] = []
+    yield started
+    for run in started:
+        run.end()
+
+
+def test_second_run_refused_and_workers_die_with_the_launcher(
+    tmp_path: Path, tiny_model: Path, disc_images: Path, runs: list[Run]
+) -> None:
+    job = job_file(tmp_path, tiny_model, disc_images, **LONG)
+    output = tmp_path / "out"
+    first = Run(job, nproc=2)
+    runs.append(first)
+    first.wait_for_training(output)
+    assert len(first.workers) == 2
+    (plan,) = output.glob(".run/plan-*.json")
+    planned = plan.read_text()
+
+    second = finetune_run(job, nproc=1)
+    assert second.returncode == 2, second.stderr[-3000:]
+    message = second.stderr.strip().splitlines()[-1]
+    assert f"spec.output.uri: {output} is in use by another run" in message
+    holder = json.loads((output / ".run" / "lease").read_text())
+    assert f"(host {holder['host']}, pid {first.process.pid}, since {holder['since']})" in message
+    # The first run's plan is its own: not replaced, not joined by another.
+    assert list(output.glob(".run/plan-*.json")) == [plan]
+    assert plan.read_text() == planned
+
+    os.kill(first.process.pid, signal.SIGKILL)
+    killed = time.monotonic()
+    first.process.wait(timeout=30)
+    while any(alive(pid) for pid in first.workers) and time.monotonic() - killed < 10:
+        time.sleep(0.1)
+    assert not [pid for pid in first.workers if alive(pid)], "workers outlived the launcher"
+    seconds = time.monotonic() - killed
+    assert seconds < 5, f"workers took {seconds:.1f} s to die"
+    # With every process of the first run gone, the output is free again.
+    lease = LocalLease(output, str(output))
+    lease.acquire()
+    lease.release()
+
+
+def test_sighup_checkpoints_and_exits_130(
+    tmp_path: Path, tiny_model: Path, disc_images: Path, runs: list[Run]
+) -> None:
+    job = job_file(tmp_path, tiny_model, disc_images, **LONG)
+    output = tmp_path / "out"
+    run = Run(job, nproc=2)
+    runs.append(run)
+    run.wait_for_training(output)
+    run.process.send_signal(signal.SIGHUP)  # the terminal was closed
+    code = run.process.wait(timeout=300)
+    assert code == 130, run.output()[-3000:]
+    found = checkpoints.latest(output / "checkpoints")
+    assert found is not None, "no verified checkpoint"
+    assert f"Stopped at step {found.step}; checkpoint saved." in run.output()
+    assert not [pid for pid in run.workers if alive(pid)]
+    assert not list(output.glob(".run/plan-*.json"))  # a run cleans its plan up

@@ -79,3 +79,9 @@ def test_an_output_beside_the_inputs_passes() -> None:
     spec = spec_of(lora_job(output={"uri": "./out"}))
     check_output_apart(spec, "./out")
     check_output_apart(spec, "s3://bucket/dog")
+
+
+def test_the_same_folder_is_called_so() -> None:
+    spec = spec_of(lora_job(output={"uri": "./dog/"}))
+    with pytest.raises(JobInputError, match=r"^spec\.output\.uri: \./dog/ is the same folder as "):
+        check_output_apart(spec, "./dog/")

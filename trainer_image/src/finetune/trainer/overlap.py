@@ -55,6 +55,7 @@ def check_output_apart(spec: TrainingSpec, output: str) -> None:
     for field, uri in inputs_of(spec):
         where = placement(output, uri)
         if where is not None:
+            where = "is the same folder as" if where == "is" else where
             raise JobInputError(
                 f"{OUTPUT_FIELD}: {output} {where} {field} ({uri}); results, checkpoints "
                 "and samples would land among the job's inputs: choose an output folder "

@@ -56,6 +56,18 @@ def test_indexed_job_rendezvous_for_a_multi_node_gang() -> None:
     assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "8"
 
 
+def test_a_cpu_job_requests_no_gpu() -> None:
+    """`gpusPerNode: 0` (kind, minikube): one training process per pod, and a pod a
+    node without GPUs can schedule."""
+    manifest = builders.batch_job(
+        job(resources={"gpusPerNode": 0, "cpu": "2", "memory": "4Gi"}), attempt=0
+    )
+    resources = pod_of(manifest)["containers"][0]["resources"]
+    assert resources["limits"] == {"cpu": "2", "memory": "4Gi"}
+    assert not any("gpu" in key for key in resources.get("requests", {}))
+    assert env_of(manifest)["FINETUNE_NPROC_PER_NODE"] == "1"
+
+
 def test_headless_service_selects_the_gang() -> None:
     service = builders.headless_service(job())
     assert service["spec"]["clusterIP"] == "None"

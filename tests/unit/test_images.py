@@ -81,3 +81,27 @@ def test_the_operator_runs_without_torch() -> None:
     # A module set to None cannot be imported: any torch import would fail here.
     code = "import sys; sys.modules['torch'] = None; import finetune_operator.handlers"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_cpu_trainer_image_is_one_build_arg_away() -> None:
+    """`--build-arg DEVICE=cpu` picks a stage without CUDA whose torch comes from the
+    CPU wheels, and the image carries what examples/cpu-quickstart.yaml trains on."""
+    steps = instructions(TRAINER)
+    stages: dict[str, list[tuple[str, str]]] = {}
+    current = ""
+    for kind, args in steps:
+        if kind == "FROM":
+            current = args.split(" AS ")[-1] if " AS " in args else args
+        stages.setdefault(current, []).append((kind, args))
+    assert ("ARG", "DEVICE=cuda") in steps
+    assert stages["base-cpu"][0] == ("FROM", "ubuntu:24.04 AS base-cpu")
+    assert any("whl/cpu" in args for kind, args in stages["base-cpu"] if kind == "ENV")
+    assert any("whl/cu" in args for kind, args in stages["base-cuda"] if kind == "ENV")
+    final = stages["base-${DEVICE}"]
+    assert any("FINETUNE_TORCH_INDEX" in args for kind, args in final if kind == "RUN")
+    assert ("RUN", "python -m finetune.assets /opt/finetune/quickstart") in final
+
+    example = (ROOT / "examples" / "cpu-quickstart.yaml").read_text()
+    assert "gpusPerNode: 0" in example
+    assert "uri: /opt/finetune/quickstart/model" in example
+    assert "instanceImages: /opt/finetune/quickstart/images" in example

@@ -188,3 +188,16 @@ def test_every_path_decodes_the_same_way(tmp_path: Path) -> None:
     with pytest.raises(JobInputError, match=r"shard\.tar:logo.*spec\.data\.alpha"):
         sample.decode(REFUSE)
     assert decode(path, str(path), WHITE).getpixel((32, 0)) == (129, 129, 129)
+
+
+def test_a_stream_of_small_images_is_named_a_limited_number_of_times(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(images, "_warned", set())
+    rules = ImageRules(warn_below=256)
+    with caplog.at_level(logging.WARNING, logger=images.__name__):
+        for index in range(images.MAX_SIZE_WARNINGS + 5):
+            check_size((64, 64), f"shard.tar:{index}", rules)
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == images.MAX_SIZE_WARNINGS + 1
+    assert messages[-1].endswith("further ones are not reported")

@@ -40,6 +40,8 @@ BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0)}
 SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 
+MAX_SIZE_WARNINGS = 20  # small files named in one process before falling silent
+
 _warned: set[str] = set()  # files already warned about in this process
 
 
@@ -126,16 +128,19 @@ def check_size(size: tuple[int, int], name: str, rules: ImageRules) -> None:
                 f"({rules.min_size} px on the short side)"
             )
         return
-    if short < rules.warn_below and name not in _warned:
-        _warned.add(name)
-        log.warning(
-            "%s: %dx%d is below half the training resolution; it is upscaled and trains "
-            "blur (set %s to refuse such images)",
-            name,
-            size[0],
-            size[1],
-            MIN_SIZE_FIELD,
-        )
+    if short >= rules.warn_below or name in _warned or len(_warned) >= MAX_SIZE_WARNINGS:
+        return
+    _warned.add(name)
+    log.warning(
+        "%s: %dx%d is below half the training resolution; it is upscaled and trains "
+        "blur (set %s to refuse such images)",
+        name,
+        size[0],
+        size[1],
+        MIN_SIZE_FIELD,
+    )
+    if len(_warned) == MAX_SIZE_WARNINGS:
+        log.warning("%d small images so far; further ones are not reported", len(_warned))
 
 
 def check(source: Path | bytes, name: str, rules: ImageRules) -> Image:

@@ -6,11 +6,9 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import signal
 import subprocess
 import time
 from collections.abc import Callable
-from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ from safetensors.torch import load_file
 from finetune.trainer import checkpoints
 from finetune.trainer.storage import cache_key
 from tests.trainer.jobs import FINETUNE, finetune_run, job_file, train_log
+from tests.trainer.processes import kill_tree
 from tests.trainer.s3faults import CREDENTIALS, Moto, moto, throttled  # noqa: F401
 
 pytestmark = pytest.mark.slow
@@ -53,15 +52,18 @@ def manifests(client: Any) -> list[str]:
     )
 
 
-def start(job: Path, nproc: int) -> subprocess.Popen[str]:
+def start(job: Path, nproc: int, processes: list[subprocess.Popen[str]]) -> subprocess.Popen[str]:
+    """`finetune run` in the background, ended at teardown by `processes`."""
     env = {**os.environ, **CREDENTIALS, "FINETUNE_CACHE_DIR": str(job.parent / "cache")}
-    return subprocess.Popen(
+    process = subprocess.Popen(
         [str(FINETUNE), "run", str(job), "--nproc", str(nproc)],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
+    processes.append(process)
+    return process
 
 
 def wait_for(condition: Callable[[], bool], process: subprocess.Popen[str], seconds: float) -> None:
@@ -73,29 +75,9 @@ def wait_for(condition: Callable[[], bool], process: subprocess.Popen[str], seco
         time.sleep(0.05)
 
 
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid` (workers start in sessions of their own, so a process
-    group kill would miss them)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        below = children.get(todo.pop(), [])
-        found += below
-        todo += below
-    return found
-
-
 def kill_everything(process: subprocess.Popen[str]) -> str:
     """SIGKILL the launcher and every worker at once, as when the node dies."""
-    for pid in [process.pid, *descendants(process.pid)]:
-        with suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    kill_tree(process)
     return process.communicate()[1]
 
 
@@ -110,6 +92,7 @@ def test_killed_mid_upload_resumes_from_the_previous_durable_checkpoint(
     moto: Moto,  # noqa: F811
     tiny_model: Path,
     disc_images: Path,
+    processes: list[subprocess.Popen[str]],
 ) -> None:
     spec: dict[str, Any] = {"training": {"maxSteps": 6}, "checkpointing": {"everyNSteps": 3}}
     (tmp_path / "straight").mkdir()
@@ -122,7 +105,7 @@ def test_killed_mid_upload_resumes_from_the_previous_durable_checkpoint(
     # takes seconds to go up, and the kill lands while step 6's files are half there.
     with throttled(moto.port, 60_000) as proxy:
         job = s3_job(tmp_path / "run", tiny_model, disc_images, proxy.url, **spec)
-        process = start(job, nproc=2)
+        process = start(job, nproc=2, processes=processes)
 
         def mid_upload() -> bool:
             found = keys(client)
@@ -171,6 +154,7 @@ def test_an_s3_outage_delays_uploads_but_not_training(
     moto: Moto,  # noqa: F811
     tiny_model: Path,
     disc_images: Path,
+    processes: list[subprocess.Popen[str]],
 ) -> None:
     client = boto3.client("s3", endpoint_url=moto.url)
     client.create_bucket(Bucket="runs")
@@ -182,7 +166,7 @@ def test_an_s3_outage_delays_uploads_but_not_training(
         training={"maxSteps": 8},
         checkpointing={"everyNSteps": 2, "keepLast": 3},
     )
-    process = start(job, nproc=1)
+    process = start(job, nproc=1, processes=processes)
     log = work_dir(job) / "train_log.jsonl"
     wait_for(lambda: log.exists() and log.read_text().strip() != "", process, 240)
     moto.stop()  # S3 goes away after the first step

@@ -16,7 +16,9 @@ from tests.trainer.jobs import FINETUNE, finetune_run, job_file, train_log
 pytestmark = pytest.mark.slow
 
 
-def test_two_nodes_train_one_job(tmp_path: Path, tiny_model: Path, disc_images: Path) -> None:
+def test_two_nodes_train_one_job(
+    tmp_path: Path, tiny_model: Path, disc_images: Path, processes: list[subprocess.Popen[str]]
+) -> None:
     job = job_file(
         tmp_path,
         tiny_model,
@@ -42,6 +44,7 @@ def test_two_nodes_train_one_job(tmp_path: Path, tiny_model: Path, disc_images: 
                 command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
             )
         )
+        processes.append(nodes[-1])
     results = [node.communicate(timeout=300) for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], (
         results[0][1][-2000:] + results[1][1][-2000:]

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
@@ -40,6 +39,20 @@ def s3_job(folder: Path, images: Path, endpoint: str) -> Path:
     return job_file(
         folder, folder, images, output={"uri": "s3://runs/job", "s3EndpointUrl": endpoint}
     )
+
+
+def test_unreachable_hub_exits_1_after_retries(tmp_path: Path, disc_images: Path) -> None:
+    job = job_file(tmp_path, tmp_path, disc_images, baseModel={"uri": "hf://acme/tiny-sd"})
+    env = {
+        "HF_HUB_OFFLINE": "0",
+        "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}",
+        "HF_HOME": str(tmp_path / "hf"),
+        "FINETUNE_S3_RETRY_SECONDS": "2",
+    }
+    result = finetune_run(job, nproc=1, env=env)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "hf://acme/tiny-sd: the hub cannot be reached (retried for 2 s" in last_line(result)
+    assert no_worker_started(tmp_path / "out")
 
 
 @pytest.mark.parametrize("nproc", [0, -1, (os.cpu_count() or 1) + 1])
@@ -101,19 +114,8 @@ def test_unreachable_s3_exits_1_after_retries(tmp_path: Path, disc_images: Path)
     assert time.monotonic() - started < 120
 
 
-@pytest.fixture
-def launcher() -> Iterator[list[subprocess.Popen[str]]]:
-    """Processes a test starts, killed whatever happens to the test."""
-    started: list[subprocess.Popen[str]] = []
-    yield started
-    for process in started:
-        if process.poll() is None:
-            process.kill()
-        process.wait(timeout=30)
-
-
 def test_ctrl_c_during_s3_retries(
-    tmp_path: Path, disc_images: Path, launcher: list[subprocess.Popen[str]]
+    tmp_path: Path, disc_images: Path, processes: list[subprocess.Popen[str]]
 ) -> None:
     job = s3_job(tmp_path, disc_images, f"http://127.0.0.1:{free_port()}")
     env = {
@@ -128,7 +130,7 @@ def test_ctrl_c_during_s3_retries(
         stderr=subprocess.PIPE,
         text=True,
     )
-    launcher.append(process)
+    processes.append(process)
     assert process.stderr is not None
     for line in process.stderr:  # the retries have begun: an observable event
         if "trying again" in line:

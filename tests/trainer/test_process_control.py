@@ -19,31 +19,12 @@ import pytest
 from finetune.trainer import checkpoints
 from finetune.trainer.lease import LocalLease
 from tests.trainer.jobs import FINETUNE, finetune_run, job_file
+from tests.trainer.processes import alive, children_of
 
 pytestmark = pytest.mark.slow
 
 # Long enough to still be training when the test acts; the test never waits for the end.
 LONG: dict[str, Any] = {"training": {"maxSteps": 400}, "checkpointing": {"everyNSteps": 200}}
-
-
-def children(pid: int) -> list[int]:
-    """The pids whose parent is `pid`, read from /proc."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with suppress(OSError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[1]) == pid:
-                found.append(int(stat.parent.name))
-    return found
-
-
-def alive(pid: int) -> bool:
-    """Running (a zombie waiting for its reaper has ended)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 class Run:
@@ -75,11 +56,11 @@ class Run:
             if time.monotonic() > deadline:
                 pytest.fail(f"no step logged in {timeout} s:\n{self.output()[-3000:]}")
             time.sleep(0.5)
-        self.workers = children(self.process.pid)
+        self.workers = children_of().get(self.process.pid, [])
 
     def end(self) -> None:
         """Kill the launcher and every worker still there (a finalizer: also on failure)."""
-        for pid in [self.process.pid, *self.workers, *children(self.process.pid)]:
+        for pid in [self.process.pid, *self.workers, *children_of().get(self.process.pid, [])]:
             with suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         self.process.wait(timeout=60)

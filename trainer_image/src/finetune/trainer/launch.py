@@ -25,6 +25,7 @@ from types import FrameType
 
 from ..api.common import is_s3
 from ..api.training import TrainingSpec
+from . import stopping
 from .captions import check_dataset
 from .data import examples_from, resolve_folder
 from .errors import EXIT_FAILED, EXIT_INTERRUPTED, JobInputError, Unreachable, exit_code_for
@@ -192,6 +193,9 @@ class Workers:
                         pass_fds=self.keep_fds,
                     )
                 )
+            stop = stopping.current()
+            if stop is not None and stop.requested:  # asked just before our handler was in
+                self._forward(signal.SIGINT, None)
             return self._wait()
         finally:
             for signum, handler in previous.items():

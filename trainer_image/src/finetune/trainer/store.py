@@ -119,6 +119,7 @@ def with_retries(
             if not is_transient(exc) or time.monotonic() >= deadline:
                 raise
             delay = random.uniform(0, min(MAX_BACKOFF, 0.5 * 2**attempt))
+            delay = min(delay, max(0.0, deadline - time.monotonic()))  # no wait past the budget
             attempt += 1
             log.warning("%s: %s; trying again in %.1f s (try %d)", what, exc, delay, attempt)
             stopping.pause(delay)

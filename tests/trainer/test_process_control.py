@@ -1,6 +1,7 @@
 """`finetune run` as processes, with real signals: a second run into a busy output is
-refused naming the holder, the workers die with a SIGKILLed launcher, and SIGHUP (a
-closed terminal) stops like Ctrl-C, with a checkpoint and exit 130."""
+refused naming the holder while the first trains exactly as it would alone, the workers
+die with a SIGKILLed launcher, and SIGHUP (a closed terminal) stops like Ctrl-C, with a
+checkpoint and exit 130."""
 
 from __future__ import annotations
 
@@ -15,15 +16,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from finetune.trainer import checkpoints
-from finetune.trainer.lease import LocalLease
-from tests.trainer.jobs import FINETUNE, finetune_run, job_file
+from finetune.trainer.lease import LocalLease, OutputBusy
+from tests.trainer.jobs import FINETUNE, finetune_run, job_file, train_log
 from tests.trainer.processes import alive, children_of
 
 pytestmark = pytest.mark.slow
 
 # Long enough to still be training when the test acts; the test never waits for the end.
+WEIGHTS = "pytorch_lora_weights.safetensors"
 LONG: dict[str, Any] = {"training": {"maxSteps": 400}, "checkpointing": {"everyNSteps": 200}}
 
 
@@ -76,19 +80,37 @@ def runs() -> Iterator[list[Run]]:
         run.end()
 
 
-def test_second_run_refused_and_workers_die_with_the_launcher(
+def test_second_run_refused_and_the_first_trains_as_if_alone(
     tmp_path: Path, tiny_model: Path, disc_images: Path, runs: list[Run]
 ) -> None:
-    job = job_file(tmp_path, tiny_model, disc_images, **LONG)
+    """A second job file (another seed) pointed at a busy output is refused, and the first
+    run's weights are bit for bit those of the same job trained undisturbed."""
+    spec: dict[str, Any] = {"training": {"maxSteps": 30}, "checkpointing": {"everyNSteps": 15}}
+    (tmp_path / "alone").mkdir()
+    alone = finetune_run(job_file(tmp_path / "alone", tiny_model, disc_images, **spec))
+    assert alone.returncode == 0, alone.stderr[-3000:]
+
+    job = job_file(tmp_path, tiny_model, disc_images, **spec)
     output = tmp_path / "out"
     first = Run(job, nproc=2)
     runs.append(first)
     first.wait_for_training(output)
-    assert len(first.workers) == 2
+    # Held still while the second run tries (a stopped process keeps its lease): the
+    # refusal cannot race the end of a short run.
+    for pid in first.workers:
+        os.kill(pid, signal.SIGSTOP)
     (plan,) = output.glob(".run/plan-*.json")
     planned = plan.read_text()
 
-    second = finetune_run(job, nproc=1)
+    (tmp_path / "other").mkdir()
+    other = job_file(
+        tmp_path / "other",
+        tiny_model,
+        disc_images,
+        training={"maxSteps": 30, "seed": 7},
+        output={"uri": str(output)},
+    )
+    second = finetune_run(other, nproc=1)
     assert second.returncode == 2, second.stderr[-3000:]
     message = second.stderr.strip().splitlines()[-1]
     assert f"spec.output.uri: {output} is in use by another run" in message
@@ -98,7 +120,28 @@ def test_second_run_refused_and_workers_die_with_the_launcher(
     assert list(output.glob(".run/plan-*.json")) == [plan]
     assert plan.read_text() == planned
 
-    os.kill(first.process.pid, signal.SIGKILL)
+    for pid in first.workers:
+        os.kill(pid, signal.SIGCONT)
+    assert first.process.wait(timeout=600) == 0, first.output()[-3000:]
+    expected = load_file(tmp_path / "alone" / "out" / WEIGHTS)
+    actual = load_file(output / WEIGHTS)
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0, msg=key)
+    assert len(train_log(output)) == 30  # one run's lines, none interleaved
+
+
+def test_workers_die_with_a_killed_launcher(
+    tmp_path: Path, tiny_model: Path, disc_images: Path, runs: list[Run]
+) -> None:
+    job = job_file(tmp_path, tiny_model, disc_images, **LONG)
+    output = tmp_path / "out"
+    first = Run(job, nproc=2)
+    runs.append(first)
+    first.wait_for_training(output)
+    assert len(first.workers) == 2
+
+    os.kill(first.process.pid, signal.SIGKILL)  # as the OOM killer does
     killed = time.monotonic()
     first.process.wait(timeout=30)
     while any(alive(pid) for pid in first.workers) and time.monotonic() - killed < 10:
@@ -106,9 +149,17 @@ def test_second_run_refused_and_workers_die_with_the_launcher(
     assert not [pid for pid in first.workers if alive(pid)], "workers outlived the launcher"
     seconds = time.monotonic() - killed
     assert seconds < 5, f"workers took {seconds:.1f} s to die"
-    # With every process of the first run gone, the output is free again.
-    lease = LocalLease(output, str(output))
-    lease.acquire()
+    # Once the last thread of the last worker has exited (a killed process's main thread
+    # shows as a zombie while the others still exit), the output is free again.
+    deadline = time.monotonic() + 30
+    while True:
+        lease = LocalLease(output, str(output))
+        try:
+            lease.acquire()
+            break
+        except OutputBusy:
+            assert time.monotonic() < deadline, "the lease outlived the first run's processes"
+            time.sleep(0.1)
     lease.release()
 
 

@@ -57,11 +57,19 @@ class Server:
         self.url = f"http://127.0.0.1:{port}"
         with log.open("wb") as out:
             self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-        wait_for(lambda: ready(f"{self.url}/-/ready"), timeout=60, what=command[0])
+        try:
+            wait_for(lambda: ready(f"{self.url}/-/ready"), timeout=60, what=command[0])
+        except BaseException:  # never ready: no test will stop it
+            self.stop()
+            raise
 
     def stop(self) -> None:
         self.process.terminate()
-        self.process.wait(timeout=30)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
 
 
 @pytest.fixture
@@ -146,14 +154,18 @@ def test_every_dashboard_query_returns_data(
     with emulated_cluster() as cluster:
         operator = OperatorProcess(cluster, tmp_path)
         operator.start()
-        server = prometheus(
-            tmp_path,
-            {
-                "operator": f"127.0.0.1:{operator.metrics_port}",
-                "trainer": f"127.0.0.1:{trainer_port}",
-                "pushgateway": pushgateway.url.removeprefix("http://"),
-            },
-        )
+        try:
+            server = prometheus(
+                tmp_path,
+                {
+                    "operator": f"127.0.0.1:{operator.metrics_port}",
+                    "trainer": f"127.0.0.1:{trainer_port}",
+                    "pushgateway": pushgateway.url.removeprefix("http://"),
+                },
+            )
+        except BaseException:
+            operator.stop()
+            raise
         try:
             drive_a_job_through_a_restart(Kube(cluster.url))
             job = job_file(

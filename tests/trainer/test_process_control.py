@@ -1,14 +1,17 @@
 """`finetune run` as processes, with real signals: a second run into a busy output is
 refused naming the holder while the first trains exactly as it would alone, the workers
 die with a SIGKILLed launcher, and SIGHUP (a closed terminal) stops like Ctrl-C, with a
-checkpoint and exit 130."""
+checkpoint and exit 130, also when it comes from a terminal that closed."""
 
 from __future__ import annotations
 
 import json
 import os
+import pty
+import select
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import suppress
@@ -179,3 +182,54 @@ def test_sighup_checkpoints_and_exits_130(
     assert f"Stopped at step {found.step}; checkpoint saved." in run.output()
     assert not [pid for pid in run.workers if alive(pid)]
     assert not list(output.glob(".run/plan-*.json"))  # a run cleans its plan up
+
+
+def test_closing_the_terminal_checkpoints_and_exits_130(
+    tmp_path: Path, tiny_model: Path, disc_images: Path
+) -> None:
+    """The launcher on a real pseudo-terminal whose other end goes away, as when an SSH
+    session drops: the kernel's SIGHUP stops the run with a checkpoint, and the writes to
+    the dead terminal (progress bars) do not cut the stop short."""
+    job = job_file(tmp_path, tiny_model, disc_images, **LONG)
+    output = tmp_path / "out"
+    env = {**os.environ, "FINETUNE_CACHE_DIR": str(tmp_path / "cache")}
+    pid, terminal = pty.fork()  # the child's controlling terminal is the pty
+    if pid == 0:
+        os.execve(str(FINETUNE), [str(FINETUNE), "run", str(job), "--nproc", "2"], env)
+    hang_up = threading.Event()
+    shown: list[bytes] = []
+
+    def read_terminal() -> None:  # a terminal that is not read blocks its writers
+        while not hang_up.is_set():
+            if select.select([terminal], [], [], 0.1)[0]:
+                with suppress(OSError):
+                    shown.append(os.read(terminal, 65536))
+        os.close(terminal)  # the last close of the master: SIGHUP to the session
+
+    reader = threading.Thread(target=read_terminal, daemon=True)
+    reader.start()
+    workers: list[int] = []
+    try:
+        log = output / "train_log.jsonl"
+        deadline = time.monotonic() + 900
+        while not (log.exists() and log.read_text().strip()):
+            assert os.waitpid(pid, os.WNOHANG) == (0, 0), b"".join(shown)[-3000:]
+            assert time.monotonic() < deadline, b"".join(shown)[-3000:]
+            time.sleep(0.5)
+        workers = children_of().get(pid, [])
+        hang_up.set()
+        reader.join(timeout=10)
+        deadline = time.monotonic() + 300
+        while (ended := os.waitpid(pid, os.WNOHANG)) == (0, 0):
+            assert time.monotonic() < deadline, "the run went on after its terminal closed"
+            time.sleep(0.2)
+        assert os.waitstatus_to_exitcode(ended[1]) == 130
+        assert checkpoints.latest(output / "checkpoints") is not None, "no verified checkpoint"
+        assert not [worker for worker in workers if alive(worker)]
+    finally:
+        hang_up.set()
+        for process in [pid, *workers]:
+            with suppress(ProcessLookupError):
+                os.kill(process, signal.SIGKILL)
+        with suppress(ChildProcessError):
+            os.waitpid(pid, 0)

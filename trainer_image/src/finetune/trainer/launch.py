@@ -173,9 +173,11 @@ class Workers:
         """Ctrl-C, a pod's SIGTERM or a closed terminal's SIGHUP: ask every worker for a
         clean, checkpointed stop."""
         self.interrupted = True
+        if signum == signal.SIGHUP:
+            stopping.leave_terminal()
         for process in self.processes:
             if process.poll() is None:
-                process.send_signal(signal.SIGINT)
+                process.send_signal(signum)  # SIGHUP too: they share our terminal
 
     def run(self) -> int:
         previous = {s: signal.signal(s, self._forward) for s in STOP_SIGNALS}

@@ -145,6 +145,7 @@ class S3Lease:
         self.holder = Holder.me()
         self._etag: str | None = None
         self._why = ""
+        self._lost = False  # taken over: the lease object is another run's now
         self._done = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -249,6 +250,7 @@ class S3Lease:
             except ClientError as exc:
                 if _precondition_failed(exc):
                     log.error("%s: the output's lease was taken over by another run", self.output)
+                    self._lost = True
                     return
                 log.warning("%s: lease heartbeat failed: %s", self.output, exc)
             except Exception as exc:  # an outage: the next beat tries again
@@ -259,6 +261,8 @@ class S3Lease:
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
+            if self._lost:
+                return
             try:
                 self.client.delete_object(Bucket=self.bucket, Key=self.key)
             except Exception as exc:  # it expires on its own

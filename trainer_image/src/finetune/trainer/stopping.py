@@ -15,6 +15,7 @@ The handler only sets a flag (or raises): no locks are taken in signal context.
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from collections.abc import Iterator
@@ -52,6 +53,8 @@ class StopRequest:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.requested = True
         self.signal = signum
+        if signum == signal.SIGHUP:
+            leave_terminal()
         if self._raising:
             raise Stopped(f"stopped by {signal.Signals(signum).name}")
 
@@ -82,6 +85,19 @@ class StopRequest:
 
 
 _current: StopRequest | None = None
+
+
+def leave_terminal() -> None:
+    """After SIGHUP the terminal is gone, and writing to it fails (EIO): point standard
+    output and error at /dev/null where they were a terminal, so the stop that follows
+    (a checkpoint) is not cut short by a progress bar. Files and pipes stay as they are."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for fd in (1, 2):
+            if os.isatty(fd):
+                os.dup2(null, fd)
+    finally:
+        os.close(null)
 
 
 def current() -> StopRequest | None:

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
@@ -233,3 +233,72 @@ def test_closing_the_terminal_checkpoints_and_exits_130(
                 os.kill(process, signal.SIGKILL)
         with suppress(ChildProcessError):
             os.waitpid(pid, 0)
+
+
+def stop_within(run: Run, seconds: float) -> int:
+    """Ctrl-C to the launcher; its exit code, which must come within `seconds`."""
+    run.process.send_signal(signal.SIGINT)
+    sent = time.monotonic()
+    code = run.process.wait(timeout=300)
+    took = time.monotonic() - sent
+    assert took < seconds, f"stopped {took:.1f} s after Ctrl-C:\n{run.output()[-3000:]}"
+    return code
+
+
+def wait_until(condition: Callable[[], bool], run: Run, timeout: float = 900) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if run.process.poll() is not None:
+            pytest.fail(f"exited {run.process.returncode} first:\n{run.output()[-3000:]}")
+        assert time.monotonic() < deadline, run.output()[-3000:]
+        time.sleep(0.2)
+
+
+def test_ctrl_c_stops_class_image_generation_at_once(
+    tmp_path: Path, tiny_model: Path, disc_images: Path, runs: list[Run]
+) -> None:
+    concept = {
+        "instanceImages": str(disc_images),
+        "instancePrompt": "a photo of sks disc",
+        "classPrompt": "a photo of a disc",
+        "classImages": {"count": 4000},  # minutes of generation: the stop must cut it
+    }
+    job = job_file(
+        tmp_path,
+        tiny_model,
+        disc_images,
+        data={"concepts": [concept]},
+        training={"maxSteps": 4, "priorPreservation": True},
+    )
+    output = tmp_path / "out"
+    classes = output / "class_images" / "concept-0"
+    run = Run(job, nproc=2)
+    runs.append(run)
+    wait_until(lambda: classes.is_dir() and any(classes.glob("*.png")), run)
+    assert stop_within(run, 10) == 130
+    assert not list(classes.glob("*.partial")), "a half-written class image"
+    assert not (output / "train_log.jsonl").exists()
+    assert "Stopped on request." in run.output()
+
+
+def test_ctrl_c_stops_sample_generation_and_checkpoints(
+    tmp_path: Path, tiny_model: Path, disc_images: Path, runs: list[Run]
+) -> None:
+    validation = {
+        "prompts": ["a photo of sks disc"],
+        "everyNSteps": 2,
+        "imagesPerPrompt": 16,
+        "inferenceSteps": 1000,  # minutes of sampling: the stop must cut it
+    }
+    job = job_file(tmp_path, tiny_model, disc_images, validation=validation, **LONG)
+    output = tmp_path / "out"
+    run = Run(job, nproc=2)
+    runs.append(run)
+    wait_until(lambda: (output / "samples" / "step-00000002").is_dir(), run)
+    assert stop_within(run, 15) == 130
+    # The interrupted samples are gone, not half there; the next step stopped every rank.
+    assert not (output / "samples" / "step-00000002").exists()
+    found = checkpoints.latest(output / "checkpoints")
+    assert found is not None
+    assert found.step == 3
+    assert "samples left out, a stop was requested" in run.output()

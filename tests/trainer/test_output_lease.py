@@ -69,6 +69,30 @@ def test_local_lease_of_a_dead_run_is_taken_over(
         lease.release()
 
 
+def test_a_pod_waits_for_the_local_lease_of_a_run_winding_down(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A new attempt's pod on a shared volume waits (saying for what) while the last
+    attempt's processes end, then takes the output; past its wait it is refused."""
+    old = LocalLease(tmp_path, str(tmp_path))
+    old.acquire()
+    with pytest.raises(OutputBusy):
+        LocalLease(tmp_path, str(tmp_path), wait=0.3).acquire()
+    ended = threading.Timer(1.0, old.release)  # the old run ends while the new one waits
+    ended.start()
+    new = LocalLease(tmp_path, str(tmp_path), wait=60)
+    with caplog.at_level(logging.WARNING):
+        new.acquire()
+    ended.join()
+    try:
+        assert f"waiting up to 60 s for the run holding it to end (host {socket.gethostname()}" in (
+            caplog.text
+        )
+        assert json.loads((tmp_path / LOCAL_LEASE).read_text())["pid"] == os.getpid()
+    finally:
+        new.release()
+
+
 @pytest.fixture
 def bucket(moto: Moto) -> Moto:  # noqa: F811
     boto3.client("s3", endpoint_url=moto.url).create_bucket(Bucket="runs")

@@ -11,8 +11,9 @@ live is expired and taken over (again conditionally, `If-Match` its ETag).
 In a pod gang only node rank 0 leases the output: every node of one attempt writes
 into the same output by design. A new attempt of the same job takes over its earlier
 attempt's lease at once (the operator starts one only once the last is over); a
-restarted pod of the same attempt waits for the lease to expire. A run of anything
-else is refused with exit 2 naming the holder.
+restarted pod of the same attempt waits for the lease to expire, and a pod whose
+output is a shared volume waits up to the TTL for the flock (the last attempt's
+processes ending). A run of anything else is refused with exit 2 naming the holder.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -97,20 +99,23 @@ def _busy(output: str, holder: Holder | None) -> OutputBusy:
 
 
 class LocalLease:
-    def __init__(self, work_dir: Path, output: str) -> None:
+    """`wait` seconds: how long to wait for a holder to end before refusing (a pod of a
+    new attempt on a shared volume, while the last attempt's processes wind down)."""
+
+    def __init__(self, work_dir: Path, output: str, wait: float = 0.0) -> None:
         self.path = work_dir / LOCAL_LEASE
         self.output = output
+        self.wait = wait
         self.fd: int | None = None
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = Holder.parse(self.path.read_text())
+            self._lock(fd)
+        except BaseException:
             os.close(fd)
-            raise _busy(self.output, holder) from None
+            raise
         previous = Holder.parse(os.pread(fd, 4096, 0).decode(errors="replace"))
         if previous is not None:
             log.warning(
@@ -123,6 +128,27 @@ class LocalLease:
         os.pwrite(fd, me, 0)
         os.fsync(fd)
         self.fd = fd
+
+    def _lock(self, fd: int) -> None:
+        deadline = time.monotonic() + self.wait
+        announced = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                holder = Holder.parse(self.path.read_text())
+            if time.monotonic() >= deadline:
+                raise _busy(self.output, holder)
+            if not announced:
+                log.warning(
+                    "%s: waiting up to %.0f s for the run holding it to end (%s)",
+                    self.output,
+                    self.wait,
+                    holder,
+                )
+                announced = True
+            stopping.pause(0.5)
 
     def release(self) -> None:
         if self.fd is None:
@@ -284,7 +310,8 @@ class OutputClaim:
         if output.startswith("s3://"):
             lease: Lease = S3Lease(output, settings, self.wait_for_own_job)
         else:
-            lease = LocalLease(work_dir, output)
+            wait = float(os.environ.get(TTL_ENV, DEFAULT_TTL)) if self.wait_for_own_job else 0.0
+            lease = LocalLease(work_dir, output, wait)
         lease.acquire()
         self.lease = lease
 

@@ -208,10 +208,10 @@ def test_s3_refusing_the_credentials_fails_at_once(
     )
     result = finetune_run(job, nproc=1, env=CREDENTIALS)
     assert result.returncode == 4, result.stderr[-3000:]  # AccessDenied: permanent
-    # Refused on the first request, the look for a checkpoint to resume from: before
-    # any GPU time is spent.
-    assert "error: s3://runs/job/checkpoints/: S3 refused the request (InvalidAccessKeyId)" in (
-        result.stderr
+    # Refused on the first request, the launcher's test write into the output: before
+    # any worker starts.
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: spec.output.uri: s3://runs/job: S3 refused the request (InvalidAccessKeyId)"
     )
     assert "trying again" not in result.stderr
 
@@ -227,10 +227,11 @@ def test_s3_refusing_an_upload_midway_fails_at_once(
     from moto.core.authorization import ActionAuthenticatorMixin
 
     boto3.client("s3", endpoint_url=moto.url).create_bucket(Bucket="runs")
-    # One more request goes unchecked (the look for a checkpoint to resume from); from
-    # the first upload on, moto checks the key against its IAM users: unknown (403).
+    # Four more requests go unchecked (the launcher's test write and delete, its lease,
+    # then the look for a checkpoint to resume from); from the first upload on, moto
+    # checks the key against its IAM users: unknown (403).
     monkeypatch.setattr(
-        settings, "INITIAL_NO_AUTH_ACTION_COUNT", ActionAuthenticatorMixin.request_count + 1
+        settings, "INITIAL_NO_AUTH_ACTION_COUNT", ActionAuthenticatorMixin.request_count + 4
     )
     job = s3_job(
         tmp_path,

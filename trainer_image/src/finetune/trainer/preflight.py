@@ -58,8 +58,9 @@ def check_s3_output(uri: str, settings: S3Settings) -> None:
     try:
         store.write_text(key, "probe")
         store.delete([key])
-    except JobInputError as exc:
-        raise type(exc)(f"{FIELD}: {exc}") from exc
+    except JobInputError as exc:  # named by the output, not by the probe's key
+        message = str(exc).replace(f"{store.uri}/{key}", store.uri)
+        raise type(exc)(f"{FIELD}: {message}") from exc
 
 
 def check_output(output: str, work_dir: Path, settings: S3Settings) -> None:

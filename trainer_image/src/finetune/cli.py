@@ -104,11 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         help="train a job on this machine",
         description="Train a FineTuneJob on this machine with DeepSpeed: N processes, one per GPU "
-        "(or on the CPU with gloo). Ctrl-C stops after saving a checkpoint; running the same "
-        "command again resumes from the newest complete checkpoint.",
+        "(or on the CPU with gloo). Ctrl-C, SIGTERM or SIGHUP stop after saving a checkpoint "
+        "(exit 130); running the same command again resumes from the newest complete "
+        "checkpoint. A second run into an output in use is refused (exit 2).",
     )
     run.add_argument("job", metavar="JOB.yaml")
-    run.add_argument("--nproc", type=int, help="training processes (default: one per GPU, or 1)")
+    run.add_argument(
+        "--nproc",
+        type=int,
+        help="training processes, at most one per GPU or CPU core (default: one per GPU, or 1)",
+    )
     run.add_argument(
         "--output", metavar="URI", help="write results here instead of spec.output.uri"
     )

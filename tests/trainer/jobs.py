@@ -41,7 +41,7 @@ def job_file(folder: Path, model: Path, images: Path, name: str = "tiny", **spec
 
 
 def finetune_run(
-    job: Path, nproc: int = 2, env: dict[str, str] | None = None, timeout: float = 300
+    job: Path, nproc: int = 2, env: dict[str, str] | None = None, timeout: float = 1200
 ) -> subprocess.CompletedProcess[str]:
     environment = {**os.environ, "FINETUNE_CACHE_DIR": str(job.parent / "cache"), **(env or {})}
     return subprocess.run(

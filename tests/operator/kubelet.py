@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from finetune.trainer.extensions import extensions_dir
 from finetune.trainer.launch import free_port
 from finetune_operator.builders import CACHE_DIR, CONFIG_DIR
 from tests.operator.conftest import Kube, now
@@ -44,6 +45,9 @@ class Kubelet:
             FINETUNE_STATUS_INTERVAL="0.5",
             FINETUNE_TERMINATION_LOG=str(node / "termination-log"),
             OMP_NUM_THREADS="1",
+            # A pod's HOME is its own, but the image's DeepSpeed op is built once, as the
+            # trainer image would carry it: share this machine's build.
+            TORCH_EXTENSIONS_DIR=str(extensions_dir()),
         )
         return env
 

@@ -93,7 +93,10 @@ def _load() -> None:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cpu":
+        return  # the op serves gloo's collectives on CPUs; GPUs talk over NCCL
+    builder = accelerator.create_op_builder("ShareMemCommBuilder")
     if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
         return
     builder.load(verbose=False)

@@ -26,7 +26,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import stopping
+from . import flock
 
 log = logging.getLogger(__name__)
 EXTENSIONS_ENV = "TORCH_EXTENSIONS_DIR"
@@ -70,23 +70,14 @@ def build_comm_op() -> None:
 
 
 def _lock(fd: int, root: Path) -> None:
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return
-    except BlockingIOError:
-        pass
-    print(
-        f"waiting for another process to finish building DeepSpeed's ops in {root}",
-        file=sys.stderr,
-        flush=True,
-    )
-    while True:
-        stopping.pause(0.5)  # a stop request ends the wait
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            continue
+    def announce() -> None:
+        print(
+            f"waiting for another process to finish building DeepSpeed's ops in {root}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    flock.take(fd, None, announce)
 
 
 def _load() -> None:

@@ -18,20 +18,18 @@ processes ending). A run of anything else is refused with exit 2 naming the hold
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
 import socket
 import threading
-import time
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
-from . import stopping
+from . import flock, stopping
 from .errors import JobInputError
 from .storage import S3Location, S3Settings, prefix_of, refusals_named
 from .store import with_retries
@@ -130,25 +128,16 @@ class LocalLease:
         self.fd = fd
 
     def _lock(self, fd: int) -> None:
-        deadline = time.monotonic() + self.wait
-        announced = False
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return
-            except BlockingIOError:
-                holder = Holder.parse(self.path.read_text())
-            if time.monotonic() >= deadline:
-                raise _busy(self.output, holder)
-            if not announced:
-                log.warning(
-                    "%s: waiting up to %.0f s for the run holding it to end (%s)",
-                    self.output,
-                    self.wait,
-                    holder,
-                )
-                announced = True
-            stopping.pause(0.5)
+        def announce() -> None:
+            log.warning(
+                "%s: waiting up to %.0f s for the run holding it to end (%s)",
+                self.output,
+                self.wait,
+                Holder.parse(self.path.read_text()),
+            )
+
+        if not flock.take(fd, self.wait, announce):
+            raise _busy(self.output, Holder.parse(self.path.read_text()))
 
     def release(self) -> None:
         if self.fd is None:

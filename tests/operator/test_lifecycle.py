@@ -50,6 +50,12 @@ def condition(status: dict[str, Any], type_: str) -> dict[str, Any]:
     return dict(found[0])
 
 
+def reason(status: dict[str, Any], type_: str) -> str | None:
+    """The condition's reason, or None while the operator has not written it yet."""
+    found = [c for c in status.get("conditions", []) if c["type"] == type_]
+    return found[0].get("reason") if found else None
+
+
 def start(kube: Kube, namespace: str, **spec: Any) -> dict[str, Any]:
     """Create a job and wait for its first attempt's Job."""
     kube.create_job(document(**spec), namespace)
@@ -290,7 +296,7 @@ def test_a_gang_waiting_for_gpus_stays_pending_with_the_reason(kube: Kube, names
     # far longer than the heartbeat timeout.
     kube.set_job_status(f"{NAME}-a0", namespace, {"active": 2, "startTime": now(-900)})
     status = kube.wait_status(
-        NAME, namespace, lambda s: condition(s, "Running")["reason"] == "Unschedulable", "waiting"
+        NAME, namespace, lambda s: reason(s, "Running") == "Unschedulable", "waiting"
     )
     assert no_gpus in condition(status, "Running")["message"]
     status = kube.hold_status(

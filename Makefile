@@ -17,7 +17,7 @@ setup: system-packages
 	$(BIN)/pip install torch==2.13.0
 	DS_BUILD_OPS=0 $(BIN)/pip install --no-build-isolation deepspeed==0.19.8
 	$(BIN)/pip install -e '.[operator,trainer,dev]'
-	$(BIN)/python -m finetune.trainer.extensions  # DeepSpeed's CPU comm op, built once here
+	$(BIN)/python -m finetune.trainer.engine.comm_op  # DeepSpeed's CPU comm op, built once here
 
 # Debian's Prometheus and Pushgateway: the dashboard's queries are tested against them.
 system-packages:

@@ -117,8 +117,8 @@ def train(
 def throughput(args: argparse.Namespace, endpoint: str) -> dict[str, Any]:
     import boto3
 
-    from finetune.trainer.storage import S3Settings
-    from finetune.trainer.store import open_store
+    from finetune.trainer.storage.s3 import S3Settings
+    from finetune.trainer.storage.store import open_store
 
     path = args.out / "blob.bin"
     with path.open("wb") as handle:

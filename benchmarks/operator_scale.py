@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 import kubernetes  # noqa: E402
 
 from finetune.api import FineTuneJob  # noqa: E402
-from finetune.trainer.launch import free_port  # noqa: E402
+from finetune.trainer.launcher.run import free_port  # noqa: E402
 from finetune_operator import builders  # noqa: E402
 from tests.emulator import EmulatedCluster, emulated_cluster  # noqa: E402
 from tests.support import lora_job  # noqa: E402

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import yaml
 
-from finetune.trainer.launch import free_port
+from finetune.trainer.launcher.run import free_port
 from tests.emulator import emulated_cluster
 from tests.operator.conftest import Kube, OperatorProcess, wait_for
 from tests.support import ROOT, lora_job

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import kubernetes
 import pytest
 
-from finetune.trainer.launch import free_port
+from finetune.trainer.launcher.run import free_port
 from tests.emulator import EmulatedCluster, emulated_cluster
 
 GROUP, VERSION, PLURAL = "finetune.dev", "v1alpha1", "finetunejobs"

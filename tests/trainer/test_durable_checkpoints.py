@@ -17,8 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from finetune.trainer import checkpoints
-from finetune.trainer.storage import cache_key
+from finetune.trainer.checkpoints import manifest
+from finetune.trainer.storage.s3 import cache_key
 from tests.trainer.jobs import FINETUNE, finetune_run, job_file, train_log
 from tests.trainer.processes import kill_tree
 from tests.trainer.s3faults import CREDENTIALS, Moto, moto, throttled  # noqa: F401
@@ -300,5 +300,5 @@ def test_a_full_disk_while_saving_is_a_clear_error_and_keeps_the_last_checkpoint
     )
     assert "The previous checkpoint is intact" in result.stderr
     assert not (root / "step-00000004" / "manifest.json").exists()
-    assert checkpoints.verify(root / "step-00000002") == 2
-    assert checkpoints.latest(root) == checkpoints.Checkpoint(root / "step-00000002", 2)
+    assert manifest.verify(root / "step-00000002") == 2
+    assert manifest.latest(root) == manifest.Checkpoint(root / "step-00000002", 2)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from finetune.trainer.launch import free_port
+from finetune.trainer.launcher.run import free_port
 from tests.trainer.jobs import FINETUNE, finetune_run, job_file, train_log
 
 pytestmark = pytest.mark.slow

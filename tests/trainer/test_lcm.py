@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from finetune.assets import write_captioned_images, write_shards
-from finetune.trainer.loop import CRASH_AFTER_STEP_ENV
+from finetune.trainer.engine.trainer import CRASH_AFTER_STEP_ENV
 from tests.trainer.jobs import (
     assert_every_adapter_loaded,
     finetune_run,

@@ -16,9 +16,9 @@ from pathlib import Path
 import boto3
 import pytest
 
-from finetune.trainer import extensions
-from finetune.trainer.lease import LOCAL_LEASE, LocalLease, OutputBusy, S3Lease
-from finetune.trainer.storage import S3Settings
+from finetune.trainer.engine import comm_op
+from finetune.trainer.launcher.lease import LOCAL_LEASE, LocalLease, OutputBusy, S3Lease
+from finetune.trainer.storage.s3 import S3Settings
 from tests.trainer.s3faults import Moto, moto  # noqa: F401
 
 OUTPUT = "s3://runs/job"
@@ -189,14 +189,14 @@ def test_stale_build_lock_is_cleared_and_a_wait_is_announced(
     while we hold the build flock), and waiting for a live build says so."""
     import fcntl
 
-    monkeypatch.setenv(extensions.EXTENSIONS_ENV, str(tmp_path))
+    monkeypatch.setenv(comm_op.EXTENSIONS_ENV, str(tmp_path))
     stale = tmp_path / "deepspeed_shm_comm" / "lock"
     stale.parent.mkdir()
     stale.touch()
-    monkeypatch.setattr(extensions, "_load", lambda: None)
-    with (tmp_path / extensions.BUILD_LOCK).open("a") as held:
+    monkeypatch.setattr(comm_op, "_load", lambda: None)
+    with (tmp_path / comm_op.BUILD_LOCK).open("a") as held:
         fcntl.flock(held.fileno(), fcntl.LOCK_EX)  # another process is building
-        builder = threading.Thread(target=extensions.build_comm_op, daemon=True)
+        builder = threading.Thread(target=comm_op.build_comm_op, daemon=True)
         builder.start()
         err = ""
         waiting = f"waiting for another process to finish building DeepSpeed's ops in {tmp_path}"

@@ -22,8 +22,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from finetune.trainer import checkpoints
-from finetune.trainer.lease import LocalLease, OutputBusy
+from finetune.trainer.checkpoints import manifest
+from finetune.trainer.launcher.lease import LocalLease, OutputBusy
 from tests.trainer.jobs import FINETUNE, finetune_run, job_file, train_log
 from tests.trainer.processes import alive, children_of
 
@@ -177,7 +177,7 @@ def test_sighup_checkpoints_and_exits_130(
     run.process.send_signal(signal.SIGHUP)  # the terminal was closed
     code = run.process.wait(timeout=300)
     assert code == 130, run.output()[-3000:]
-    found = checkpoints.latest(output / "checkpoints")
+    found = manifest.latest(output / "checkpoints")
     assert found is not None, "no verified checkpoint"
     assert f"Stopped at step {found.step}; checkpoint saved." in run.output()
     assert not [pid for pid in run.workers if alive(pid)]
@@ -224,7 +224,7 @@ def test_closing_the_terminal_checkpoints_and_exits_130(
             assert time.monotonic() < deadline, "the run went on after its terminal closed"
             time.sleep(0.2)
         assert os.waitstatus_to_exitcode(ended[1]) == 130
-        assert checkpoints.latest(output / "checkpoints") is not None, "no verified checkpoint"
+        assert manifest.latest(output / "checkpoints") is not None, "no verified checkpoint"
         assert not [worker for worker in workers if alive(worker)]
     finally:
         hang_up.set()
@@ -298,7 +298,7 @@ def test_ctrl_c_stops_sample_generation_and_checkpoints(
     assert stop_within(run, 15) == 130
     # The interrupted samples are gone, not half there; the next step stopped every rank.
     assert not (output / "samples" / "step-00000002").exists()
-    found = checkpoints.latest(output / "checkpoints")
+    found = manifest.latest(output / "checkpoints")
     assert found is not None
     assert found.step == 3
     assert "samples left out, a stop was requested" in run.output()

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from finetune.trainer.loop import CRASH_AFTER_STEP_ENV
+from finetune.trainer.engine.trainer import CRASH_AFTER_STEP_ENV
 from tests.trainer.jobs import FINETUNE, finetune_run, job_file, train_log
 
 pytestmark = pytest.mark.slow

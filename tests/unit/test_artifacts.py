@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from finetune.api.status import Artifact
-from finetune.trainer.artifacts import list_artifacts
+from finetune.trainer.outputs.artifacts import list_artifacts
 
 
 def write(path: Path, content: bytes = b"x") -> Path:

@@ -11,7 +11,7 @@ from typing import IO
 import pytest
 
 from finetune.api.training import CaptionDataset, DatasetFormat
-from finetune.trainer.captions import (
+from finetune.trainer.data.captions import (
     IndexedCaptions,
     LocalFiles,
     ResumableRead,
@@ -21,7 +21,7 @@ from finetune.trainer.captions import (
     tar_samples,
 )
 from finetune.trainer.errors import JobInputError
-from finetune.trainer.storage import S3Settings
+from finetune.trainer.storage.s3 import S3Settings
 
 
 def png(seed: int) -> bytes:
@@ -161,7 +161,7 @@ class CountingFiles(LocalFiles):
 def test_with_the_checkpointed_shard_sizes_a_resume_skips_finished_epochs_unread(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("finetune.trainer.captions.PREFETCH_SAMPLES", 1)  # read ahead little
+    monkeypatch.setattr("finetune.trainer.data.captions.PREFETCH_SAMPLES", 1)  # read ahead little
     folder = shards(tmp_path, 3, 5)  # 15 samples: 7 or 8 per rank and epoch
     names = sorted(p.name for p in folder.iterdir())
     first = ShardedCaptions(LocalFiles(folder), names, seed=1, rank=0, world=2)
@@ -231,7 +231,7 @@ class FlakyS3:
 def test_an_s3_read_that_breaks_off_resumes_at_the_byte_it_reached(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("finetune.trainer.captions.time.sleep", lambda seconds: None)
+    monkeypatch.setattr("finetune.trainer.data.captions.time.sleep", lambda seconds: None)
     shard = shards(tmp_path, 1, 6) / "shard-000.tar"
     flaky = FlakyS3(shard.read_bytes())
     with ResumableRead(flaky, "shard-000.tar") as stream:  # type: ignore[arg-type]

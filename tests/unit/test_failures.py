@@ -11,7 +11,7 @@ import pytest
 from botocore.exceptions import ClientError, NoCredentialsError
 
 from finetune.api import FineTuneJob
-from finetune.trainer import launch, models
+from finetune.trainer.engine.trainer import check_loss
 from finetune.trainer.errors import (
     EXIT_ACCESS_DENIED,
     EXIT_DISK_FULL,
@@ -24,8 +24,9 @@ from finetune.trainer.errors import (
     NonFiniteLoss,
     exit_code_for,
 )
-from finetune.trainer.loop import check_loss
-from finetune.trainer.storage import refusals_named
+from finetune.trainer.launcher import run
+from finetune.trainer.models import components
+from finetune.trainer.storage.s3 import refusals_named
 from tests.support import lora_job
 
 
@@ -86,7 +87,7 @@ def test_hub_refusals(
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", refuse)
     with pytest.raises(JobInputError, match=f"the hub refused the download \\({status}\\)") as err:
-        models.resolve_model("hf://acme/private-sd", tmp_path, models.S3Settings())
+        components.resolve_model("hf://acme/private-sd", tmp_path, components.S3Settings())
     assert isinstance(err.value, AccessDenied) is denied
 
 
@@ -104,10 +105,10 @@ def test_inputs_refused_in_a_pod_leave_the_reason_as_termination_message(
     def refuse(*args: Any) -> Path:
         raise error
 
-    monkeypatch.setattr(launch, "resolve_model", refuse)
+    monkeypatch.setattr(run, "resolve_model", refuse)
     job = FineTuneJob.model_validate(lora_job(output={"uri": str(tmp_path / "out")}))
     spec = job.spec.training_spec()
-    assert launch.run_local(spec, "dog-lora", 1, None) == code
+    assert run.run_local(spec, "dog-lora", 1, None) == code
     assert not log.exists()  # `finetune run` is not a pod
-    assert launch.run_in_pod(spec, "dog-lora") == code
+    assert run.run_in_pod(spec, "dog-lora") == code
     assert log.read_text() == str(error)

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from finetune.trainer import images
-from finetune.trainer.captions import CaptionedImage
-from finetune.trainer.data import ImagePreprocessor, examples_from
+from finetune.trainer.data import images
+from finetune.trainer.data.captions import CaptionedImage
+from finetune.trainer.data.concepts import ImagePreprocessor, examples_from
+from finetune.trainer.data.images import ImageRules, check, check_size, decode
 from finetune.trainer.errors import JobInputError
-from finetune.trainer.images import ImageRules, check, check_size, decode
 
 WHITE = ImageRules(alpha="white")
 BLACK = ImageRules(alpha="black")

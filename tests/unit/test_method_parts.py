@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from finetune.assets import write_images, write_tokenizer
-from finetune.trainer.data import Example
+from finetune.trainer.data.concepts import Example
 from finetune.trainer.errors import JobInputError
 from finetune.trainer.methods.custom_diffusion import (
     LARGE_PREFIXES,

@@ -10,7 +10,7 @@ import pytest
 from finetune.api.job import FineTuneJob
 from finetune.api.training import TrainingSpec
 from finetune.trainer.errors import JobInputError, exit_code_for
-from finetune.trainer.overlap import check_output_apart, placement
+from finetune.trainer.launcher.overlap import check_output_apart, placement
 from tests.support import lcm_job, lora_job
 
 

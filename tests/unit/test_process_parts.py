@@ -11,9 +11,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from finetune.trainer import stopping
 from finetune.trainer.errors import JobInputError
-from finetune.trainer.preflight import checked_nproc
+from finetune.trainer.launcher.preflight import checked_nproc
+from finetune.trainer.process import stopping
 
 
 def test_nproc_defaults_and_limits() -> None:

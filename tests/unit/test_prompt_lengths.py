@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from finetune.assets import write_tokenizer
-from finetune.trainer import encoding
-from finetune.trainer.encoding import MAX_PROMPT_WARNINGS, Encoder
+from finetune.trainer.data import encoding
+from finetune.trainer.data.encoding import MAX_PROMPT_WARNINGS, Encoder
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from finetune.api.status import Artifact, CheckpointRef, Progress
-from finetune.trainer import reporting
-from finetune.trainer.reporting import StatusReporter, write_termination_message
+from finetune.trainer.telemetry import status as status_report
+from finetune.trainer.telemetry.status import StatusReporter, write_termination_message
 from tests.fake_status_api import FakeApi
 
 STATUS_PATH = "/apis/finetune.dev/v1alpha1/namespaces/team-a/finetunejobs/disc-lora/status"
@@ -185,7 +185,7 @@ def test_a_failing_api_server_is_logged_once_and_never_raises(
 ) -> None:
     api.code = code
     sender = reporter(api, account, interval=0)
-    with caplog.at_level(logging.WARNING, logger=reporting.__name__):
+    with caplog.at_level(logging.WARNING, logger=status_report.__name__):
         for step in range(1, 4):
             sender.progress(step, 10, 0.5, 1.0)
             api.wait_for(step)
@@ -207,7 +207,7 @@ def test_an_unreachable_api_server_is_logged_once(
     sender = StatusReporter(
         f"http://127.0.0.1:{port}{STATUS_PATH}", service_account_dir=account, interval=0
     )
-    with caplog.at_level(logging.WARNING, logger=reporting.__name__):
+    with caplog.at_level(logging.WARNING, logger=status_report.__name__):
         for step in range(1, 4):
             sender.progress(step, 10, 0.5, 1.0)
         sender.checkpoint("/work/checkpoints/step-00000003", 3)
@@ -284,7 +284,7 @@ def test_termination_message_only_where_it_may_go(
     # The default file is used only when Kubernetes made it: a workstation run,
     # even as root, must not create it.
     default = tmp_path / "termination-log"
-    monkeypatch.setattr(reporting, "DEFAULT_TERMINATION_LOG", str(default))
+    monkeypatch.setattr(status_report, "DEFAULT_TERMINATION_LOG", str(default))
     assert not write_termination_message("x", {})
     assert not default.exists()
     default.touch()

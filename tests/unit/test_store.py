@@ -13,13 +13,13 @@ import boto3
 import pytest
 import torch
 
-from finetune.trainer import checkpoints
-from finetune.trainer.distributed import Rank
-from finetune.trainer.durable import DurableCheckpoints
+from finetune.trainer.checkpoints import manifest
+from finetune.trainer.checkpoints.durable import DurableCheckpoints
 from finetune.trainer.errors import AccessDenied, DiskFull
-from finetune.trainer.storage import S3Settings, download_prefix
-from finetune.trainer.store import LocalStore, S3Store, Store, open_store
-from finetune.trainer.uploader import Task, Uploader
+from finetune.trainer.process.distributed import Rank
+from finetune.trainer.storage.s3 import S3Settings, download_prefix
+from finetune.trainer.storage.store import LocalStore, S3Store, Store, open_store
+from finetune.trainer.storage.uploader import Task, Uploader
 from tests.trainer.s3faults import Moto, moto  # noqa: F401 - the fixture
 
 BUCKET = "runs"
@@ -109,7 +109,7 @@ def test_uploader_keeps_order_and_hands_over_a_refusal(tmp_path: Path) -> None:
 
 
 def save(root: Path, step: int, payload: bytes) -> None:
-    folder = root / checkpoints.tag_for(step)
+    folder = root / manifest.tag_for(step)
     folder.mkdir(parents=True)
     (folder / "model.pt").write_bytes(payload)
     (folder / "rng-rank0000.pt").write_bytes(b"rng")
@@ -141,8 +141,8 @@ def test_checkpoints_become_durable_in_order_and_are_retained(
     tags = {key.split("/")[1] for key, _ in store.keys("checkpoints/")}
     assert tags == {"step-00000004", "step-00000006"}, "keep-last-2 applied in S3"
     assert sorted(p.name for p in root.iterdir()) == ["step-00000004", "step-00000006"]
-    manifest = json.loads(store.read_text("checkpoints/step-00000006/manifest.json") or "")
-    assert [e["path"] for e in manifest["files"]] == ["model.pt", "rng-rank0000.pt"]
+    document = json.loads(store.read_text("checkpoints/step-00000006/manifest.json") or "")
+    assert [e["path"] for e in document["files"]] == ["model.pt", "rng-rank0000.pt"]
 
     # A fresh machine: the newest durable checkpoint comes back from S3.
     fresh = DurableCheckpoints(store, tmp_path / "fresh", Rank(0, 0, 1), torch.device("cpu"), 2)
@@ -150,7 +150,7 @@ def test_checkpoints_become_durable_in_order_and_are_retained(
     assert found is not None
     assert found.step == 6
     assert (found.folder / "model.pt").read_bytes() == bytes([6]) * 100
-    assert checkpoints.verify(found.folder) == 6
+    assert manifest.verify(found.folder) == 6
 
 
 @pytest.mark.slow  # starts moto's S3 server
@@ -197,7 +197,7 @@ def test_disk_full_while_saving_is_named(tmp_path: Path) -> None:
     folder = tmp_path / "step-00000004"
     with (
         pytest.raises(DiskFull, match=r"step 4.*previous checkpoint is intact"),
-        checkpoints.space_checked(folder, 4),
+        manifest.space_checked(folder, 4),
     ):
         raise OSError(errno.ENOSPC, "No space left on device")
 

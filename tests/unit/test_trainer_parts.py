@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 from finetune.api import FineTuneJob
-from finetune.trainer import checkpoints
-from finetune.trainer.data import IndexStream
-from finetune.trainer.launch import Rendezvous
-from finetune.trainer.loop import deepspeed_config
+from finetune.trainer.checkpoints import manifest
+from finetune.trainer.data.concepts import IndexStream
+from finetune.trainer.engine.trainer import deepspeed_config
+from finetune.trainer.launcher.run import Rendezvous
 from tests.support import lora_job
 
 
@@ -32,11 +32,11 @@ def test_data_order_is_a_pure_function_of_seed_and_position() -> None:
 
 
 def make_checkpoint(root: Path, step: int, complete: bool = True) -> Path:
-    folder = root / checkpoints.tag_for(step)
+    folder = root / manifest.tag_for(step)
     folder.mkdir(parents=True)
     (folder / "model.pt").write_bytes(b"weights" * step)
     if complete:
-        checkpoints.write_manifest(folder, step)
+        manifest.write_manifest(folder, step)
     return folder
 
 
@@ -44,27 +44,27 @@ def test_resume_picks_the_newest_checkpoint_whose_manifest_verifies(tmp_path: Pa
     make_checkpoint(tmp_path, 10)
     make_checkpoint(tmp_path, 20)
     make_checkpoint(tmp_path, 30, complete=False)  # interrupted mid-save: no manifest
-    found = checkpoints.latest(tmp_path)
+    found = manifest.latest(tmp_path)
     assert found is not None
     assert found.step == 20
 
     (tmp_path / "step-00000020" / "model.pt").write_bytes(b"bit rot")
-    found = checkpoints.latest(tmp_path)
+    found = manifest.latest(tmp_path)
     assert found is not None
     assert found.step == 10
 
 
 def test_no_checkpoint_means_a_fresh_start(tmp_path: Path) -> None:
-    assert checkpoints.latest(tmp_path / "missing") is None
+    assert manifest.latest(tmp_path / "missing") is None
     make_checkpoint(tmp_path, 5, complete=False)
-    assert checkpoints.latest(tmp_path) is None
+    assert manifest.latest(tmp_path) is None
 
 
 def test_prune_keeps_the_newest_complete_checkpoints(tmp_path: Path) -> None:
     for step in (1, 2, 3, 4):
         make_checkpoint(tmp_path, step)
     make_checkpoint(tmp_path, 5, complete=False)  # being written right now: kept
-    checkpoints.prune(tmp_path, keep_last=2)
+    manifest.prune(tmp_path, keep_last=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "step-00000003",
         "step-00000004",
@@ -118,7 +118,7 @@ def test_deepspeed_config_follows_the_job(precision: str, bf16: bool, fp16: bool
 
 def test_caption_files_replace_the_concept_prompt(tmp_path: Path) -> None:
     from finetune.assets import write_images
-    from finetune.trainer.data import examples_from
+    from finetune.trainer.data.concepts import examples_from
 
     folder = write_images(tmp_path / "images", 3)
     (folder / "image-001.txt").write_text("a photo of sks disc on grass\n")

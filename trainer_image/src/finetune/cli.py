@@ -60,7 +60,7 @@ def _run(args: argparse.Namespace) -> int:
     job = _load_or_exit(args.job)
     if job is None:
         return EXIT_INVALID
-    from .trainer.launch import run_local
+    from .trainer.launcher.run import run_local
 
     return run_local(job.spec.training_spec(), job.metadata.name, args.nproc, args.output)
 
@@ -69,7 +69,7 @@ def _train(args: argparse.Namespace) -> int:
     job = _load_or_exit(args.job)
     if job is None:
         return EXIT_INVALID
-    from .trainer.launch import run_in_pod
+    from .trainer.launcher.run import run_in_pod
 
     return run_in_pod(job.spec.training_spec(), job.metadata.name)
 

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ...api.methods import Method
-from ...api.training import TrainingSpec
-from ..errors import JobInputError
-from ..models import Components
-from .base import TrainedModules, TrainingMethod
-from .custom_diffusion import CustomDiffusion
-from .dreambooth import DreamBooth
-from .lcm import Lcm, LcmLora
-from .lora import Lora
+from finetune.api.methods import Method
+from finetune.api.training import TrainingSpec
+from finetune.trainer.errors import JobInputError
+from finetune.trainer.methods.base import TrainedModules, TrainingMethod
+from finetune.trainer.methods.custom_diffusion import CustomDiffusion
+from finetune.trainer.methods.dreambooth import DreamBooth
+from finetune.trainer.methods.lcm import Lcm, LcmLora
+from finetune.trainer.methods.lora import Lora
+from finetune.trainer.models.components import Components
 
 METHODS: dict[str, type[TrainingMethod]] = {
     Method.DREAMBOOTH: DreamBooth,

@@ -16,13 +16,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...api.training import TrainingSpec
-from ..batches import Batch
-from ..data import Example, ImagePreprocessor, Prepared
-from ..diffusion import add_noise, denoising_loss
-from ..encoding import Encoder
-from ..images import ImageRules
-from ..models import Components
+from finetune.api.training import TrainingSpec
+from finetune.trainer.data.batches import Batch
+from finetune.trainer.data.concepts import Example, ImagePreprocessor, Prepared
+from finetune.trainer.data.encoding import Encoder
+from finetune.trainer.data.images import ImageRules
+from finetune.trainer.methods.diffusion import add_noise, denoising_loss
+from finetune.trainer.models.components import Components
 
 
 class TrainedModules(nn.Module):

@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...api.training import FreezeMode
-from ..data import Example, Prepared, to_tensor
-from ..errors import JobInputError
-from ..images import ImageRules, decode
-from .base import TrainedModules, TrainingMethod
+from finetune.api.training import FreezeMode
+from finetune.trainer.data.concepts import Example, Prepared, to_tensor
+from finetune.trainer.data.images import ImageRules, decode
+from finetune.trainer.errors import JobInputError
+from finetune.trainer.methods.base import TrainedModules, TrainingMethod
 
 WEIGHTS_FILE = "pytorch_custom_diffusion_weights.safetensors"
 SMALL_PREFIXES = ("a far away ", "very small ")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..models import save_pipeline
-from .base import TrainedModules, TrainingMethod
+from finetune.trainer.methods.base import TrainedModules, TrainingMethod
+from finetune.trainer.models.components import save_pipeline
 
 
 class DreamBooth(TrainingMethod):

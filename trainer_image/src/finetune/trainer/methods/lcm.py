@@ -19,13 +19,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ...api.training import LcmLoss
-from ..batches import Batch
-from ..encoding import Encoder
-from ..errors import JobInputError
-from ..models import save_pipeline
-from .base import TrainedModules, TrainingMethod
-from .lora import Lora
+from finetune.api.training import LcmLoss
+from finetune.trainer.data.batches import Batch
+from finetune.trainer.data.encoding import Encoder
+from finetune.trainer.errors import JobInputError
+from finetune.trainer.methods.base import TrainedModules, TrainingMethod
+from finetune.trainer.methods.lora import Lora
+from finetune.trainer.models.components import save_pipeline
 
 SIGMA_DATA = 0.5
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from ...api.training import OutputFormat
-from .base import TrainedModules, TrainingMethod
+from finetune.api.training import OutputFormat
+from finetune.trainer.methods.base import TrainedModules, TrainingMethod
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"

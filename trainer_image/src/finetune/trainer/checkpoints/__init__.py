@@ -1,0 +1,1 @@
+"""Checkpoints: their manifest, retention, and copies that outlive the machine."""

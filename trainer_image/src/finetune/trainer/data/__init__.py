@@ -1,0 +1,1 @@
+"""Training data: concept images and caption datasets, decoded, encoded and batched."""

@@ -1,0 +1,140 @@
+"""The micro-batches each rank trains on, as a pure function of the micro-step.
+
+Concept methods (dreambooth, lora, customDiffusion) draw from a few instance
+images, plus class images for prior preservation; the LCM methods draw from an
+image-caption dataset that may be too large to hold. Either way a resumed run
+sees exactly the batches an uninterrupted one would have seen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+
+from finetune.trainer.data.captions import CaptionStream
+from finetune.trainer.data.concepts import Example, ImagePreprocessor, IndexStream
+from finetune.trainer.data.encoding import Encoder
+from finetune.trainer.process.distributed import Rank
+
+if TYPE_CHECKING:
+    from finetune.trainer.methods import TrainingMethod
+
+
+@dataclass
+class Batch:
+    latents: torch.Tensor
+    text: dict[str, torch.Tensor]  # input_ids, or encoder_hidden_states
+    prior_count: int = 0  # the last `prior_count` samples are class images
+    mask: torch.Tensor | None = None  # [B, 1, h, w]: where each sample's loss counts
+
+
+class Batches(Protocol):
+    def batch(self, micro_step: int) -> Batch: ...
+
+    def state(self) -> dict[str, Any]:
+        """This rank's data state to keep with a checkpoint (empty when positions suffice)."""
+        ...
+
+    def load_state(self, state: dict[str, Any]) -> None: ...
+
+
+class ConceptBatches:
+    """Instance images (and class images) dealt to the ranks in seeded epochs."""
+
+    def __init__(
+        self,
+        instances: list[Example],
+        classes: list[Example],
+        method: TrainingMethod,
+        encoder: Encoder,
+        rank: Rank,
+        batch_size: int,
+        seed: int,
+    ) -> None:
+        self.instances = instances
+        self.classes = classes
+        self.method = method
+        self.encoder = encoder
+        self.rank = rank
+        self.batch_size = batch_size
+        self.instance_stream = IndexStream(len(instances), seed, salt=0)
+        self.class_stream = IndexStream(max(1, len(classes)), seed, salt=1)
+
+    def _take(
+        self, stream: IndexStream, examples: list[Example], kind: str, micro_step: int
+    ) -> list[tuple[torch.Tensor, str, torch.Tensor | None]]:
+        """(latents, prompt, mask) of each sample; an image whose latents are cached is
+        not even opened."""
+        chosen: list[tuple[torch.Tensor, str, torch.Tensor | None]] = []
+        for position in stream.positions(
+            micro_step, self.rank.rank, self.rank.world, self.batch_size
+        ):
+            index = stream.example_at(position)
+            key = (kind, index)
+            latents = self.encoder.cached_latents(key)
+            if latents is not None:  # only deterministic preparations are cached
+                chosen.append((latents, examples[index].prompt, None))
+                continue
+            prepared = self.method.prepare(examples[index], position, kind == "class")
+            latents = self.encoder.latents(
+                prepared.pixels[None], key if prepared.cacheable else None
+            )
+            chosen.append((latents, prepared.prompt, prepared.mask))
+        return chosen
+
+    def batch(self, micro_step: int) -> Batch:
+        chosen = self._take(self.instance_stream, self.instances, "instance", micro_step)
+        prior_count = 0
+        if self.classes:
+            chosen += self._take(self.class_stream, self.classes, "class", micro_step)
+            prior_count = self.batch_size
+        latents = torch.cat([latent for latent, _, _ in chosen])
+        mask = None
+        if any(m is not None for _, _, m in chosen):
+            ones = torch.ones_like(latents[:1, :1])
+            mask = torch.cat(
+                [(m[None].to(latents) if m is not None else ones) for _, _, m in chosen]
+            )
+        prompts = [prompt for _, prompt, _ in chosen]
+        return Batch(latents, self.encoder.text(prompts), prior_count, mask)
+
+    def state(self) -> dict[str, Any]:
+        return {}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        return
+
+
+class CaptionBatches:
+    """Image-caption pairs streamed from a dataset; nothing is cached."""
+
+    def __init__(
+        self,
+        stream: CaptionStream,
+        preprocess: ImagePreprocessor,
+        encoder: Encoder,
+        rank: Rank,
+        batch_size: int,
+    ) -> None:
+        self.stream = stream
+        self.preprocess = preprocess
+        self.encoder = encoder
+        self.rank = rank
+        self.batch_size = batch_size
+
+    def batch(self, micro_step: int) -> Batch:
+        pixels, prompts = [], []
+        for sample, position in self.stream.take(micro_step, self.batch_size):
+            image, _ = self.preprocess(sample.decode(self.preprocess.rules), position)
+            pixels.append(image)
+            prompts.append(sample.caption)
+        latents = self.encoder.latents(torch.stack(pixels))
+        return Batch(latents, self.encoder.text(prompts))
+
+    def state(self) -> dict[str, Any]:
+        return self.stream.state()
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.stream.load_state(state)

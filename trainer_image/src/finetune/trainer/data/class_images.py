@@ -1,0 +1,56 @@
+"""Class images for prior preservation, generated with the base model when missing."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from finetune.api.training import TrainingSpec
+from finetune.trainer.data.concepts import IMAGE_SUFFIXES
+from finetune.trainer.models.components import Components, inference_pipeline
+
+
+def generate_missing(
+    spec: TrainingSpec,
+    components: Components,
+    folders: list[Path],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> None:
+    """Top each concept's class folder up to `classImages.count` images, kept for reuse."""
+    pipeline: Any = None
+    for concept, folder in zip(spec.data.concepts, folders, strict=True):
+        folder.mkdir(parents=True, exist_ok=True)
+        have = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]
+        missing = concept.class_images.count - len(have)
+        if missing <= 0 or concept.class_prompt is None:
+            continue
+        if pipeline is None:
+            pipeline = inference_pipeline(components)
+        tag = hashlib.sha1(concept.class_prompt.encode()).hexdigest()[:8]
+        # Seeded by how many exist, so topping up makes new images rather than repeats.
+        generator = torch.Generator(device=device).manual_seed(spec.training.seed + len(have))
+        made = 0
+        while made < missing:
+            count = min(4, missing - made)
+            with (
+                torch.no_grad(),
+                torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32),
+            ):
+                images = pipeline(
+                    concept.class_prompt,
+                    num_images_per_prompt=count,
+                    num_inference_steps=25,
+                    height=spec.data.resolution,
+                    width=spec.data.resolution,
+                    generator=generator,
+                ).images
+            for image in images:
+                target = folder / f"class-{tag}-{len(have) + made:05d}.png"
+                partial = target.with_name(target.name + ".partial")
+                image.save(partial, format="PNG")
+                partial.replace(target)  # a killed run never leaves a truncated image
+                made += 1

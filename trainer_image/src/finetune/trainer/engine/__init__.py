@@ -1,0 +1,1 @@
+"""One training process: its DeepSpeed engine, the step loop, and the worker entry point."""

@@ -1,0 +1,1 @@
+"""Starting a run: checks before any worker starts, the output lease, and the workers."""

@@ -1,0 +1,332 @@
+"""One run per output: a lease the launcher holds while its workers train.
+
+A local output is leased with `fcntl.flock` on `.run/lease` in the output folder; the
+kernel drops the lock when the holder dies however it dies, so a lock that can be
+taken is never stale, and what the file still names is an earlier run that ended
+without releasing it. An `s3://` output is leased with an object, `.run/lease.json`,
+created by a conditional write (`If-None-Match: *`: only one creator wins) and
+refreshed by a heartbeat thread; a lease whose heartbeat is older than its time to
+live is expired and taken over (again conditionally, `If-Match` its ETag).
+
+In a pod gang only node rank 0 leases the output: every node of one attempt writes
+into the same output by design. A new attempt of the same job takes over its earlier
+attempt's lease at once (the operator starts one only once the last is over); a
+restarted pod of the same attempt waits for the lease to expire, and a pod whose
+output is a shared volume waits up to the TTL for the flock (the last attempt's
+processes ending). A run of anything else is refused with exit 2 naming the holder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import Any
+
+from finetune.trainer.errors import JobInputError
+from finetune.trainer.process import flock, stopping
+from finetune.trainer.storage.s3 import S3Location, S3Settings, prefix_of, refusals_named
+from finetune.trainer.storage.store import with_retries
+
+log = logging.getLogger(__name__)
+
+LOCAL_LEASE = ".run/lease"
+S3_LEASE = ".run/lease.json"
+# An S3 lease not refreshed for this long is expired; refreshed every quarter of it.
+TTL_ENV = "FINETUNE_LEASE_TTL_SECONDS"
+DEFAULT_TTL = 60.0
+
+
+class OutputBusy(JobInputError):  # noqa: N818 - named for what the user meets
+    """Another run holds the output: exit 2, naming it."""
+
+
+@dataclass(frozen=True)
+class Holder:
+    host: str
+    pid: int
+    since: str
+    job: str = ""  # in a pod: namespace/name of the FineTuneJob
+    attempt: int = 0
+
+    @classmethod
+    def me(cls) -> Holder:
+        namespace, name = os.environ.get("FINETUNE_NAMESPACE"), os.environ.get("FINETUNE_JOB_NAME")
+        return cls(
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            since=datetime.now(UTC).isoformat(timespec="seconds"),
+            job=f"{namespace}/{name}" if namespace and name else "",
+            attempt=int(os.environ.get("FINETUNE_ATTEMPT", "0") or 0),
+        )
+
+    @classmethod
+    def parse(cls, text: str) -> Holder | None:
+        try:
+            data = json.loads(text)
+            return cls(
+                host=str(data["host"]),
+                pid=int(data["pid"]),
+                since=str(data["since"]),
+                job=str(data.get("job", "")),
+                attempt=int(data.get("attempt", 0)),
+            )
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    def __str__(self) -> str:
+        job = f", job {self.job} attempt {self.attempt}" if self.job else ""
+        return f"host {self.host}, pid {self.pid}, since {self.since}{job}"
+
+
+def _busy(output: str, holder: Holder | None) -> OutputBusy:
+    who = f"another run ({holder})" if holder else "another run"
+    return OutputBusy(
+        f"spec.output.uri: {output} is in use by {who}; wait for it to end or stop it, "
+        "or write to another output (--output)"
+    )
+
+
+class LocalLease:
+    """`wait` seconds: how long to wait for a holder to end before refusing (a pod of a
+    new attempt on a shared volume, while the last attempt's processes wind down)."""
+
+    def __init__(self, work_dir: Path, output: str, wait: float = 0.0) -> None:
+        self.path = work_dir / LOCAL_LEASE
+        self.output = output
+        self.wait = wait
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self._lock(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        previous = Holder.parse(os.pread(fd, 4096, 0).decode(errors="replace"))
+        if previous is not None:
+            log.warning(
+                "%s: taking over the lease of a run that ended without releasing it (%s)",
+                self.output,
+                previous,
+            )
+        me = Holder.me().to_json().encode()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, me, 0)
+        os.fsync(fd)
+        self.fd = fd
+
+    def _lock(self, fd: int) -> None:
+        def announce() -> None:
+            log.warning(
+                "%s: waiting up to %.0f s for the run holding it to end (%s)",
+                self.output,
+                self.wait,
+                Holder.parse(self.path.read_text()),
+            )
+
+        if not flock.take(fd, self.wait, announce):
+            raise _busy(self.output, Holder.parse(self.path.read_text()))
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        os.ftruncate(self.fd, 0)  # a clean end: the next run has nothing to take over
+        os.close(self.fd)  # closing drops the flock
+        self.fd = None
+
+
+class S3Lease:
+    def __init__(self, output: str, settings: S3Settings, wait_for_own_job: bool) -> None:
+        location = S3Location.parse(output)
+        self.output = output
+        self.bucket = location.bucket
+        self.key = prefix_of(location) + S3_LEASE
+        self.uri = f"s3://{self.bucket}/{self.key}"
+        self.client = settings.client(attempts=3)
+        self.ttl = float(os.environ.get(TTL_ENV, DEFAULT_TTL))
+        self.wait_for_own_job = wait_for_own_job
+        self.holder = Holder.me()
+        self._etag: str | None = None
+        self._why = ""
+        self._lost = False  # taken over: the lease object is another run's now
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _put(self, **condition: str) -> str:
+        with refusals_named(self.uri):
+            answer = with_retries(
+                self.uri,
+                lambda: self.client.put_object(
+                    Bucket=self.bucket,
+                    Key=self.key,
+                    Body=self.holder.to_json().encode(),
+                    **condition,
+                ),
+            )
+        return str(answer["ETag"])
+
+    def _read(self) -> tuple[Holder | None, str, float] | None:
+        """The lease's holder, ETag and age in seconds (by S3's clock), if there is one."""
+        from botocore.exceptions import ClientError
+
+        def get() -> dict[str, Any] | None:
+            try:
+                answer = self.client.get_object(Bucket=self.bucket, Key=self.key)
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in {"NoSuchKey", "404"}:
+                    return None
+                raise
+            answer["Text"] = answer["Body"].read().decode(errors="replace")
+            return dict(answer)
+
+        with refusals_named(self.uri):
+            answer = with_retries(self.uri, get)
+        if answer is None:
+            return None
+        date = answer["ResponseMetadata"].get("HTTPHeaders", {}).get("date")
+        now = parsedate_to_datetime(date) if date else datetime.now(UTC)
+        age = (now - answer["LastModified"]).total_seconds()
+        return Holder.parse(answer["Text"]), str(answer["ETag"]), age
+
+    def acquire(self) -> None:
+        from botocore.exceptions import ClientError
+
+        waited = False
+        while True:
+            try:
+                self._etag = self._put(IfNoneMatch="*")
+                break
+            except ClientError as exc:
+                if not _precondition_failed(exc):
+                    raise
+            found = self._read()
+            if found is None:
+                continue  # released in between: try creating it again
+            holder, etag, age = found
+            if self._takes_over(holder, age):
+                try:
+                    self._etag = self._put(IfMatch=etag)
+                except JobInputError:
+                    continue  # released in between (no such key): look again
+                except ClientError as exc:
+                    if not _precondition_failed(exc):
+                        raise
+                    continue  # someone else took it over first: look again
+                log.warning("%s: took over the lease of %s (%s)", self.output, holder, self._why)
+                break
+            if not (self.wait_for_own_job and holder and holder.job == self.holder.job):
+                raise _busy(self.output, holder)
+            if not waited:  # a restarted pod of this attempt: its lease runs out
+                log.warning(
+                    "%s: waiting up to %.0f s for the lease of %s to expire",
+                    self.output,
+                    self.ttl - age,
+                    holder,
+                )
+                waited = True
+            stopping.pause(min(5.0, max(0.5, self.ttl - age)))
+        self._thread = threading.Thread(target=self._beat, name="output-lease", daemon=True)
+        self._thread.start()
+
+    def _takes_over(self, holder: Holder | None, age: float) -> bool:
+        if age > self.ttl:
+            self._why = f"no heartbeat for {age:.0f} s"
+            return True
+        if holder is None:
+            self._why = "unreadable"
+            return age > self.ttl
+        me = self.holder
+        if holder.host == me.host and not _alive(holder.pid):
+            self._why = "its process is gone"
+            return True
+        if me.job and holder.job == me.job and holder.attempt < me.attempt:
+            self._why = f"an earlier attempt ({holder.attempt}) of this job"
+            return True
+        return False
+
+    def _beat(self) -> None:
+        from botocore.exceptions import ClientError
+
+        while not self._done.wait(self.ttl / 4):
+            try:
+                self._etag = self._put(IfMatch=self._etag or "*")
+            except ClientError as exc:
+                if _precondition_failed(exc):
+                    log.error("%s: the output's lease was taken over by another run", self.output)
+                    self._lost = True
+                    return
+                log.warning("%s: lease heartbeat failed: %s", self.output, exc)
+            except Exception as exc:  # an outage: the next beat tries again
+                log.warning("%s: lease heartbeat failed: %s", self.output, exc)
+
+    def release(self) -> None:
+        self._done.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+            if self._lost:
+                return
+            try:
+                self.client.delete_object(Bucket=self.bucket, Key=self.key)
+            except Exception as exc:  # it expires on its own
+                log.warning("%s: could not release the lease: %s", self.output, exc)
+
+
+Lease = LocalLease | S3Lease
+
+
+class OutputClaim:
+    """The lease a launcher takes on its output (`prepare` calls it once the output
+    checks pass) and holds until its workers are gone."""
+
+    def __init__(self, wait_for_own_job: bool) -> None:
+        self.wait_for_own_job = wait_for_own_job
+        self.lease: Lease | None = None
+
+    def __call__(self, output: str, work_dir: Path, settings: S3Settings) -> None:
+        if output.startswith("s3://"):
+            lease: Lease = S3Lease(output, settings, self.wait_for_own_job)
+        else:
+            wait = float(os.environ.get(TTL_ENV, DEFAULT_TTL)) if self.wait_for_own_job else 0.0
+            lease = LocalLease(work_dir, output, wait)
+        lease.acquire()
+        self.lease = lease
+
+    def fds(self) -> tuple[int, ...]:
+        """Descriptors the workers inherit: a local lock lasts until the last is gone."""
+        if isinstance(self.lease, LocalLease) and self.lease.fd is not None:
+            return (self.lease.fd,)
+        return ()
+
+    def release(self) -> None:
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None
+
+
+def _precondition_failed(exc: Any) -> bool:
+    error = exc.response.get("Error", {})
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return bool(error.get("Code") in {"PreconditionFailed", "412"} or status == 412)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,71 @@
+"""Checks the launcher makes before any worker starts: the process count and the output.
+
+Each failure names what to fix: `--nproc`, or `spec.output.uri` (a file, a folder that
+cannot be written, an S3 prefix that refuses a small write-and-delete probe).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import uuid
+from pathlib import Path
+
+from finetune.api.common import is_s3
+from finetune.trainer.errors import DiskFull, JobInputError
+from finetune.trainer.storage.s3 import S3Settings
+from finetune.trainer.storage.store import S3Store
+
+FIELD = "spec.output.uri"
+
+
+def checked_nproc(nproc: int | None, gpus: int) -> int:
+    """The number of training processes on this machine: `--nproc` if it fits, one per
+    GPU (or one on a CPU) by default."""
+    if nproc is None:
+        return max(1, gpus)
+    limit, what = (gpus, "GPUs") if gpus else (os.cpu_count() or 1, "CPU cores")
+    if nproc < 1 or nproc > limit:
+        raise JobInputError(
+            f"--nproc {nproc}: must be between 1 and {limit} (this machine has {limit} {what})"
+        )
+    return nproc
+
+
+def check_local_output(folder: Path) -> None:
+    """`folder` is (or can be made) a folder this process can write to."""
+    if folder.exists() and not folder.is_dir():
+        raise JobInputError(f"{FIELD}: {folder} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".probe-{socket.gethostname()}-{os.getpid()}"
+        probe.write_bytes(b"probe")
+        probe.unlink()
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFull(f"{FIELD}: {folder}: no space left to write the results") from exc
+        reason = exc.strerror or type(exc).__name__
+        raise JobInputError(f"{FIELD}: {folder} cannot be written ({reason})") from exc
+
+
+def check_s3_output(uri: str, settings: S3Settings) -> None:
+    """The credentials are there and accepted, and the prefix takes a write and a delete.
+    S3's refusals raise `JobInputError`/`AccessDenied` naming the field; an endpoint that
+    stays unreachable past the retries raises what boto3 raised (exit 1)."""
+    store = S3Store(uri, settings)
+    key = f".run/probe-{uuid.uuid4().hex}"
+    try:
+        store.write_text(key, "probe")
+        store.delete([key])
+    except JobInputError as exc:  # named by the output, not by the probe's key
+        message = str(exc).replace(f"{store.uri}/{key}", store.uri)
+        raise type(exc)(f"{FIELD}: {message}") from exc
+
+
+def check_output(output: str, work_dir: Path, settings: S3Settings) -> None:
+    if is_s3(output):
+        check_local_output(work_dir)  # the local staging folder in the cache
+        check_s3_output(output, settings)
+    else:
+        check_local_output(work_dir)

@@ -1,0 +1,329 @@
+"""Start a job's training processes: on this machine, or as one node of a pod gang.
+
+`finetune run` (a laptop, a workstation, CI) and the trainer image's entrypoint
+(`finetune train` in a pod) both come here; only where the rendezvous comes
+from differs. Inputs are resolved once, before any worker starts, so a bad
+path fails in seconds rather than after every rank has loaded a model. Before any
+input is fetched the output is checked (a folder that takes a write, an S3 prefix that
+takes a probe) and leased, so a second run into it is refused (`lease`). A stop request
+during all this ends the start at once with exit 130 (`stopping`).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+from finetune.api.common import is_s3
+from finetune.api.training import TrainingSpec
+from finetune.trainer.data.captions import check_dataset
+from finetune.trainer.data.concepts import examples_from, resolve_folder
+from finetune.trainer.data.images import ImageRules
+from finetune.trainer.engine.trainer import RunPlan, check_optimizer
+from finetune.trainer.errors import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    JobInputError,
+    Unreachable,
+    exit_code_for,
+)
+from finetune.trainer.launcher.lease import OutputClaim
+from finetune.trainer.launcher.overlap import check_output_apart
+from finetune.trainer.launcher.preflight import check_output, checked_nproc
+from finetune.trainer.models.components import resolve_model
+from finetune.trainer.process import stopping
+from finetune.trainer.process.stopping import STOP_SIGNALS, Stopped, StopRequest
+from finetune.trainer.process.tether import LAUNCHER_PID_ENV
+from finetune.trainer.storage.s3 import S3Settings, cache_key
+from finetune.trainer.storage.store import RETRY_FOR_ENV, retry_budget, transient
+from finetune.trainer.telemetry.status import write_termination_message
+
+CACHE_ENV = "FINETUNE_CACHE_DIR"
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    nnodes: int = 1
+    node_rank: int = 0
+    nproc_per_node: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Rendezvous:
+        """In a pod: the operator sets these; the node rank is the Indexed Job's index."""
+        env = dict(os.environ if env is None else env)
+        return cls(
+            nnodes=int(env.get("FINETUNE_NNODES", "1")),
+            node_rank=int(env.get("FINETUNE_NODE_RANK", env.get("JOB_COMPLETION_INDEX", "0"))),
+            nproc_per_node=int(env.get("FINETUNE_NPROC_PER_NODE", "1")),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(env.get("MASTER_PORT", "29500")),
+        )
+
+    @property
+    def world(self) -> int:
+        return self.nnodes * self.nproc_per_node
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "finetune"))
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def prepare(
+    spec: TrainingSpec,
+    name: str,
+    output_uri: str | None = None,
+    claim: Callable[[str, Path, S3Settings], None] | None = None,
+) -> RunPlan:
+    """Check the output and `claim` it (take its lease), then resolve every input to a
+    local path (downloading once) and check it can be used."""
+    output = output_uri or spec.output.uri
+    if output != spec.output.uri:
+        spec = spec.model_copy(update={"output": spec.output.model_copy(update={"uri": output})})
+    check_optimizer(spec)
+    check_output_apart(spec, output)
+    cache = cache_dir()
+    s3 = S3Settings(spec.output.s3_endpoint_url, spec.output.s3_region)
+    if is_s3(output):
+        work_dir = cache / "runs" / cache_key(output)
+    else:
+        work_dir = Path(output).expanduser().resolve()
+    check_output(output, work_dir, s3)
+    if claim is not None:
+        claim(output, work_dir, s3)
+    model = resolve_model(spec.base_model.uri, cache, s3)
+    teacher = None
+    if spec.lcm is not None and spec.lcm.teacher_model is not None:
+        teacher = resolve_model(spec.lcm.teacher_model.uri, cache, s3).resolve()
+    if spec.data.dataset is not None:
+        dataset = spec.data.dataset
+        if not is_s3(dataset.uri):  # workers may start elsewhere: hand them an absolute path
+            local = str(Path(dataset.uri).expanduser().resolve())
+            dataset = dataset.model_copy(update={"uri": local})
+            spec = spec.model_copy(
+                update={"data": spec.data.model_copy(update={"dataset": dataset})}
+            )
+        layout = check_dataset(dataset, s3)
+        print(f"Dataset {dataset.uri}: {layout.size}", flush=True)
+    concepts, classes = [], []
+    for index, concept in enumerate(spec.data.concepts):
+        folder = resolve_folder(concept.instance_images, cache, s3)
+        examples_from(
+            folder,
+            concept.instance_prompt,
+            concept.caption_files,
+            f"spec.data.concepts[{index}].instanceImages",
+            rules=ImageRules.of(spec.data),
+        )
+        concepts.append(folder.resolve())
+        if concept.class_images.uri:
+            class_folder = resolve_folder(concept.class_images.uri, cache, s3)
+        else:
+            class_folder = work_dir / "class_images" / f"concept-{index}"
+        classes.append(class_folder.resolve())
+    return RunPlan(name, spec, work_dir, model.resolve(), concepts, classes, output, teacher)
+
+
+def gpu_count() -> int:
+    import torch
+
+    return int(torch.cuda.device_count())
+
+
+class Workers:
+    """The processes of this node. Any one failing stops them all: DeepSpeed ranks
+    cannot rejoin a running gang, so the whole gang restarts instead."""
+
+    def __init__(
+        self, plan_file: Path, rendezvous: Rendezvous, keep_fds: tuple[int, ...] = ()
+    ) -> None:
+        self.plan_file = plan_file
+        self.rendezvous = rendezvous
+        self.keep_fds = keep_fds
+        self.processes: list[subprocess.Popen[bytes]] = []
+        self.interrupted = False
+
+    def _env(self, local_rank: int) -> dict[str, str]:
+        r = self.rendezvous
+        env = dict(os.environ)
+        env.update(
+            RANK=str(r.node_rank * r.nproc_per_node + local_rank),
+            LOCAL_RANK=str(local_rank),
+            WORLD_SIZE=str(r.world),
+            LOCAL_WORLD_SIZE=str(r.nproc_per_node),
+            MASTER_ADDR=r.master_addr,
+            MASTER_PORT=str(r.master_port),
+        )
+        env[LAUNCHER_PID_ENV] = str(os.getpid())  # workers die with us (`tether`)
+        if "OMP_NUM_THREADS" not in os.environ:
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // r.nproc_per_node))
+        return env
+
+    def _forward(self, signum: int, frame: FrameType | None) -> None:
+        """Ctrl-C, a pod's SIGTERM or a closed terminal's SIGHUP: ask every worker for a
+        clean, checkpointed stop."""
+        self.interrupted = True
+        if signum == signal.SIGHUP:
+            stopping.leave_terminal()
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signum)  # SIGHUP too: they share our terminal
+
+    def run(self) -> int:
+        previous = {s: signal.signal(s, self._forward) for s in STOP_SIGNALS}
+        try:
+            for local_rank in range(self.rendezvous.nproc_per_node):
+                command = [
+                    sys.executable,
+                    "-m",
+                    "finetune.trainer.engine.worker",
+                    str(self.plan_file),
+                ]
+                # A session of their own: the terminal's Ctrl-C reaches only us, and
+                # we pass it on exactly once. They keep the output's lease fd open, so
+                # the output stays locked until the last of them is gone.
+                self.processes.append(
+                    subprocess.Popen(
+                        command,
+                        env=self._env(local_rank),
+                        start_new_session=True,
+                        pass_fds=self.keep_fds,
+                    )
+                )
+            stop = stopping.current()
+            if stop is not None and stop.requested:  # asked just before our handler was in
+                self._forward(signal.SIGINT, None)
+            return self._wait()
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def _wait(self) -> int:
+        while True:
+            codes = [p.poll() for p in self.processes]
+            failed = [c for c in codes if c not in (None, 0)]
+            if failed:
+                self._stop_all()
+                stopped = {EXIT_INTERRUPTED} | {-s for s in STOP_SIGNALS}
+                if self.interrupted and stopped & set(failed):
+                    return EXIT_INTERRUPTED
+                code = failed[0]
+                return code if code > 0 else 128 - code  # killed by a signal: 128 + its number
+            if all(c == 0 for c in codes):
+                return 0
+            time.sleep(0.2)
+
+    def _stop_all(self, grace: float = 30.0) -> None:
+        deadline = time.monotonic() + grace
+        for process in self.processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def launch(plan: RunPlan, rendezvous: Rendezvous, keep_fds: tuple[int, ...] = ()) -> int:
+    # A name of its own: no run can read (or overwrite) another run's plan.
+    run_id = uuid.uuid4().hex[:12]
+    plan_file = plan.work_dir / ".run" / f"plan-{run_id}-node{rendezvous.node_rank}.json"
+    plan_file.parent.mkdir(parents=True, exist_ok=True)
+    plan_file.write_text(plan.to_json())
+    try:
+        code = Workers(plan_file, rendezvous, keep_fds).run()
+    finally:
+        plan_file.unlink(missing_ok=True)
+    if code not in (0, EXIT_INTERRUPTED):
+        # The first message is kept: this one shows only when no worker could leave
+        # its own (a rank killed by a signal).
+        write_termination_message(
+            f"a training process on node {rendezvous.node_rank} {_ended(code)}"
+        )
+    return code
+
+
+def _ended(code: int) -> str:
+    if code > 128:
+        try:
+            return f"was killed by {signal.Signals(code - 128).name}"
+        except ValueError:
+            pass
+    return f"exited with code {code}"
+
+
+def run_local(spec: TrainingSpec, name: str, nproc: int | None, output_uri: str | None) -> int:
+    """`finetune run`: the whole job on this machine."""
+    return _start(spec, name, output_uri, in_pod=False, nproc=nproc)
+
+
+def run_in_pod(spec: TrainingSpec, name: str) -> int:
+    """`finetune train`: this pod's share of a gang, rendezvous from the environment."""
+    return _start(spec, name, None, in_pod=True)
+
+
+def _start(
+    spec: TrainingSpec, name: str, output_uri: str | None, in_pod: bool, nproc: int | None = None
+) -> int:
+    stop = StopRequest()  # Ctrl-C, SIGTERM or SIGHUP from here on end the start at once
+    claim = OutputClaim(wait_for_own_job=in_pod)
+    try:
+        try:
+            if in_pod:
+                rendezvous = Rendezvous.from_env()
+            else:
+                nproc = checked_nproc(nproc, gpu_count())
+                rendezvous = Rendezvous(nproc_per_node=nproc, master_port=free_port())
+            # Node 0 alone leases: every node of a gang writes into the one output.
+            with stop.interruptible():
+                plan = prepare(spec, name, output_uri, claim if rendezvous.node_rank == 0 else None)
+        except Stopped:
+            print("Stopped before training began; nothing was written.", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        except (JobInputError, Unreachable) as exc:
+            return _refused(str(exc), exit_code_for(exc), in_pod)
+        except Exception as exc:
+            if transient(exc):  # S3 out of reach past the retries: a later try may work
+                return _refused(
+                    f"S3 cannot be reached after retrying for {retry_budget():.0f} s "
+                    f"(${RETRY_FOR_ENV}): {exc}",
+                    EXIT_FAILED,
+                    in_pod,
+                )
+            if in_pod:  # a bug: still say why
+                write_termination_message(
+                    f"preparing the inputs failed: {type(exc).__name__}: {exc}"
+                )
+            raise
+        if stop.requested:
+            print("Stopped before training began; nothing was written.", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        return launch(plan, rendezvous, claim.fds())
+    finally:
+        claim.release()
+        stop.close()
+
+
+def _refused(message: str, code: int, in_pod: bool) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    if in_pod:
+        write_termination_message(message)
+    return code

@@ -1,0 +1,1 @@
+"""What a run leaves behind: weights, samples, a model card, and the artifact list."""

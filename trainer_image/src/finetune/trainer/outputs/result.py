@@ -1,0 +1,174 @@
+"""The finished result: weights, a model card, and an atomic hand-over.
+
+Outputs are written into a staging folder and moved into place only once all
+are complete, the model card last, so a crash never leaves something that
+looks like a finished model.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import yaml
+
+from finetune.api.training import TrainingSpec
+from finetune.trainer.storage.s3 import NOT_RESULTS
+from finetune.trainer.storage.store import Store
+
+STAGING = ".staging"
+MODEL_CARD = "README.md"
+
+
+def staging_folder(work_dir: Path) -> Path:
+    folder = work_dir / STAGING
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return folder
+
+
+def promote(staging: Path, work_dir: Path) -> list[Path]:
+    """Move every staged entry into `work_dir`, the model card last."""
+    entries = sorted(staging.iterdir(), key=lambda p: p.name == MODEL_CARD)
+    moved = []
+    for entry in entries:
+        target = work_dir / entry.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        entry.replace(target)
+        moved.append(target)
+    staging.rmdir()
+    return moved
+
+
+def model_card(
+    spec: TrainingSpec,
+    name: str,
+    steps: int,
+    final_loss: float | None,
+    grid: Path | None,
+    work_dir: Path,
+    files: list[tuple[str, int, str]] | None = None,
+) -> str:
+    """`files`: (path in the results, bytes, sha256) of what the card describes."""
+    method = spec.method
+    hyper = spec.training.model_dump(by_alias=True, exclude_none=True, mode="json")
+    for section in ("lora", "custom_diffusion", "lcm"):
+        value = getattr(spec, section)
+        if value is not None:
+            hyper[section] = value.model_dump(by_alias=True, exclude_none=True, mode="json")
+    prompts = [c.instance_prompt for c in spec.data.concepts]
+    validation_prompt = spec.validation.prompts[0] if spec.validation.prompts else "a photo"
+    lines = [
+        "---",
+        yaml.safe_dump(
+            {
+                "base_model": spec.base_model.uri,
+                "library_name": "diffusers",
+                "tags": ["stable-diffusion", method, "finetune-operator"],
+            },
+            sort_keys=False,
+        ).strip(),
+        "---",
+        "",
+        f"# {name}",
+        "",
+        f"Fine-tuned from `{spec.base_model.uri}` with **{method}** for {steps} steps"
+        + (f" (final loss {final_loss:.4f})." if final_loss is not None else "."),
+        "",
+        "## How to use",
+        "",
+        "```python",
+        *usage(spec, prompts[0] if prompts else validation_prompt),
+        "```",
+        "",
+    ]
+    if prompts:
+        lines += ["## Training prompts", "", *[f"- `{p}`" for p in prompts], ""]
+    if spec.validation.prompts:
+        lines += ["## Validation prompts", "", *[f"- `{p}`" for p in spec.validation.prompts], ""]
+    if grid is not None:
+        lines += ["## Samples", "", f"![samples]({grid.relative_to(work_dir).as_posix()})", ""]
+    if files:
+        lines += ["## Files", "", "| file | bytes | sha256 |", "| --- | ---: | --- |"]
+        lines += [f"| `{path}` | {size} | `{sha256}` |" for path, size, sha256 in files]
+        lines += [""]
+    lines += [
+        "## Hyperparameters",
+        "",
+        "```yaml",
+        yaml.safe_dump(hyper, sort_keys=False).strip(),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def usage(spec: TrainingSpec, prompt: str) -> list[str]:
+    """Python that loads this method's result with diffusers' public API."""
+    base = spec.base_model.uri.removeprefix("hf://").split("@")[0]
+    here = "path/to/this/folder"
+    load_base = [
+        "from diffusers import StableDiffusionPipeline",
+        f'pipe = StableDiffusionPipeline.from_pretrained("{base}")',
+    ]
+    method = spec.method
+    few_steps = (
+        f'image = pipe("{prompt}", num_inference_steps={spec.validation.inference_steps}, '
+        f"guidance_scale={spec.validation.guidance_scale}).images[0]"
+    )
+    if method == "lora":
+        lines = [*load_base, f'pipe.load_lora_weights("{here}")']
+    elif method == "lcmLora":
+        lcm = spec.lcm
+        assert lcm is not None
+        lines = [
+            "from diffusers import LCMScheduler, StableDiffusionPipeline",
+            f'pipe = StableDiffusionPipeline.from_pretrained("{base}")',
+            "pipe.scheduler = LCMScheduler.from_config(",
+            "    pipe.scheduler.config,"
+            f" original_inference_steps={lcm.num_ddim_timesteps},"
+            f" timestep_scaling={lcm.timestep_scaling_factor},",
+            ")",
+            f'pipe.load_lora_weights("{here}")',
+        ]
+        return [*lines, few_steps]
+    elif method == "customDiffusion":
+        assert spec.custom_diffusion is not None
+        lines = [
+            *load_base,
+            *(
+                f'pipe.load_textual_inversion("{here}", weight_name="{token}.safetensors")'
+                for token in spec.custom_diffusion.modifier_tokens
+            ),
+            "# `_pipeline=pipe`: without it diffusers 0.42 does not install the weights",
+            "# (huggingface/diffusers#9320).",
+            "pipe.unet.load_attn_procs(",
+            f'    "{here}", weight_name="pytorch_custom_diffusion_weights.safetensors", _pipeline=pipe',
+            ")",
+        ]
+    elif method == "lcm":
+        lines = [
+            "from diffusers import StableDiffusionPipeline",
+            f'pipe = StableDiffusionPipeline.from_pretrained("{here}")  # LCMScheduler included',
+        ]
+        return [*lines, few_steps]
+    else:
+        lines = [
+            "from diffusers import StableDiffusionPipeline",
+            f'pipe = StableDiffusionPipeline.from_pretrained("{here}")',
+        ]
+    return [*lines, f'image = pipe("{prompt}").images[0]']
+
+
+def upload_results(folder: Path, store: Store) -> None:
+    """Put a finished run's results in `store`, the model card last so a prefix with a
+    README.md is complete. Checkpoints (uploaded as they are saved) and working files
+    stay out."""
+    files = [
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and p.relative_to(folder).parts[0] not in NOT_RESULTS
+    ]
+    for path in sorted(files, key=lambda p: (p == folder / MODEL_CARD, str(p))):
+        store.put_file(path, path.relative_to(folder).as_posix())

@@ -1,0 +1,91 @@
+"""Validation samples: images for the job's prompts, saved as PNGs plus a grid."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from finetune.api.training import TrainingSpec
+from finetune.trainer.models.components import Components, inference_pipeline
+from finetune.trainer.process.stopping import StopRequest
+
+
+def sample_folder(work_dir: Path, step: int) -> Path:
+    return work_dir / "samples" / f"step-{step:08d}"
+
+
+def grid(images: list[Any], columns: int) -> Any:
+    from PIL import Image
+
+    width, height = images[0].size
+    rows = math.ceil(len(images) / columns)
+    sheet = Image.new("RGB", (columns * width, rows * height), "white")
+    for index, image in enumerate(images):
+        sheet.paste(image, ((index % columns) * width, (index // columns) * height))
+    return sheet
+
+
+@torch.no_grad()
+def generate(
+    spec: TrainingSpec,
+    components: Components,
+    trained: dict[str, torch.nn.Module],
+    scheduler: Any,
+    folder: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    stop: StopRequest | None = None,
+) -> Path:
+    """Generate `imagesPerPrompt` images for each prompt with a fixed seed; return the grid.
+
+    A stop request ends it between two denoising steps (`Stopped`), the folder removed:
+    no step's samples are ever half there."""
+    pipeline = inference_pipeline(components, scheduler, **trained)
+    modes = {name: module.training for name, module in trained.items()}
+    for module in trained.values():
+        module.eval()
+    validation = spec.validation
+    folder.mkdir(parents=True, exist_ok=True)
+    images = []
+    try:
+        for index, prompt in enumerate(validation.prompts):
+            generator = torch.Generator(device=device).manual_seed(spec.training.seed + index)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                result = pipeline(
+                    prompt,
+                    num_images_per_prompt=validation.images_per_prompt,
+                    num_inference_steps=validation.inference_steps,
+                    guidance_scale=validation.guidance_scale,
+                    height=spec.data.resolution,
+                    width=spec.data.resolution,
+                    generator=generator,
+                    callback_on_step_end=_stop_check(stop),
+                ).images
+            for number, image in enumerate(result):
+                image.save(folder / f"prompt-{index:02d}-{number:02d}.png")
+            images += result
+        path = folder / "grid.png"
+        grid(images, validation.images_per_prompt).save(path)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    finally:
+        for name, module in trained.items():
+            module.train(modes[name])
+    return path
+
+
+def _stop_check(stop: StopRequest | None) -> Any:
+    """A pipeline callback that raises `Stopped` once a stop is requested."""
+    if stop is None:
+        return None
+
+    def check(pipeline: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        stop.raise_if_requested()
+        return tensors
+
+    return check

@@ -1,0 +1,1 @@
+"""What a run tells people: Prometheus metrics and the FineTuneJob status."""

@@ -1,0 +1,411 @@
+"""What the trainer tells Kubernetes: its job's status, and why a pod failed.
+
+In a pod the operator sets `FINETUNE_JOB_NAME` and `FINETUNE_NAMESPACE`; rank 0
+then patches the status subresource of its own FineTuneJob (a JSON merge patch
+of `status.progress`, `status.lastCheckpoint` and `status.artifacts`) from a
+background thread, so a slow or failing API server never slows or fails
+training. Only the standard library is used: the trainer image needs no
+Kubernetes client.
+
+Environment:
+
+- `FINETUNE_STATUS_API`: the API server's base URL, e.g. `http://127.0.0.1:8001`
+  for `kubectl proxy` or a test server. Default: the in-cluster API,
+  `https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT`.
+- `FINETUNE_SERVICE_ACCOUNT_DIR`: where the service account's `token` and
+  `ca.crt` lie (default `/var/run/secrets/kubernetes.io/serviceaccount`). The
+  token, when there is one, is sent with every request, read anew each time.
+- `FINETUNE_STATUS_INTERVAL`: the least seconds between progress updates (default 5).
+- `FINETUNE_TERMINATION_LOG`: the file for the message a failed pod leaves
+  (default `/dev/termination-log`, which Kubernetes shows as the container's
+  termination message).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import math
+import os
+import ssl
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from finetune.api.job import GROUP, PLURAL, VERSION
+from finetune.api.status import format_duration
+
+log = logging.getLogger(__name__)
+
+API_ENV = "FINETUNE_STATUS_API"
+INTERVAL_ENV = "FINETUNE_STATUS_INTERVAL"
+SERVICE_ACCOUNT_ENV = "FINETUNE_SERVICE_ACCOUNT_DIR"
+SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+DEFAULT_INTERVAL = 5.0
+MIN_RETRY_DELAY = 1.0  # seconds: even with interval 0, a dead API server is not hammered
+# Weight of the past in the smoothed loss and step time: about the last 10 steps count.
+SMOOTHING = 0.9
+MAX_ARTIFACTS = 256  # what `status.artifacts` holds at most
+
+TERMINATION_LOG_ENV = "FINETUNE_TERMINATION_LOG"
+DEFAULT_TERMINATION_LOG = "/dev/termination-log"
+TERMINATION_LIMIT = 4096  # bytes: Kubernetes keeps no more of the file
+# Environment variables whose values must never appear in a message.
+SECRET_NAME_PARTS = ("TOKEN", "SECRET", "PASSWORD", "ACCESS_KEY", "API_KEY")
+
+# The status fields that must reach the API even if progress updates follow at once.
+_URGENT = ("lastCheckpoint", "artifacts")
+
+
+def rfc3339(moment: datetime) -> str:
+    """`2026-11-26T10:00:00Z`: UTC, whole seconds."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _finite(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+class Smoothed:
+    """An exponential moving average, bias-corrected so the first values are not
+    pulled toward zero: after one value it is that value."""
+
+    def __init__(self, decay: float = SMOOTHING) -> None:
+        self.decay = decay
+        self._sum = 0.0
+        self._weight = 0.0
+
+    def add(self, value: float) -> float:
+        self._sum = self.decay * self._sum + (1 - self.decay) * value
+        self._weight = self.decay * self._weight + (1 - self.decay)
+        return self._sum / self._weight
+
+    @property
+    def value(self) -> float | None:
+        return self._sum / self._weight if self._weight else None
+
+
+class StatusReporter:
+    """Patches the job's status from a background thread; no call ever blocks on the
+    API or raises because of it.
+
+    Progress is throttled to one update per `interval` (the newest values win);
+    checkpoints and artifacts are queued apart from it, so no progress update can
+    replace them, and go out at the thread's next wake-up. What fails in a way a
+    retry may fix (no connection, 5xx, 429) is tried again an interval (at least a
+    second) later; other answers (403, 404, 422) are not retried.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        service_account_dir: Path = SERVICE_ACCOUNT_DIR,
+        interval: float = DEFAULT_INTERVAL,
+        request_timeout: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], datetime] = _now,
+    ) -> None:
+        self.url = url
+        self.interval = interval
+        self._token_file = service_account_dir / "token"
+        self._request_timeout = request_timeout
+        self._clock = clock
+        self._wall_clock = wall_clock
+        handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
+        if url.startswith("https:"):
+            handlers.append(
+                urllib.request.HTTPSHandler(context=_tls(service_account_dir / "ca.crt"))
+            )
+        # No HTTP(S)_PROXY: the API server is never reached through the job's egress proxy.
+        self._opener = urllib.request.build_opener(*handlers)
+        self._loss = Smoothed()
+        self._step_time = Smoothed()
+        self._previous: tuple[int, float] | None = None  # (step, clock) of the last call
+        self._lock = threading.Condition()
+        self._progress: dict[str, Any] | None = None  # newest progress not yet sent
+        self._urgent: dict[str, Any] = {}
+        self._progress_due = 0.0  # clock time the next progress update may go out
+        self._retry_due = 0.0  # clock time urgent fields may go out again after a failure
+        self._closing = False
+        self._warned: set[str] = set()
+        self._thread = threading.Thread(target=self._run, name="status-reporter", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> StatusReporter | None:
+        """A reporter for the job this pod trains, or None outside a pod (no job named,
+        or no API server known)."""
+        env = os.environ if env is None else env
+        name, namespace = env.get("FINETUNE_JOB_NAME"), env.get("FINETUNE_NAMESPACE")
+        if not name or not namespace:
+            return None
+        api = env.get(API_ENV) or _in_cluster_api(env)
+        if not api:
+            return None
+        path = (
+            f"/apis/{GROUP}/{VERSION}/namespaces/{quote(namespace, safe='')}"
+            f"/{PLURAL}/{quote(name, safe='')}/status"
+        )
+        account = Path(env.get(SERVICE_ACCOUNT_ENV) or SERVICE_ACCOUNT_DIR)
+        return cls(api.rstrip("/") + path, service_account_dir=account, interval=_interval(env))
+
+    # --- what the training loop calls ------------------------------------------
+
+    def progress(
+        self, step: int, total_steps: int, loss: float | None, images_per_second: float | None
+    ) -> None:
+        """Record the newest step; the thread sends it when the interval allows. Only
+        these calls refresh `lastHeartbeat`: a stuck loop must look stuck."""
+        now = self._clock()
+        loss = _finite(loss)
+        smoothed_loss = self._loss.add(loss) if loss is not None else self._loss.value
+        if self._previous is not None and step > self._previous[0]:
+            self._step_time.add((now - self._previous[1]) / (step - self._previous[0]))
+        self._previous = (step, now)
+        step_time = self._step_time.value
+        eta = round(step_time * max(0, total_steps - step)) if step_time is not None else None
+        speed = _finite(images_per_second)
+        status = {
+            "step": step,
+            "totalSteps": total_steps,
+            "percent": min(100, 100 * step // total_steps) if total_steps > 0 else 0,
+            "loss": smoothed_loss,
+            "imagesPerSecond": speed if speed is not None and speed >= 0 else None,
+            # null removes what an earlier attempt left, in a merge patch
+            "etaSeconds": eta,
+            "eta": format_duration(eta) if eta is not None else None,
+            "lastHeartbeat": rfc3339(self._wall_clock()),
+        }
+        with self._lock:
+            self._progress = status
+            self._lock.notify()
+
+    def checkpoint(self, uri: str, step: int) -> None:
+        """`status.lastCheckpoint`: sent at once."""
+        self._queue("lastCheckpoint", {"uri": uri, "step": step})
+
+    def artifacts(self, artifacts: list[dict[str, Any]]) -> None:
+        """`status.artifacts` (uri, sha256, bytes, kind each): sent at once."""
+        self._queue("artifacts", list(artifacts[:MAX_ARTIFACTS]))
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the thread and send what is pending, waiting at most `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+            self._lock.notify()
+        self._thread.join(timeout)
+        with self._lock:
+            body = self._take(flush=True)
+        remaining = deadline - time.monotonic()
+        if body and remaining > 0:
+            self._send(body, min(remaining, self._request_timeout))
+
+    # --- the thread ----------------------------------------------------------------
+
+    def _queue(self, field: str, value: Any) -> None:
+        with self._lock:
+            self._urgent[field] = value
+            self._retry_due = 0.0  # a new value is worth trying at once
+            self._lock.notify()
+
+    def _take(self, flush: bool = False) -> dict[str, Any]:
+        """What is due now (everything when flushing), taken off the queue. Holds the lock."""
+        now = self._clock()
+        body: dict[str, Any] = {}
+        if self._urgent and (flush or now >= self._retry_due):
+            body, self._urgent = self._urgent, {}
+        if self._progress is not None and (flush or now >= self._progress_due):
+            body["progress"], self._progress = self._progress, None
+            self._progress_due = now + self.interval
+        return body
+
+    def _wake_in(self) -> float | None:
+        """Seconds until something queued falls due; None when nothing is queued."""
+        due = [self._retry_due] if self._urgent else []
+        if self._progress is not None:
+            due.append(self._progress_due)
+        return max(0.0, min(due) - self._clock()) if due else None
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                body = self._take()
+                while not body and not self._closing:
+                    self._lock.wait(self._wake_in())
+                    body = self._take()
+                if self._closing:
+                    # close() sends the rest; put back what this wake-up took.
+                    self._requeue(body)
+                    return
+            self._send(body, self._request_timeout)
+
+    def _requeue(self, body: dict[str, Any]) -> None:
+        """Put back what a failed or abandoned send held, unless newer values came.
+        Holds the lock."""
+        for field in _URGENT:
+            if field in body:
+                self._urgent.setdefault(field, body[field])
+        if "progress" in body and self._progress is None:
+            self._progress = body["progress"]
+
+    def _send(self, status: dict[str, Any], timeout: float) -> None:
+        if self._patch(status, timeout):
+            with self._lock:
+                self._requeue(status)
+                self._retry_due = self._clock() + max(self.interval, MIN_RETRY_DELAY)
+
+    def _patch(self, status: dict[str, Any], timeout: float) -> bool:
+        """Send one merge patch; True when it failed in a way a retry may fix."""
+        token = self._token()
+        try:
+            request = urllib.request.Request(
+                self.url,
+                data=json.dumps({"status": status}, allow_nan=False).encode(),
+                method="PATCH",
+                headers={
+                    "Content-Type": "application/merge-patch+json",
+                    "Accept": "application/json",
+                },
+            )
+            if token:
+                request.add_header("Authorization", f"Bearer {token}")
+            with self._opener.open(request, timeout=timeout) as response:
+                response.read()
+            return False
+        except urllib.error.HTTPError as exc:
+            detail = f"HTTP {exc.code} {exc.reason}: {_excerpt(exc)}"
+            self._warn_once(f"HTTP {exc.code}", detail, token)
+            return exc.code >= 500 or exc.code == 429
+        except urllib.error.URLError as exc:
+            reason = exc.reason
+            kind = type(reason).__name__ if isinstance(reason, BaseException) else "URLError"
+            self._warn_once(kind, str(reason), token)
+            return True
+        except Exception as exc:  # a timeout, a TLS error: nothing may reach the loop
+            self._warn_once(type(exc).__name__, str(exc), token)
+            return True
+
+    def _token(self) -> str | None:
+        # Read each time: projected service-account tokens are rotated on disk.
+        try:
+            return self._token_file.read_text().strip() or None
+        except OSError:
+            return None
+
+    def _warn_once(self, kind: str, detail: str, token: str | None) -> None:
+        with self._lock:
+            if kind in self._warned:
+                return
+            self._warned.add(kind)
+        if token:
+            detail = detail.replace(token, "<token>")
+        detail = " ".join(detail.split())
+        log.warning(
+            "cannot update the job's status at %s (%s); training goes on, and this "
+            "kind of failure is not logged again",
+            self.url,
+            detail,
+        )
+
+
+def _excerpt(error: urllib.error.HTTPError) -> str:
+    """The start of an error response: the API server says there why (RBAC, schema)."""
+    try:
+        return error.read(300).decode("utf-8", "replace")
+    except Exception:
+        return ""
+
+
+def _in_cluster_api(env: Mapping[str, str]) -> str | None:
+    host, port = env.get("KUBERNETES_SERVICE_HOST"), env.get("KUBERNETES_SERVICE_PORT")
+    if not host or not port:
+        return None
+    if ":" in host:  # an IPv6 address
+        host = f"[{host}]"
+    return f"https://{host}:{port}"
+
+
+def _interval(env: Mapping[str, str]) -> float:
+    raw = env.get(INTERVAL_ENV)
+    if not raw:
+        return DEFAULT_INTERVAL
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not math.isfinite(value) or value < 0:
+        log.warning(
+            "%s=%r is not a number of seconds; using %s", INTERVAL_ENV, raw, DEFAULT_INTERVAL
+        )
+        return DEFAULT_INTERVAL
+    return value
+
+
+def _tls(ca_file: Path) -> ssl.SSLContext:
+    """Trust the cluster's CA when mounted, else the system's."""
+    if ca_file.is_file():
+        try:
+            return ssl.create_default_context(cafile=str(ca_file))
+        except (OSError, ssl.SSLError) as exc:
+            log.warning("cannot read the cluster CA %s (%s); using the system's CAs", ca_file, exc)
+    return ssl.create_default_context()
+
+
+# --- the termination message ------------------------------------------------------
+
+
+def termination_text(message: str, env: Mapping[str, str] | None = None) -> str:
+    """`message` as one paragraph of at most 4096 bytes, secret values replaced by `***`."""
+    env = os.environ if env is None else env
+    for name, value in env.items():
+        if len(value) >= 8 and any(part in name.upper() for part in SECRET_NAME_PARTS):
+            message = message.replace(value, "***")
+    text = " ".join(message.split())
+    return text.encode()[:TERMINATION_LIMIT].decode("utf-8", "ignore")
+
+
+def write_termination_message(message: str, env: Mapping[str, str] | None = None) -> bool:
+    """Leave `message` where Kubernetes reads a failed container's reason; True when
+    written. Never raises.
+
+    Written only where the file's folder exists and may be written to, and, for
+    the default `/dev/termination-log`, only when the file exists (Kubernetes
+    creates it; `finetune run` on a workstation must not). The first message wins:
+    the first rank to fail names the cause, later ones tend to report its effects.
+    """
+    env = os.environ if env is None else env
+    explicit = env.get(TERMINATION_LOG_ENV)
+    path = Path(explicit or DEFAULT_TERMINATION_LOG)
+    try:
+        if not path.parent.is_dir():
+            return False
+        if path.exists():
+            if not os.access(path, os.W_OK):
+                return False
+        elif not explicit or not os.access(path.parent, os.W_OK):
+            return False
+        with path.open("a", encoding="utf-8") as handle:
+            with contextlib.suppress(OSError):  # best effort: some filesystems cannot lock
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            if os.fstat(handle.fileno()).st_size > 0:
+                return False
+            handle.write(termination_text(message, env))
+        return True
+    except OSError:
+        return False

@@ -178,7 +178,7 @@ def test_every_dashboard_query_returns_data(
             )
             env = {
                 "FINETUNE_NAMESPACE": NAMESPACE,
-                "FINETUNE_METRICS_PORT": str(trainer_port),
+                "FINETUNE_TRAINER_METRICS_PORT": str(trainer_port),
                 "FINETUNE_PUSHGATEWAY_URL": pushgateway.url,
             }
             result = finetune_run(job, nproc=1, env=env)

@@ -19,9 +19,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from finetune.api.pod import CACHE_DIR, CONFIG_DIR
 from finetune.trainer.engine.comm_op import extensions_dir
 from finetune.trainer.launcher.run import free_port
-from finetune_operator.builders import CACHE_DIR, CONFIG_DIR
 from tests.operator.conftest import Kube, now
 
 

@@ -11,13 +11,15 @@ import pytest
 from botocore.exceptions import ClientError, NoCredentialsError
 
 from finetune.api import FineTuneJob
-from finetune.trainer.engine.trainer import check_loss
-from finetune.trainer.errors import (
+from finetune.api.pod import (
     EXIT_ACCESS_DENIED,
     EXIT_DISK_FULL,
     EXIT_FAILED,
     EXIT_INVALID_INPUT,
     EXIT_NON_FINITE_LOSS,
+)
+from finetune.trainer.engine.trainer import check_loss
+from finetune.trainer.errors import (
     AccessDenied,
     DiskFull,
     JobInputError,

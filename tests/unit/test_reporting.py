@@ -1,5 +1,5 @@
 """The trainer's status reports, against a tiny HTTP server standing in for the API
-server, and the termination message a failed pod leaves."""
+server, and the one ETA they carry."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import pytest
 
 from finetune.api.status import Artifact, CheckpointRef, Progress
 from finetune.trainer.telemetry import status as status_report
-from finetune.trainer.telemetry.status import StatusReporter, write_termination_message
+from finetune.trainer.telemetry.pace import Pace
+from finetune.trainer.telemetry.status import StatusReporter
 from tests.fake_status_api import FakeApi
 
 STATUS_PATH = "/apis/finetune.dev/v1alpha1/namespaces/team-a/finetunejobs/disc-lora/status"
@@ -85,10 +86,10 @@ def test_progress_within_the_interval_coalesces(api: FakeApi, account: Path) -> 
         )
     )
     assert found is not None
-    found.progress(1, 10, 0.5, 8.0)
+    found.progress(1, 10, 0.5, 8.0, None)
     api.wait_for(1)
     for step in range(2, 6):
-        found.progress(step, 10, 0.5, 8.0)
+        found.progress(step, 10, 0.5, 8.0, None)
     found.close()
     requests = api.wait_for(2)
     # The first goes out at once; the rest wait for the interval (or close) and
@@ -105,9 +106,9 @@ def test_progress_within_the_interval_coalesces(api: FakeApi, account: Path) -> 
 def test_progress_is_sent_again_after_the_interval(api: FakeApi, account: Path) -> None:
     sender = reporter(api, account, interval=0.2)
     try:
-        sender.progress(1, 4, 0.5, 1.0)
+        sender.progress(1, 4, 0.5, 1.0, None)
         api.wait_for(1)
-        sender.progress(2, 4, 0.5, 1.0)
+        sender.progress(2, 4, 0.5, 1.0, None)
         requests = api.wait_for(2)  # without close: the thread sends it
         assert requests[-1]["body"]["status"]["progress"]["step"] == 2
     finally:
@@ -120,16 +121,16 @@ def test_checkpoints_and_artifacts_are_sent_at_once_and_never_lost(
     sender = reporter(api, account)
     artifact = {"uri": "s3://b/out/README.md", "sha256": "0" * 64, "bytes": 3, "kind": "modelCard"}
     try:
-        sender.progress(1, 10, 0.5, 1.0)
+        sender.progress(1, 10, 0.5, 1.0, None)
         api.wait_for(1)
         sender.checkpoint("/work/checkpoints/step-00000003", 3)
-        sender.progress(3, 10, 0.5, 1.0)  # throttled, but must not hold back the checkpoint
+        sender.progress(3, 10, 0.5, 1.0, None)  # throttled, but must not hold back the checkpoint
         requests = api.wait_for(2)
         assert requests[1]["body"]["status"] == {
             "lastCheckpoint": {"uri": "/work/checkpoints/step-00000003", "step": 3}
         }
         sender.artifacts([artifact])
-        sender.progress(4, 10, 0.5, 1.0)
+        sender.progress(4, 10, 0.5, 1.0, None)
         requests = api.wait_for(3)
         assert requests[2]["body"]["status"] == {"artifacts": [artifact]}
     finally:
@@ -142,8 +143,8 @@ def test_checkpoints_and_artifacts_are_sent_at_once_and_never_lost(
 
 def test_close_flushes_what_is_pending(api: FakeApi, account: Path) -> None:
     sender = reporter(api, account)
-    sender.progress(1, 2, 0.5, 1.0)
-    sender.progress(2, 2, 0.4, 1.0)
+    sender.progress(1, 2, 0.5, 1.0, None)
+    sender.progress(2, 2, 0.4, 1.0, None)
     sender.checkpoint("/work/checkpoints/step-00000002", 2)
     sender.artifacts([])
     sender.close()
@@ -161,10 +162,10 @@ def test_close_flushes_what_is_pending(api: FakeApi, account: Path) -> None:
 def test_the_token_is_read_anew_for_every_request(api: FakeApi, account: Path) -> None:
     sender = reporter(api, account, interval=0)
     try:
-        sender.progress(1, 2, 0.5, 1.0)
+        sender.progress(1, 2, 0.5, 1.0, None)
         api.wait_for(1)
         (account / "token").write_text("rotated-token-42")
-        sender.progress(2, 2, 0.5, 1.0)
+        sender.progress(2, 2, 0.5, 1.0, None)
         requests = api.wait_for(2)
     finally:
         sender.close()
@@ -174,7 +175,7 @@ def test_the_token_is_read_anew_for_every_request(api: FakeApi, account: Path) -
 
 def test_no_token_file_sends_no_authorization(api: FakeApi, tmp_path: Path) -> None:
     sender = reporter(api, tmp_path / "nothing-here")
-    sender.progress(1, 2, 0.5, 1.0)
+    sender.progress(1, 2, 0.5, 1.0, None)
     sender.close()
     assert "Authorization" not in api.wait_for(1)[0]["headers"]
 
@@ -187,7 +188,7 @@ def test_a_failing_api_server_is_logged_once_and_never_raises(
     sender = reporter(api, account, interval=0)
     with caplog.at_level(logging.WARNING, logger=status_report.__name__):
         for step in range(1, 4):
-            sender.progress(step, 10, 0.5, 1.0)
+            sender.progress(step, 10, 0.5, 1.0, None)
             api.wait_for(step)
         sender.checkpoint("/work/checkpoints/step-00000003", 3)
         sender.close()
@@ -209,7 +210,7 @@ def test_an_unreachable_api_server_is_logged_once(
     )
     with caplog.at_level(logging.WARNING, logger=status_report.__name__):
         for step in range(1, 4):
-            sender.progress(step, 10, 0.5, 1.0)
+            sender.progress(step, 10, 0.5, 1.0, None)
         sender.checkpoint("/work/checkpoints/step-00000003", 3)
         sender.close(timeout=5)
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
@@ -218,75 +219,48 @@ def test_an_unreachable_api_server_is_logged_once(
     assert TOKEN not in caplog.text
 
 
-def test_loss_is_smoothed_and_eta_follows_the_step_time(api: FakeApi, account: Path) -> None:
-    now = [100.0]
+def test_loss_is_smoothed_and_progress_is_the_api_model(api: FakeApi, account: Path) -> None:
     sender = reporter(
         api,
         account,
-        clock=lambda: now[0],
         wall_clock=lambda: datetime(2026, 11, 26, 10, 0, 0, 123456, tzinfo=UTC),
     )
-    sender.progress(1, 10, 1.0, 4.0)
+    sender.progress(1, 10, 1.0, 4.0, None)
     api.wait_for(1)
     for step, loss in ((2, 0.0), (3, 0.0)):
-        now[0] += 2.0  # two seconds a step
-        sender.progress(step, 10, loss, 4.0)
+        sender.progress(step, 10, loss, 4.0, 14)
     sender.close()
     first, last = (s["progress"] for s in api.statuses())
     assert first["loss"] == 1.0
-    assert first["etaSeconds"] is None  # no step time yet
+    assert first["etaSeconds"] is None  # sent as null: it clears an earlier attempt's
     # Bias-corrected moving average with decay 0.9 of 1, 0, 0.
     assert last["loss"] == pytest.approx(0.081 / 0.271)
     assert (last["etaSeconds"], last["eta"]) == (14, "14s")
     assert last["percent"] == 30
     assert last["imagesPerSecond"] == 4.0
     assert last["lastHeartbeat"] == "2026-11-26T10:00:00Z"
+    assert Progress.model_validate(last).model_dump(by_alias=True, mode="json") == last
+
+
+def test_the_eta_follows_the_smoothed_wall_time_between_steps() -> None:
+    now = [100.0]
+    pace = Pace(clock=lambda: now[0])
+    assert pace.step_done(1, 10) is None  # no step time yet
+    now[0] += 2.0
+    assert pace.step_done(2, 10) == 16
+    now[0] += 4.0  # a checkpoint save between steps counts too
+    # Bias-corrected moving average with decay 0.9 of 2 and 4 seconds a step.
+    assert pace.step_done(3, 10) == round(7 * (0.18 + 0.4) / 0.19)
+    assert pace.step_done(3, 10) == round(7 * (0.18 + 0.4) / 0.19)  # no new step: no new time
+    now[0] += 1.0
+    assert pace.step_done(10, 10) == 0
 
 
 def test_percent_is_floored_and_unknowns_are_null(api: FakeApi, account: Path) -> None:
     sender = reporter(api, account)
-    sender.progress(1, 3, float("nan"), None)
+    sender.progress(1, 3, float("nan"), None, None)
     sender.close()
     (status,) = api.statuses()
     assert status["progress"]["percent"] == 33
     assert status["progress"]["loss"] is None
     assert status["progress"]["imagesPerSecond"] is None
-
-
-# --- the termination message ----------------------------------------------------------
-
-
-def test_termination_message_is_one_paragraph_without_secrets(tmp_path: Path) -> None:
-    log = tmp_path / "termination-log"
-    env = {"FINETUNE_TERMINATION_LOG": str(log), "HF_TOKEN": "hf_secretvalue123"}
-    message = "download failed\n  with hf_secretvalue123\n\tin the URL"
-    assert write_termination_message(message, env)
-    assert log.read_text() == "download failed with *** in the URL"
-    # The first failure names the cause; later ones do not replace it.
-    assert not write_termination_message("rank 1 failed: connection reset", env)
-    assert log.read_text() == "download failed with *** in the URL"
-
-
-def test_termination_message_is_cut_at_4096_bytes(tmp_path: Path) -> None:
-    log = tmp_path / "termination-log"
-    assert write_termination_message("é" * 5000, {"FINETUNE_TERMINATION_LOG": str(log)})
-    written = log.read_bytes()
-    assert len(written) <= 4096
-    assert written.decode() == "é" * 2048
-
-
-def test_termination_message_only_where_it_may_go(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    missing = tmp_path / "no-such-folder" / "termination-log"
-    assert not write_termination_message("x", {"FINETUNE_TERMINATION_LOG": str(missing)})
-    assert not missing.parent.exists()
-    # The default file is used only when Kubernetes made it: a workstation run,
-    # even as root, must not create it.
-    default = tmp_path / "termination-log"
-    monkeypatch.setattr(status_report, "DEFAULT_TERMINATION_LOG", str(default))
-    assert not write_termination_message("x", {})
-    assert not default.exists()
-    default.touch()
-    assert write_termination_message("it failed", {})
-    assert default.read_text() == "it failed"

@@ -12,18 +12,13 @@ from typing import Any
 
 import yaml
 
-from finetune.api import API_VERSION, KIND, FineTuneJob
+from finetune.api import API_VERSION, KIND, FineTuneJob, pod
 from finetune.api.common import is_hub
 
 from .config import OperatorConfig
 
 Manifest = dict[str, Any]
 
-RENDEZVOUS_PORT = 29500
-METRICS_PORT = 9400
-CONFIG_DIR = "/etc/finetune"
-JOB_FILE = "job.yaml"
-CACHE_DIR = "/var/cache/finetune"
 LABEL_JOB = "finetune.dev/job"
 LABEL_ATTEMPT = "finetune.dev/attempt"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
@@ -84,7 +79,7 @@ def config_map(job: FineTuneJob) -> Manifest:
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _meta(job, Names(job.metadata.name).config_map),
-        "data": {JOB_FILE: yaml.safe_dump(document, sort_keys=False)},
+        "data": {pod.JOB_FILE: yaml.safe_dump(document, sort_keys=False)},
     }
 
 
@@ -100,7 +95,11 @@ def headless_service(job: FineTuneJob) -> Manifest:
             # Ranks must find each other before any of them is ready.
             "publishNotReadyAddresses": True,
             "ports": [
-                {"name": "rendezvous", "port": RENDEZVOUS_PORT, "targetPort": RENDEZVOUS_PORT}
+                {
+                    "name": "rendezvous",
+                    "port": pod.RENDEZVOUS_PORT,
+                    "targetPort": pod.RENDEZVOUS_PORT,
+                }
             ],
         },
     }
@@ -161,32 +160,32 @@ def _environment(job: FineTuneJob, attempt: int, settings: OperatorConfig) -> li
     spec, names = job.spec, Names(job.metadata.name)
     resources = spec.resources
     env: list[Manifest] = [
-        {"name": "FINETUNE_NNODES", "value": str(resources.nodes)},
-        {"name": "FINETUNE_NPROC_PER_NODE", "value": str(max(1, resources.gpus_per_node))},
-        {"name": "MASTER_ADDR", "value": names.master_address(attempt)},
-        {"name": "MASTER_PORT", "value": str(RENDEZVOUS_PORT)},
-        {"name": "FINETUNE_CACHE_DIR", "value": CACHE_DIR},
-        {"name": "HOME", "value": f"{CACHE_DIR}/home"},
-        {"name": "FINETUNE_JOB_NAME", "value": job.metadata.name},
-        {"name": "FINETUNE_ATTEMPT", "value": str(attempt)},
+        {"name": pod.NNODES_ENV, "value": str(resources.nodes)},
+        {"name": pod.NPROC_PER_NODE_ENV, "value": str(max(1, resources.gpus_per_node))},
+        {"name": pod.MASTER_ADDR_ENV, "value": names.master_address(attempt)},
+        {"name": pod.MASTER_PORT_ENV, "value": str(pod.RENDEZVOUS_PORT)},
+        {"name": pod.CACHE_DIR_ENV, "value": pod.CACHE_DIR},
+        {"name": "HOME", "value": f"{pod.CACHE_DIR}/home"},
+        {"name": pod.JOB_NAME_ENV, "value": job.metadata.name},
+        {"name": pod.ATTEMPT_ENV, "value": str(attempt)},
         {
-            "name": "FINETUNE_NAMESPACE",
+            "name": pod.NAMESPACE_ENV,
             "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}},
         },
     ]
     if settings.pushgateway_url:
-        env.append({"name": "FINETUNE_PUSHGATEWAY_URL", "value": settings.pushgateway_url})
+        env.append({"name": pod.PUSHGATEWAY_URL_ENV, "value": settings.pushgateway_url})
     models = [m for m in (spec.base_model, spec.lcm.teacher_model if spec.lcm else None) if m]
     if any(is_hub(model.uri) for model in models):
         # The trainer image is offline by default; a job naming a hub model allows it.
-        env.append({"name": "HF_HUB_OFFLINE", "value": "0"})
+        env.append({"name": pod.HF_HUB_OFFLINE_ENV, "value": "0"})
     # Secrets by reference only: their values never pass through the operator.
     for source in models:
         if source is not None and source.hub_token_secret_ref is not None:
             ref = source.hub_token_secret_ref
             env.append(
                 {
-                    "name": "HF_TOKEN",
+                    "name": pod.HF_TOKEN_ENV,
                     "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}},
                 }
             )
@@ -208,17 +207,17 @@ def _pod_spec(job: FineTuneJob, attempt: int, settings: OperatorConfig) -> Manif
         "name": "trainer",
         "image": resources.image or settings.trainer_image,
         "imagePullPolicy": settings.image_pull_policy,
-        "command": ["finetune", "train", f"{CONFIG_DIR}/{JOB_FILE}"],
+        "command": ["finetune", "train", f"{pod.CONFIG_DIR}/{pod.JOB_FILE}"],
         "env": _environment(job, attempt, settings),
         "ports": [
-            {"name": "rendezvous", "containerPort": RENDEZVOUS_PORT},
-            {"name": "metrics", "containerPort": METRICS_PORT},
+            {"name": "rendezvous", "containerPort": pod.RENDEZVOUS_PORT},
+            {"name": "metrics", "containerPort": pod.TRAINER_METRICS_PORT},
         ],
         "resources": {"limits": limits, "requests": dict(limits)},
         "volumeMounts": [
-            {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+            {"name": "config", "mountPath": pod.CONFIG_DIR, "readOnly": True},
             {"name": "dshm", "mountPath": "/dev/shm"},
-            {"name": "cache", "mountPath": CACHE_DIR},
+            {"name": "cache", "mountPath": pod.CACHE_DIR},
             {"name": "tmp", "mountPath": "/tmp"},
         ],
         "securityContext": {
@@ -229,7 +228,7 @@ def _pod_spec(job: FineTuneJob, attempt: int, settings: OperatorConfig) -> Manif
     }
     if spec.output.credentials_secret_ref is not None:
         container["envFrom"] = [{"secretRef": {"name": spec.output.credentials_secret_ref.name}}]
-    pod: Manifest = {
+    pod_spec: Manifest = {
         "restartPolicy": "Never",
         "subdomain": names.service,
         "serviceAccountName": names.service_account,
@@ -254,21 +253,21 @@ def _pod_spec(job: FineTuneJob, attempt: int, settings: OperatorConfig) -> Manif
         ],
     }
     if resources.node_selector:
-        pod["nodeSelector"] = dict(resources.node_selector)
+        pod_spec["nodeSelector"] = dict(resources.node_selector)
     if resources.tolerations:
-        pod["tolerations"] = [
+        pod_spec["tolerations"] = [
             t.model_dump(by_alias=True, exclude_none=True, mode="json")
             for t in resources.tolerations
         ]
     if resources.affinity:
-        pod["affinity"] = resources.affinity
+        pod_spec["affinity"] = resources.affinity
     pull_secrets = [s.name for s in resources.image_pull_secrets]
     pull_secrets += [name for name in settings.trainer_pull_secrets if name not in pull_secrets]
     if pull_secrets:
-        pod["imagePullSecrets"] = [{"name": name} for name in pull_secrets]
+        pod_spec["imagePullSecrets"] = [{"name": name} for name in pull_secrets]
     if spec.run_policy.priority_class_name:
-        pod["priorityClassName"] = spec.run_policy.priority_class_name
-    return pod
+        pod_spec["priorityClassName"] = spec.run_policy.priority_class_name
+    return pod_spec
 
 
 def batch_job(

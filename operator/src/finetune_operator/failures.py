@@ -1,7 +1,7 @@
 """Why a gang attempt failed, and whether trying again can help.
 
 Read from the pods of the failed attempt: the container's exit code (the
-trainer's codes are in `finetune.trainer.errors`), the kubelet's OOMKilled, and
+trainer's codes are the pod contract's, `finetune.api.pod`), the kubelet's OOMKilled, and
 the DisruptionTarget condition Kubernetes sets when it removes a pod for its
 own reasons (preemption, node loss, eviction).
 
@@ -18,8 +18,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-# errors.py imports nothing: the operator can read the trainer's codes without torch.
-from finetune.trainer.errors import (
+from finetune.api.pod import (
     EXIT_ACCESS_DENIED,
     EXIT_DISK_FULL,
     EXIT_INVALID_INPUT,

@@ -24,6 +24,7 @@ from finetune.api import API_VERSION, GROUP, KIND, VERSION, FineTuneJob
 from finetune.api.cluster import RunPolicy
 from finetune.api.errors import problems_from
 from finetune.api.job import PLURAL
+from finetune.api.pod import OPERATOR_FIELDS
 from finetune.api.status import FineTuneJobStatus
 
 from . import builders, metrics, reconcile, spec_changes
@@ -37,20 +38,6 @@ OURS: dict[str, Any] = {
     LABEL_JOB: kopf.PRESENT,
     "app.kubernetes.io/managed-by": "finetune-operator",
 }
-# Status fields the operator owns; progress, lastCheckpoint and artifacts are the trainer's.
-OPERATOR_FIELDS = (
-    "phase",
-    "conditions",
-    "observedGeneration",
-    "startTime",
-    "completionTime",
-    "restarts",
-    "failedAttempts",
-    "attempt",
-    "failureReason",
-    "failureMessage",
-    "lastFailedAttempt",
-)
 
 
 class QuietTimers(logging.Filter):

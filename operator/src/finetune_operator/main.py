@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-port",
         type=int,
         default=default.metrics_port,
-        help="port of /metrics (env FINETUNE_METRICS_PORT)",
+        help="port of the operator's /metrics (env FINETUNE_METRICS_PORT)",
     )
     parser.add_argument(
         "--health-port",

@@ -1,8 +1,8 @@
 """What the operator and the trainer report back in `status`.
 
 The operator owns phase, conditions, restarts and times; the trainer owns
-progress, lastCheckpoint and artifacts. Unknown fields are ignored rather than
-refused: an older client must still read a newer server's status.
+progress, lastCheckpoint and artifacts (`pod.TRAINER_FIELDS`). Unknown fields are
+ignored rather than refused: an older client must still read a newer server's status.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from typing import Self
 from pydantic import ConfigDict, Field, model_validator
 
 from .common import ApiModel
+
+MAX_ARTIFACTS = 256  # what `status.artifacts` holds at most
 
 
 class StatusModel(ApiModel):
@@ -147,7 +149,7 @@ class FineTuneJobStatus(StatusModel):
         default=None, description="The newest durable checkpoint."
     )
     artifacts: list[Artifact] = Field(
-        default_factory=list, max_length=256, description="Final outputs with checksums."
+        default_factory=list, max_length=MAX_ARTIFACTS, description="Final outputs with checksums."
     )
     restarts: int = Field(default=0, ge=0, description="Gang restarts so far, for any reason.")
     failed_attempts: int = Field(

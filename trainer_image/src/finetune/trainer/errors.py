@@ -1,29 +1,15 @@
-"""Errors a user can act on, and the process exit codes that tell them apart."""
+"""Errors a user can act on, and the exit code each ends a process with (the codes
+themselves are the pod contract's, `finetune.api.pod`)."""
 
 from __future__ import annotations
 
-# Exit codes of `finetune run` / `finetune train` (and of each training process).
-# The operator reads them to classify a failure:
-#   0   done
-#   1   anything else (a bug, out of memory, a lost rank, S3 or the hub unreachable
-#       after the retries): may be worth a retry
-#   2   bad input (a missing folder, an unreadable image, not a model, an output that
-#       is a file or cannot be written, `--nproc` out of range, an output another run
-#       holds): permanent
-#   3   the loss became NaN or infinite: the hyperparameters diverge; retrying
-#       the same spec diverges again
-#   4   S3 or the hub refused the credentials: permanent until the secret changes
-#   5   no local disk space left to save a checkpoint or the results: permanent
-#       for this volume; the previous checkpoint stays intact
-#   130 stopped on request (SIGINT/SIGTERM/SIGHUP): with a checkpoint saved once
-#       training began; before that, with nothing written
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_INVALID_INPUT = 2
-EXIT_NON_FINITE_LOSS = 3
-EXIT_ACCESS_DENIED = 4
-EXIT_DISK_FULL = 5
-EXIT_INTERRUPTED = 130
+from finetune.api.pod import (
+    EXIT_ACCESS_DENIED,
+    EXIT_DISK_FULL,
+    EXIT_FAILED,
+    EXIT_INVALID_INPUT,
+    EXIT_NON_FINITE_LOSS,
+)
 
 
 class JobInputError(Exception):

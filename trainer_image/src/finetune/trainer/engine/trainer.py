@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from finetune.api.common import is_s3
+from finetune.api.pod import EXIT_INTERRUPTED, EXIT_OK
 from finetune.api.training import MixedPrecision, Optimizer, TrainingSpec
 from finetune.trainer.checkpoints import manifest
 from finetune.trainer.checkpoints.durable import DurableCheckpoints
@@ -31,7 +32,7 @@ from finetune.trainer.data.captions import open_stream
 from finetune.trainer.data.concepts import Example, examples_from
 from finetune.trainer.data.encoding import Encoder
 from finetune.trainer.data.images import ImageRules
-from finetune.trainer.errors import EXIT_INTERRUPTED, EXIT_OK, JobInputError, NonFiniteLoss
+from finetune.trainer.errors import JobInputError, NonFiniteLoss
 from finetune.trainer.methods import TrainedModules, TrainingMethod, method_for
 from finetune.trainer.models.components import Components, load_components
 from finetune.trainer.outputs import artifacts, result, samples
@@ -40,6 +41,7 @@ from finetune.trainer.process.stopping import Stopped, StopRequest
 from finetune.trainer.storage.s3 import S3Settings
 from finetune.trainer.storage.store import open_store
 from finetune.trainer.telemetry import prometheus
+from finetune.trainer.telemetry.pace import Pace
 from finetune.trainer.telemetry.status import StatusReporter
 
 log = logging.getLogger(__name__)
@@ -445,6 +447,7 @@ class Trainer:
         # Rank 0 alone reports (in a pod); whatever way the run ends, what is
         # pending still goes out.
         self.reporter = StatusReporter.from_env() if self.rank.main else None
+        self.pace = Pace()
         self.metrics = prometheus.start(
             self.plan.name, str(self.spec.method), self.rank.rank, self.rank.local_rank
         )
@@ -536,7 +539,10 @@ class Trainer:
         hp = self.spec.training
         lr = self.scheduler.get_last_lr()[0] if self.scheduler is not None else None
         seconds = hp.batch_size * hp.gradient_accumulation_steps * self.rank.world / speed
-        self.metrics.record_step(step, hp.max_steps, loss, lr, speed, seconds, self._gpu_memory())
+        eta = self.pace.step_done(step, hp.max_steps)  # one ETA for both
+        self.metrics.record_step(
+            step, hp.max_steps, loss, lr, speed, seconds, eta, self._gpu_memory()
+        )
         if not self.rank.main:
             return
         entry: dict[str, Any] = {
@@ -555,7 +561,7 @@ class Trainer:
             progress.set_postfix(loss=f"{loss:.4f}", refresh=False)
             progress.update(1)
         if self.reporter is not None:
-            self.reporter.progress(step, self.spec.training.max_steps, loss, speed)
+            self.reporter.progress(step, hp.max_steps, loss, speed, eta)
 
     def _gpu_memory(self) -> tuple[int, int]:
         """(allocated, peak) bytes of this rank's GPU; none on a CPU."""

@@ -13,7 +13,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from finetune.trainer.errors import EXIT_FAILED, EXIT_INTERRUPTED, exit_code_for
+from finetune.api.pod import EXIT_FAILED, EXIT_INTERRUPTED
+from finetune.trainer.errors import exit_code_for
 from finetune.trainer.process.stopping import Stopped, StopRequest
 from finetune.trainer.process.tether import tie_to_launcher
 
@@ -32,7 +33,7 @@ def main(argv: list[str]) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from finetune.trainer.engine.trainer import RunPlan, Trainer
     from finetune.trainer.process.distributed import Rank
-    from finetune.trainer.telemetry.status import write_termination_message
+    from finetune.trainer.telemetry.termination import write_termination_message
 
     rank = Rank.from_env()
     plan = RunPlan.from_json(Path(argv[0]).read_text())

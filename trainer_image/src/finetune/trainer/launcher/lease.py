@@ -29,6 +29,7 @@ from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
+from finetune.api import pod
 from finetune.trainer.errors import JobInputError
 from finetune.trainer.process import flock, stopping
 from finetune.trainer.storage.s3 import S3Location, S3Settings, prefix_of, refusals_named
@@ -57,13 +58,13 @@ class Holder:
 
     @classmethod
     def me(cls) -> Holder:
-        namespace, name = os.environ.get("FINETUNE_NAMESPACE"), os.environ.get("FINETUNE_JOB_NAME")
+        namespace, name = os.environ.get(pod.NAMESPACE_ENV), os.environ.get(pod.JOB_NAME_ENV)
         return cls(
             host=socket.gethostname(),
             pid=os.getpid(),
             since=datetime.now(UTC).isoformat(timespec="seconds"),
             job=f"{namespace}/{name}" if namespace and name else "",
-            attempt=int(os.environ.get("FINETUNE_ATTEMPT", "0") or 0),
+            attempt=int(os.environ.get(pod.ATTEMPT_ENV, "0") or 0),
         )
 
     @classmethod

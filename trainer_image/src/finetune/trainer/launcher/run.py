@@ -23,19 +23,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
+from finetune.api import pod
 from finetune.api.common import is_s3
+from finetune.api.pod import EXIT_FAILED, EXIT_INTERRUPTED
 from finetune.api.training import TrainingSpec
 from finetune.trainer.data.captions import check_dataset
 from finetune.trainer.data.concepts import examples_from, resolve_folder
 from finetune.trainer.data.images import ImageRules
 from finetune.trainer.engine.trainer import RunPlan, check_optimizer
-from finetune.trainer.errors import (
-    EXIT_FAILED,
-    EXIT_INTERRUPTED,
-    JobInputError,
-    Unreachable,
-    exit_code_for,
-)
+from finetune.trainer.errors import JobInputError, Unreachable, exit_code_for
 from finetune.trainer.launcher.lease import OutputClaim
 from finetune.trainer.launcher.overlap import check_output_apart
 from finetune.trainer.launcher.preflight import check_output, checked_nproc
@@ -45,9 +41,7 @@ from finetune.trainer.process.stopping import STOP_SIGNALS, Stopped, StopRequest
 from finetune.trainer.process.tether import LAUNCHER_PID_ENV
 from finetune.trainer.storage.s3 import S3Settings, cache_key
 from finetune.trainer.storage.store import RETRY_FOR_ENV, retry_budget, transient
-from finetune.trainer.telemetry.status import write_termination_message
-
-CACHE_ENV = "FINETUNE_CACHE_DIR"
+from finetune.trainer.telemetry.termination import write_termination_message
 
 
 @dataclass(frozen=True)
@@ -56,18 +50,18 @@ class Rendezvous:
     node_rank: int = 0
     nproc_per_node: int = 1
     master_addr: str = "127.0.0.1"
-    master_port: int = 29500
+    master_port: int = pod.RENDEZVOUS_PORT
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Rendezvous:
         """In a pod: the operator sets these; the node rank is the Indexed Job's index."""
         env = dict(os.environ if env is None else env)
         return cls(
-            nnodes=int(env.get("FINETUNE_NNODES", "1")),
-            node_rank=int(env.get("FINETUNE_NODE_RANK", env.get("JOB_COMPLETION_INDEX", "0"))),
-            nproc_per_node=int(env.get("FINETUNE_NPROC_PER_NODE", "1")),
-            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
-            master_port=int(env.get("MASTER_PORT", "29500")),
+            nnodes=int(env.get(pod.NNODES_ENV, "1")),
+            node_rank=int(env.get(pod.NODE_RANK_ENV, env.get(pod.COMPLETION_INDEX_ENV, "0"))),
+            nproc_per_node=int(env.get(pod.NPROC_PER_NODE_ENV, "1")),
+            master_addr=env.get(pod.MASTER_ADDR_ENV, cls.master_addr),
+            master_port=int(env.get(pod.MASTER_PORT_ENV, cls.master_port)),
         )
 
     @property
@@ -76,7 +70,7 @@ class Rendezvous:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "finetune"))
+    return Path(os.environ.get(pod.CACHE_DIR_ENV, Path.home() / ".cache" / "finetune"))
 
 
 def free_port() -> int:

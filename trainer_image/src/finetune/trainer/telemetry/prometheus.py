@@ -3,7 +3,7 @@
 One `finetune_` prefix, base units (seconds, bytes), `_total` on counters, and
 bounded labels only: job, namespace, method and rank (never a step or a prompt).
 The first process of each pod (local rank 0) serves `/metrics` on
-`$FINETUNE_METRICS_PORT` (default 9400, the port the operator's pods name
+`$FINETUNE_TRAINER_METRICS_PORT` (default 9400, the port the operator's pods name
 `metrics`); with `$FINETUNE_PUSHGATEWAY_URL` set, rank 0 also pushes the final
 values when training ends, so a job shorter than a scrape interval is still seen.
 The `job` and `namespace` labels name the FineTuneJob: scrape with honor_labels
@@ -27,11 +27,10 @@ from prometheus_client import (
     start_http_server,
 )
 
+from finetune.api import pod
+
 log = logging.getLogger(__name__)
 
-PORT_ENV = "FINETUNE_METRICS_PORT"
-PUSHGATEWAY_ENV = "FINETUNE_PUSHGATEWAY_URL"
-DEFAULT_PORT = 9400
 LABELS = ("job", "namespace", "method", "rank")
 STEP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
 TRANSFER_BUCKETS = (0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800)
@@ -129,6 +128,7 @@ class TrainerMetrics:
         learning_rate: float | None,
         images_per_second: float,
         seconds: float,
+        eta_seconds: int | None,
         gpu: tuple[int, int] | None = None,
     ) -> None:
         labels = self.identity.labels()
@@ -139,7 +139,8 @@ class TrainerMetrics:
             self.learning_rate.labels(**labels).set(learning_rate)
         self.images_per_second.labels(**labels).set(images_per_second)
         self.step_seconds.labels(**labels).observe(seconds)
-        self.eta.labels(**labels).set(max(0, total_steps - step) * seconds)
+        if eta_seconds is not None:
+            self.eta.labels(**labels).set(eta_seconds)
         if gpu is not None:
             self.gpu_allocated.labels(**labels).set(gpu[0])
             self.gpu_peak.labels(**labels).set(gpu[1])
@@ -160,7 +161,7 @@ class TrainerMetrics:
     def serve(self, env: Mapping[str, str] | None = None) -> int | None:
         """Serve /metrics on the configured port; None (and a warning) when it is taken."""
         env = os.environ if env is None else env
-        port = int(env.get(PORT_ENV, DEFAULT_PORT))
+        port = int(env.get(pod.TRAINER_METRICS_PORT_ENV, pod.TRAINER_METRICS_PORT))
         try:
             start_http_server(port, registry=self.registry)
         except OSError as exc:
@@ -171,7 +172,7 @@ class TrainerMetrics:
     def push(self, env: Mapping[str, str] | None = None) -> bool:
         """Push the final values to the Pushgateway, if one is configured."""
         env = os.environ if env is None else env
-        gateway = env.get(PUSHGATEWAY_ENV)
+        gateway = env.get(pod.PUSHGATEWAY_URL_ENV)
         if not gateway:
             return False
         grouping = {"namespace": self.identity.namespace, "rank": str(self.identity.rank)}
@@ -192,7 +193,7 @@ def start(
 ) -> TrainerMetrics:
     """This process's metrics; the first process of a pod serves them."""
     env = os.environ if env is None else env
-    namespace = env.get("FINETUNE_NAMESPACE", "default")
+    namespace = env.get(pod.NAMESPACE_ENV, "default")
     metrics = TrainerMetrics(Identity(job, namespace, method, rank))
     if local_rank == 0:
         metrics.serve(env)

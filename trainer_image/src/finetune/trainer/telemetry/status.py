@@ -1,13 +1,13 @@
-"""What the trainer tells Kubernetes: its job's status, and why a pod failed.
+"""What the trainer tells Kubernetes: its job's status.
 
 In a pod the operator sets `FINETUNE_JOB_NAME` and `FINETUNE_NAMESPACE`; rank 0
 then patches the status subresource of its own FineTuneJob (a JSON merge patch
-of `status.progress`, `status.lastCheckpoint` and `status.artifacts`) from a
-background thread, so a slow or failing API server never slows or fails
-training. Only the standard library is used: the trainer image needs no
-Kubernetes client.
+of the trainer's fields: `status.progress`, `status.lastCheckpoint` and
+`status.artifacts`, built as the API's own models) from a background thread, so a
+slow or failing API server never slows or fails training. Only the standard
+library is used: the trainer image needs no Kubernetes client.
 
-Environment:
+Environment (the names are the pod contract's, `finetune.api.pod`):
 
 - `FINETUNE_STATUS_API`: the API server's base URL, e.g. `http://127.0.0.1:8001`
   for `kubectl proxy` or a test server. Default: the in-cluster API,
@@ -16,15 +16,10 @@ Environment:
   `ca.crt` lie (default `/var/run/secrets/kubernetes.io/serviceaccount`). The
   token, when there is one, is sent with every request, read anew each time.
 - `FINETUNE_STATUS_INTERVAL`: the least seconds between progress updates (default 5).
-- `FINETUNE_TERMINATION_LOG`: the file for the message a failed pod leaves
-  (default `/dev/termination-log`, which Kubernetes shows as the container's
-  termination message).
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import logging
 import math
@@ -40,34 +35,18 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from finetune.api import pod
 from finetune.api.job import GROUP, PLURAL, VERSION
-from finetune.api.status import format_duration
+from finetune.api.status import MAX_ARTIFACTS, Artifact, CheckpointRef, Progress, StatusModel
+from finetune.trainer.telemetry.pace import Smoothed
 
 log = logging.getLogger(__name__)
 
-API_ENV = "FINETUNE_STATUS_API"
-INTERVAL_ENV = "FINETUNE_STATUS_INTERVAL"
-SERVICE_ACCOUNT_ENV = "FINETUNE_SERVICE_ACCOUNT_DIR"
-SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 DEFAULT_INTERVAL = 5.0
 MIN_RETRY_DELAY = 1.0  # seconds: even with interval 0, a dead API server is not hammered
-# Weight of the past in the smoothed loss and step time: about the last 10 steps count.
-SMOOTHING = 0.9
-MAX_ARTIFACTS = 256  # what `status.artifacts` holds at most
 
-TERMINATION_LOG_ENV = "FINETUNE_TERMINATION_LOG"
-DEFAULT_TERMINATION_LOG = "/dev/termination-log"
-TERMINATION_LIMIT = 4096  # bytes: Kubernetes keeps no more of the file
-# Environment variables whose values must never appear in a message.
-SECRET_NAME_PARTS = ("TOKEN", "SECRET", "PASSWORD", "ACCESS_KEY", "API_KEY")
-
-# The status fields that must reach the API even if progress updates follow at once.
-_URGENT = ("lastCheckpoint", "artifacts")
-
-
-def rfc3339(moment: datetime) -> str:
-    """`2026-11-26T10:00:00Z`: UTC, whole seconds."""
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+# The trainer's fields that must reach the API even if progress updates follow at once.
+_URGENT = tuple(field for field in pod.TRAINER_FIELDS if field != "progress")
 
 
 def _now() -> datetime:
@@ -78,23 +57,10 @@ def _finite(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
 
-class Smoothed:
-    """An exponential moving average, bias-corrected so the first values are not
-    pulled toward zero: after one value it is that value."""
-
-    def __init__(self, decay: float = SMOOTHING) -> None:
-        self.decay = decay
-        self._sum = 0.0
-        self._weight = 0.0
-
-    def add(self, value: float) -> float:
-        self._sum = self.decay * self._sum + (1 - self.decay) * value
-        self._weight = self.decay * self._weight + (1 - self.decay)
-        return self._sum / self._weight
-
-    @property
-    def value(self) -> float | None:
-        return self._sum / self._weight if self._weight else None
+def _wire(model: StatusModel) -> dict[str, Any]:
+    """A status model as the patch carries it. Nulls stay: in a merge patch they clear
+    what an earlier attempt left."""
+    return model.model_dump(by_alias=True, mode="json")
 
 
 class StatusReporter:
@@ -112,7 +78,7 @@ class StatusReporter:
         self,
         url: str,
         *,
-        service_account_dir: Path = SERVICE_ACCOUNT_DIR,
+        service_account_dir: Path = Path(pod.SERVICE_ACCOUNT_DIR),
         interval: float = DEFAULT_INTERVAL,
         request_timeout: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
@@ -132,8 +98,6 @@ class StatusReporter:
         # No HTTP(S)_PROXY: the API server is never reached through the job's egress proxy.
         self._opener = urllib.request.build_opener(*handlers)
         self._loss = Smoothed()
-        self._step_time = Smoothed()
-        self._previous: tuple[int, float] | None = None  # (step, clock) of the last call
         self._lock = threading.Condition()
         self._progress: dict[str, Any] | None = None  # newest progress not yet sent
         self._urgent: dict[str, Any] = {}
@@ -149,57 +113,54 @@ class StatusReporter:
         """A reporter for the job this pod trains, or None outside a pod (no job named,
         or no API server known)."""
         env = os.environ if env is None else env
-        name, namespace = env.get("FINETUNE_JOB_NAME"), env.get("FINETUNE_NAMESPACE")
+        name, namespace = env.get(pod.JOB_NAME_ENV), env.get(pod.NAMESPACE_ENV)
         if not name or not namespace:
             return None
-        api = env.get(API_ENV) or _in_cluster_api(env)
+        api = env.get(pod.STATUS_API_ENV) or _in_cluster_api(env)
         if not api:
             return None
         path = (
             f"/apis/{GROUP}/{VERSION}/namespaces/{quote(namespace, safe='')}"
             f"/{PLURAL}/{quote(name, safe='')}/status"
         )
-        account = Path(env.get(SERVICE_ACCOUNT_ENV) or SERVICE_ACCOUNT_DIR)
+        account = Path(env.get(pod.SERVICE_ACCOUNT_DIR_ENV) or pod.SERVICE_ACCOUNT_DIR)
         return cls(api.rstrip("/") + path, service_account_dir=account, interval=_interval(env))
 
     # --- what the training loop calls ------------------------------------------
 
     def progress(
-        self, step: int, total_steps: int, loss: float | None, images_per_second: float | None
+        self,
+        step: int,
+        total_steps: int,
+        loss: float | None,
+        images_per_second: float | None,
+        eta_seconds: int | None,
     ) -> None:
         """Record the newest step; the thread sends it when the interval allows. Only
         these calls refresh `lastHeartbeat`: a stuck loop must look stuck."""
-        now = self._clock()
         loss = _finite(loss)
-        smoothed_loss = self._loss.add(loss) if loss is not None else self._loss.value
-        if self._previous is not None and step > self._previous[0]:
-            self._step_time.add((now - self._previous[1]) / (step - self._previous[0]))
-        self._previous = (step, now)
-        step_time = self._step_time.value
-        eta = round(step_time * max(0, total_steps - step)) if step_time is not None else None
         speed = _finite(images_per_second)
-        status = {
-            "step": step,
-            "totalSteps": total_steps,
-            "percent": min(100, 100 * step // total_steps) if total_steps > 0 else 0,
-            "loss": smoothed_loss,
-            "imagesPerSecond": speed if speed is not None and speed >= 0 else None,
-            # null removes what an earlier attempt left, in a merge patch
-            "etaSeconds": eta,
-            "eta": format_duration(eta) if eta is not None else None,
-            "lastHeartbeat": rfc3339(self._wall_clock()),
-        }
+        progress = Progress(
+            step=step,
+            total_steps=total_steps,
+            percent=min(100, 100 * step // total_steps) if total_steps > 0 else 0,
+            loss=self._loss.add(loss) if loss is not None else self._loss.value,
+            images_per_second=speed if speed is not None and speed >= 0 else None,
+            eta_seconds=eta_seconds,
+            last_heartbeat=self._wall_clock().astimezone(UTC).replace(microsecond=0),
+        )
         with self._lock:
-            self._progress = status
+            self._progress = _wire(progress)
             self._lock.notify()
 
     def checkpoint(self, uri: str, step: int) -> None:
         """`status.lastCheckpoint`: sent at once."""
-        self._queue("lastCheckpoint", {"uri": uri, "step": step})
+        self._queue("lastCheckpoint", _wire(CheckpointRef(uri=uri, step=step)))
 
     def artifacts(self, artifacts: list[dict[str, Any]]) -> None:
         """`status.artifacts` (uri, sha256, bytes, kind each): sent at once."""
-        self._queue("artifacts", list(artifacts[:MAX_ARTIFACTS]))
+        listed = [_wire(Artifact.model_validate(a)) for a in artifacts[:MAX_ARTIFACTS]]
+        self._queue("artifacts", listed)
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the thread and send what is pending, waiting at most `timeout` seconds."""
@@ -342,7 +303,7 @@ def _in_cluster_api(env: Mapping[str, str]) -> str | None:
 
 
 def _interval(env: Mapping[str, str]) -> float:
-    raw = env.get(INTERVAL_ENV)
+    raw = env.get(pod.STATUS_INTERVAL_ENV)
     if not raw:
         return DEFAULT_INTERVAL
     try:
@@ -351,7 +312,10 @@ def _interval(env: Mapping[str, str]) -> float:
         value = -1.0
     if not math.isfinite(value) or value < 0:
         log.warning(
-            "%s=%r is not a number of seconds; using %s", INTERVAL_ENV, raw, DEFAULT_INTERVAL
+            "%s=%r is not a number of seconds; using %s",
+            pod.STATUS_INTERVAL_ENV,
+            raw,
+            DEFAULT_INTERVAL,
         )
         return DEFAULT_INTERVAL
     return value
@@ -365,47 +329,3 @@ def _tls(ca_file: Path) -> ssl.SSLContext:
         except (OSError, ssl.SSLError) as exc:
             log.warning("cannot read the cluster CA %s (%s); using the system's CAs", ca_file, exc)
     return ssl.create_default_context()
-
-
-# --- the termination message ------------------------------------------------------
-
-
-def termination_text(message: str, env: Mapping[str, str] | None = None) -> str:
-    """`message` as one paragraph of at most 4096 bytes, secret values replaced by `***`."""
-    env = os.environ if env is None else env
-    for name, value in env.items():
-        if len(value) >= 8 and any(part in name.upper() for part in SECRET_NAME_PARTS):
-            message = message.replace(value, "***")
-    text = " ".join(message.split())
-    return text.encode()[:TERMINATION_LIMIT].decode("utf-8", "ignore")
-
-
-def write_termination_message(message: str, env: Mapping[str, str] | None = None) -> bool:
-    """Leave `message` where Kubernetes reads a failed container's reason; True when
-    written. Never raises.
-
-    Written only where the file's folder exists and may be written to, and, for
-    the default `/dev/termination-log`, only when the file exists (Kubernetes
-    creates it; `finetune run` on a workstation must not). The first message wins:
-    the first rank to fail names the cause, later ones tend to report its effects.
-    """
-    env = os.environ if env is None else env
-    explicit = env.get(TERMINATION_LOG_ENV)
-    path = Path(explicit or DEFAULT_TERMINATION_LOG)
-    try:
-        if not path.parent.is_dir():
-            return False
-        if path.exists():
-            if not os.access(path, os.W_OK):
-                return False
-        elif not explicit or not os.access(path.parent, os.W_OK):
-            return False
-        with path.open("a", encoding="utf-8") as handle:
-            with contextlib.suppress(OSError):  # best effort: some filesystems cannot lock
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-            if os.fstat(handle.fileno()).st_size > 0:
-                return False
-            handle.write(termination_text(message, env))
-        return True
-    except OSError:
-        return False

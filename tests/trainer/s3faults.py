@@ -14,6 +14,8 @@ from contextlib import contextmanager, suppress
 import pytest
 from moto.server import ThreadedMotoServer
 
+from finetune.trainer.storage.s3 import S3Settings, S3Store
+
 CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "test-key",
     "AWS_SECRET_ACCESS_KEY": "test-secret",
@@ -43,6 +45,13 @@ class Moto:
         if self._server is not None:
             self._server.stop()
             self._server = None
+
+    def store(self, bucket: str = "runs", prefix: str = "job") -> S3Store:
+        """A store on `s3://bucket/prefix`, the bucket created."""
+        import boto3
+
+        boto3.client("s3", endpoint_url=self.url).create_bucket(Bucket=bucket)
+        return S3Store(f"s3://{bucket}/{prefix}", S3Settings(self.url))
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from finetune.trainer.checkpoints import manifest
-from finetune.trainer.storage.s3 import cache_key
+from finetune.trainer.storage.files import cache_key
 from tests.trainer.jobs import FINETUNE, finetune_run, job_file, train_log
 from tests.trainer.processes import kill_tree
 from tests.trainer.s3faults import CREDENTIALS, Moto, moto, throttled  # noqa: F401

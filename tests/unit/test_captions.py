@@ -12,15 +12,15 @@ import pytest
 
 from finetune.api.training import CaptionDataset, DatasetFormat
 from finetune.trainer.data.captions import (
+    DatasetFiles,
     IndexedCaptions,
-    LocalFiles,
-    ResumableRead,
     ShardedCaptions,
     check_dataset,
     layout_of,
     tar_samples,
 )
 from finetune.trainer.errors import JobInputError
+from finetune.trainer.storage.local import LocalStore
 from finetune.trainer.storage.s3 import S3Settings
 
 
@@ -50,6 +50,10 @@ def shards(folder: Path, count: int, per_shard: int) -> Path:
             members += [(f"{key}.png", png(index)), (f"{key}.txt", key.encode())]
         write_shard(folder / f"shard-{shard:03d}.tar", members)
     return folder
+
+
+def local(folder: Path) -> DatasetFiles:
+    return DatasetFiles(LocalStore(folder))
 
 
 def captions(taken: list[tuple[object, int]]) -> list[str]:
@@ -95,7 +99,7 @@ def test_a_broken_shard_or_image_is_named(tmp_path: Path) -> None:
 
 def test_the_layout_is_detected_and_bad_datasets_named(tmp_path: Path) -> None:
     shards(tmp_path / "wds", 2, 2)
-    assert layout_of(LocalFiles(tmp_path / "wds"), "auto").format == DatasetFormat.WEBDATASET
+    assert layout_of(local(tmp_path / "wds"), "auto").format == DatasetFormat.WEBDATASET
 
     folder = tmp_path / "folder"
     folder.mkdir()
@@ -110,15 +114,15 @@ def test_the_layout_is_detected_and_bad_datasets_named(tmp_path: Path) -> None:
     assert layout.uncaptioned == 1
 
     with pytest.raises(JobInputError, match=r"spec.data.dataset.uri: .*folder: no .tar shards"):
-        layout_of(LocalFiles(folder), "webdataset")
+        layout_of(local(folder), "webdataset")
     (folder / "0.txt").unlink()
     (folder / "1.caption").unlink()
     with pytest.raises(
         JobInputError, match=r"spec\.data\.dataset\.uri: .*no images with a caption"
     ):
-        layout_of(LocalFiles(folder), "auto")
+        layout_of(local(folder), "auto")
     with pytest.raises(JobInputError, match=r"spec\.data\.dataset\.uri: .*missing: no such folder"):
-        layout_of(LocalFiles(tmp_path / "missing"), "auto")
+        layout_of(local(tmp_path / "missing"), "auto")
 
 
 @pytest.mark.parametrize("shard_count", [4, 1])
@@ -126,7 +130,7 @@ def test_sharded_stream_deals_disjoint_samples_to_ranks_and_resumes_exactly(
     tmp_path: Path, shard_count: int
 ) -> None:
     folder = shards(tmp_path, shard_count, 96 // shard_count)
-    files = LocalFiles(folder)
+    files = local(folder)
     names = sorted(p.name for p in folder.iterdir())
 
     def stream(rank: int) -> ShardedCaptions:
@@ -146,11 +150,11 @@ def test_sharded_stream_deals_disjoint_samples_to_ranks_and_resumes_exactly(
     assert positions == [i * 2 + 1 for i in range(8)]
 
 
-class CountingFiles(LocalFiles):
+class CountingFiles(DatasetFiles):
     """A local folder that counts which shards are opened."""
 
     def __init__(self, root: Path) -> None:
-        super().__init__(root)
+        super().__init__(LocalStore(root))
         self.opened: list[str] = []
 
     def open(self, key: str) -> IO[bytes]:
@@ -164,7 +168,7 @@ def test_with_the_checkpointed_shard_sizes_a_resume_skips_finished_epochs_unread
     monkeypatch.setattr("finetune.trainer.data.captions.PREFETCH_SAMPLES", 1)  # read ahead little
     folder = shards(tmp_path, 3, 5)  # 15 samples: 7 or 8 per rank and epoch
     names = sorted(p.name for p in folder.iterdir())
-    first = ShardedCaptions(LocalFiles(folder), names, seed=1, rank=0, world=2)
+    first = ShardedCaptions(local(folder), names, seed=1, rank=0, world=2)
     expected = [captions(first.take(step, 4)) for step in range(12)]
     state = first.state()
     assert state == {"shardSizes": dict.fromkeys(names, 5)}
@@ -187,65 +191,16 @@ def test_shards_not_a_multiple_of_the_ranks_are_still_dealt_once_per_epoch(
 ) -> None:
     folder = shards(tmp_path, 3, 2)
     names = sorted(p.name for p in folder.iterdir())
-    ranks = [ShardedCaptions(LocalFiles(folder), names, seed=0, rank=r, world=2) for r in (0, 1)]
+    ranks = [ShardedCaptions(local(folder), names, seed=0, rank=r, world=2) for r in (0, 1)]
     for epoch in range(4):
         dealt = [shard for r in ranks for shard in r._my_shards(epoch)[0]]
         assert sorted(dealt) == names, epoch
 
 
-class BreakingBody:
-    """An S3 body whose connection drops after `limit` bytes."""
-
-    def __init__(self, data: bytes, limit: int) -> None:
-        self.data, self.limit, self.sent = data, limit, 0
-
-    def read(self, size: int | None = None) -> bytes:
-        from botocore.exceptions import ResponseStreamingError
-
-        if self.sent >= self.limit:
-            raise ResponseStreamingError(error="connection reset by peer")
-        end = len(self.data) if size is None else self.sent + size
-        chunk = self.data[self.sent : min(end, self.limit)]
-        self.sent += len(chunk)
-        return chunk
-
-    def close(self) -> None:
-        return
-
-
-class FlakyS3:
-    """Stands in for S3Files.get: every connection breaks after 1000 bytes."""
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.offsets: list[int] = []
-
-    def get(self, key: str, offset: int = 0) -> BreakingBody:
-        self.offsets.append(offset)
-        return BreakingBody(self.data[offset:], 1000)
-
-    def uri(self, key: str) -> str:
-        return f"s3://bucket/{key}"
-
-
-def test_an_s3_read_that_breaks_off_resumes_at_the_byte_it_reached(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr("finetune.trainer.data.captions.time.sleep", lambda seconds: None)
-    shard = shards(tmp_path, 1, 6) / "shard-000.tar"
-    flaky = FlakyS3(shard.read_bytes())
-    with ResumableRead(flaky, "shard-000.tar") as stream:  # type: ignore[arg-type]
-        samples = list(tar_samples(stream, "s3://bucket/shard-000.tar"))
-    assert len(samples) == 6
-    assert flaky.offsets[0] == 0
-    assert flaky.offsets[1] > 0
-    assert flaky.offsets == sorted(flaky.offsets)
-
-
 def test_the_next_epoch_visits_shards_in_another_order(tmp_path: Path) -> None:
     folder = shards(tmp_path, 8, 2)
     names = sorted(p.name for p in folder.iterdir())
-    stream = ShardedCaptions(LocalFiles(folder), names, seed=1, rank=0, world=1)
+    stream = ShardedCaptions(local(folder), names, seed=1, rank=0, world=1)
     first = stream._my_shards(0)[0]
     assert sorted(first) == names
     assert any(stream._my_shards(epoch)[0] != first for epoch in range(1, 4))
@@ -255,7 +210,7 @@ def test_indexed_stream_is_a_seeded_shuffle_dealt_to_ranks(tmp_path: Path) -> No
     for index in range(12):
         (tmp_path / f"{index:02d}.png").write_bytes(png(index))
         (tmp_path / f"{index:02d}.txt").write_text(f"caption {index}")
-    files = LocalFiles(tmp_path)
+    files = local(tmp_path)
     pairs = layout_of(files, "folder").pairs
 
     def stream(rank: int) -> IndexedCaptions:

@@ -27,7 +27,7 @@ from finetune.trainer.errors import (
     exit_code_for,
 )
 from finetune.trainer.launcher import run
-from finetune.trainer.models import components
+from finetune.trainer.models import sources
 from finetune.trainer.storage.s3 import refusals_named
 from tests.support import lora_job
 
@@ -89,7 +89,7 @@ def test_hub_refusals(
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", refuse)
     with pytest.raises(JobInputError, match=f"the hub refused the download \\({status}\\)") as err:
-        components.resolve_model("hf://acme/private-sd", tmp_path, components.S3Settings())
+        sources.resolve_model("hf://acme/private-sd", tmp_path, sources.S3Settings())
     assert isinstance(err.value, AccessDenied) is denied
 
 

@@ -1,111 +1,25 @@
-"""The storage interface, the background uploader and durable checkpoints, against
-moto's S3 server over HTTP on loopback (and a local folder)."""
+"""Durable checkpoints, against moto's S3 server over HTTP on loopback."""
 
 from __future__ import annotations
 
 import json
-import threading
-import time
-from functools import partial
 from pathlib import Path
 
-import boto3
 import pytest
 import torch
 
 from finetune.trainer.checkpoints import manifest
 from finetune.trainer.checkpoints.durable import DurableCheckpoints
-from finetune.trainer.errors import AccessDenied, DiskFull
+from finetune.trainer.errors import DiskFull
 from finetune.trainer.process.distributed import Rank
-from finetune.trainer.storage.s3 import S3Settings, download_prefix
-from finetune.trainer.storage.store import LocalStore, S3Store, Store, open_store
-from finetune.trainer.storage.uploader import Task, Uploader
+from finetune.trainer.storage.s3 import S3Store
 from tests.trainer.s3faults import Moto, moto  # noqa: F401 - the fixture
 
 BUCKET = "runs"
 
 
 def s3(moto: Moto) -> S3Store:  # noqa: F811
-    boto3.client("s3", endpoint_url=moto.url).create_bucket(Bucket=BUCKET)
-    store = open_store(f"s3://{BUCKET}/job", S3Settings(moto.url))
-    assert isinstance(store, S3Store)
-    return store
-
-
-def roundtrip(store: Store, tmp_path: Path) -> None:
-    tmp_path.mkdir(exist_ok=True)
-    source = tmp_path / "source.bin"
-    source.write_bytes(b"weights" * 1000)
-    store.put_file(source, "a/b.bin")
-    store.write_text("a/note.txt", "hello")
-    assert dict(store.keys("a/")) == {"a/b.bin": 7000, "a/note.txt": 5}
-    assert store.read_text("a/note.txt") == "hello"
-    assert store.read_text("a/missing.txt") is None
-    store.get_file("a/b.bin", tmp_path / "copy" / "b.bin")
-    assert (tmp_path / "copy" / "b.bin").read_bytes() == source.read_bytes()
-    store.delete(["a/b.bin"])
-    assert dict(store.keys()) == {"a/note.txt": 5}
-
-
-@pytest.mark.slow  # starts moto's S3 server
-def test_s3_and_local_stores_behave_alike(moto: Moto, tmp_path: Path) -> None:  # noqa: F811
-    roundtrip(s3(moto), tmp_path / "s3")
-    roundtrip(LocalStore(tmp_path / "folder"), tmp_path / "local")
-
-
-@pytest.mark.slow  # starts moto's S3 server
-def test_wrong_credentials_fail_at_once_without_retrying(
-    moto: Moto,  # noqa: F811
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    from moto import settings
-
-    store = s3(moto)
-    # From now on moto checks signatures against its IAM users: the key is unknown.
-    monkeypatch.setattr(settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)
-    path = tmp_path / "f"
-    path.write_bytes(b"x")
-    started = time.monotonic()
-    with pytest.raises(AccessDenied, match=r"s3://runs/job/f: S3 refused the request \(\w+\)"):
-        store.put_file(path, "f")
-    with pytest.raises(AccessDenied):
-        store.read_text("f")
-    assert time.monotonic() - started < 5
-
-
-@pytest.mark.slow  # starts moto's S3 server
-def test_an_outage_is_ridden_out(moto: Moto, tmp_path: Path) -> None:  # noqa: F811
-    store = s3(moto)
-    path = tmp_path / "f"
-    path.write_bytes(b"x" * 1000)
-    moto.stop()
-    restart = threading.Timer(3.0, moto.start)
-    restart.start()
-    started = time.monotonic()
-    store.put_file(path, "f")  # retried until the server is back
-    assert time.monotonic() - started >= 3.0
-    assert dict(store.keys()) == {"f": 1000}
-
-
-def test_uploader_keeps_order_and_hands_over_a_refusal(tmp_path: Path) -> None:
-    store = LocalStore(tmp_path / "store")
-    uploader = Uploader(store)
-    done: list[int] = []
-    for step in (1, 2, 3):
-        path = tmp_path / f"{step}.bin"
-        path.write_bytes(bytes(step))
-        uploader.submit(Task(step, [(path, f"{step}.bin")], then=partial(done.append, step)))
-    uploader.wait()
-    assert done == [1, 2, 3]
-    assert uploader.uploaded_through() == 3
-    uploader.submit(Task(4, [(tmp_path / "missing.bin", "missing.bin")]))
-    with pytest.raises(FileNotFoundError):
-        uploader.wait()
-    with pytest.raises(FileNotFoundError):
-        uploader.submit(Task(5))
-    assert uploader.uploaded_through() == 3
-    uploader.close()
+    return moto.store(BUCKET)
 
 
 def save(root: Path, step: int, payload: bytes) -> None:
@@ -200,24 +114,3 @@ def test_disk_full_while_saving_is_named(tmp_path: Path) -> None:
         manifest.space_checked(folder, 4),
     ):
         raise OSError(errno.ENOSPC, "No space left on device")
-
-
-@pytest.mark.slow  # starts moto's S3 server
-def test_inputs_are_downloaded_once_and_checked(moto: Moto, tmp_path: Path) -> None:  # noqa: F811
-    client = boto3.client("s3", endpoint_url=moto.url)
-    client.create_bucket(Bucket="data")
-    for name in ("a.png", "b.png"):
-        client.put_object(Bucket="data", Key=f"discs/{name}", Body=name.encode() * 50)
-    settings = S3Settings(moto.url)
-    cache = tmp_path / "cache" / "discs"
-    download_prefix("s3://data/discs", cache, settings)
-    first = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
-    assert sorted(first) == ["a.png", "b.png"]
-    download_prefix("s3://data/discs", cache, settings)
-    assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == first, "downloaded again"
-
-    # A damaged cached file (same size) is noticed once the marker is gone, and replaced.
-    (cache / "a.png").write_bytes(b"x" * len(b"a.png" * 50))
-    cache.with_name("discs.verified.json").unlink()
-    download_prefix("s3://data/discs", cache, settings)
-    assert (cache / "a.png").read_bytes() == b"a.png" * 50

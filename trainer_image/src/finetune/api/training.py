@@ -11,7 +11,7 @@ from typing import Annotated, Any, Self
 
 from pydantic import Field, model_validator
 
-from .common import ApiModel, Prompt, SecretKeyRef, SecretRef, Uri, is_s3
+from .common import ApiModel, Prompt, SecretKeyRef, SecretRef, Uri
 from .methods import (
     CONCEPT_METHODS,
     DEFAULT_CHECKPOINT_INTERVAL,
@@ -514,16 +514,6 @@ class TrainingSpec(ApiModel):
         raise_problems(training_problems(self))
         resolve_method_defaults(self)
         return self
-
-    def uses_s3(self) -> bool:
-        uris = [self.base_model.uri, self.output.uri]
-        uris += [c.instance_images for c in self.data.concepts]
-        uris += [c.class_images.uri for c in self.data.concepts if c.class_images.uri]
-        if self.data.dataset:
-            uris.append(self.data.dataset.uri)
-        if self.lcm and self.lcm.teacher_model:
-            uris.append(self.lcm.teacher_model.uri)
-        return any(is_s3(u) for u in uris)
 
 
 def training_problems(spec: TrainingSpec) -> list[Problem]:

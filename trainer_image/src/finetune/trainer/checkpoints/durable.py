@@ -23,6 +23,7 @@ import torch
 from finetune.trainer.checkpoints import manifest
 from finetune.trainer.checkpoints.manifest import MANIFEST, Checkpoint
 from finetune.trainer.process import distributed
+from finetune.trainer.storage.files import is_partial, write_text_whole
 from finetune.trainer.storage.store import Store
 from finetune.trainer.storage.uploader import Task, Uploader
 
@@ -45,7 +46,7 @@ def local_files(folder: Path) -> list[str]:
     return sorted(
         p.relative_to(folder).as_posix()
         for p in folder.rglob("*")
-        if p.is_file() and p.name != MANIFEST and not p.name.endswith(".partial")
+        if p.is_file() and p.name != MANIFEST and not is_partial(p.name)
     )
 
 
@@ -196,7 +197,5 @@ class DurableCheckpoints:
                 )
                 path.unlink(missing_ok=True)
                 return None
-        partial = folder / (MANIFEST + ".partial")
-        partial.write_text(text or "")
-        partial.replace(folder / MANIFEST)
+        write_text_whole(folder / MANIFEST, text or "")
         return Checkpoint(folder, step)

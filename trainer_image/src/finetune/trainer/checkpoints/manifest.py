@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from finetune.trainer.errors import DiskFull
-from finetune.trainer.storage.s3 import file_digest
+from finetune.trainer.storage.files import file_digest, is_partial, write_text_whole
 
 MANIFEST = "manifest.json"
 log = logging.getLogger(__name__)
@@ -65,11 +65,7 @@ def write_manifest_entries(
         "layout": layout,
         "files": sorted(entries, key=lambda e: str(e["path"])),
     }
-    partial = folder / (MANIFEST + ".partial")
-    partial.write_text(json.dumps(manifest, indent=1))
-    with partial.open("rb") as handle:
-        os.fsync(handle.fileno())
-    partial.replace(folder / MANIFEST)
+    write_text_whole(folder / MANIFEST, json.dumps(manifest, indent=1), durable=True)
 
 
 def write_manifest(folder: Path, step: int, layout: dict[str, Any] | None = None) -> None:
@@ -77,7 +73,7 @@ def write_manifest(folder: Path, step: int, layout: dict[str, Any] | None = None
     names = sorted(
         p.relative_to(folder).as_posix()
         for p in folder.rglob("*")
-        if p.is_file() and p.name != MANIFEST and not p.name.endswith(".partial")
+        if p.is_file() and p.name != MANIFEST and not is_partial(p.name)
     )
     write_manifest_entries(folder, step, layout or {}, describe(folder, names))
 

@@ -18,27 +18,26 @@ of the current one. S3 reads that break off are resumed where they stopped.
 
 from __future__ import annotations
 
-import io
 import logging
 import posixpath
 import queue
 import random
 import tarfile
 import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
-from finetune.api.common import is_s3
 from finetune.api.training import CaptionDataset, DatasetFormat
 from finetune.trainer.data import images
 from finetune.trainer.data.concepts import IMAGE_SUFFIXES, IndexStream
 from finetune.trainer.data.images import ImageRules
 from finetune.trainer.errors import JobInputError
-from finetune.trainer.storage.s3 import S3Location, S3Settings, list_keys, prefix_of, refusals_named
+from finetune.trainer.storage.local import LocalStore
+from finetune.trainer.storage.s3 import S3Settings
+from finetune.trainer.storage.store import Store, open_store
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -49,7 +48,6 @@ FIELD = "spec.data.dataset.uri"
 CAPTION_SUFFIXES = (".txt", ".caption")
 SHUFFLE_BUFFER = 64
 PREFETCH_SAMPLES = 64
-READ_ATTEMPTS = 8
 
 
 @dataclass(frozen=True)
@@ -63,128 +61,44 @@ class CaptionedImage:
         return images.check(self.image, self.name, rules or ImageRules())
 
 
-class Files(Protocol):
-    """Read access to a local folder or an S3 prefix, by relative key."""
+class DatasetFiles:
+    """A dataset's files in a store (a local folder or an S3 prefix), by relative key;
+    what cannot be found or read locally is named by the spec's field."""
 
-    def keys(self) -> list[str]: ...
-    def read(self, key: str) -> bytes: ...
-    def open(self, key: str) -> IO[bytes]: ...
-    def uri(self, key: str) -> str: ...
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.local = isinstance(store, LocalStore)
 
-
-class LocalFiles:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-
-    def keys(self) -> list[str]:
-        if not self.root.is_dir():
-            raise JobInputError(f"{FIELD}: {self.root}: no such folder")
-        return sorted(
-            p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file()
-        )
-
-    def read(self, key: str) -> bytes:
-        try:
-            return (self.root / key).read_bytes()
-        except OSError as exc:
-            raise JobInputError(f"{FIELD}: {self.uri(key)}: cannot be read ({exc})") from exc
-
-    def open(self, key: str) -> IO[bytes]:
-        try:
-            return (self.root / key).open("rb")
-        except OSError as exc:
-            raise JobInputError(f"{FIELD}: {self.uri(key)}: cannot be read ({exc})") from exc
-
-    def uri(self, key: str) -> str:
-        return str(self.root / key)
-
-
-class S3Files:
-    def __init__(self, uri: str, settings: S3Settings) -> None:
-        self.location = S3Location.parse(uri)
-        self.prefix = prefix_of(self.location)
-        self.client = settings.client()  # boto3 clients may be shared between threads
+    @classmethod
+    def at(cls, uri: str, settings: S3Settings) -> DatasetFiles:
+        return cls(open_store(uri, settings))
 
     def keys(self) -> list[str]:
-        with refusals_named(self.uri("")):
-            return sorted(
-                key[len(self.prefix) :]
-                for key, _ in list_keys(self.client, self.location.bucket, self.prefix)
-            )
-
-    def get(self, key: str, offset: int = 0) -> Any:
-        """The object's body from byte `offset` on."""
-        extra = {"Range": f"bytes={offset}-"} if offset else {}
-        with refusals_named(self.uri(key)):
-            return self.client.get_object(
-                Bucket=self.location.bucket, Key=self.prefix + key, **extra
-            )["Body"]
+        if isinstance(self.store, LocalStore) and not self.store.root.is_dir():
+            raise JobInputError(f"{FIELD}: {self.store.root}: no such folder")
+        return sorted(dict(self.store.keys()))
 
     def read(self, key: str) -> bytes:
-        with ResumableRead(self, key) as body:
-            return body.read()
+        with self._reading(key), self.open(key) as stream:
+            return stream.read()
 
     def open(self, key: str) -> IO[bytes]:
-        return ResumableRead(self, key)  # type: ignore[return-value]
+        with self._reading(key):
+            return self.store.open(key)
 
     def uri(self, key: str) -> str:
-        return f"s3://{self.location.bucket}/{self.prefix}{key}"
+        return self.store.uri_of(key)
 
-
-class ResumableRead(io.RawIOBase):
-    """An S3 object read front to back; a connection that breaks off mid-way is reopened
-    at the byte where it stopped (with backoff), so a long shard survives a network blip."""
-
-    def __init__(self, files: S3Files, key: str) -> None:
-        self.files = files
-        self.key = key
-        self.offset = 0
-        self.body: Any = None
-
-    def readable(self) -> bool:
-        return True
-
-    def read(self, size: int = -1) -> bytes:
-        from botocore.exceptions import BotoCoreError
-        from urllib3.exceptions import HTTPError
-
-        for attempt in range(READ_ATTEMPTS):
-            try:
-                if self.body is None:
-                    self.body = self.files.get(self.key, self.offset)
-                data: bytes = self.body.read(None if size < 0 else size)
-                self.offset += len(data)
-                return data
-            except (BotoCoreError, HTTPError, OSError) as exc:
-                self.body = None
-                if attempt == READ_ATTEMPTS - 1:
-                    raise OSError(
-                        f"{self.files.uri(self.key)}: reading failed {READ_ATTEMPTS} times "
-                        f"at byte {self.offset} ({exc})"
-                    ) from exc
-                log.warning(
-                    "%s: read broke off at byte %d (%s); retrying",
-                    self.files.uri(self.key),
-                    self.offset,
-                    exc,
-                )
-                time.sleep(min(30.0, 0.5 * 2**attempt))
-        raise AssertionError("unreachable")
-
-    def readinto(self, buffer: Any) -> int:
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
-
-    def close(self) -> None:
-        if self.body is not None:
-            self.body.close()
-            self.body = None
-        super().close()
-
-
-def files_at(uri: str, settings: S3Settings) -> Files:
-    return S3Files(uri, settings) if is_s3(uri) else LocalFiles(Path(uri).expanduser())
+    @contextmanager
+    def _reading(self, key: str) -> Iterator[None]:
+        """A local file that cannot be read is bad input (exit 2); S3 that still fails
+        after the retries is an outage, raised as it is (exit 1: a later try may work)."""
+        try:
+            yield
+        except OSError as exc:
+            if not self.local:
+                raise
+            raise JobInputError(f"{FIELD}: {self.uri(key)}: cannot be read ({exc})") from exc
 
 
 def _suffix(key: str) -> str:
@@ -207,7 +121,7 @@ class Layout:
         return f"{len(self.pairs)} captioned images"
 
 
-def layout_of(files: Files, wanted: DatasetFormat | str) -> Layout:
+def layout_of(files: DatasetFiles, wanted: DatasetFormat | str) -> Layout:
     keys = files.keys()
     shards = [k for k in keys if k.endswith(".tar")]
     fmt = DatasetFormat(wanted)
@@ -238,7 +152,7 @@ def layout_of(files: Files, wanted: DatasetFormat | str) -> Layout:
 def check_dataset(dataset: CaptionDataset, settings: S3Settings) -> Layout:
     """What the launcher checks before any worker starts: the dataset is there and
     holds something to train on. Nothing is downloaded."""
-    layout = layout_of(files_at(dataset.uri, settings), dataset.format)
+    layout = layout_of(DatasetFiles.at(dataset.uri, settings), dataset.format)
     if layout.uncaptioned:
         log.warning(
             "%s: %d images without a caption file are not used", dataset.uri, layout.uncaptioned
@@ -262,7 +176,7 @@ class IndexedCaptions:
     """Captioned images from a listing: a seeded shuffle per epoch, read ahead in threads."""
 
     def __init__(
-        self, files: Files, pairs: list[tuple[str, str]], seed: int, rank: int, world: int
+        self, files: DatasetFiles, pairs: list[tuple[str, str]], seed: int, rank: int, world: int
     ) -> None:
         self.files = files
         self.pairs = pairs
@@ -332,7 +246,9 @@ class ShardedCaptions:
     """A rank's endless stream of samples from webdataset shards, produced by a
     background thread so reading overlaps training."""
 
-    def __init__(self, files: Files, shards: list[str], seed: int, rank: int, world: int) -> None:
+    def __init__(
+        self, files: DatasetFiles, shards: list[str], seed: int, rank: int, world: int
+    ) -> None:
         self.files = files
         self.shards = shards
         self.seed = seed
@@ -433,7 +349,7 @@ class ShardedCaptions:
 def open_stream(
     dataset: CaptionDataset, settings: S3Settings, seed: int, rank: int, world: int
 ) -> CaptionStream:
-    files = files_at(dataset.uri, settings)
+    files = DatasetFiles.at(dataset.uri, settings)
     layout = layout_of(files, dataset.format)
     if layout.format == DatasetFormat.WEBDATASET:
         return ShardedCaptions(files, layout.shards, seed, rank, world)

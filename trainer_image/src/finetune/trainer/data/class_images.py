@@ -11,6 +11,7 @@ import torch
 from finetune.api.training import TrainingSpec
 from finetune.trainer.data.concepts import IMAGE_SUFFIXES
 from finetune.trainer.models.components import Components, inference_pipeline
+from finetune.trainer.storage.files import written_whole
 
 
 def generate_missing(
@@ -50,7 +51,6 @@ def generate_missing(
                 ).images
             for image in images:
                 target = folder / f"class-{tag}-{len(have) + made:05d}.png"
-                partial = target.with_name(target.name + ".partial")
-                image.save(partial, format="PNG")
-                partial.replace(target)  # a killed run never leaves a truncated image
+                with written_whole(target) as partial:  # never a truncated image
+                    image.save(partial, format="PNG")
                 made += 1

@@ -11,11 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from finetune.api.common import is_s3
 from finetune.trainer.data import images
 from finetune.trainer.data.images import ImageRules
 from finetune.trainer.errors import JobInputError
-from finetune.trainer.storage.s3 import S3Settings, cache_key, download_prefix
 
 if TYPE_CHECKING:
     import torch
@@ -38,13 +36,6 @@ class Prepared:
     prompt: str
     cacheable: bool  # the same at every position, so its latents may be cached
     mask: torch.Tensor | None = None  # [1, h, w] at latent resolution: where the loss counts
-
-
-def resolve_folder(uri: str, cache_dir: Path, s3: S3Settings) -> Path:
-    """A local folder holding the files of `uri` (downloaded once when on S3)."""
-    if is_s3(uri):
-        return download_prefix(uri, cache_dir / "s3-data" / cache_key(uri), s3)
-    return Path(uri).expanduser()
 
 
 def image_files(folder: Path, field: str) -> list[Path]:

@@ -264,12 +264,12 @@ class Trainer:
         torch.manual_seed(hp.seed + self.rank.rank)
 
     def _s3(self) -> S3Settings:
-        return S3Settings(self.spec.output.s3_endpoint_url, self.spec.output.s3_region)
+        return S3Settings.of(self.spec.output)
 
     def _batches(self) -> Batches:
         spec, hp = self.spec, self.spec.training
         if spec.data.dataset is not None:
-            settings = S3Settings(spec.output.s3_endpoint_url, spec.output.s3_region)
+            settings = self._s3()
             stream = open_stream(
                 spec.data.dataset, settings, hp.seed, self.rank.rank, self.rank.world
             )

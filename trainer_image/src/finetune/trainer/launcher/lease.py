@@ -32,8 +32,7 @@ from typing import Any
 from finetune.api import pod
 from finetune.trainer.errors import JobInputError
 from finetune.trainer.process import flock, stopping
-from finetune.trainer.storage.s3 import S3Location, S3Settings, prefix_of, refusals_named
-from finetune.trainer.storage.store import with_retries
+from finetune.trainer.storage.s3 import S3Settings, S3Store, not_found
 
 log = logging.getLogger(__name__)
 
@@ -150,12 +149,11 @@ class LocalLease:
 
 class S3Lease:
     def __init__(self, output: str, settings: S3Settings, wait_for_own_job: bool) -> None:
-        location = S3Location.parse(output)
         self.output = output
-        self.bucket = location.bucket
-        self.key = prefix_of(location) + S3_LEASE
-        self.uri = f"s3://{self.bucket}/{self.key}"
-        self.client = settings.client(attempts=3)
+        self.store = S3Store(output, settings)
+        self.bucket = self.store.bucket
+        self.key = self.store.prefix + S3_LEASE
+        self.client = self.store.client
         self.ttl = float(os.environ.get(TTL_ENV, DEFAULT_TTL))
         self.wait_for_own_job = wait_for_own_job
         self.holder = Holder.me()
@@ -166,34 +164,28 @@ class S3Lease:
         self._thread: threading.Thread | None = None
 
     def _put(self, **condition: str) -> str:
-        with refusals_named(self.uri):
-            answer = with_retries(
-                self.uri,
-                lambda: self.client.put_object(
-                    Bucket=self.bucket,
-                    Key=self.key,
-                    Body=self.holder.to_json().encode(),
-                    **condition,
-                ),
-            )
+        answer = self.store.call(
+            S3_LEASE,
+            lambda: self.client.put_object(
+                Bucket=self.bucket, Key=self.key, Body=self.holder.to_json().encode(), **condition
+            ),
+        )
         return str(answer["ETag"])
 
     def _read(self) -> tuple[Holder | None, str, float] | None:
         """The lease's holder, ETag and age in seconds (by S3's clock), if there is one."""
-        from botocore.exceptions import ClientError
 
         def get() -> dict[str, Any] | None:
             try:
-                answer = self.client.get_object(Bucket=self.bucket, Key=self.key)
-            except ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") in {"NoSuchKey", "404"}:
+                answer = self.store.get_object(S3_LEASE)
+            except Exception as exc:
+                if not_found(exc):
                     return None
                 raise
             answer["Text"] = answer["Body"].read().decode(errors="replace")
-            return dict(answer)
+            return answer
 
-        with refusals_named(self.uri):
-            answer = with_retries(self.uri, get)
+        answer = self.store.call(S3_LEASE, get)
         if answer is None:
             return None
         date = answer["ResponseMetadata"].get("HTTPHeaders", {}).get("date")

@@ -14,8 +14,7 @@ from pathlib import Path
 
 from finetune.api.common import is_s3
 from finetune.trainer.errors import DiskFull, JobInputError
-from finetune.trainer.storage.s3 import S3Settings
-from finetune.trainer.storage.store import S3Store
+from finetune.trainer.storage.s3 import S3Settings, S3Store
 
 FIELD = "spec.output.uri"
 

@@ -28,19 +28,21 @@ from finetune.api.common import is_s3
 from finetune.api.pod import EXIT_FAILED, EXIT_INTERRUPTED
 from finetune.api.training import TrainingSpec
 from finetune.trainer.data.captions import check_dataset
-from finetune.trainer.data.concepts import examples_from, resolve_folder
+from finetune.trainer.data.concepts import examples_from
 from finetune.trainer.data.images import ImageRules
 from finetune.trainer.engine.trainer import RunPlan, check_optimizer
 from finetune.trainer.errors import JobInputError, Unreachable, exit_code_for
 from finetune.trainer.launcher.lease import OutputClaim
 from finetune.trainer.launcher.overlap import check_output_apart
 from finetune.trainer.launcher.preflight import check_output, checked_nproc
-from finetune.trainer.models.components import resolve_model
+from finetune.trainer.models.sources import resolve_model
 from finetune.trainer.process import stopping
 from finetune.trainer.process.stopping import STOP_SIGNALS, Stopped, StopRequest
 from finetune.trainer.process.tether import LAUNCHER_PID_ENV
-from finetune.trainer.storage.s3 import S3Settings, cache_key
-from finetune.trainer.storage.store import RETRY_FOR_ENV, retry_budget, transient
+from finetune.trainer.storage.files import cache_key
+from finetune.trainer.storage.inputs import local_folder
+from finetune.trainer.storage.retries import RETRY_FOR_ENV, retry_budget
+from finetune.trainer.storage.s3 import S3Settings, transient
 from finetune.trainer.telemetry.termination import write_termination_message
 
 
@@ -93,7 +95,7 @@ def prepare(
     check_optimizer(spec)
     check_output_apart(spec, output)
     cache = cache_dir()
-    s3 = S3Settings(spec.output.s3_endpoint_url, spec.output.s3_region)
+    s3 = S3Settings.of(spec.output)
     if is_s3(output):
         work_dir = cache / "runs" / cache_key(output)
     else:
@@ -117,7 +119,7 @@ def prepare(
         print(f"Dataset {dataset.uri}: {layout.size}", flush=True)
     concepts, classes = [], []
     for index, concept in enumerate(spec.data.concepts):
-        folder = resolve_folder(concept.instance_images, cache, s3)
+        folder = local_folder(concept.instance_images, cache, s3, "data")
         examples_from(
             folder,
             concept.instance_prompt,
@@ -127,7 +129,7 @@ def prepare(
         )
         concepts.append(folder.resolve())
         if concept.class_images.uri:
-            class_folder = resolve_folder(concept.class_images.uri, cache, s3)
+            class_folder = local_folder(concept.class_images.uri, cache, s3, "data")
         else:
             class_folder = work_dir / "class_images" / f"concept-{index}"
         classes.append(class_folder.resolve())

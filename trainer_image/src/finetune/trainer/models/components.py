@@ -1,102 +1,13 @@
-"""Find a base model (local folder, s3://, hf://) and load its components."""
+"""A base model's components, loaded from its diffusers folder (see `sources`), and the
+pipelines assembled from them."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finetune.api.common import is_hub, is_s3
-from finetune.trainer.errors import AccessDenied, JobInputError, Unreachable
-from finetune.trainer.storage.s3 import S3Settings, cache_key, download_prefix
-from finetune.trainer.storage.store import RETRY_FOR_ENV, retry_budget, with_retries
-
-# What a Stable Diffusion folder must hold for the trainer to use it.
-REQUIRED_PARTS = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler")
-# Hub files the trainer never reads: other frameworks' weights and pickles.
-_HUB_IGNORE = ["*.ckpt", "*.bin", "*.msgpack", "*.onnx", "*.h5", "*.pb", "*.xml", "*.png", "*.jpg"]
-
-
-def resolve_model(uri: str, cache_dir: Path, s3: S3Settings) -> Path:
-    """A local diffusers folder for `uri`, downloading it into `cache_dir` when remote."""
-    if is_hub(uri):
-        folder = _from_hub(uri, cache_dir / "hub")
-    elif is_s3(uri):
-        folder = download_prefix(uri, cache_dir / "s3-models" / cache_key(uri), s3)
-    else:
-        folder = Path(uri).expanduser()
-    check_model_folder(folder, uri)
-    return folder
-
-
-def check_model_folder(folder: Path, uri: str) -> None:
-    if not folder.is_dir():
-        raise JobInputError(f"{uri}: no such model folder")
-    missing = [part for part in REQUIRED_PARTS if not (folder / part).exists()]
-    if missing:
-        raise JobInputError(
-            f"{uri}: not a diffusers Stable Diffusion folder (missing {', '.join(missing)})"
-        )
-
-
-def _from_hub(uri: str, cache_dir: Path) -> Path:
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    repo, _, revision = uri.removeprefix("hf://").partition("@")
-
-    def transient(exc: BaseException) -> bool:
-        """The hub out of reach (not offline on purpose), or answering 429/5xx."""
-        if isinstance(exc, LocalEntryNotFoundError):
-            return not constants.HF_HUB_OFFLINE
-        if isinstance(exc, HfHubHTTPError) and exc.response is not None:
-            status = int(exc.response.status_code)
-            return status == 429 or status >= 500
-        return False
-
-    def download() -> str:
-        return str(
-            snapshot_download(
-                repo,
-                revision=revision or None,
-                cache_dir=cache_dir,
-                token=os.environ.get("HF_TOKEN") or None,
-                ignore_patterns=_HUB_IGNORE,
-            )
-        )
-
-    try:
-        path = with_retries(uri, download, is_transient=transient)
-    except GatedRepoError as exc:
-        raise AccessDenied(
-            f"{uri}: the repository is gated; set a token with access (baseModel.hubTokenSecretRef)"
-        ) from exc
-    except RepositoryNotFoundError as exc:
-        raise JobInputError(f"{uri}: no such repository on the hub, or no access to it") from exc
-    except RevisionNotFoundError as exc:
-        raise JobInputError(f"{uri}: no revision {revision!r} in the repository") from exc
-    except LocalEntryNotFoundError as exc:
-        if not constants.HF_HUB_OFFLINE:
-            raise Unreachable(
-                f"{uri}: the hub cannot be reached (retried for "
-                f"{retry_budget():.0f} s, ${RETRY_FOR_ENV}); a later try may succeed"
-            ) from exc
-        raise JobInputError(f"{uri}: not in the local cache and the hub is offline") from exc
-    except HfHubHTTPError as exc:
-        status = exc.response.status_code if exc.response is not None else None
-        if status in (401, 403):  # the token (HF_TOKEN) is missing, wrong or lacks access
-            raise AccessDenied(f"{uri}: the hub refused the download ({status})") from exc
-        if status == 404:
-            raise JobInputError(f"{uri}: the hub refused the download ({status})") from exc
-        raise Unreachable(f"{uri}: the hub answered {status} after retries") from exc
-    return Path(path)
+from finetune.trainer.errors import JobInputError
 
 
 @dataclass

@@ -11,7 +11,7 @@ from finetune.api.status import MAX_ARTIFACTS, ArtifactKind
 from finetune.trainer.methods.custom_diffusion import WEIGHTS_FILE as CUSTOM_DIFFUSION_FILE
 from finetune.trainer.methods.lora import KOHYA_FILE, LORA_FILE
 from finetune.trainer.outputs.result import MODEL_CARD
-from finetune.trainer.storage.s3 import file_digest
+from finetune.trainer.storage.files import file_digest
 
 PIPELINE_INDEX = "model_index.json"
 # Weights first, then the model card, then samples: what the cap cuts is samples.

@@ -13,10 +13,11 @@ from pathlib import Path
 import yaml
 
 from finetune.api.training import TrainingSpec
-from finetune.trainer.storage.s3 import NOT_RESULTS
 from finetune.trainer.storage.store import Store
 
 STAGING = ".staging"
+# Local working state that is not part of a job's results.
+NOT_RESULTS = ("checkpoints", ".run", STAGING)
 MODEL_CARD = "README.md"
 
 

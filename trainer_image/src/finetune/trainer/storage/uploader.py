@@ -4,7 +4,7 @@ so training never waits on the network.
 Each task belongs to a checkpoint step; `uploaded_through()` is the newest step whose
 tasks (and all earlier ones) are done. Manifests are urgent: they pass files that
 still wait, so a checkpoint becomes durable as soon as its own files are up. Transient failures are retried inside the store
-(see `store.with_retries`); a permanent one stops the thread and is raised on the
+(see `retries.with_retries`); a permanent one stops the thread and is raised on the
 training thread at its next `check()`.
 """
 

@@ -1,0 +1,74 @@
+"""Snapshots of Hugging Face hub repositories (`hf://org/name[@revision]`), with the
+retry policy for an unreachable hub and its refusals named."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from finetune.trainer.errors import AccessDenied, JobInputError, Unreachable
+from finetune.trainer.storage.retries import RETRY_FOR_ENV, retry_budget, with_retries
+
+# Hub files the trainer never reads: other frameworks' weights and pickles.
+IGNORED = ["*.ckpt", "*.bin", "*.msgpack", "*.onnx", "*.h5", "*.pb", "*.xml", "*.png", "*.jpg"]
+
+
+def snapshot(uri: str, cache_dir: Path) -> Path:
+    """A local folder with the files of the repository (and revision) `uri` names, in
+    huggingface_hub's cache layout under `cache_dir`."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    repo, _, revision = uri.removeprefix("hf://").partition("@")
+
+    def transient(exc: BaseException) -> bool:
+        """The hub out of reach (not offline on purpose), or answering 429/5xx."""
+        if isinstance(exc, LocalEntryNotFoundError):
+            return not constants.HF_HUB_OFFLINE
+        if isinstance(exc, HfHubHTTPError) and exc.response is not None:
+            status = int(exc.response.status_code)
+            return status == 429 or status >= 500
+        return False
+
+    def download() -> str:
+        return str(
+            snapshot_download(
+                repo,
+                revision=revision or None,
+                cache_dir=cache_dir,
+                token=os.environ.get("HF_TOKEN") or None,
+                ignore_patterns=IGNORED,
+            )
+        )
+
+    try:
+        path = with_retries(uri, download, transient)
+    except GatedRepoError as exc:
+        raise AccessDenied(
+            f"{uri}: the repository is gated; set a token with access (baseModel.hubTokenSecretRef)"
+        ) from exc
+    except RepositoryNotFoundError as exc:
+        raise JobInputError(f"{uri}: no such repository on the hub, or no access to it") from exc
+    except RevisionNotFoundError as exc:
+        raise JobInputError(f"{uri}: no revision {revision!r} in the repository") from exc
+    except LocalEntryNotFoundError as exc:
+        if not constants.HF_HUB_OFFLINE:
+            raise Unreachable(
+                f"{uri}: the hub cannot be reached (retried for "
+                f"{retry_budget():.0f} s, ${RETRY_FOR_ENV}); a later try may succeed"
+            ) from exc
+        raise JobInputError(f"{uri}: not in the local cache and the hub is offline") from exc
+    except HfHubHTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else None
+        if status in (401, 403):  # the token (HF_TOKEN) is missing, wrong or lacks access
+            raise AccessDenied(f"{uri}: the hub refused the download ({status})") from exc
+        if status == 404:
+            raise JobInputError(f"{uri}: the hub refused the download ({status})") from exc
+        raise Unreachable(f"{uri}: the hub answered {status} after retries") from exc
+    return Path(path)

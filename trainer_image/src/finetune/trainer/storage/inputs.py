@@ -1,0 +1,74 @@
+"""A job's inputs as local folders: the one place a spec's input URIs are resolved.
+
+A local path is used where it is; an `s3://` prefix is mirrored into the cache once and
+checked; an `hf://` model is a hub snapshot in the cache. The launcher resolves every
+input here before any worker starts, so a bad URI fails in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from finetune.api.common import is_hub, is_s3
+from finetune.trainer.errors import JobInputError
+from finetune.trainer.process import stopping
+from finetune.trainer.storage import hub
+from finetune.trainer.storage.files import cache_key, file_digest, written_whole
+from finetune.trainer.storage.s3 import S3Settings, S3Store
+
+# What an input is, which names its folder in the cache (`s3-models`, `s3-data`).
+InputKind = Literal["models", "data"]
+
+
+def local_folder(uri: str, cache_dir: Path, settings: S3Settings, kind: InputKind) -> Path:
+    """A local folder holding the files of `uri`, downloaded into `cache_dir` when remote.
+    Only models come from the hub (an `hf://` data URI is taken as a local path)."""
+    if is_hub(uri) and kind == "models":
+        return hub.snapshot(uri, cache_dir / "hub")
+    if is_s3(uri):
+        return download_prefix(uri, cache_dir / f"s3-{kind}" / cache_key(uri), settings)
+    return Path(uri).expanduser()
+
+
+def intact(path: Path, size: int, etag: str) -> bool:
+    """`path` holds the object: same size and, where the ETag is the MD5 of the bytes
+    (a single-part upload), the same MD5. A multipart ETag is checked by size."""
+    if not path.is_file() or path.stat().st_size != size:
+        return False
+    return "-" in etag or len(etag) != 32 or file_digest(path, "md5") == etag
+
+
+def download_prefix(uri: str, destination: Path, settings: S3Settings) -> Path:
+    """Mirror every object under `uri` into `destination`, each checked against its size
+    and ETag. A marker beside the folder records what was verified, so a restarted job
+    reuses its cache without downloading (or hashing) anything again; an interrupted
+    download leaves `.partial` files only and is simply resumed."""
+    store = S3Store(uri, settings)
+    marker = destination.with_name(destination.name + ".verified.json")
+    try:
+        verified: dict[str, list[Any]] = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        verified = {}
+    now: dict[str, list[Any]] = {}
+    for key, size, etag in store.objects():
+        now[key] = [size, etag]
+        target = destination / key
+        known = verified.get(key) == [size, etag] and target.is_file()
+        if (known and target.stat().st_size == size) or intact(target, size, etag):
+            continue
+        stopping.raise_if_requested()  # between files: a stop leaves whole files only
+        with written_whole(target) as partial:
+            store.download(key, partial)
+            if not intact(partial, size, etag) and not store.encrypted(key):
+                partial.unlink(missing_ok=True)
+                raise JobInputError(
+                    f"{store.uri_of(key)}: the download does not match the object's "
+                    "size and ETag; it changed while downloading, or the transfer was corrupted"
+                )
+    if not now:
+        raise JobInputError(f"{uri}: no objects under this S3 prefix")
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps(now))
+    return destination

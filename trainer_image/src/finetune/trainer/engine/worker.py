@@ -31,7 +31,8 @@ def main(argv: list[str]) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    from finetune.trainer.engine.trainer import RunPlan, Trainer
+    from finetune.trainer.engine.plan import RunPlan
+    from finetune.trainer.engine.trainer import Trainer
     from finetune.trainer.process.distributed import Rank
     from finetune.trainer.telemetry.termination import write_termination_message
 

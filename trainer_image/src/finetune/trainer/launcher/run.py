@@ -30,7 +30,8 @@ from finetune.api.training import TrainingSpec
 from finetune.trainer.data.captions import check_dataset
 from finetune.trainer.data.concepts import examples_from
 from finetune.trainer.data.images import ImageRules
-from finetune.trainer.engine.trainer import RunPlan, check_optimizer
+from finetune.trainer.engine.deepspeed_setup import check_optimizer
+from finetune.trainer.engine.plan import RunPlan
 from finetune.trainer.errors import JobInputError, Unreachable, exit_code_for
 from finetune.trainer.launcher.lease import OutputClaim
 from finetune.trainer.launcher.overlap import check_output_apart

@@ -71,6 +71,7 @@ class Lora(TrainingMethod):
 
         lora = self.spec.lora
         assert lora is not None
+        assert lora.alpha is not None  # TrainingSpec resolves it: `rank` by default
         state = self.adapter_state(module)
         metadata = {"r": lora.rank, "lora_alpha": lora.alpha, "target_modules": lora.target_modules}
         te_metadata = {**metadata, "target_modules": lora.text_encoder_target_modules}
@@ -94,7 +95,7 @@ class Lora(TrainingMethod):
             kohya = convert_state_dict_to_kohya(prefixed)
             for key in kohya:
                 if key.endswith(".alpha"):
-                    kohya[key] = torch.tensor(float(lora.alpha or lora.rank or 1))
+                    kohya[key] = torch.tensor(float(lora.alpha))
             save_file(kohya, folder / KOHYA_FILE, metadata={"ss_network_dim": str(lora.rank)})
             written.append(folder / KOHYA_FILE)
         return written

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from finetune.api.training import TrainingSpec
+from finetune.trainer.methods import TrainedModules, TrainingMethod
 from finetune.trainer.models.components import Components, inference_pipeline
-from finetune.trainer.process.stopping import StopRequest
+from finetune.trainer.process import distributed
+from finetune.trainer.process.stopping import Stopped, StopRequest
+from finetune.trainer.telemetry.prometheus import TrainerMetrics
+
+log = logging.getLogger(__name__)
 
 
 def sample_folder(work_dir: Path, step: int) -> Path:
@@ -89,3 +96,51 @@ def _stop_check(stop: StopRequest | None) -> Any:
         return tensors
 
     return check
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """A run's validation samples: rank 0 generates them while the others wait."""
+
+    spec: TrainingSpec
+    work_dir: Path
+    components: Components
+    method: TrainingMethod
+    module: TrainedModules
+    device: torch.device
+    dtype: torch.dtype
+    stop: StopRequest
+    metrics: TrainerMetrics
+    main: bool
+
+    def due(self, step: int) -> bool:
+        """Whether samples are made after `step` (those of the last step come with the results)."""
+        validation = self.spec.validation
+        return (
+            bool(validation.prompts)
+            and step % validation.every_n_steps == 0
+            and step < self.spec.training.max_steps
+        )
+
+    def at(self, step: int) -> Path | None:
+        """Samples of the model as it is at `step`, on every rank together; the grid on rank 0."""
+        grid = None
+        if self.main:
+            try:
+                grid = generate(
+                    self.spec,
+                    self.components,
+                    self.method.sampling_modules(self.module),
+                    self.method.sampling_scheduler(),
+                    sample_folder(self.work_dir, step),
+                    self.device,
+                    self.dtype,
+                    self.stop,
+                )
+            except Stopped:  # the loop's next step stops every rank, with a checkpoint
+                log.warning("step %d: samples left out, a stop was requested", step)
+            else:
+                validation = self.spec.validation
+                self.metrics.record_samples(len(validation.prompts) * validation.images_per_prompt)
+        distributed.barrier()
+        return grid

@@ -1,0 +1,71 @@
+"""The engine's set-up (DeepSpeed config, optimizer) and the step record it reports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from finetune.api import FineTuneJob
+from finetune.trainer.engine.deepspeed_setup import deepspeed_config, make_optimizer
+from finetune.trainer.telemetry.prometheus import Identity, TrainerMetrics
+from finetune.trainer.telemetry.steps import StepRecord, StepTelemetry
+from tests.support import lora_job
+
+
+@pytest.mark.parametrize(
+    ("precision", "bf16", "fp16"),
+    [("bf16", True, False), ("fp16", False, True), ("no", False, False)],
+)
+def test_deepspeed_config_follows_the_job(precision: str, bf16: bool, fp16: bool) -> None:
+    spec = FineTuneJob.model_validate(
+        lora_job(
+            training={
+                "batchSize": 3,
+                "gradientAccumulationSteps": 2,
+                "mixedPrecision": precision,
+                "maxGradNorm": 0.5,
+            },
+            deepspeed={
+                "zeroStage": 1,
+                "offloadOptimizer": True,
+                "config": {"zero_optimization": {"overlap_comm": True}},
+            },
+        )
+    ).spec.training_spec()
+    config = deepspeed_config(spec, world=4)
+    assert config["train_batch_size"] == 3 * 2 * 4
+    assert config["train_micro_batch_size_per_gpu"] == 3
+    assert config["gradient_clipping"] == 0.5
+    assert (config["bf16"]["enabled"], config["fp16"]["enabled"]) == (bf16, fp16)
+    zero = config["zero_optimization"]
+    assert zero["stage"] == 1
+    assert zero["offload_optimizer"]["device"] == "cpu"
+    assert zero["overlap_comm"] is True  # the raw override is merged, not replacing
+
+
+@pytest.mark.parametrize(("method", "learning_rate"), [("dreambooth", 5e-6), ("lora", 1e-4)])
+def test_the_optimizer_starts_at_the_methods_default_learning_rate(
+    method: str, learning_rate: float
+) -> None:
+    spec = FineTuneJob.model_validate(lora_job(method=method)).spec.training_spec()
+    weights = torch.nn.Parameter(torch.zeros(2))
+    optimizer = make_optimizer(spec, [{"params": [weights]}])
+    assert optimizer.param_groups[0]["lr"] == learning_rate
+
+
+def test_a_step_record_reports_the_measured_seconds_and_the_speed_from_them(
+    tmp_path: Path,
+) -> None:
+    metrics = TrainerMetrics(Identity("job", "default", "lora", 0))
+    log_path = tmp_path / "train_log.jsonl"
+    telemetry = StepTelemetry(metrics, None, log_path, torch.device("cpu"), True, 10, 0)
+    telemetry.step(StepRecord(1, 10, 0.5, 1e-4, seconds=0.3, images=6))
+    telemetry.close_progress()
+    entry = json.loads(log_path.read_text())
+    assert entry["imagesPerSecond"] == pytest.approx(20.0)
+    labels = {"job": "job", "namespace": "default", "method": "lora", "rank": "0"}
+    seconds = metrics.registry.get_sample_value("finetune_step_duration_seconds_sum", labels)
+    assert seconds == 0.3  # the very seconds measured, not turned into speed and back

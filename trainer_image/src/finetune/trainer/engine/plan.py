@@ -1,0 +1,51 @@
+"""What the launcher hands each worker: the job's spec and the local paths it resolved."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from finetune.api.training import TrainingSpec
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What the launcher resolved before starting the workers: local paths only."""
+
+    name: str
+    spec: TrainingSpec
+    work_dir: Path
+    model_folder: Path
+    concept_folders: list[Path]
+    class_folders: list[Path]
+    output_uri: str
+    teacher_folder: Path | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "name": self.name,
+                "spec": self.spec.model_dump(mode="json", by_alias=True, exclude_none=True),
+                "workDir": str(self.work_dir),
+                "modelFolder": str(self.model_folder),
+                "conceptFolders": [str(p) for p in self.concept_folders],
+                "classFolders": [str(p) for p in self.class_folders],
+                "outputUri": self.output_uri,
+                "teacherFolder": str(self.teacher_folder) if self.teacher_folder else None,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> RunPlan:
+        raw = json.loads(text)
+        return cls(
+            name=raw["name"],
+            spec=TrainingSpec.model_validate(raw["spec"]),
+            work_dir=Path(raw["workDir"]),
+            model_folder=Path(raw["modelFolder"]),
+            concept_folders=[Path(p) for p in raw["conceptFolders"]],
+            class_folders=[Path(p) for p in raw["classFolders"]],
+            output_uri=raw["outputUri"],
+            teacher_folder=Path(raw["teacherFolder"]) if raw.get("teacherFolder") else None,
+        )

@@ -1,0 +1,140 @@
+"""One record per optimizer step, and where it goes: Prometheus on every rank; on rank 0
+also the train log (`train_log.jsonl`), the progress bar and the status reporter.
+
+The step's time is measured once, in seconds; the speed is derived from it here.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from finetune.trainer.telemetry.pace import Pace
+from finetune.trainer.telemetry.prometheus import TrainerMetrics, folder_bytes
+from finetune.trainer.telemetry.status import StatusReporter
+
+
+class UploadTotals(Protocol):
+    """What a checkpoint uploader has sent so far (`storage.uploader.Uploader`)."""
+
+    bytes_sent: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    step: int
+    total_steps: int
+    loss: float  # the mean over ranks
+    learning_rate: float | None
+    seconds: float  # the optimizer step's wall time, gradient accumulation included
+    images: int  # what the whole gang trained on in it
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds
+
+
+class StepTelemetry:
+    """Records a run's steps, checkpoint saves and uploads; opens the progress bar (rank 0)."""
+
+    def __init__(
+        self,
+        metrics: TrainerMetrics,
+        reporter: StatusReporter | None,
+        log_path: Path,
+        device: torch.device,
+        main: bool,
+        total_steps: int,
+        initial_step: int,
+    ) -> None:
+        self.metrics = metrics
+        self.reporter = reporter
+        self.log_path = log_path
+        self.device = device
+        self.main = main
+        self.progress = _progress_bar(total_steps, initial_step) if main else None
+        self.pace = Pace()
+        self._uploads_recorded = (0, 0.0)  # bytes and seconds of checkpoint uploads so far
+
+    def step(self, record: StepRecord) -> None:
+        speed = record.images_per_second
+        eta = self.pace.step_done(record.step, record.total_steps)  # one ETA for both
+        self.metrics.record_step(
+            record.step,
+            record.total_steps,
+            record.loss,
+            record.learning_rate,
+            speed,
+            record.seconds,
+            eta,
+            self._gpu_memory(),
+        )
+        if not self.main:
+            return
+        self._log(record, speed)
+        if self.progress is not None:
+            self.progress.set_postfix(loss=f"{record.loss:.4f}", refresh=False)
+            self.progress.update(1)
+        if self.reporter is not None:
+            self.reporter.progress(record.step, record.total_steps, record.loss, speed, eta)
+
+    def checkpoint_saved(self, seconds: float, folder: Path) -> None:
+        self.metrics.record_checkpoint_saved(seconds, folder_bytes(folder))
+
+    def uploads(self, uploader: UploadTotals) -> None:
+        """Once another checkpoint's files are all uploaded, its time and bytes."""
+        sent, seconds = uploader.bytes_sent, uploader.seconds
+        if sent > self._uploads_recorded[0]:
+            done_bytes, done_seconds = self._uploads_recorded
+            self.metrics.record_checkpoint_uploaded(seconds - done_seconds, sent - done_bytes)
+            self._uploads_recorded = (sent, seconds)
+
+    def results(self, artifacts: list[dict[str, Any]]) -> None:
+        """Rank 0, at the end: the results into the status, and the final metrics pushed
+        (a job shorter than a scrape interval is still seen)."""
+        if self.reporter is not None:
+            self.reporter.artifacts(artifacts)
+            self.reporter.close()
+        self.metrics.push()
+
+    def close_progress(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+
+    def _log(self, record: StepRecord, speed: float) -> None:
+        entry: dict[str, Any] = {
+            "step": record.step,
+            "loss": record.loss,
+            "lr": record.learning_rate,
+            "imagesPerSecond": speed,
+            "time": time.time(),
+            "rssPeakBytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        }
+        if self.device.type == "cuda":
+            entry["gpuMemoryPeakBytes"] = torch.cuda.max_memory_allocated(self.device)
+        with self.log_path.open("a") as handle:
+            handle.write(json.dumps(entry) + "\n")
+
+    def _gpu_memory(self) -> tuple[int, int]:
+        """(allocated, peak) bytes of this rank's GPU; none on a CPU."""
+        if self.device.type != "cuda":
+            return (0, 0)
+        return (
+            torch.cuda.memory_allocated(self.device),
+            torch.cuda.max_memory_allocated(self.device),
+        )
+
+
+def _progress_bar(total_steps: int, initial_step: int) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True, mininterval=0.5
+    )

@@ -1,4 +1,4 @@
-"""The trainer's pure parts: data order, checkpoint manifests, rendezvous, DeepSpeed config."""
+"""The trainer's pure parts: data order, rendezvous, DeepSpeed config."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 
 from finetune.api import FineTuneJob
-from finetune.trainer.checkpoints import manifest
 from finetune.trainer.data.concepts import IndexStream
 from finetune.trainer.engine.trainer import deepspeed_config
 from finetune.trainer.launcher.run import Rendezvous
@@ -29,47 +28,6 @@ def test_data_order_is_a_pure_function_of_seed_and_position() -> None:
     again = IndexStream(5, seed=1)
     assert [again.example_at(p) for p in reversed(range(20))][::-1] == first
     assert first != [IndexStream(5, seed=2).example_at(p) for p in range(20)]
-
-
-def make_checkpoint(root: Path, step: int, complete: bool = True) -> Path:
-    folder = root / manifest.tag_for(step)
-    folder.mkdir(parents=True)
-    (folder / "model.pt").write_bytes(b"weights" * step)
-    if complete:
-        manifest.write_manifest(folder, step)
-    return folder
-
-
-def test_resume_picks_the_newest_checkpoint_whose_manifest_verifies(tmp_path: Path) -> None:
-    make_checkpoint(tmp_path, 10)
-    make_checkpoint(tmp_path, 20)
-    make_checkpoint(tmp_path, 30, complete=False)  # interrupted mid-save: no manifest
-    found = manifest.latest(tmp_path)
-    assert found is not None
-    assert found.step == 20
-
-    (tmp_path / "step-00000020" / "model.pt").write_bytes(b"bit rot")
-    found = manifest.latest(tmp_path)
-    assert found is not None
-    assert found.step == 10
-
-
-def test_no_checkpoint_means_a_fresh_start(tmp_path: Path) -> None:
-    assert manifest.latest(tmp_path / "missing") is None
-    make_checkpoint(tmp_path, 5, complete=False)
-    assert manifest.latest(tmp_path) is None
-
-
-def test_prune_keeps_the_newest_complete_checkpoints(tmp_path: Path) -> None:
-    for step in (1, 2, 3, 4):
-        make_checkpoint(tmp_path, step)
-    make_checkpoint(tmp_path, 5, complete=False)  # being written right now: kept
-    manifest.prune(tmp_path, keep_last=2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "step-00000003",
-        "step-00000004",
-        "step-00000005",
-    ]
 
 
 def test_rendezvous_in_a_pod_comes_from_the_indexed_job() -> None:

@@ -1,0 +1,213 @@
+"""A run's checkpoints: manifests, retention, resume selection and the layout check,
+with a local output and with an S3 one (moto's S3 server over HTTP on loopback)."""
+
+from __future__ import annotations
+
+import errno
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from finetune.trainer.checkpoints import manifest
+from finetune.trainer.checkpoints.run_checkpoints import RunCheckpoints
+from finetune.trainer.checkpoints.space import space_checked
+from finetune.trainer.checkpoints.state import TrainingState
+from finetune.trainer.errors import DiskFull, JobInputError
+from finetune.trainer.process.distributed import Rank
+from finetune.trainer.storage.store import Store
+from tests.trainer.s3faults import Moto, moto  # noqa: F401 - the fixture
+
+
+class FakeEngine:
+    """DeepSpeed's engine as a checkpoint sees it: one file of weights per step."""
+
+    def __init__(self) -> None:
+        self.loaded: str | None = None
+
+    def save_checkpoint(
+        self, save_dir: str, tag: str, client_state: dict[str, Any], **_: Any
+    ) -> None:
+        folder = Path(save_dir) / tag
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "model.pt").write_bytes(bytes([client_state["step"]]) * 100)
+
+    def load_checkpoint(self, load_dir: str, tag: str, **_: Any) -> None:
+        self.loaded = tag
+
+
+class NoState:
+    """Batches and a method with nothing of their own to keep."""
+
+    def state(self) -> dict[str, Any]:
+        return {}
+
+    def checkpoint_state(self) -> None:
+        return None
+
+
+def run_checkpoints(
+    root: Path,
+    replica: Store | None = None,
+    keep_last: int = 3,
+    reported: list[tuple[str, int]] | None = None,
+    layout: dict[str, Any] | None = None,
+) -> tuple[RunCheckpoints, FakeEngine]:
+    engine = FakeEngine()
+    state = TrainingState(engine, NoState(), NoState(), None)  # type: ignore[arg-type]
+    checkpoints = RunCheckpoints(
+        root,
+        state,
+        Rank(0, 0, 1),
+        torch.device("cpu"),
+        keep_last,
+        layout or {"ranks": 1},
+        replica,
+        (lambda where, step: reported.append((where, step))) if reported is not None else None,
+    )
+    return checkpoints, engine
+
+
+def make_checkpoint(root: Path, step: int, complete: bool = True) -> Path:
+    folder = root / manifest.tag_for(step)
+    folder.mkdir(parents=True)
+    (folder / "model.pt").write_bytes(b"weights" * step)
+    if complete:
+        entries = manifest.describe(folder, manifest.files_in(folder))
+        manifest.write_manifest(folder, step, {}, entries)
+    return folder
+
+
+def test_resume_picks_the_newest_checkpoint_whose_manifest_verifies(tmp_path: Path) -> None:
+    make_checkpoint(tmp_path, 10)
+    make_checkpoint(tmp_path, 20)
+    make_checkpoint(tmp_path, 30, complete=False)  # interrupted mid-save: no manifest
+    found = manifest.latest(tmp_path)
+    assert found is not None
+    assert found.step == 20
+
+    (tmp_path / "step-00000020" / "model.pt").write_bytes(b"bit rot")
+    found = manifest.latest(tmp_path)
+    assert found is not None
+    assert found.step == 10
+
+
+def test_no_checkpoint_means_a_fresh_start(tmp_path: Path) -> None:
+    assert manifest.latest(tmp_path / "missing") is None
+    make_checkpoint(tmp_path, 5, complete=False)
+    assert manifest.latest(tmp_path) is None
+    checkpoints, engine = run_checkpoints(tmp_path)
+    assert checkpoints.resume() == 0
+    assert engine.loaded is None
+
+
+def test_a_local_output_keeps_the_newest_complete_checkpoints_and_resumes(tmp_path: Path) -> None:
+    root = tmp_path / "checkpoints"
+    reported: list[tuple[str, int]] = []
+    checkpoints, _ = run_checkpoints(root, keep_last=2, reported=reported)
+    for step in (1, 2):
+        checkpoints.save(step)
+    make_checkpoint(root, 5, complete=False)  # being written right now: kept
+    for step in (3, 4):
+        checkpoints.save(step)
+    assert sorted(p.name for p in root.iterdir()) == [
+        "step-00000003",
+        "step-00000004",
+        "step-00000005",
+    ]
+    assert reported == [(str(root / manifest.tag_for(s)), s) for s in (1, 2, 3, 4)]
+    document = json.loads((root / "step-00000004" / "manifest.json").read_text())
+    assert document["layout"] == {"ranks": 1}
+    assert [e["path"] for e in document["files"]] == ["model.pt", "rng-rank0000.pt"]
+
+    again, engine = run_checkpoints(root)
+    assert again.resume() == 4
+    assert engine.loaded == "step-00000004"
+
+
+def test_a_checkpoint_from_a_different_layout_is_refused(tmp_path: Path) -> None:
+    checkpoints, _ = run_checkpoints(tmp_path, layout={"ranks": 2})
+    checkpoints.save(2)
+    other, engine = run_checkpoints(tmp_path, layout={"ranks": 1})
+    with pytest.raises(
+        JobInputError, match=r"step-00000002: .* laid out differently \(ranks 2 -> 1\)"
+    ):
+        other.resume()
+    assert engine.loaded is None
+
+
+def test_disk_full_while_saving_is_named(tmp_path: Path) -> None:
+    folder = tmp_path / "step-00000004"
+    with (
+        pytest.raises(DiskFull, match=r"step 4.*previous checkpoint is intact"),
+        space_checked(folder, 4),
+    ):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+BUCKET = "runs"
+
+
+@pytest.mark.slow  # starts moto's S3 server
+def test_checkpoints_become_durable_in_order_and_are_retained(
+    moto: Moto,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    store = moto.store(BUCKET)
+    reported: list[tuple[str, int]] = []
+    root = tmp_path / "checkpoints"
+    checkpoints, _ = run_checkpoints(root, store, keep_last=2, reported=reported)
+    for step in (2, 4, 6):
+        checkpoints.save(step)
+        checkpoints.poll()
+    checkpoints.finish()
+    assert [s for _, s in reported] == [2, 4, 6]
+    assert reported[-1][0] == "s3://runs/job/checkpoints/step-00000006"
+    tags = {key.split("/")[1] for key, _ in store.keys("checkpoints/")}
+    assert tags == {"step-00000004", "step-00000006"}, "keep-last-2 applied in S3"
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000004", "step-00000006"]
+    document = json.loads(store.read_text("checkpoints/step-00000006/manifest.json") or "")
+    assert [e["path"] for e in document["files"]] == ["model.pt", "rng-rank0000.pt"]
+    assert checkpoints.uploads.bytes_sent > 0
+
+    # A fresh machine: the newest durable checkpoint comes back from S3.
+    fresh, engine = run_checkpoints(tmp_path / "fresh", store)
+    assert fresh.resume() == 6
+    assert engine.loaded == "step-00000006"
+    folder = tmp_path / "fresh" / "step-00000006"
+    assert (folder / "model.pt").read_bytes() == bytes([6]) * 100
+    assert manifest.verify(folder) == 6
+
+
+@pytest.mark.slow  # starts moto's S3 server
+def test_a_corrupt_object_falls_back_to_the_previous_checkpoint(
+    moto: Moto,  # noqa: F811
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = moto.store(BUCKET)
+    checkpoints, _ = run_checkpoints(tmp_path / "checkpoints", store)
+    for step in (2, 4):
+        checkpoints.save(step)
+    checkpoints.finish()
+    damaged = tmp_path / "damaged"
+    damaged.write_bytes(b"\xff" * 100)  # same size, other bytes
+    store.put_file(damaged, "checkpoints/step-00000004/model.pt")
+    fresh, _ = run_checkpoints(tmp_path / "fresh", store)
+    assert fresh.resume() == 2
+    assert "s3://runs/job/checkpoints/step-00000004/model.pt does not match" in caplog.text
+
+
+@pytest.mark.slow  # starts moto's S3 server
+def test_a_checkpoint_without_manifest_is_never_used(moto: Moto, tmp_path: Path) -> None:  # noqa: F811
+    store = moto.store(BUCKET)
+    root = tmp_path / "checkpoints"
+    checkpoints, _ = run_checkpoints(root, store)
+    checkpoints.save(2)
+    checkpoints.finish()
+    make_checkpoint(root, 4, complete=False)  # as if killed mid-upload: files, no manifest
+    store.put_file(root / "step-00000004" / "model.pt", "checkpoints/step-00000004/model.pt")
+    fresh, _ = run_checkpoints(tmp_path / "x", store)
+    assert fresh.resume() == 2

@@ -1,0 +1,42 @@
+"""What must be the same for a checkpoint to continue a run: the ranks and the spec,
+except what may change between runs (more steps, checkpoints, samples, the output)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from finetune.api.training import TrainingSpec
+from finetune.trainer.checkpoints.manifest import Checkpoint, layout_of
+from finetune.trainer.errors import JobInputError
+
+CHANGEABLE = ("checkpointing", "validation", "output")
+
+
+def _flatten(value: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(value, dict):
+        flat: dict[str, Any] = {}
+        for key, item in value.items():
+            flat.update(_flatten(item, f"{prefix}.{key}"))
+        return flat
+    return {prefix: value}
+
+
+def layout_for(spec: TrainingSpec, world: int) -> dict[str, Any]:
+    fields = spec.model_dump(mode="json", by_alias=True, exclude_none=True)
+    fields["training"].pop("maxSteps", None)
+    for changeable in CHANGEABLE:
+        fields.pop(changeable, None)
+    return {"ranks": world, **_flatten(fields, "spec")}
+
+
+def check_layout(found: Checkpoint, layout: dict[str, Any]) -> None:
+    """Refuse, naming each difference, a checkpoint written by a run laid out otherwise."""
+    saved = layout_of(found)
+    if saved and saved != layout:
+        differences = ", ".join(
+            f"{k} {saved.get(k)} -> {v}" for k, v in layout.items() if saved.get(k) != v
+        )
+        raise JobInputError(
+            f"{found.folder}: this checkpoint was written by a run laid out differently ({differences}); "
+            "run with the same settings, or remove the checkpoints to start over"
+        )

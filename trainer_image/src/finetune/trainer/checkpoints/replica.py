@@ -1,0 +1,149 @@
+"""The output store's copy of a run's checkpoints, so they outlive the machine.
+
+Every rank uploads, in the background, the files of a checkpoint it wrote (on a gang
+each node has its own disk); rank 0 uploads the manifest last, and only once every
+rank has uploaded its share: the ranks agree on that with one small all-reduce per
+step while a checkpoint is pending. A checkpoint is durable once its manifest is in
+the store. Resume takes the newest one there whose manifest parses and whose every
+file matches it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from finetune.trainer.checkpoints import manifest
+from finetune.trainer.checkpoints.manifest import MANIFEST, Checkpoint
+from finetune.trainer.process import distributed
+from finetune.trainer.storage.store import Store
+from finetune.trainer.storage.uploader import Task, Uploader
+
+log = logging.getLogger(__name__)
+
+PREFIX = "checkpoints/"
+
+
+def key_for(tag: str, relative: str) -> str:
+    return f"{PREFIX}{tag}/{relative}"
+
+
+def tag_of(key: str) -> str:
+    """`step-NNNNNNNN` for a key `checkpoints/step-NNNNNNNN/...`, else ""."""
+    parts = key.split("/")
+    return parts[1] if len(parts) > 2 and parts[1].startswith("step-") else ""
+
+
+class Replica:
+    def __init__(
+        self,
+        store: Store,
+        root: Path,
+        rank: distributed.Rank,
+        device: torch.device,
+        durable: Callable[[int], None],
+    ) -> None:
+        """`durable(step)` runs on rank 0's uploader thread once `step`'s manifest is up."""
+        self.store = store
+        self.root = root
+        self.rank = rank
+        self.device = device
+        self.durable = durable
+        self.uploader = Uploader(store)
+        self.pending: list[int] = []  # files handed over, manifest not yet
+
+    def location(self, tag: str) -> str:
+        return self.store.uri_of(PREFIX + tag)
+
+    # --- saving --------------------------------------------------------------------
+
+    def upload(self, step: int, names: list[str]) -> None:
+        """On every rank: upload its files `names` of `step`'s checkpoint."""
+        tag = manifest.tag_for(step)
+        folder = self.root / tag
+        self.uploader.submit(Task(step, [(folder / name, key_for(tag, name)) for name in names]))
+        self.pending.append(step)
+
+    def poll(self) -> None:
+        """On every rank at each step boundary: hand over the manifests of checkpoints
+        every rank has uploaded its share of. A collective only while one is pending."""
+        self.uploader.check()
+        if not self.pending:
+            return
+        through = distributed.minimum(self.uploader.uploaded_through(), self.device)
+        ready = [step for step in self.pending if step <= through]
+        self.pending = [step for step in self.pending if step > through]
+        if self.rank.main:
+            for step in ready:
+                tag = manifest.tag_for(step)
+                self.uploader.submit(
+                    Task(
+                        step,
+                        [(self.root / tag / MANIFEST, key_for(tag, MANIFEST))],
+                        then=lambda step=step: self.durable(step),  # type: ignore[misc]
+                        urgent=True,
+                    )
+                )
+
+    def finish(self) -> None:
+        """On every rank: wait until every checkpoint saved so far is durable. Every rank
+        walks the same pending list, so each makes the same collectives."""
+        while self.pending:
+            self.uploader.wait_for(self.pending[0])
+            self.poll()
+        self.uploader.wait()
+
+    # --- retention -----------------------------------------------------------------
+
+    def durable_tags(self) -> list[str]:
+        """The checkpoints whose manifest is in the store, oldest first."""
+        keys = (key for key, _ in self.store.keys(PREFIX) if key.endswith("/" + MANIFEST))
+        return sorted({tag_of(key) for key in keys} - {""})
+
+    def delete_before(self, oldest_kept: str) -> None:
+        """Delete every checkpoint older than `oldest_kept` from the store."""
+        stale = [key for key, _ in self.store.keys(PREFIX) if "" < tag_of(key) < oldest_kept]
+        # The manifests first: a checkpoint half deleted is never taken for a good one.
+        stale.sort(key=lambda key: not key.endswith("/" + MANIFEST))
+        self.store.delete(stale)
+
+    # --- resuming ------------------------------------------------------------------
+
+    def restore(self) -> Checkpoint | None:
+        """Rank 0: the newest checkpoint in the store whose manifest parses and whose
+        files all match it, fetched into the local folder (files already there with the
+        right SHA-256 are not downloaded again)."""
+        for tag in reversed(self.durable_tags()):
+            found = self.fetch(tag)
+            if found is not None:
+                return found
+            log.warning("checkpoint %s is incomplete or corrupt; not used", self.location(tag))
+        return None
+
+    def fetch(self, tag: str) -> Checkpoint | None:
+        """`tag`'s files in the local folder, each checked against the store's manifest;
+        None (with a warning naming the object) when one does not match."""
+        text = self.store.read_text(key_for(tag, MANIFEST))
+        try:
+            step, files = manifest.parse(text or "")
+        except (ValueError, KeyError, TypeError):
+            log.warning("%s: not a readable manifest", self.store.uri_of(key_for(tag, MANIFEST)))
+            return None
+        folder = self.root / tag
+        for relative, size, sha256 in files:
+            path = folder / relative
+            if manifest.matches(path, size, sha256):
+                continue
+            self.store.get_file(key_for(tag, relative), path)
+            if not manifest.matches(path, size, sha256):
+                log.warning(
+                    "%s does not match its manifest (size or SHA-256); skipped",
+                    self.store.uri_of(key_for(tag, relative)),
+                )
+                path.unlink(missing_ok=True)
+                return None
+        manifest.write_text(folder, text or "")
+        return Checkpoint(folder, step)

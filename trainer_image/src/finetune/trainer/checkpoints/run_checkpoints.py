@@ -1,0 +1,191 @@
+"""A run's checkpoints, one path whatever the output: every rank saves its share into
+the local folder, rank 0 writes the manifest last; with a remote output (S3) the
+checkpoint is also copied to the store, and only counts once its manifest is there
+(a local output *is* the local folder: nothing to copy). Once a checkpoint counts,
+keep-last-N retention applies and it is reported. Resume takes the newest valid
+checkpoint, from the store when there is one, and refuses one laid out otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from finetune.trainer.checkpoints import manifest
+from finetune.trainer.checkpoints.layout import check_layout
+from finetune.trainer.checkpoints.manifest import MANIFEST, Checkpoint
+from finetune.trainer.checkpoints.replica import Replica
+from finetune.trainer.checkpoints.space import space_checked
+from finetune.trainer.checkpoints.state import TrainingState
+from finetune.trainer.errors import JobInputError
+from finetune.trainer.process import distributed
+from finetune.trainer.storage.store import Store
+from finetune.trainer.storage.uploader import Uploader
+
+log = logging.getLogger(__name__)
+
+
+def owned(mine: list[str], everyone: list[list[str]], rank: int) -> list[str]:
+    """The files this rank describes (and uploads): those it is the lowest rank to see
+    (on a shared disk rank 0 sees them all; on separate disks each rank only its own)."""
+    first: dict[str, int] = {}
+    for index, names in enumerate(everyone):
+        for name in names:
+            first.setdefault(name, index)
+    return [name for name in mine if first[name] == rank]
+
+
+@dataclass
+class NoUploads:
+    """A local output's uploads: none."""
+
+    bytes_sent: int = 0
+    seconds: float = 0.0
+
+
+class RunCheckpoints:
+    def __init__(
+        self,
+        root: Path,
+        state: TrainingState,
+        rank: distributed.Rank,
+        device: torch.device,
+        keep_last: int,
+        layout: dict[str, Any],
+        replica: Store | None = None,
+        report: Callable[[str, int], None] | None = None,
+    ) -> None:
+        """`layout`: what a resuming run must share with this one; `replica`: the
+        remote output's store; `report(where, step)`: a checkpoint counts."""
+        self.root = root
+        self.state = state
+        self.rank = rank
+        self.device = device
+        self.keep_last = keep_last
+        self.layout = layout
+        self.report = report
+        self.replica = (
+            Replica(replica, root, rank, device, self._durable) if replica is not None else None
+        )
+
+    # --- saving --------------------------------------------------------------------
+
+    def save(self, step: int) -> Path:
+        """On every rank: `step`'s checkpoint, in the local folder it returns."""
+        tag = manifest.tag_for(step)
+        folder = self.root / tag
+        if self.rank.main:  # a manifest left by an earlier run must not vouch for new files
+            (folder / MANIFEST).unlink(missing_ok=True)
+        distributed.barrier()
+        with space_checked(folder, step):
+            self.state.save(self.root, tag, step, self.rank.rank)
+        distributed.barrier()
+        with space_checked(folder, step):
+            mine = self._write_manifest(step)
+        if self.replica is not None:  # it counts once every rank's files are up: `poll`
+            self.replica.upload(step, mine)
+        elif self.rank.main:
+            self._durable(step)
+        distributed.barrier()
+        return folder
+
+    def _write_manifest(self, step: int) -> list[str]:
+        """Each rank describes the files it owns; rank 0 writes them all in the manifest.
+        This rank's files."""
+        folder = self.root / manifest.tag_for(step)
+        names = manifest.files_in(folder)
+        mine = owned(names, distributed.all_gather(names), self.rank.rank)
+        entries = manifest.describe(folder, mine)
+        everything = [e for part in distributed.all_gather(entries) for e in part]
+        if self.rank.main:
+            manifest.write_manifest(folder, step, self.layout, everything)
+        return mine
+
+    def poll(self) -> None:
+        """On every rank at each step boundary: copies that are complete now count."""
+        if self.replica is not None:
+            self.replica.poll()
+
+    def finish(self) -> None:
+        """On every rank: wait until every checkpoint saved so far counts."""
+        if self.replica is not None:
+            self.replica.finish()
+
+    @property
+    def uploads(self) -> Uploader | NoUploads:
+        """This rank's uploads so far: bytes sent and seconds spent."""
+        return self.replica.uploader if self.replica is not None else NoUploads()
+
+    def _durable(self, step: int) -> None:
+        """Rank 0 (its uploader thread with a replica), once `step`'s checkpoint counts."""
+        tag = manifest.tag_for(step)
+        if self.replica is not None:
+            where = self.replica.location(tag)
+            log.info("checkpoint %s is durable in %s", tag, self.replica.store.uri)
+        else:
+            where = str(self.root / tag)
+        self._retain()
+        if self.report is not None:
+            self.report(where, step)
+
+    def _retain(self) -> None:
+        """Keep the newest `keep_last` checkpoints that count (and anything newer, which
+        may still be saving or uploading); delete everything older, in the store and
+        locally."""
+        counted = self.replica.durable_tags() if self.replica is not None else self._complete()
+        if len(counted) <= self.keep_last:
+            return
+        oldest_kept = counted[-self.keep_last]
+        if self.replica is not None:
+            self.replica.delete_before(oldest_kept)
+        for folder in self._folders():
+            if folder.name < oldest_kept:
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def _folders(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p for p in self.root.iterdir() if p.is_dir() and p.name.startswith("step-"))
+
+    def _complete(self) -> list[str]:
+        return [p.name for p in self._folders() if (p / MANIFEST).exists()]
+
+    # --- resuming ------------------------------------------------------------------
+
+    def resume(self) -> int:
+        """On every rank: the step to go on from, with the state of the newest valid
+        checkpoint loaded; 0 when there is none."""
+        found = self._newest()
+        if found is None:
+            return 0
+        check_layout(found, self.layout)
+        self.state.load(self.root, found.tag, self.rank.rank, self.device)
+        if self.rank.main:
+            log.info("resumed from %s (step %d)", found.folder, found.step)
+        return found.step
+
+    def _newest(self) -> Checkpoint | None:
+        """Rank 0's pick, on every rank: with a replica the newest checkpoint there
+        (fetched into the local folder); else the newest local one that verifies."""
+        found: Checkpoint | None = distributed.broadcast(
+            (self.replica.restore() if self.replica else manifest.latest(self.root))
+            if self.rank.main
+            else None
+        )
+        # Another node has a disk of its own (on a shared one nothing is fetched again).
+        other_node = not self.rank.main and self.rank.local_rank == 0
+        fetched = (
+            self.replica.fetch(found.tag)
+            if found is not None and self.replica is not None and other_node
+            else found
+        )
+        if fetched is None and found is not None:
+            raise JobInputError(f"{found.folder}: the checkpoint changed while resuming")
+        distributed.barrier()
+        return found

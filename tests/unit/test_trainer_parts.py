@@ -1,16 +1,11 @@
-"""The trainer's pure parts: data order, rendezvous, DeepSpeed config."""
+"""The trainer's pure parts: data order, rendezvous, caption files."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
-from finetune.api import FineTuneJob
 from finetune.trainer.data.concepts import IndexStream
-from finetune.trainer.engine.trainer import deepspeed_config
 from finetune.trainer.launcher.run import Rendezvous
-from tests.support import lora_job
 
 
 def test_ranks_read_disjoint_examples_and_cover_each_epoch() -> None:
@@ -41,37 +36,6 @@ def test_rendezvous_in_a_pod_comes_from_the_indexed_job() -> None:
     rendezvous = Rendezvous.from_env(env)
     assert (rendezvous.nnodes, rendezvous.node_rank, rendezvous.world) == (4, 2, 32)
     assert rendezvous.master_addr == "job-0.job-workers"
-
-
-@pytest.mark.parametrize(
-    ("precision", "bf16", "fp16"),
-    [("bf16", True, False), ("fp16", False, True), ("no", False, False)],
-)
-def test_deepspeed_config_follows_the_job(precision: str, bf16: bool, fp16: bool) -> None:
-    spec = FineTuneJob.model_validate(
-        lora_job(
-            training={
-                "batchSize": 3,
-                "gradientAccumulationSteps": 2,
-                "mixedPrecision": precision,
-                "maxGradNorm": 0.5,
-            },
-            deepspeed={
-                "zeroStage": 1,
-                "offloadOptimizer": True,
-                "config": {"zero_optimization": {"overlap_comm": True}},
-            },
-        )
-    ).spec.training_spec()
-    config = deepspeed_config(spec, world=4)
-    assert config["train_batch_size"] == 3 * 2 * 4
-    assert config["train_micro_batch_size_per_gpu"] == 3
-    assert config["gradient_clipping"] == 0.5
-    assert (config["bf16"]["enabled"], config["fp16"]["enabled"]) == (bf16, fp16)
-    zero = config["zero_optimization"]
-    assert zero["stage"] == 1
-    assert zero["offload_optimizer"]["device"] == "cpu"
-    assert zero["overlap_comm"] is True  # the raw override is merged, not replacing
 
 
 def test_caption_files_replace_the_concept_prompt(tmp_path: Path) -> None:

@@ -1,11 +1,10 @@
-"""The trainer's pure parts: data order, rendezvous, caption files."""
+"""Concept images: a deterministic order shared out among ranks, and their prompts."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from finetune.trainer.data.concepts import IndexStream
-from finetune.trainer.launcher.run import Rendezvous
 
 
 def test_ranks_read_disjoint_examples_and_cover_each_epoch() -> None:
@@ -23,19 +22,6 @@ def test_data_order_is_a_pure_function_of_seed_and_position() -> None:
     again = IndexStream(5, seed=1)
     assert [again.example_at(p) for p in reversed(range(20))][::-1] == first
     assert first != [IndexStream(5, seed=2).example_at(p) for p in range(20)]
-
-
-def test_rendezvous_in_a_pod_comes_from_the_indexed_job() -> None:
-    env = {
-        "FINETUNE_NNODES": "4",
-        "JOB_COMPLETION_INDEX": "2",
-        "FINETUNE_NPROC_PER_NODE": "8",
-        "MASTER_ADDR": "job-0.job-workers",
-        "MASTER_PORT": "29500",
-    }
-    rendezvous = Rendezvous.from_env(env)
-    assert (rendezvous.nnodes, rendezvous.node_rank, rendezvous.world) == (4, 2, 32)
-    assert rendezvous.master_addr == "job-0.job-workers"
 
 
 def test_caption_files_replace_the_concept_prompt(tmp_path: Path) -> None:

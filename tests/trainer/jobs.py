@@ -41,10 +41,17 @@ def job_file(folder: Path, model: Path, images: Path, name: str = "tiny", **spec
 
 
 def finetune_run(
-    job: Path, nproc: int = 2, env: dict[str, str] | None = None, timeout: float = 1200
+    job: Path,
+    nproc: int = 2,
+    env: dict[str, str] | None = None,
+    timeout: float = 1200,
+    expect: int | None = 0,
 ) -> subprocess.CompletedProcess[str]:
+    """`finetune run JOB --nproc N` as a user types it, with its cache beside the job file.
+    The run must end with exit code `expect` (any code with None); otherwise the test
+    fails showing the end of what the run printed."""
     environment = {**os.environ, "FINETUNE_CACHE_DIR": str(job.parent / "cache"), **(env or {})}
-    return subprocess.run(
+    result = subprocess.run(
         [str(FINETUNE), "run", str(job), "--nproc", str(nproc)],
         capture_output=True,
         text=True,
@@ -52,6 +59,20 @@ def finetune_run(
         timeout=timeout,
         check=False,
     )
+    if expect is not None:
+        assert result.returncode == expect, (
+            f"exit code {result.returncode}, expected {expect}:\n{result.stderr[-3000:]}"
+        )
+    return result
+
+
+def refused(job: Path, *fragments: str, code: int = 2, **options: Any) -> str:
+    """Run `job`, which must be refused with `code` and a last line naming every fragment
+    (the field, the file, the reason); that line."""
+    message = finetune_run(job, expect=code, **options).stderr.strip().splitlines()[-1]
+    for fragment in fragments:
+        assert fragment in message, message
+    return message
 
 
 def train_log(output: Path) -> list[dict[str, Any]]:

@@ -6,18 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.trainer.jobs import finetune_run, job_file
+from tests.trainer.jobs import job_file, refused
 
 
 def concept(images: Path) -> dict[str, object]:
     return {"concepts": [{"instanceImages": str(images), "instancePrompt": "a photo of sks disc"}]}
-
-
-def assert_refused(result: object, *fragments: str) -> None:
-    assert result.returncode == 2, result.stderr[-2000:]  # type: ignore[attr-defined]
-    message = result.stderr.strip().splitlines()[-1]  # type: ignore[attr-defined]
-    for fragment in fragments:
-        assert fragment in message, message
 
 
 def assert_no_output(folder: Path) -> None:
@@ -29,9 +22,7 @@ def assert_no_output(folder: Path) -> None:
 def test_missing_data_folder(tmp_path: Path, tiny_model: Path) -> None:
     missing = tmp_path / "no-such-folder"
     job = job_file(tmp_path, tiny_model, missing)
-    assert_refused(
-        finetune_run(job), "spec.data.concepts[0].instanceImages", str(missing), "no such folder"
-    )
+    refused(job, "spec.data.concepts[0].instanceImages", str(missing), "no such folder")
     assert_no_output(tmp_path)
 
 
@@ -40,7 +31,7 @@ def test_empty_dataset(tmp_path: Path, tiny_model: Path) -> None:
     empty.mkdir()
     (empty / "notes.txt").write_text("not an image")
     job = job_file(tmp_path, tiny_model, empty)
-    assert_refused(finetune_run(job), str(empty), "no images")
+    refused(job, str(empty), "no images")
     assert_no_output(tmp_path)
 
 
@@ -52,7 +43,7 @@ def test_unreadable_image(tmp_path: Path, tiny_model: Path, disc_images: Path) -
     broken = images / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
     job = job_file(tmp_path, tiny_model, images)
-    assert_refused(finetune_run(job), str(broken), "not a readable image")
+    refused(job, str(broken), "not a readable image")
     assert_no_output(tmp_path)
 
 
@@ -61,8 +52,8 @@ def test_folder_that_is_not_a_diffusers_model(tmp_path: Path, disc_images: Path)
     not_a_model.mkdir()
     (not_a_model / "model.safetensors").write_bytes(b"")
     job = job_file(tmp_path, not_a_model, disc_images)
-    assert_refused(
-        finetune_run(job),
+    refused(
+        job,
         str(not_a_model),
         "not a diffusers Stable Diffusion folder",
         "model_index.json",
@@ -76,8 +67,7 @@ def test_folder_that_is_not_a_diffusers_model(tmp_path: Path, disc_images: Path)
 def test_unknown_hub_repo(tmp_path: Path, disc_images: Path, uri: str) -> None:
     job = job_file(tmp_path, tmp_path, disc_images, baseModel={"uri": uri})
     # No hub can be reached from here; offline mode answers at once instead of timing out.
-    result = finetune_run(job, env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
-    assert_refused(result, uri)
+    refused(job, uri, env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
     assert_no_output(tmp_path)
 
 
@@ -94,8 +84,8 @@ def test_an_output_inside_the_instance_folder(
 ) -> None:
     images = copied_images(tmp_path, disc_images)
     job = job_file(tmp_path, tiny_model, images, output={"uri": str(images / "out")})
-    assert_refused(
-        finetune_run(job),
+    refused(
+        job,
         f"spec.output.uri: {images / 'out'} is inside",
         f"spec.data.concepts[0].instanceImages ({images})",
     )
@@ -114,11 +104,11 @@ def test_images_refused_by_the_data_settings(
     tiny = images / "tiny.png"
     Image.new("RGB", (8, 8), (255, 0, 0)).save(tiny)
     job = job_file(tmp_path, tiny_model, images, data={"minImageSize": 32})
-    assert_refused(finetune_run(job), str(tiny), "8x8", "spec.data.minImageSize")
+    refused(job, str(tiny), "8x8", "spec.data.minImageSize")
 
     tiny.unlink()
     logo = images / "logo.png"
     Image.new("RGBA", (64, 64), (255, 0, 0, 100)).save(logo)
     job = job_file(tmp_path, tiny_model, images, data={"alpha": "refuse"})
-    assert_refused(finetune_run(job), str(logo), "transparent", "spec.data.alpha")
+    refused(job, str(logo), "transparent", "spec.data.alpha")
     assert_no_output(tmp_path)

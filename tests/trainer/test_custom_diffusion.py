@@ -51,8 +51,7 @@ def test_two_concepts_train_only_their_tokens_and_cross_attention(
             "inferenceSteps": 2,
         },
     )
-    result = finetune_run(job)
-    assert result.returncode == 0, result.stderr[-3000:]
+    finetune_run(job)
     out = tmp_path / "out"
     assert [e["step"] for e in train_log(out)] == list(range(1, 7))
     assert (out / "samples" / "step-00000006" / "grid.png").exists()

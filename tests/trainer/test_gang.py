@@ -85,8 +85,7 @@ def test_shared_training_options_run_together(
         },
         checkpointing={"everyNSteps": 2},
     )
-    result = finetune_run(job)
-    assert result.returncode == 0, result.stderr[-3000:]
+    finetune_run(job)
     rates = [entry["lr"] for entry in train_log(tmp_path / "out")]
     assert rates[0] < rates[1]  # warming up
     assert rates[-1] < rates[1]  # then decaying linearly
@@ -105,6 +104,5 @@ def test_8bit_adam_without_bitsandbytes_is_refused_before_training(
     else:
         pytest.skip("bitsandbytes is installed here")
     job = job_file(tmp_path, tiny_model, disc_images, training={"optimizer": "adamw8bit"})
-    result = finetune_run(job)
-    assert result.returncode == 2
+    result = finetune_run(job, expect=2)
     assert "spec.training.optimizer: adamw8bit needs bitsandbytes" in result.stderr

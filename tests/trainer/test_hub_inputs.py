@@ -32,13 +32,11 @@ def test_base_model_from_the_hub_at_a_pinned_revision(
         training={"maxSteps": 2},
         checkpointing={"everyNSteps": 2},
     )
-    result = finetune_run(job, nproc=1, env={"HF_HUB_OFFLINE": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
+    finetune_run(job, nproc=1, env={"HF_HUB_OFFLINE": "1"})
     assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").exists()
 
     unknown = job_file(
         tmp_path, tiny_model, disc_images, name="other", baseModel={"uri": "hf://acme/tiny-sd@v2"}
     )
-    refused = finetune_run(unknown, nproc=1, env={"HF_HUB_OFFLINE": "1"})
-    assert refused.returncode == 2
+    refused = finetune_run(unknown, nproc=1, env={"HF_HUB_OFFLINE": "1"}, expect=2)
     assert "hf://acme/tiny-sd@v2" in refused.stderr

@@ -64,7 +64,6 @@ def test_lcm_from_shards_saves_a_pipeline_that_samples_in_four_steps(
         validation={"prompts": ["a red disc"], "everyNSteps": 6, "imagesPerPrompt": 1},
     )
     result = finetune_run(job)
-    assert result.returncode == 0, result.stderr[-3000:]
     assert "Dataset " in result.stdout
     assert "3 shards" in result.stdout
     out = tmp_path / "out"
@@ -93,13 +92,12 @@ def test_lcm_resumed_after_a_crash_ends_as_an_uninterrupted_run(
     """The target network and the position in the sharded stream are restored too."""
     spec = {"checkpointing": {"everyNSteps": 3}, "lcm": {"emaDecay": 0.5}}
     straight = lcm_job(tmp_path / "straight", tiny_model, str(shards), **spec)
-    assert finetune_run(straight).returncode == 0
+    finetune_run(straight)
 
     crashed = lcm_job(tmp_path / "crashed", tiny_model, str(shards), **spec)
-    assert finetune_run(crashed, env={CRASH_AFTER_STEP_ENV: "4"}).returncode != 0
+    assert finetune_run(crashed, env={CRASH_AFTER_STEP_ENV: "4"}, expect=None).returncode != 0
     assert (tmp_path / "crashed" / "out" / "checkpoints" / "step-00000003" / "method.pt").exists()
     resumed = finetune_run(crashed)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr
 
     expected = load_file(
@@ -139,8 +137,7 @@ def test_lcm_lora_streams_its_dataset_from_s3_and_loads_for_four_step_sampling(
         lora={"rank": 4},
         output={"uri": str(tmp_path / "out"), "s3EndpointUrl": s3_endpoint},
     )
-    result = finetune_run(job, env=CREDENTIALS)
-    assert result.returncode == 0, result.stderr[-3000:]
+    finetune_run(job, env=CREDENTIALS)
     cache = tmp_path / "cache"
     assert not [p for p in cache.rglob("*") if p.suffix in (".png", ".txt", ".tar")], (
         "the dataset was written to disk"
@@ -174,8 +171,7 @@ def test_lcm_refuses_a_teacher_that_does_not_fit_the_base_model(
         config.read_text().replace('"cross_attention_dim": 32', '"cross_attention_dim": 64')
     )
     job = lcm_job(tmp_path, tiny_model, str(shards), lcm={"teacherModel": {"uri": str(other)}})
-    result = finetune_run(job, nproc=1)
-    assert result.returncode == 2
+    result = finetune_run(job, nproc=1, expect=2)
     assert "spec.lcm.teacherModel" in result.stderr
 
 
@@ -201,7 +197,7 @@ def test_distillation_brings_one_and_two_step_samples_toward_the_teachers_50_ste
         training={"maxSteps": 300, "learningRate": 5e-4, "batchSize": 4},
         checkpointing={"everyNSteps": 300},
     )
-    assert finetune_run(teach).returncode == 0
+    finetune_run(teach)
     teacher_model = tmp_path / "teacher" / "out"
     w = 2.0
     job = lcm_job(
@@ -212,8 +208,7 @@ def test_distillation_brings_one_and_two_step_samples_toward_the_teachers_50_ste
         training={"maxSteps": 150, "learningRate": 1e-3, "batchSize": 4},
         checkpointing={"everyNSteps": 150},
     )
-    result = finetune_run(job)
-    assert result.returncode == 0, result.stderr[-3000:]
+    finetune_run(job)
 
     teacher = StableDiffusionPipeline.from_pretrained(teacher_model, safety_checker=None)
     teacher.scheduler = DDIMScheduler.from_config(teacher.scheduler.config)

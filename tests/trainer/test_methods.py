@@ -45,8 +45,7 @@ def test_lora_with_text_encoder_loads_and_changes_images(
         },
         output={"formats": ["diffusers", "kohya"]},
     )
-    result = finetune_run(job)
-    assert result.returncode == 0, result.stderr[-3000:]
+    finetune_run(job)
     out = tmp_path / "out"
 
     weights = load_file(out / "pytorch_lora_weights.safetensors")
@@ -95,8 +94,7 @@ def test_dreambooth_with_text_encoder_learns_and_saves_a_pipeline(
         },
         checkpointing={"everyNSteps": 30},
     )
-    result = finetune_run(job)
-    assert result.returncode == 0, result.stderr[-3000:]
+    finetune_run(job)
     out = tmp_path / "out"
 
     # It learns: on this tiny fixed dataset the loss falls over the run.

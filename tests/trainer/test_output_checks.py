@@ -49,8 +49,7 @@ def test_unreachable_hub_exits_1_after_retries(tmp_path: Path, disc_images: Path
         "HF_HOME": str(tmp_path / "hf"),
         "FINETUNE_S3_RETRY_SECONDS": "2",
     }
-    result = finetune_run(job, nproc=1, env=env)
-    assert result.returncode == 1, result.stderr[-2000:]
+    result = finetune_run(job, nproc=1, env=env, expect=1)
     assert "hf://acme/tiny-sd: the hub cannot be reached (retried for 2 s" in last_line(result)
     assert no_worker_started(tmp_path / "out")
 
@@ -58,8 +57,7 @@ def test_unreachable_hub_exits_1_after_retries(tmp_path: Path, disc_images: Path
 @pytest.mark.parametrize("nproc", [0, -1, (os.cpu_count() or 1) + 1])
 def test_nproc_out_of_range(tmp_path: Path, nproc: int) -> None:
     job = job_file(tmp_path, tmp_path / "model", tmp_path / "images")
-    result = finetune_run(job, nproc=nproc)
-    assert result.returncode == 2, result.stderr[-2000:]
+    result = finetune_run(job, nproc=nproc, expect=2)
     assert f"--nproc {nproc}: must be between 1 and" in last_line(result)
 
 
@@ -67,8 +65,7 @@ def test_output_is_a_file(tmp_path: Path, tiny_model: Path, disc_images: Path) -
     output = tmp_path / "out"
     output.write_text("not a folder")
     job = job_file(tmp_path, tiny_model, disc_images)
-    result = finetune_run(job, nproc=1)
-    assert result.returncode == 2, result.stderr[-2000:]
+    result = finetune_run(job, nproc=1, expect=2)
     assert last_line(result) == f"error: spec.output.uri: {output} is a file, not a folder"
 
 
@@ -78,8 +75,7 @@ def test_output_read_only_folder(tmp_path: Path, tiny_model: Path, disc_images: 
     output.mkdir()
     output.chmod(0o555)
     job = job_file(tmp_path, tiny_model, disc_images)
-    result = finetune_run(job, nproc=1)
-    assert result.returncode == 2, result.stderr[-2000:]
+    result = finetune_run(job, nproc=1, expect=2)
     assert f"spec.output.uri: {output} cannot be written" in last_line(result)
     assert no_worker_started(output)
 
@@ -88,15 +84,13 @@ def test_output_where_nothing_may_be_written(tmp_path: Path, disc_images: Path) 
     """Even root cannot make a folder in sysfs: the same refusal, for any user."""
     output = Path("/sys/finetune-test-output")
     job = job_file(tmp_path, tmp_path, disc_images, output={"uri": str(output)})
-    result = finetune_run(job, nproc=1)
-    assert result.returncode == 2, result.stderr[-2000:]
+    result = finetune_run(job, nproc=1, expect=2)
     assert f"spec.output.uri: {output} cannot be written" in last_line(result)
 
 
 def test_s3_output_without_credentials(tmp_path: Path, disc_images: Path) -> None:
     job = s3_job(tmp_path, disc_images, f"http://127.0.0.1:{free_port()}")
-    result = finetune_run(job, nproc=1, env={**NO_CREDENTIALS, "HOME": str(tmp_path)})
-    assert result.returncode == 4, result.stderr[-2000:]
+    result = finetune_run(job, nproc=1, env={**NO_CREDENTIALS, "HOME": str(tmp_path)}, expect=4)
     message = last_line(result)
     assert "spec.output.uri" in message
     assert "no S3 credentials" in message
@@ -107,8 +101,9 @@ def test_s3_output_without_credentials(tmp_path: Path, disc_images: Path) -> Non
 def test_unreachable_s3_exits_1_after_retries(tmp_path: Path, disc_images: Path) -> None:
     job = s3_job(tmp_path, disc_images, f"http://127.0.0.1:{free_port()}")
     started = time.monotonic()
-    result = finetune_run(job, nproc=1, env={**CREDENTIALS, "FINETUNE_S3_RETRY_SECONDS": "2"})
-    assert result.returncode == 1, result.stderr[-2000:]
+    result = finetune_run(
+        job, nproc=1, env={**CREDENTIALS, "FINETUNE_S3_RETRY_SECONDS": "2"}, expect=1
+    )
     assert "S3 cannot be reached after retrying for 2 s" in last_line(result)
     assert "trying again" in result.stderr
     assert time.monotonic() - started < 120
@@ -155,8 +150,7 @@ def test_s3_output_held_by_another_run(
     holder = {"host": "gpu-box-7", "pid": 4242, "since": "2026-12-01T12:00:00+00:00"}
     client.put_object(Bucket="runs", Key="job/.run/lease.json", Body=json.dumps(holder).encode())
     job = s3_job(tmp_path, disc_images, moto.url)
-    result = finetune_run(job, nproc=1, env=CREDENTIALS)
-    assert result.returncode == 2, result.stderr[-2000:]
+    result = finetune_run(job, nproc=1, env=CREDENTIALS, expect=2)
     message = last_line(result)
     assert "spec.output.uri: s3://runs/job is in use by another run" in message
     assert "host gpu-box-7, pid 4242, since 2026-12-01T12:00:00+00:00" in message

@@ -90,8 +90,7 @@ def test_second_run_refused_and_the_first_trains_as_if_alone(
     run's weights are bit for bit those of the same job trained undisturbed."""
     spec: dict[str, Any] = {"training": {"maxSteps": 30}, "checkpointing": {"everyNSteps": 15}}
     (tmp_path / "alone").mkdir()
-    alone = finetune_run(job_file(tmp_path / "alone", tiny_model, disc_images, **spec))
-    assert alone.returncode == 0, alone.stderr[-3000:]
+    finetune_run(job_file(tmp_path / "alone", tiny_model, disc_images, **spec))
 
     job = job_file(tmp_path, tiny_model, disc_images, **spec)
     output = tmp_path / "out"
@@ -113,8 +112,7 @@ def test_second_run_refused_and_the_first_trains_as_if_alone(
         training={"maxSteps": 30, "seed": 7},
         output={"uri": str(output)},
     )
-    second = finetune_run(other, nproc=1)
-    assert second.returncode == 2, second.stderr[-3000:]
+    second = finetune_run(other, nproc=1, expect=2)
     message = second.stderr.strip().splitlines()[-1]
     assert f"spec.output.uri: {output} is in use by another run" in message
     holder = json.loads((output / ".run" / "lease").read_text())

@@ -33,13 +33,12 @@ def test_crash_after_checkpoint_then_resume_matches_uninterrupted_run(
     }
     (tmp_path / "straight").mkdir()
     straight = job_file(tmp_path / "straight", tiny_model, disc_images, **spec)
-    result = finetune_run(straight)
-    assert result.returncode == 0, result.stderr[-3000:]
+    finetune_run(straight)
 
     crashed_dir = tmp_path / "crashed"
     crashed_dir.mkdir()
     crashed = job_file(crashed_dir, tiny_model, disc_images, **spec)
-    first = finetune_run(crashed, env={CRASH_AFTER_STEP_ENV: "4"})
+    first = finetune_run(crashed, env={CRASH_AFTER_STEP_ENV: "4"}, expect=None)
     assert first.returncode != 0
     out = crashed_dir / "out"
     assert not (out / "pytorch_lora_weights.safetensors").exists(), (
@@ -53,7 +52,6 @@ def test_crash_after_checkpoint_then_resume_matches_uninterrupted_run(
     assert not torch.equal(rng[0], rng[1]), "each rank keeps its own RNG state"
 
     second = finetune_run(crashed)
-    assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stderr
     assert "step-00000003" in second.stderr
     assert [e["step"] for e in train_log(out)] == [1, 2, 3, 4, 4, 5, 6]
@@ -74,14 +72,13 @@ def test_a_corrupt_checkpoint_is_skipped_for_the_previous_one(
         training={"maxSteps": 4},
         checkpointing={"everyNSteps": 2},
     )
-    assert finetune_run(job, env={CRASH_AFTER_STEP_ENV: "4"}).returncode != 0
+    assert finetune_run(job, env={CRASH_AFTER_STEP_ENV: "4"}, expect=None).returncode != 0
     newest = tmp_path / "out" / "checkpoints" / "step-00000004"
     manifest = json.loads((newest / "manifest.json").read_text())
     victim = newest / manifest["files"][0]["path"]
     victim.write_bytes(victim.read_bytes()[:-10] + b"corrupted!")
 
     result = finetune_run(job)
-    assert result.returncode == 0, result.stderr[-3000:]
     assert "does not match its manifest" in result.stderr
     assert "resumed from" in result.stderr
     assert "step-00000002" in result.stderr
@@ -129,7 +126,6 @@ def test_ctrl_c_saves_a_checkpoint_and_the_same_command_resumes(
         checkpointing={"everyNSteps": 1},
     )
     resumed = finetune_run(short)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"step-{stopped_at:08d}" in resumed.stderr
     assert train_log(tmp_path / "out")[-1]["step"] == stopped_at + 2
 
@@ -155,14 +151,12 @@ def test_prior_preservation_generates_class_images_once(
             ]
         },
     )
-    result = finetune_run(job, nproc=1)
-    assert result.returncode == 0, result.stderr[-3000:]
+    finetune_run(job, nproc=1)
     generated = sorted((tmp_path / "out" / "class_images" / "concept-0").glob("*.png"))
     assert len(generated) == 3
     stamps = [p.stat().st_mtime_ns for p in generated]
 
-    again = finetune_run(job, nproc=1)  # a finished job run again: nothing is regenerated
-    assert again.returncode == 0, again.stderr[-3000:]
+    finetune_run(job, nproc=1)  # a finished job run again: nothing is regenerated
     assert [p.stat().st_mtime_ns for p in generated] == stamps
 
 
@@ -176,7 +170,7 @@ def test_a_checkpoint_from_a_different_layout_is_refused_clearly(
         training={"maxSteps": 2},
         checkpointing={"everyNSteps": 2},
     )
-    assert finetune_run(job, nproc=2).returncode == 0
+    finetune_run(job, nproc=2)
     bigger = job_file(
         tmp_path,
         tiny_model,
@@ -184,8 +178,7 @@ def test_a_checkpoint_from_a_different_layout_is_refused_clearly(
         training={"maxSteps": 4},
         checkpointing={"everyNSteps": 2},
     )
-    result = finetune_run(bigger, nproc=1)
-    assert result.returncode == 2
+    result = finetune_run(bigger, nproc=1, expect=2)
     assert (
         "step-00000002: this checkpoint was written by a run laid out differently (ranks 2 -> 1)"
         in result.stderr

@@ -657,10 +657,11 @@ def resolve_method_defaults(spec: TrainingSpec) -> None:
     if spec.method in LORA_METHODS:
         if spec.lora is None:
             spec.lora = LoraSpec()
-        if spec.lora.rank is None:
-            spec.lora.rank = defaults.lora_rank
+        rank = spec.lora.rank if spec.lora.rank is not None else defaults.lora_rank
+        assert rank is not None, f"{spec.method} has a default LoRA rank"
+        spec.lora.rank = rank
         if spec.lora.alpha is None:
-            spec.lora.alpha = float(spec.lora.rank or 1)
+            spec.lora.alpha = float(rank)
         if spec.lora.target_modules is None:
             spec.lora.target_modules = list(defaults.lora_target_modules)
     if spec.lcm is not None and spec.lcm.w_min is None:

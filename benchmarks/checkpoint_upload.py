@@ -106,7 +106,7 @@ def train(
     log = [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
     timed = log[WARMUP_STEPS:]
     return {
-        "median_step_seconds": statistics.median(2 / e["imagesPerSecond"] for e in timed),
+        "median_step_seconds": statistics.median(e["stepSeconds"] for e in timed),
         "wall_seconds": timed[-1]["time"] - log[WARMUP_STEPS - 1]["time"],
         "checkpoint_bytes": sum(
             p.stat().st_size for p in (folder / "checkpoints").rglob("*") if p.is_file()

@@ -148,7 +148,7 @@ def ours(
         json.loads(line)
         for line in (out / f"ours-{method}" / "train_log.jsonl").read_text().splitlines()
     ]
-    step_seconds = [batch / entry["imagesPerSecond"] for entry in log[WARMUP_STEPS:]]
+    step_seconds = [entry["stepSeconds"] for entry in log[WARMUP_STEPS:]]
     peak = max(entry.get("gpuMemoryPeakBytes", entry["rssPeakBytes"]) for entry in log)
     return {"step_seconds": statistics.median(step_seconds), "peak_bytes": peak}
 

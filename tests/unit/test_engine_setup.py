@@ -66,6 +66,7 @@ def test_a_step_record_reports_the_measured_seconds_and_the_speed_from_them(
     telemetry.close_progress()
     entry = json.loads(log_path.read_text())
     assert entry["imagesPerSecond"] == pytest.approx(20.0)
+    assert entry["stepSeconds"] == 0.3
     labels = {"job": "job", "namespace": "default", "method": "lora", "rank": "0"}
     seconds = metrics.registry.get_sample_value("finetune_step_duration_seconds_sum", labels)
     assert seconds == 0.3  # the very seconds measured, not turned into speed and back

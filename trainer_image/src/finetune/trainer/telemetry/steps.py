@@ -114,6 +114,7 @@ class StepTelemetry:
             "loss": record.loss,
             "lr": record.learning_rate,
             "imagesPerSecond": speed,
+            "stepSeconds": record.seconds,
             "time": time.time(),
             "rssPeakBytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         }

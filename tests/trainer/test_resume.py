@@ -183,3 +183,26 @@ def test_a_checkpoint_from_a_different_layout_is_refused_clearly(
         "step-00000002: this checkpoint was written by a run laid out differently (ranks 2 -> 1)"
         in result.stderr
     )
+
+
+def test_a_bf16_run_trains_fp32_masters_and_resumes(
+    tmp_path: Path, tiny_model: Path, disc_images: Path
+) -> None:
+    """bf16 under the precision plan: adapters train in fp32 with the frozen base in
+    bf16, the log says so, and a checkpoint of that plan resumes."""
+    spec = {
+        "training": {"mixedPrecision": "bf16", "maxSteps": 2},
+        "checkpointing": {"everyNSteps": 2},
+    }
+    first = finetune_run(job_file(tmp_path, tiny_model, disc_images, **spec))
+    plan = next(line for line in first.stderr.splitlines() if "precision plan" in line)
+    assert "precision plan (bf16, forward under autocast): trained: 64 float32; " in plan
+    assert "frozen in the trained modules: 208 bfloat16; vae: 124 bfloat16" in plan
+
+    spec["training"]["maxSteps"] = 4
+    resumed = finetune_run(job_file(tmp_path, tiny_model, disc_images, **spec))
+    assert "resumed from" in resumed.stderr
+    assert "step-00000002" in resumed.stderr
+    weights = lora_weights(tmp_path / "out")
+    assert {w.dtype for w in weights.values()} == {torch.float32}
+    assert all(torch.isfinite(w).all() for w in weights.values())

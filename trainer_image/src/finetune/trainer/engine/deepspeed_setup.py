@@ -13,15 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from finetune.api.training import MixedPrecision, Optimizer, TrainingSpec
+from finetune.api.training import Optimizer, TrainingSpec
+from finetune.trainer.engine.precision import PrecisionPlan
 from finetune.trainer.errors import JobInputError
-
-
-def dtype_of(precision: str) -> torch.dtype:
-    """The dtype frozen models run in and micro-batches are cast to."""
-    return {MixedPrecision.BF16: torch.bfloat16, MixedPrecision.FP16: torch.float16}.get(
-        MixedPrecision(precision), torch.float32
-    )
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -48,8 +42,7 @@ def deepspeed_config(spec: TrainingSpec, world: int) -> dict[str, Any]:
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
-        "bf16": {"enabled": hp.mixed_precision == MixedPrecision.BF16},
-        "fp16": {"enabled": hp.mixed_precision == MixedPrecision.FP16},
+        **PrecisionPlan.of(spec).deepspeed_config(),
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }

@@ -23,8 +23,9 @@ from finetune.trainer.checkpoints.run_checkpoints import RunCheckpoints
 from finetune.trainer.checkpoints.state import TrainingState
 from finetune.trainer.data.batches import open_batches
 from finetune.trainer.data.encoding import Encoder
-from finetune.trainer.engine.deepspeed_setup import dtype_of, start_engine
+from finetune.trainer.engine.deepspeed_setup import start_engine
 from finetune.trainer.engine.plan import RunPlan
+from finetune.trainer.engine.precision import PrecisionPlan
 from finetune.trainer.errors import JobInputError, NonFiniteLoss
 from finetune.trainer.methods import TrainedModules, TrainingMethod, method_for
 from finetune.trainer.models.components import Components, load_components
@@ -74,18 +75,15 @@ class Trainer:
                 "spec.deepspeed.zeroStage: 3 is not supported by the trainer yet; use 2"
             )
         self.device = distributed.init(self.rank)
-        self.dtype = dtype_of(hp.mixed_precision)
+        self.precision = PrecisionPlan.of(spec)
+        self.dtype = self.precision.compute
         # Same seed on every rank while models are built, so adapters start equal.
         torch.manual_seed(hp.seed)
         self.components: Components = load_components(self.plan.model_folder)
         self.method: TrainingMethod = method_for(spec, self.components, self.plan.teacher_folder)
         self.module: TrainedModules = self.method.build()
+        self.precision.store_models(self._frozen_models(), self.device)
         c = self.components
-        frozen = [c.vae] + ([c.text_encoder] if self.module.text_encoder is None else [])
-        for part in frozen:
-            part.to(self.device).eval()
-            if self.dtype != torch.float32:
-                part.to(dtype=self.dtype)
         self.encoder = Encoder(
             c,
             self.device,
@@ -106,6 +104,10 @@ class Trainer:
             self._ensure_class_images,
         )
         self.method.attach(self.encoder)
+        # Only now: class images (above) are generated with the UNet as it was built.
+        self.precision.store_frozen(self.module)
+        if self.rank.main:
+            log.info(self.precision.describe(self.module, self._frozen_models()))
         self.engine, self.scheduler = start_engine(
             spec, self.module, self.method.parameter_groups(self.module), self.rank.world
         )
@@ -135,7 +137,7 @@ class Trainer:
             self.rank,
             self.device,
             spec.checkpointing.keep_last,
-            layout_for(spec, self.rank.world),
+            {**layout_for(spec, self.rank.world), **self.precision.layout()},
             # A local output is the local folder itself: nothing to copy there.
             open_store(self.plan.output_uri, self._s3()) if is_s3(self.plan.output_uri) else None,
             self.reporter.checkpoint if self.reporter is not None else None,
@@ -144,6 +146,11 @@ class Trainer:
         random.seed(hp.seed + self.rank.rank)
         np.random.seed((hp.seed + self.rank.rank) % 2**32)
         torch.manual_seed(hp.seed + self.rank.rank)
+
+    def _frozen_models(self) -> dict[str, torch.nn.Module]:
+        c = self.components
+        text_encoder = {"text encoder": c.text_encoder} if self.module.text_encoder is None else {}
+        return {"vae": c.vae, **text_encoder, **self.method.frozen_models()}
 
     def _s3(self) -> S3Settings:
         return S3Settings.of(self.spec.output)

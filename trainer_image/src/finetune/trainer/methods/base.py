@@ -118,6 +118,11 @@ class TrainingMethod(ABC):
         """Called after each optimizer step."""
         return
 
+    def frozen_models(self) -> dict[str, nn.Module]:
+        """Models of the method's own that only run (LCM's teacher), by name: the
+        precision plan stores them on the device in the compute dtype."""
+        return {}
+
     def checkpoint_state(self) -> dict[str, Any] | None:
         """State of the method's own to save with each checkpoint (identical on every rank)."""
         return None

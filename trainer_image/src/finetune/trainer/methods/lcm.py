@@ -96,8 +96,9 @@ class Distillation:
         self.previous_alphas_cumprod = previous
 
     def attach(self, encoder: Encoder) -> None:
+        # The teacher is on the device in this dtype already: the methods name it in
+        # `frozen_models`, and the precision plan stores it.
         self.device, self.dtype = encoder.device, encoder.dtype
-        self.teacher.to(self.device, self.dtype)
         for name in ("timesteps", "alphas_cumprod", "previous_alphas_cumprod"):
             setattr(self, name, getattr(self, name).to(self.device))
         self.unconditional = encoder.embeddings([""])
@@ -231,6 +232,9 @@ class Lcm(TrainingMethod):
             batch.latents, batch.text["encoder_hidden_states"], student, target, self.embed_dim
         )
 
+    def frozen_models(self) -> dict[str, torch.nn.Module]:
+        return {"teacher": self.distillation.teacher}  # the target keeps fp32 (attach)
+
     def after_step(self, module: TrainedModules) -> None:
         decay = self.spec.lcm.ema_decay if self.spec.lcm else 0.95
         with torch.no_grad():
@@ -265,6 +269,9 @@ class LcmLora(Lora):
 
     def attach(self, encoder: Encoder) -> None:
         self.distillation.attach(encoder)
+
+    def frozen_models(self) -> dict[str, torch.nn.Module]:
+        return {"teacher": self.distillation.teacher}
 
     def loss(self, engine: Any, batch: Batch, dtype: torch.dtype) -> torch.Tensor:
         d = self.distillation

@@ -150,6 +150,10 @@ def test_yaml_uses_camel_case_and_python_snake_case() -> None:
             lora_job(deepspeed={"config": {"bf16": {"enabled": True}}}),
             "spec.deepspeed.config.bf16: is set by the trainer; use training.mixedPrecision",
         ),
+        (
+            lora_job(deepspeed={"config": {"torch_autocast": {"enabled": True}}}),
+            "spec.deepspeed.config.torch_autocast: is set by the trainer; use training.mixedPrecision",
+        ),
     ],
 )
 def test_cross_field_rules_name_the_field(document: dict[str, Any], expected: str) -> None:

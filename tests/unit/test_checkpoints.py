@@ -138,6 +138,21 @@ def test_a_checkpoint_from_a_different_layout_is_refused(tmp_path: Path) -> None
     assert engine.loaded is None
 
 
+def test_a_checkpoint_of_another_trainer_version_is_refused_as_such(tmp_path: Path) -> None:
+    # Written in DeepSpeed's bf16 mode, before the precision plan recorded itself.
+    checkpoints, _ = run_checkpoints(tmp_path, layout={"ranks": 1, "spec.method": "lora"})
+    checkpoints.save(2)
+    layout = {"ranks": 1, "spec.method": "lora", "precisionPlan": "fp32-masters-autocast"}
+    other, engine = run_checkpoints(tmp_path, layout=layout)
+    with pytest.raises(
+        JobInputError,
+        match=r"written by another version of the trainer.*"
+        r"\(precisionPlan None -> fp32-masters-autocast\); finish the run with that version",
+    ):
+        other.resume()
+    assert engine.loaded is None
+
+
 def test_disk_full_while_saving_is_named(tmp_path: Path) -> None:
     folder = tmp_path / "step-00000004"
     with (

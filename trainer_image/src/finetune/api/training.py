@@ -443,6 +443,7 @@ _OWNED_DEEPSPEED_KEYS = {
     "zero_optimization.stage": "deepspeed.zeroStage",
     "bf16": "training.mixedPrecision",
     "fp16": "training.mixedPrecision",
+    "torch_autocast": "training.mixedPrecision",
     "train_batch_size": "training.batchSize",
     "train_micro_batch_size_per_gpu": "training.batchSize",
     "gradient_accumulation_steps": "training.gradientAccumulationSteps",

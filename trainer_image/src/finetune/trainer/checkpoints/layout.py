@@ -29,14 +29,26 @@ def layout_for(spec: TrainingSpec, world: int) -> dict[str, Any]:
     return {"ranks": world, **_flatten(fields, "spec")}
 
 
+def _user_settings(key: str) -> bool:
+    return key == "ranks" or key.startswith("spec.")
+
+
 def check_layout(found: Checkpoint, layout: dict[str, Any]) -> None:
-    """Refuse, naming each difference, a checkpoint written by a run laid out otherwise."""
+    """Refuse, naming each difference, a checkpoint written by a run laid out otherwise:
+    by other settings, or by a trainer that stored its state another way."""
     saved = layout_of(found)
-    if saved and saved != layout:
-        differences = ", ".join(
-            f"{k} {saved.get(k)} -> {v}" for k, v in layout.items() if saved.get(k) != v
-        )
+    if not saved or saved == layout:
+        return
+    changed = [k for k in layout if saved.get(k) != layout[k]]
+    changed += [k for k in saved if k not in layout]
+    differences = ", ".join(f"{k} {saved.get(k)} -> {layout.get(k)}" for k in changed)
+    if not any(_user_settings(k) for k in changed):
         raise JobInputError(
-            f"{found.folder}: this checkpoint was written by a run laid out differently ({differences}); "
-            "run with the same settings, or remove the checkpoints to start over"
+            f"{found.folder}: this checkpoint was written by another version of the trainer, "
+            f"which stored its state differently ({differences}); finish the run with that "
+            "version, or remove the checkpoints to start over"
         )
+    raise JobInputError(
+        f"{found.folder}: this checkpoint was written by a run laid out differently ({differences}); "
+        "run with the same settings, or remove the checkpoints to start over"
+    )

@@ -37,6 +37,12 @@ def tag_of(key: str) -> str:
     return parts[1] if len(parts) > 2 and parts[1].startswith("step-") else ""
 
 
+def durable_tags(keys: list[str]) -> list[str]:
+    """The checkpoints among the store's `keys` whose manifest is there, oldest first."""
+    manifests = (key for key in keys if key.endswith("/" + MANIFEST))
+    return sorted({tag_of(key) for key in manifests} - {""})
+
+
 class Replica:
     def __init__(
         self,
@@ -98,17 +104,22 @@ class Replica:
 
     # --- retention -----------------------------------------------------------------
 
-    def durable_tags(self) -> list[str]:
-        """The checkpoints whose manifest is in the store, oldest first."""
-        keys = (key for key, _ in self.store.keys(PREFIX) if key.endswith("/" + MANIFEST))
-        return sorted({tag_of(key) for key in keys} - {""})
+    def _keys(self) -> list[str]:
+        return [key for key, _ in self.store.keys(PREFIX)]
 
-    def delete_before(self, oldest_kept: str) -> None:
-        """Delete every checkpoint older than `oldest_kept` from the store."""
-        stale = [key for key, _ in self.store.keys(PREFIX) if "" < tag_of(key) < oldest_kept]
+    def retain(self, keep_last: int) -> str | None:
+        """Delete from the store every checkpoint older than the newest `keep_last`
+        durable ones, with one listing; the oldest tag kept, or None when none is deleted."""
+        keys = self._keys()
+        durable = durable_tags(keys)
+        if len(durable) <= keep_last:
+            return None
+        oldest_kept = durable[-keep_last]
+        stale = [key for key in keys if "" < tag_of(key) < oldest_kept]
         # The manifests first: a checkpoint half deleted is never taken for a good one.
         stale.sort(key=lambda key: not key.endswith("/" + MANIFEST))
         self.store.delete(stale)
+        return oldest_kept
 
     # --- resuming ------------------------------------------------------------------
 
@@ -116,7 +127,7 @@ class Replica:
         """Rank 0: the newest checkpoint in the store whose manifest parses and whose
         files all match it, fetched into the local folder (files already there with the
         right SHA-256 are not downloaded again)."""
-        for tag in reversed(self.durable_tags()):
+        for tag in reversed(durable_tags(self._keys())):
             found = self.fetch(tag)
             if found is not None:
                 return found

@@ -138,12 +138,13 @@ class RunCheckpoints:
         """Keep the newest `keep_last` checkpoints that count (and anything newer, which
         may still be saving or uploading); delete everything older, in the store and
         locally."""
-        counted = self.replica.durable_tags() if self.replica is not None else self._complete()
-        if len(counted) <= self.keep_last:
-            return
-        oldest_kept = counted[-self.keep_last]
         if self.replica is not None:
-            self.replica.delete_before(oldest_kept)
+            oldest_kept = self.replica.retain(self.keep_last)
+        else:
+            complete = self._complete()
+            oldest_kept = complete[-self.keep_last] if len(complete) > self.keep_last else None
+        if oldest_kept is None:
+            return
         for folder in self._folders():
             if folder.name < oldest_kept:
                 shutil.rmtree(folder, ignore_errors=True)

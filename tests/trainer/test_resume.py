@@ -9,12 +9,14 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from finetune.trainer.engine.trainer import CRASH_AFTER_STEP_ENV
+from finetune.trainer.engine.zero import device_memory
 from tests.trainer.jobs import FINETUNE, finetune_run, job_file, train_log
 
 pytestmark = pytest.mark.slow
@@ -198,6 +200,13 @@ def test_a_bf16_run_trains_fp32_masters_and_resumes(
     plan = next(line for line in first.stderr.splitlines() if "precision plan" in line)
     assert "precision plan (bf16, forward under autocast): trained: 64 float32; " in plan
     assert "frozen in the trained modules: 208 bfloat16; vae: 124 bfloat16" in plan
+    # A tiny model's training state fits anywhere: the optimizer steps it directly.
+    zero = next(line for line in first.stderr.splitlines() if "ZeRO stage" in line)
+    assert zero.endswith(
+        "fit in half of this rank's share of host memory's "
+        f"{device_memory(torch.device('cpu'), ranks_on_node=2) / 2**30:.1f} GiB; the optimizer steps the weights directly"
+    )
+    assert "ZeRO stage 0: trained weights with their gradients and Adam state 0.00 GiB" in zero
 
     spec["training"]["maxSteps"] = 4
     resumed = finetune_run(job_file(tmp_path, tiny_model, disc_images, **spec))
@@ -206,3 +215,24 @@ def test_a_bf16_run_trains_fp32_masters_and_resumes(
     weights = lora_weights(tmp_path / "out")
     assert {w.dtype for w in weights.values()} == {torch.float32}
     assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_a_run_left_to_choose_its_zero_stage_resumes_under_its_checkpoints_stage(
+    tmp_path: Path, tiny_model: Path, disc_images: Path
+) -> None:
+    """A checkpoint's optimizer state is laid out for its ZeRO stage: a run that leaves
+    the stage to the trainer goes on under the checkpoint's, and says why."""
+    spec: dict[str, Any] = {
+        "training": {"maxSteps": 2},
+        "checkpointing": {"everyNSteps": 2},
+        "deepspeed": {"zeroStage": 2},
+    }
+    first = finetune_run(job_file(tmp_path, tiny_model, disc_images, **spec))
+    assert "ZeRO stage 2: set by spec.deepspeed.zeroStage" in first.stderr
+
+    spec["training"]["maxSteps"] = 4
+    del spec["deepspeed"]
+    resumed = finetune_run(job_file(tmp_path, tiny_model, disc_images, **spec))
+    assert "ZeRO stage 2: the checkpoint being resumed was written under ZeRO-2" in resumed.stderr
+    assert "step-00000002 (step 2)" in resumed.stderr
+    assert lora_weights(tmp_path / "out"), "the run finished with its weights"

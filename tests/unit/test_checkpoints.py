@@ -48,26 +48,28 @@ class NoState:
         return None
 
 
-def run_checkpoints(
+def start_run(
     root: Path,
     replica: Store | None = None,
     keep_last: int = 3,
     reported: list[tuple[str, int]] | None = None,
     layout: dict[str, Any] | None = None,
-) -> tuple[RunCheckpoints, FakeEngine]:
-    engine = FakeEngine()
+    engine: FakeEngine | None = None,
+) -> tuple[RunCheckpoints, FakeEngine, int]:
+    """A run's checkpoints as a run starts them: the newest found and resumed from; the
+    step it goes on from."""
+    engine = engine or FakeEngine()
     state = TrainingState(engine, NoState(), NoState(), None)  # type: ignore[arg-type]
     checkpoints = RunCheckpoints(
         root,
-        state,
         Rank(0, 0, 1),
         torch.device("cpu"),
         keep_last,
-        layout or {"ranks": 1},
         replica,
         (lambda where, step: reported.append((where, step))) if reported is not None else None,
     )
-    return checkpoints, engine
+    step = checkpoints.resume(checkpoints.newest(), state, layout or {"ranks": 1})
+    return checkpoints, engine, step
 
 
 def make_checkpoint(root: Path, step: int, complete: bool = True) -> Path:
@@ -98,15 +100,15 @@ def test_no_checkpoint_means_a_fresh_start(tmp_path: Path) -> None:
     assert manifest.latest(tmp_path / "missing") is None
     make_checkpoint(tmp_path, 5, complete=False)
     assert manifest.latest(tmp_path) is None
-    checkpoints, engine = run_checkpoints(tmp_path)
-    assert checkpoints.resume() == 0
+    _, engine, step = start_run(tmp_path)
+    assert step == 0
     assert engine.loaded is None
 
 
 def test_a_local_output_keeps_the_newest_complete_checkpoints_and_resumes(tmp_path: Path) -> None:
     root = tmp_path / "checkpoints"
     reported: list[tuple[str, int]] = []
-    checkpoints, _ = run_checkpoints(root, keep_last=2, reported=reported)
+    checkpoints, _, _ = start_run(root, keep_last=2, reported=reported)
     for step in (1, 2):
         checkpoints.save(step)
     make_checkpoint(root, 5, complete=False)  # being written right now: kept
@@ -122,34 +124,34 @@ def test_a_local_output_keeps_the_newest_complete_checkpoints_and_resumes(tmp_pa
     assert document["layout"] == {"ranks": 1}
     assert [e["path"] for e in document["files"]] == ["model.pt", "rng-rank0000.pt"]
 
-    again, engine = run_checkpoints(root)
-    assert again.resume() == 4
+    _, engine, step = start_run(root)
+    assert step == 4
     assert engine.loaded == "step-00000004"
 
 
 def test_a_checkpoint_from_a_different_layout_is_refused(tmp_path: Path) -> None:
-    checkpoints, _ = run_checkpoints(tmp_path, layout={"ranks": 2})
+    checkpoints, _, _ = start_run(tmp_path, layout={"ranks": 2})
     checkpoints.save(2)
-    other, engine = run_checkpoints(tmp_path, layout={"ranks": 1})
+    engine = FakeEngine()
     with pytest.raises(
         JobInputError, match=r"step-00000002: .* laid out differently \(ranks 2 -> 1\)"
     ):
-        other.resume()
+        start_run(tmp_path, layout={"ranks": 1}, engine=engine)
     assert engine.loaded is None
 
 
 def test_a_checkpoint_of_another_trainer_version_is_refused_as_such(tmp_path: Path) -> None:
     # Written in DeepSpeed's bf16 mode, before the precision plan recorded itself.
-    checkpoints, _ = run_checkpoints(tmp_path, layout={"ranks": 1, "spec.method": "lora"})
+    checkpoints, _, _ = start_run(tmp_path, layout={"ranks": 1, "spec.method": "lora"})
     checkpoints.save(2)
     layout = {"ranks": 1, "spec.method": "lora", "precisionPlan": "fp32-masters-autocast"}
-    other, engine = run_checkpoints(tmp_path, layout=layout)
+    engine = FakeEngine()
     with pytest.raises(
         JobInputError,
         match=r"written by another version of the trainer.*"
         r"\(precisionPlan None -> fp32-masters-autocast\); finish the run with that version",
     ):
-        other.resume()
+        start_run(tmp_path, layout=layout, engine=engine)
     assert engine.loaded is None
 
 
@@ -173,7 +175,7 @@ def test_checkpoints_become_durable_in_order_and_are_retained(
     store = moto.store(BUCKET)
     reported: list[tuple[str, int]] = []
     root = tmp_path / "checkpoints"
-    checkpoints, _ = run_checkpoints(root, store, keep_last=2, reported=reported)
+    checkpoints, _, _ = start_run(root, store, keep_last=2, reported=reported)
     for step in (2, 4, 6):
         checkpoints.save(step)
         checkpoints.poll()
@@ -188,8 +190,8 @@ def test_checkpoints_become_durable_in_order_and_are_retained(
     assert checkpoints.uploads.bytes_sent > 0
 
     # A fresh machine: the newest durable checkpoint comes back from S3.
-    fresh, engine = run_checkpoints(tmp_path / "fresh", store)
-    assert fresh.resume() == 6
+    _, engine, step = start_run(tmp_path / "fresh", store)
+    assert step == 6
     assert engine.loaded == "step-00000006"
     folder = tmp_path / "fresh" / "step-00000006"
     assert (folder / "model.pt").read_bytes() == bytes([6]) * 100
@@ -203,15 +205,15 @@ def test_a_corrupt_object_falls_back_to_the_previous_checkpoint(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     store = moto.store(BUCKET)
-    checkpoints, _ = run_checkpoints(tmp_path / "checkpoints", store)
+    checkpoints, _, _ = start_run(tmp_path / "checkpoints", store)
     for step in (2, 4):
         checkpoints.save(step)
     checkpoints.finish()
     damaged = tmp_path / "damaged"
     damaged.write_bytes(b"\xff" * 100)  # same size, other bytes
     store.put_file(damaged, "checkpoints/step-00000004/model.pt")
-    fresh, _ = run_checkpoints(tmp_path / "fresh", store)
-    assert fresh.resume() == 2
+    _, _, step = start_run(tmp_path / "fresh", store)
+    assert step == 2
     assert "s3://runs/job/checkpoints/step-00000004/model.pt does not match" in caplog.text
 
 
@@ -219,10 +221,10 @@ def test_a_corrupt_object_falls_back_to_the_previous_checkpoint(
 def test_a_checkpoint_without_manifest_is_never_used(moto: Moto, tmp_path: Path) -> None:  # noqa: F811
     store = moto.store(BUCKET)
     root = tmp_path / "checkpoints"
-    checkpoints, _ = run_checkpoints(root, store)
+    checkpoints, _, _ = start_run(root, store)
     checkpoints.save(2)
     checkpoints.finish()
     make_checkpoint(root, 4, complete=False)  # as if killed mid-upload: files, no manifest
     store.put_file(root / "step-00000004" / "model.pt", "checkpoints/step-00000004/model.pt")
-    fresh, _ = run_checkpoints(tmp_path / "x", store)
-    assert fresh.resume() == 2
+    _, _, step = start_run(tmp_path / "x", store)
+    assert step == 2

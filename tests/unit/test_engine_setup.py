@@ -30,7 +30,7 @@ def test_deepspeed_config_follows_the_job() -> None:
             },
         )
     ).spec.training_spec()
-    config = deepspeed_config(spec, world=4)
+    config = deepspeed_config(spec, world=4, stage=1, device=torch.device("cpu"))
     assert config["train_batch_size"] == 3 * 2 * 4
     assert config["train_micro_batch_size_per_gpu"] == 3
     assert config["gradient_clipping"] == 0.5
@@ -46,7 +46,7 @@ def test_the_optimizer_starts_at_the_methods_default_learning_rate(
 ) -> None:
     spec = FineTuneJob.model_validate(lora_job(method=method)).spec.training_spec()
     weights = torch.nn.Parameter(torch.zeros(2))
-    optimizer = make_optimizer(spec, [{"params": [weights]}])
+    optimizer = make_optimizer(spec, [{"params": [weights]}], torch.device("cpu"))
     assert optimizer.param_groups[0]["lr"] == learning_rate
 
 

@@ -74,7 +74,7 @@ def test_without_bf16_nothing_is_recast(precision: str, tiny_model: Path) -> Non
     [("bf16", True, False), ("fp16", False, True), ("no", False, False)],
 )
 def test_deepspeed_is_told_the_plan(precision: str, autocast: bool, fp16: bool) -> None:
-    config = deepspeed_config(spec_of("lora", precision), world=2)
+    config = deepspeed_config(spec_of("lora", precision), 2, 0, torch.device("cpu"))
     # Never DeepSpeed's bf16 mode: its per-parameter fp32 copies are the GPU cost.
     assert config["bf16"] == {"enabled": False}
     assert config["fp16"]["enabled"] is fp16

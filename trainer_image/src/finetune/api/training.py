@@ -227,6 +227,23 @@ class Hyperparameters(ApiModel):
     gradient_checkpointing: bool = Field(
         default=False, description="Recompute activations in backward to save memory."
     )
+    compile: bool = Field(
+        default=False,
+        description=(
+            "Compile the UNet with `torch.compile`: faster steps after a first step that "
+            "compiles (its time is logged apart). Samples compile once more."
+        ),
+    )
+    channels_last: bool = Field(
+        default=False, description="Store the UNet's convolution weights channels-last (GPU)."
+    )
+    allow_tf32: bool = Field(
+        default=True,
+        description=(
+            "TF32 for the matmuls and convolutions that run in fp32 on Ampere or newer GPUs; "
+            "off for bit-exact fp32."
+        ),
+    )
     train_text_encoder: bool = Field(
         default=False,
         description=(
@@ -454,7 +471,17 @@ _OWNED_DEEPSPEED_KEYS = {
 class DeepSpeedSpec(ApiModel):
     """DeepSpeed ZeRO settings."""
 
-    zero_stage: int = Field(default=2, ge=0, le=3, description="ZeRO stage 0-3.")
+    zero_stage: int | None = Field(
+        default=None,
+        ge=0,
+        le=3,
+        description=(
+            "ZeRO stage 0-2. Unset: chosen per run and logged with its reason: 0 (fastest) "
+            "when the trained weights, their gradients and Adam state plus the frozen weights "
+            "take at most half of a GPU's memory, else 2; 2 with `offloadOptimizer`; a "
+            "resumed run keeps its checkpoint's stage."
+        ),
+    )
     offload_optimizer: bool = Field(
         default=False, description="Keep optimizer state in CPU memory (ZeRO 1-3)."
     )
@@ -471,7 +498,7 @@ class DeepSpeedSpec(ApiModel):
         problems = []
         if self.offload_parameters and self.zero_stage != 3:
             problems.append(Problem("offloadParameters", "needs zeroStage 3"))
-        if self.offload_optimizer and self.zero_stage == 0:
+        if self.offload_optimizer and self.zero_stage == 0:  # unset: the trainer picks 2
             problems.append(Problem("offloadOptimizer", "needs zeroStage 1, 2 or 3"))
         raw = self.config or {}
         for key, instead in _OWNED_DEEPSPEED_KEYS.items():

@@ -21,22 +21,41 @@ def _flatten(value: Any, prefix: str) -> dict[str, Any]:
     return {prefix: value}
 
 
-def layout_for(spec: TrainingSpec, world: int) -> dict[str, Any]:
+# Where checkpoints before the stage could be left to the trainer recorded it.
+_SPEC_ZERO_STAGE = "spec.deepspeed.zeroStage"
+
+
+def layout_for(spec: TrainingSpec, world: int, zero_stage: int) -> dict[str, Any]:
+    """`zero_stage`: the stage the run trains under, whether the job set it or not."""
     fields = spec.model_dump(mode="json", by_alias=True, exclude_none=True)
     fields["training"].pop("maxSteps", None)
+    fields["deepspeed"].pop("zeroStage", None)
     for changeable in CHANGEABLE:
         fields.pop(changeable, None)
-    return {"ranks": world, **_flatten(fields, "spec")}
+    return {"ranks": world, "zeroStage": zero_stage, **_flatten(fields, "spec")}
+
+
+def _saved_layout(found: Checkpoint) -> dict[str, Any]:
+    saved = layout_of(found)
+    if _SPEC_ZERO_STAGE in saved:
+        saved["zeroStage"] = saved.pop(_SPEC_ZERO_STAGE)
+    return saved
+
+
+def zero_stage_of(found: Checkpoint) -> int | None:
+    """The ZeRO stage `found` was written under (its optimizer state is laid out so)."""
+    stage = _saved_layout(found).get("zeroStage")
+    return int(stage) if stage is not None else None
 
 
 def _user_settings(key: str) -> bool:
-    return key == "ranks" or key.startswith("spec.")
+    return key in ("ranks", "zeroStage") or key.startswith("spec.")
 
 
 def check_layout(found: Checkpoint, layout: dict[str, Any]) -> None:
     """Refuse, naming each difference, a checkpoint written by a run laid out otherwise:
     by other settings, or by a trainer that stored its state another way."""
-    saved = layout_of(found)
+    saved = _saved_layout(found)
     if not saved or saved == layout:
         return
     changed = [k for k in layout if saved.get(k) != layout[k]]

@@ -50,29 +50,34 @@ class NoUploads:
 
 
 class RunCheckpoints:
+    """Made before the engine: the newest checkpoint's layout decides how the engine is
+    set up (its ZeRO stage). From `resume` on, the checkpoints of `state`."""
+
     def __init__(
         self,
         root: Path,
-        state: TrainingState,
         rank: distributed.Rank,
         device: torch.device,
         keep_last: int,
-        layout: dict[str, Any],
         replica: Store | None = None,
         report: Callable[[str, int], None] | None = None,
     ) -> None:
-        """`layout`: what a resuming run must share with this one; `replica`: the
-        remote output's store; `report(where, step)`: a checkpoint counts."""
+        """`replica`: the remote output's store; `report(where, step)`: a checkpoint counts."""
         self.root = root
-        self.state = state
         self.rank = rank
         self.device = device
         self.keep_last = keep_last
-        self.layout = layout
         self.report = report
         self.replica = (
             Replica(replica, root, rank, device, self._durable) if replica is not None else None
         )
+        self._state: TrainingState | None = None
+        self.layout: dict[str, Any] = {}
+
+    @property
+    def state(self) -> TrainingState:
+        assert self._state is not None, "resume() comes before the first save"
+        return self._state
 
     # --- saving --------------------------------------------------------------------
 
@@ -159,19 +164,19 @@ class RunCheckpoints:
 
     # --- resuming ------------------------------------------------------------------
 
-    def resume(self) -> int:
-        """On every rank: the step to go on from, with the state of the newest valid
-        checkpoint loaded; 0 when there is none."""
-        found = self._newest()
+    def resume(self, found: Checkpoint | None, state: TrainingState, layout: dict[str, Any]) -> int:
+        """On every rank: the step to go on from, with `found` (from `newest`) loaded into
+        `state`, or 0 when there is none. `layout`: what it must share with this run."""
+        self._state, self.layout = state, layout
         if found is None:
             return 0
-        check_layout(found, self.layout)
-        self.state.load(self.root, found.tag, self.rank.rank, self.device)
+        check_layout(found, layout)
+        state.load(self.root, found.tag, self.rank.rank, self.device)
         if self.rank.main:
             log.info("resumed from %s (step %d)", found.folder, found.step)
         return found.step
 
-    def _newest(self) -> Checkpoint | None:
+    def newest(self) -> Checkpoint | None:
         """Rank 0's pick, on every rank: with a replica the newest checkpoint there
         (fetched into the local folder); else the newest local one that verifies."""
         found: Checkpoint | None = distributed.broadcast(

@@ -15,6 +15,8 @@ from torch import nn
 
 from finetune.api.training import Optimizer, TrainingSpec
 from finetune.trainer.engine.precision import PrecisionPlan
+from finetune.trainer.engine.speed import fused_optimizer
+from finetune.trainer.engine.zero import zero2_tuning
 from finetune.trainer.errors import JobInputError
 
 
@@ -29,9 +31,11 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def deepspeed_config(spec: TrainingSpec, world: int) -> dict[str, Any]:
+def deepspeed_config(
+    spec: TrainingSpec, world: int, stage: int, device: torch.device
+) -> dict[str, Any]:
     hp, ds = spec.training, spec.deepspeed
-    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    zero: dict[str, Any] = {"stage": stage, **(zero2_tuning(device) if stage == 2 else {})}
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     config = {
@@ -65,26 +69,33 @@ def check_optimizer(spec: TrainingSpec) -> None:
         _bitsandbytes()
 
 
-def make_optimizer(spec: TrainingSpec, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+def make_optimizer(
+    spec: TrainingSpec, groups: list[dict[str, Any]], device: torch.device
+) -> torch.optim.Optimizer:
     hp = spec.training
     # A validated spec always has one: the method's default when the job names none.
     assert hp.learning_rate is not None, "TrainingSpec resolves the method's learning rate"
-    optimizer = (
-        _bitsandbytes().optim.AdamW8bit
-        if hp.optimizer == Optimizer.ADAMW_8BIT
-        else torch.optim.AdamW
-    )
-    return optimizer(
-        groups,
-        lr=hp.learning_rate,
-        betas=(hp.adam_beta1, hp.adam_beta2),
-        weight_decay=hp.adam_weight_decay,
-        eps=hp.adam_epsilon,
-    )
+    settings: dict[str, Any] = {
+        "lr": hp.learning_rate,
+        "betas": (hp.adam_beta1, hp.adam_beta2),
+        "weight_decay": hp.adam_weight_decay,
+        "eps": hp.adam_epsilon,
+    }
+    if hp.optimizer == Optimizer.ADAMW_8BIT:
+        return _bitsandbytes().optim.AdamW8bit(groups, **settings)  # type: ignore[no-any-return]
+    # Offloaded, the state and so the step are on the CPU. None, not False, otherwise:
+    # torch picks its multi-tensor (foreach) step only when `fused` is left unset.
+    fused = fused_optimizer(device) and not spec.deepspeed.offload_optimizer
+    return torch.optim.AdamW(groups, **settings, fused=True if fused else None)
 
 
 def start_engine(
-    spec: TrainingSpec, module: nn.Module, groups: list[dict[str, Any]], world: int
+    spec: TrainingSpec,
+    module: nn.Module,
+    groups: list[dict[str, Any]],
+    world: int,
+    stage: int,
+    device: torch.device,
 ) -> tuple[Any, Any]:
     """The DeepSpeed engine that trains `module`, and its learning-rate scheduler."""
     import deepspeed
@@ -104,8 +115,8 @@ def start_engine(
 
     engine, _, _, lr_scheduler = deepspeed.initialize(
         model=module,
-        optimizer=make_optimizer(spec, groups),
+        optimizer=make_optimizer(spec, groups, device),
         lr_scheduler=scheduler,
-        config=deepspeed_config(spec, world),
+        config=deepspeed_config(spec, world, stage, device),
     )
     return engine, lr_scheduler

@@ -18,7 +18,7 @@ import torch
 
 from finetune.api.common import is_s3
 from finetune.api.pod import EXIT_INTERRUPTED, EXIT_OK
-from finetune.trainer.checkpoints.layout import layout_for
+from finetune.trainer.checkpoints.layout import layout_for, zero_stage_of
 from finetune.trainer.checkpoints.run_checkpoints import RunCheckpoints
 from finetune.trainer.checkpoints.state import TrainingState
 from finetune.trainer.data.batches import open_batches
@@ -26,6 +26,8 @@ from finetune.trainer.data.encoding import Encoder
 from finetune.trainer.engine.deepspeed_setup import start_engine
 from finetune.trainer.engine.plan import RunPlan
 from finetune.trainer.engine.precision import PrecisionPlan
+from finetune.trainer.engine.speed import CompileReport, prepare_unet, set_matmul_precision
+from finetune.trainer.engine.zero import ZeroChoice, choose_stage, device_memory, weight_bytes
 from finetune.trainer.errors import JobInputError, NonFiniteLoss
 from finetune.trainer.methods import TrainedModules, TrainingMethod, method_for
 from finetune.trainer.models.components import Components, load_components
@@ -106,11 +108,30 @@ class Trainer:
         self.method.attach(self.encoder)
         # Only now: class images (above) are generated with the UNet as it was built.
         self.precision.store_frozen(self.module)
-        if self.rank.main:
-            log.info(self.precision.describe(self.module, self._frozen_models()))
-        self.engine, self.scheduler = start_engine(
-            spec, self.module, self.method.parameter_groups(self.module), self.rank.world
+        prepare_unet(hp, self.module)
+        set_matmul_precision(hp, self.device)
+        self.checkpoints = RunCheckpoints(
+            self.plan.work_dir / "checkpoints",
+            self.rank,
+            self.device,
+            spec.checkpointing.keep_last,
+            # A local output is the local folder itself: nothing to copy there.
+            open_store(self.plan.output_uri, self._s3()) if is_s3(self.plan.output_uri) else None,
+            self.reporter.checkpoint if self.reporter is not None else None,
         )
+        self.found = self.checkpoints.newest()
+        self.zero = self._zero_stage()
+        self.engine, self.scheduler = start_engine(
+            spec,
+            self.module,
+            self.method.parameter_groups(self.module),
+            self.rank.world,
+            self.zero.stage,
+            self.device,
+        )
+        if self.rank.main:  # read back from the engine: what it trains is what is logged
+            log.info(self.precision.describe(self.engine.module, self._frozen_models()))
+            log.info(self.zero.describe())
         self.sampler = Sampler(
             spec,
             self.plan.work_dir,
@@ -131,21 +152,35 @@ class Trainer:
             shadow = [p.detach().float().clone() for p in self.module.unet.parameters()]
             self.ema = EMAModel(shadow, decay=hp.ema.decay)
             self.ema.to(self.device)
-        self.checkpoints = RunCheckpoints(
-            self.plan.work_dir / "checkpoints",
-            TrainingState(self.engine, self.batches, self.method, self.ema),
-            self.rank,
-            self.device,
-            spec.checkpointing.keep_last,
-            {**layout_for(spec, self.rank.world), **self.precision.layout()},
-            # A local output is the local folder itself: nothing to copy there.
-            open_store(self.plan.output_uri, self._s3()) if is_s3(self.plan.output_uri) else None,
-            self.reporter.checkpoint if self.reporter is not None else None,
-        )
         # Each rank draws its own noise from here on.
         random.seed(hp.seed + self.rank.rank)
         np.random.seed((hp.seed + self.rank.rank) % 2**32)
         torch.manual_seed(hp.seed + self.rank.rank)
+
+    def _zero_stage(self) -> ZeroChoice:
+        state_bytes, frozen_bytes = weight_bytes(self.module, self._frozen_models().values())
+        ranks_on_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        return choose_stage(
+            self.spec.deepspeed.zero_stage,
+            resumed=zero_stage_of(self.found) if self.found is not None else None,
+            offload_optimizer=self.spec.deepspeed.offload_optimizer,
+            state_bytes=state_bytes,
+            frozen_bytes=frozen_bytes,
+            memory=device_memory(self.device, ranks_on_node),
+            world=self.rank.world,
+            where="the GPU" if self.device.type == "cuda" else "this rank's share of host memory",
+        )
+
+    def _resume(self) -> int:
+        """The step to go on from: the newest checkpoint loaded, or 0."""
+        return self.checkpoints.resume(
+            self.found,
+            TrainingState(self.engine, self.batches, self.method, self.ema),
+            {
+                **layout_for(self.spec, self.rank.world, self.zero.stage),
+                **self.precision.layout(),
+            },
+        )
 
     def _frozen_models(self) -> dict[str, torch.nn.Module]:
         c = self.components
@@ -188,7 +223,7 @@ class Trainer:
         # a checkpoint is fetched ends the process at once (`Stopped`, exit 130).
         with self.stop.interruptible():
             self._setup()
-            step = self.checkpoints.resume()
+            step = self._resume()
         hp = self.spec.training
         interval = self.spec.checkpointing.every_n_steps
         assert interval is not None, "TrainingSpec resolves the checkpoint interval"
@@ -202,12 +237,14 @@ class Trainer:
             hp.max_steps,
             step,
         )
+        compiling = CompileReport(hp.compile, self.rank.main)
         last_loss: float | None = None
         self.engine.train()
         while step < hp.max_steps:
             record = self._train_step(step)
             step, last_loss = record.step, record.loss
             telemetry.step(record)
+            compiling.step_done(record.step, record.seconds)
             # A stop asked for on the last step lets the job finish instead.
             stopping = (
                 distributed.any_rank(self.stop.requested, self.device) and step < hp.max_steps

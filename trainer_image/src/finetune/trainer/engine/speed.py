@@ -1,0 +1,53 @@
+"""Speed settings beyond the bare loop: TF32 matmuls, channels-last convolutions, fused
+AdamW and `torch.compile` of the UNet. Each is a GPU matter; on CPUs they are left off
+(or cost nothing), so CPU runs stay the reference the tests compare against."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from finetune.api.training import Hyperparameters
+from finetune.trainer.methods import TrainedModules
+
+log = logging.getLogger(__name__)
+
+
+def set_matmul_precision(hp: Hyperparameters, device: torch.device) -> None:
+    """TF32 for the matmuls and convolutions that run in fp32 (Ampere or newer)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = hp.allow_tf32
+        torch.backends.cudnn.allow_tf32 = hp.allow_tf32
+
+
+def fused_optimizer(device: torch.device) -> bool:
+    """AdamW's one-kernel-per-step implementation, where every trained tensor is a GPU's."""
+    return device.type == "cuda"
+
+
+def prepare_unet(hp: Hyperparameters, module: TrainedModules) -> None:
+    """Lay out and compile the UNet in place, before the engine wraps it: its parameter
+    names (and so checkpoints and outputs) stay as they are."""
+    if hp.channels_last:
+        module.unet.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    if hp.compile:
+        module.unet.compile()
+
+
+class CompileReport:
+    """Logs, once, how long the first step took when the UNet is compiled: compilation
+    happens inside it, so it is reported apart from the step time the ETA is made of."""
+
+    def __init__(self, enabled: bool, main: bool) -> None:
+        self._pending = enabled and main
+
+    def step_done(self, step: int, seconds: float) -> None:
+        if self._pending:
+            self._pending = False
+            log.info(
+                "torch.compile: step %d took %.1f s, compiling the UNet included; "
+                "later steps run the compiled code",
+                step,
+                seconds,
+            )

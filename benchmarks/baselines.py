@@ -149,11 +149,11 @@ def timed(
     """Run `step(i)` (which returns the loss) `steps` times with AdamW over `params`,
     then `after()` (a method's own update) in each step's time."""
     import torch
+    from torch.utils.flop_counter import FlopCounterMode
 
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
-    times = []
-    for index in range(steps):
-        started = time.perf_counter()
+
+    def one_step(index: int) -> None:
         loss = step(index)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -162,13 +162,29 @@ def timed(
         if after is not None:
             after()
         float(loss.detach())  # wait for the step, as ours does when it logs the loss
+
+    times = []
+    for index in range(steps):
+        started = time.perf_counter()
+        one_step(index)
         times.append(time.perf_counter() - started)
     peak = (
         torch.cuda.max_memory_allocated()
         if models.device.type == "cuda"
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     )
-    return {"step_seconds": statistics.median(times[WARMUP_STEPS:]), "peak_bytes": peak}
+    # One more, untimed step counts the work (matmuls and convolutions, forward and
+    # backward) that model FLOPs utilisation divides by the step time.
+    with FlopCounterMode(display=False) as counter:
+        one_step(steps)
+    return {
+        "step_seconds": statistics.median(times[WARMUP_STEPS:]),
+        "peak_bytes": peak,
+        "flops_per_step": counter.get_total_flops(),
+        "device": torch.cuda.get_device_name(models.device)
+        if models.device.type == "cuda"
+        else "cpu",
+    }
 
 
 def add_lora(unet: Any, rank: int, targets: list[str]) -> None:

@@ -12,6 +12,13 @@ and text embeddings; Custom Diffusion's augmentation and LCM's dataset encode ev
 in both. Reported: median step time after warm-up, the ratio (goal: at most 1.05),
 images per second, and peak memory (GPU memory on a GPU, resident set size on a CPU), as
 JSON on stdout and in OUT/results-SIZE-METHOD.json.
+
+Model FLOPs utilisation (MFU): the FLOPs of one baseline step, counted with
+`torch.utils.flop_counter.FlopCounterMode` (the same work as one of ours), divided by
+each side's step time and by the GPU's dense bf16 peak (`PEAK_BF16_TFLOPS`, or
+`--peak-tflops`); on a CPU only the achieved TFLOP/s are reported. `--training` adds
+settings to our job's `spec.training` (e.g. `{"compile": true}`); the first step of ours,
+which compiles, is reported apart as `first_step_seconds`.
 """
 
 from __future__ import annotations
@@ -38,6 +45,19 @@ from baselines import (  # benchmarks/ is on the path when this file runs as a s
 )
 
 METHODS = ("lora", "dreambooth", "customDiffusion", "lcm", "lcmLora")
+# Dense bf16 tensor-core peaks from the vendors' data sheets (SXM parts), in TFLOP/s.
+PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0}
+
+
+def peak_tflops(device: str, given: float | None) -> float | None:
+    if given is not None:
+        return given
+    return next((peak for name, peak in PEAK_BF16_TFLOPS.items() if name in device), None)
+
+
+def utilisation(flops: float, seconds: float, peak: float | None) -> dict[str, Any]:
+    achieved = flops / seconds / 1e12
+    return {"achieved_tflops": achieved, "mfu": achieved / peak if peak else None}
 
 
 def method_spec(method: str, model: Path, images: Path) -> dict[str, Any]:
@@ -69,6 +89,7 @@ def ours(
     bf16: bool,
     out: Path,
     deepspeed: dict[str, Any],
+    training: dict[str, Any],
 ) -> dict[str, Any]:
     spec = method_spec(method, model, images)
     job = {
@@ -85,6 +106,7 @@ def ours(
                 "batchSize": batch,
                 "learningRate": 1e-4,
                 "mixedPrecision": "bf16" if bf16 else "no",
+                **training,
             },
             "checkpointing": {"everyNSteps": steps},
             "deepspeed": deepspeed,
@@ -102,7 +124,11 @@ def ours(
     ]
     step_seconds = [entry["stepSeconds"] for entry in log[WARMUP_STEPS:]]
     peak = max(entry.get("gpuMemoryPeakBytes", entry["rssPeakBytes"]) for entry in log)
-    return {"step_seconds": statistics.median(step_seconds), "peak_bytes": peak}
+    return {
+        "step_seconds": statistics.median(step_seconds),
+        "first_step_seconds": log[0]["stepSeconds"],
+        "peak_bytes": peak,
+    }
 
 
 def main() -> None:
@@ -118,6 +144,10 @@ def main() -> None:
     parser.add_argument(
         "--deepspeed", type=json.loads, default={}, help="the job's spec.deepspeed, as JSON"
     )
+    parser.add_argument(
+        "--training", type=json.loads, default={}, help="added to our spec.training, as JSON"
+    )
+    parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak")
     parser.add_argument("--baseline-in-process", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -155,7 +185,10 @@ def main() -> None:
         args.bf16,
         out,
         args.deepspeed,
+        args.training,
     )
+    peak = peak_tflops(baseline["device"], args.peak_tflops)
+    flops = baseline["flops_per_step"]
     results = {
         "size": args.size,
         "method": args.method,
@@ -163,16 +196,23 @@ def main() -> None:
         "resolution": args.resolution,
         "bf16": args.bf16,
         "deepspeed": args.deepspeed,
-        "baseline": {**baseline, "images_per_second": args.batch / baseline["step_seconds"]},
-        "ours": {**mine, "images_per_second": args.batch / mine["step_seconds"]},
+        "training": args.training,
+        "peak_bf16_tflops": peak,
+        "baseline": {
+            **baseline,
+            "images_per_second": args.batch / baseline["step_seconds"],
+            **utilisation(flops, baseline["step_seconds"], peak),
+        },
+        "ours": {
+            **mine,
+            "images_per_second": args.batch / mine["step_seconds"],
+            **utilisation(flops, mine["step_seconds"], peak),
+        },
         "step_time_ratio": mine["step_seconds"] / baseline["step_seconds"],
         "peak_memory_ratio": mine["peak_bytes"] / baseline["peak_bytes"],
     }
-    tag = (
-        ""
-        if not args.deepspeed
-        else "-" + "-".join(f"{k}{v}" for k, v in args.deepspeed.items() if not isinstance(v, dict))
-    )
+    settings = {**args.deepspeed, **args.training}
+    tag = "".join(f"-{k}{v}" for k, v in settings.items() if not isinstance(v, dict))
     (out / f"results-{args.size}-{args.method}{tag}.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
 

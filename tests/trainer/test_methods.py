@@ -1,5 +1,6 @@
-"""Each method trains with 2 processes under DeepSpeed ZeRO-2 on CPU, and its output
-loads through the public diffusers API and changes the images the pipeline makes."""
+"""Each method trains with 2 processes under DeepSpeed on CPU (at the ZeRO stage the
+trainer picks: 0 for a tiny model), and its output loads through the public diffusers
+API and changes the images the pipeline makes."""
 
 from __future__ import annotations
 

@@ -64,3 +64,20 @@ def test_a_step_record_reports_the_measured_seconds_and_the_speed_from_them(
     labels = {"job": "job", "namespace": "default", "method": "lora", "rank": "0"}
     seconds = metrics.registry.get_sample_value("finetune_step_duration_seconds_sum", labels)
     assert seconds == 0.3  # the very seconds measured, not turned into speed and back
+
+
+@pytest.mark.parametrize(
+    ("device", "offload", "fused"),
+    [("cuda", False, True), ("cuda", True, None), ("cpu", False, None)],
+)
+def test_adamw_is_fused_where_the_weights_and_its_state_are_on_a_gpu(
+    device: str, offload: bool, fused: bool | None
+) -> None:
+    """Unfused, `fused` stays unset (None): torch then takes its multi-tensor step,
+    where False would force the slow per-tensor one."""
+    spec = FineTuneJob.model_validate(
+        lora_job(deepspeed={"offloadOptimizer": offload})
+    ).spec.training_spec()
+    weights = torch.nn.Parameter(torch.zeros(2))  # moved by DeepSpeed after this, in place
+    optimizer = make_optimizer(spec, [{"params": [weights]}], torch.device(device))
+    assert optimizer.defaults["fused"] is fused

@@ -158,9 +158,10 @@ class Trainer:
         torch.manual_seed(hp.seed + self.rank.rank)
 
     def _zero_stage(self) -> ZeroChoice:
+        """Rank 0's choice, on every rank: nodes may differ in memory, the engines may not."""
         state_bytes, frozen_bytes = weight_bytes(self.module, self._frozen_models().values())
         ranks_on_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        return choose_stage(
+        choice = choose_stage(
             self.spec.deepspeed.zero_stage,
             resumed=zero_stage_of(self.found) if self.found is not None else None,
             offload_optimizer=self.spec.deepspeed.offload_optimizer,
@@ -170,6 +171,8 @@ class Trainer:
             world=self.rank.world,
             where="the GPU" if self.device.type == "cuda" else "this rank's share of host memory",
         )
+        chosen: ZeroChoice = distributed.broadcast(choice)
+        return chosen
 
     def _resume(self) -> int:
         """The step to go on from: the newest checkpoint loaded, or 0."""

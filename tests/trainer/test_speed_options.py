@@ -21,14 +21,16 @@ def test_a_compiled_channels_last_unet_trains_and_reports_its_compile_step(
         tmp_path,
         tiny_model,
         disc_images,
-        training={"maxSteps": 3, "compile": True, "channelsLast": True},
-        checkpointing={"everyNSteps": 3},
+        training={"maxSteps": 2, "compile": True, "channelsLast": True},
+        checkpointing={"everyNSteps": 2},
     )
     result = finetune_run(job, nproc=1)
     compiled = [line for line in result.stderr.splitlines() if "torch.compile" in line]
     assert len(compiled) == 1, "reported once"
     assert "step 1 took" in compiled[0]
     assert "compiling the UNet included" in compiled[0]
+    # ZeRO-0 (a tiny model): the optimizer holds the trained weights as they are.
+    assert "channels-last: 33 trained and frozen convolution weights of the UNet" in result.stderr
 
     # Compiled in place, the UNet's parameter names stay its own (no `_orig_mod.`): the
     # file loads into a plain pipeline, every adapter found.
@@ -39,4 +41,4 @@ def test_a_compiled_channels_last_unet_trains_and_reports_its_compile_step(
     pipeline = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None)
     pipeline.load_lora_weights(tmp_path / "out")
     assert_every_adapter_loaded(pipeline, weights)
-    assert [entry["step"] for entry in train_log(tmp_path / "out")] == [1, 2, 3]
+    assert [entry["step"] for entry in train_log(tmp_path / "out")] == [1, 2]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 
 import torch
+from torch import nn
 
 from finetune.api.training import Hyperparameters
 from finetune.trainer.methods import TrainedModules
@@ -26,13 +27,26 @@ def fused_optimizer(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def prepare_unet(hp: Hyperparameters, module: TrainedModules) -> None:
-    """Lay out and compile the UNet in place, before the engine wraps it: its parameter
-    names (and so checkpoints and outputs) stay as they are."""
-    if hp.channels_last:
-        module.unet.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+def compile_unet(hp: Hyperparameters, module: TrainedModules) -> None:
+    """Compile the UNet in place, before the engine wraps it: its parameter names (and so
+    checkpoints and outputs) stay as they are."""
     if hp.compile:
         module.unet.compile()
+
+
+def to_channels_last(unet: nn.Module, trained_too: bool) -> str:
+    """Convolution weights channels-last, once the engine has started (its first
+    broadcast reads every weight as contiguous bytes); what was moved, in words.
+
+    Trained weights only when the optimizer holds them as they are (ZeRO-0): ZeRO-1/2
+    keep them as views of flat buffers, which a new layout would cut them off from."""
+    moved = 0
+    for parameter in unet.parameters():
+        if parameter.dim() == 4 and (trained_too or not parameter.requires_grad):
+            parameter.data = parameter.data.contiguous(memory_format=torch.channels_last)
+            moved += 1
+    which = "trained and frozen" if trained_too else "frozen (ZeRO-1/2 keep trained ones flat)"
+    return f"channels-last: {moved} {which} convolution weights of the UNet"
 
 
 class CompileReport:

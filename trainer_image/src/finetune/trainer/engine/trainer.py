@@ -26,7 +26,12 @@ from finetune.trainer.data.encoding import Encoder
 from finetune.trainer.engine.deepspeed_setup import start_engine
 from finetune.trainer.engine.plan import RunPlan
 from finetune.trainer.engine.precision import PrecisionPlan
-from finetune.trainer.engine.speed import CompileReport, prepare_unet, set_matmul_precision
+from finetune.trainer.engine.speed import (
+    CompileReport,
+    compile_unet,
+    set_matmul_precision,
+    to_channels_last,
+)
 from finetune.trainer.engine.zero import ZeroChoice, choose_stage, device_memory, weight_bytes
 from finetune.trainer.errors import JobInputError, NonFiniteLoss
 from finetune.trainer.methods import TrainedModules, TrainingMethod, method_for
@@ -108,7 +113,7 @@ class Trainer:
         self.method.attach(self.encoder)
         # Only now: class images (above) are generated with the UNet as it was built.
         self.precision.store_frozen(self.module)
-        prepare_unet(hp, self.module)
+        compile_unet(hp, self.module)
         set_matmul_precision(hp, self.device)
         self.checkpoints = RunCheckpoints(
             self.plan.work_dir / "checkpoints",
@@ -129,6 +134,10 @@ class Trainer:
             self.zero.stage,
             self.device,
         )
+        if hp.channels_last:
+            layout = to_channels_last(self.module.unet, trained_too=self.zero.stage == 0)
+            if self.rank.main:
+                log.info(layout)
         if self.rank.main:  # read back from the engine: what it trains is what is logged
             log.info(self.precision.describe(self.engine.module, self._frozen_models()))
             log.info(self.zero.describe())

@@ -27,6 +27,7 @@ from finetune.trainer.engine.deepspeed_setup import start_engine
 from finetune.trainer.engine.plan import RunPlan
 from finetune.trainer.engine.precision import PrecisionPlan
 from finetune.trainer.errors import JobInputError, NonFiniteLoss
+from finetune.trainer.evaluation.validation import Evaluation
 from finetune.trainer.methods import TrainedModules, TrainingMethod, method_for
 from finetune.trainer.models.components import Components, load_components
 from finetune.trainer.outputs.finish import finish_run
@@ -122,6 +123,7 @@ class Trainer:
             self.stop,
             self.metrics,
             self.rank.main,
+            self._evaluation(),
         )
         self.ema = None
         if hp.ema.enabled:
@@ -146,6 +148,15 @@ class Trainer:
         random.seed(hp.seed + self.rank.rank)
         np.random.seed((hp.seed + self.rank.rank) % 2**32)
         torch.manual_seed(hp.seed + self.rank.rank)
+
+    def _evaluation(self) -> Evaluation | None:
+        """Rank 0 scores the validation samples, when the job asks for metrics."""
+        if not (self.rank.main and self.spec.validation.metrics):
+            return None
+        plan = self.plan
+        return Evaluation(
+            self.spec, plan.concept_folders, plan.clip_folder, plan.dino_folder, self.device
+        )
 
     def _frozen_models(self) -> dict[str, torch.nn.Module]:
         c = self.components
@@ -223,7 +234,7 @@ class Trainer:
             if stopping:
                 return self._stopped(step)
             if self.sampler.due(step):
-                self.sampler.at(step)
+                telemetry.validation(self.sampler.at(step).scores)
         telemetry.close_progress()
         self._finish(step, last_loss)
         return EXIT_OK

@@ -52,6 +52,14 @@ def evaluator_folder(
         folder = hub.snapshot(uri, cache_dir / "hub", [p for p in hub.IGNORED if p != "*.bin"])
     if not folder.is_dir():
         raise JobInputError(f"{field}: {uri}: no such model folder")
+    config = folder / "config.json"
+    if config.is_file():  # the kind of model first: the most telling mistake
+        try:
+            found = json.loads(config.read_text()).get("model_type")
+        except (OSError, ValueError) as exc:
+            raise JobInputError(f"{field}: {uri}: config.json is unreadable ({exc})") from exc
+        if found != model_type:
+            raise JobInputError(f"{field}: {uri}: a {found!r} model, not {model_type!r}")
     missing = [name for name in needed if not (folder / name).is_file()]
     if not has_weights(folder):
         missing.append("model.safetensors or pytorch_model.bin")
@@ -59,12 +67,6 @@ def evaluator_folder(
         raise JobInputError(
             f"{field}: {uri}: not a transformers model folder (missing {', '.join(missing)})"
         )
-    try:
-        found = json.loads((folder / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError) as exc:
-        raise JobInputError(f"{field}: {uri}: config.json is unreadable ({exc})") from exc
-    if found != model_type:
-        raise JobInputError(f"{field}: {uri}: a {found!r} model, not {model_type!r}")
     return folder.resolve()
 
 

@@ -309,7 +309,12 @@ def quickstart(folder: str | Path) -> None:
         build_model(folder / "model")
     if not (folder / "images").exists():
         write_images(folder / "images", 8, resolution=64)
-    print(f"tiny model in {folder / 'model'}, 8 images in {folder / 'images'}")
+    if not (folder / "evaluators" / "dino" / "config.json").exists():
+        build_evaluators(folder / "evaluators")
+    print(
+        f"tiny model in {folder / 'model'}, 8 images in {folder / 'images'}, "
+        f"tiny CLIP and DINO in {folder / 'evaluators'}"
+    )
 
 
 if __name__ == "__main__":

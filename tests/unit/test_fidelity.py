@@ -161,3 +161,53 @@ def test_history_keeps_the_newest_scores_of_each_step(tmp_path: Path) -> None:
     assert found[1].concepts == {"<d>": {"dino": 0.3}}
     status = found[1].status()
     assert (status.step, status.dino, status.concepts[0].concept) == (4, 0.2, "<d>")
+
+
+def test_held_out_images_are_not_trained_on(tmp_path: Path) -> None:
+    from finetune.trainer.data.batches import concept_examples
+
+    images = write_images(tmp_path / "discs", 6, resolution=64)
+    spec = spec_for(images, hold_out=2, metrics=["dino"])
+    trained = [e.image.name for e in concept_examples(spec, [images], class_images=False)]
+    (group,) = reference_groups(spec, [images])
+    assert trained == [f"image-{i:03d}.png" for i in range(4)]
+    assert [p.name for p in group.images] == ["image-004.png", "image-005.png"]
+    # Nothing held out: the references are the training images themselves.
+    (every,) = reference_groups(spec_for(images, metrics=["dino"]), [images])
+    assert len(every.images) == 6
+
+
+def test_a_hub_evaluator_with_pickled_weights_only_is_fetched_with_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_evaluators: tuple[Path, Path]
+) -> None:
+    """Older hub repositories hold `pytorch_model.bin` only; the base model's snapshot
+    leaves pickles out, so the evaluator is fetched again with them, and only then."""
+    import shutil
+
+    from finetune.trainer.evaluation import sources
+    from finetune.trainer.storage.s3 import S3Settings
+
+    _, dino = tiny_evaluators
+    bare = tmp_path / "snapshot"
+    shutil.copytree(dino, bare, ignore=shutil.ignore_patterns("*.safetensors"))
+    calls: list[list[str] | None] = []
+
+    def snapshot(uri: str, cache_dir: Path, ignore: list[str] | None = None) -> Path:
+        calls.append(ignore)
+        if ignore is not None and "*.bin" not in ignore:
+            (bare / "pytorch_model.bin").write_bytes(b"weights")
+        return bare
+
+    monkeypatch.setattr(sources.hub, "snapshot", snapshot)
+    folder = sources.evaluator_folder(
+        "hf://facebook/dino-vits16",
+        "spec.validation.evaluator.dinoModel",
+        "vit",
+        sources.NEEDED_FILES[sources.DINO_FIELD],
+        tmp_path / "cache",
+        S3Settings(),
+    )
+    assert folder == bare.resolve()
+    assert calls[0] is None  # the base model's ignore list first
+    assert calls[1] is not None
+    assert "*.bin" not in calls[1]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune.assets import build_model, write_images
+from finetune.assets import build_evaluators, build_model, write_images
 
 
 @pytest.fixture(scope="session")
@@ -18,3 +18,9 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def disc_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_images(tmp_path_factory.mktemp("data") / "discs", 6, resolution=64)
+
+
+@pytest.fixture(scope="session")
+def tiny_evaluators(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Random tiny CLIP and DINO folders, as `validation.evaluator` names them."""
+    return build_evaluators(tmp_path_factory.mktemp("evaluators"))

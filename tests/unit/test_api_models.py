@@ -154,6 +154,30 @@ def test_yaml_uses_camel_case_and_python_snake_case() -> None:
             lora_job(deepspeed={"config": {"torch_autocast": {"enabled": True}}}),
             "spec.deepspeed.config.torch_autocast: is set by the trainer; use training.mixedPrecision",
         ),
+        (
+            lora_job(validation={"metrics": ["clipText"]}),
+            "spec.validation.metrics: needs validation.prompts: the metrics score their samples",
+        ),
+        (
+            lora_job(validation={"prompts": ["a sks dog"], "metrics": ["dino", "dino"]}),
+            "spec.validation.metrics: metrics must be distinct",
+        ),
+        (
+            lcm_job(validation={"prompts": ["a cat"], "metrics": ["clipText", "dino"]}),
+            "spec.validation.metrics: dino compares samples with the instance images of "
+            "data.concepts, which lcmLora does not have; only clipText applies",
+        ),
+        (
+            lora_job(
+                method="customDiffusion",
+                lora=None,
+                customDiffusion={"modifierTokens": ["<new1>"]},
+                data={"concepts": [{"instanceImages": "./a", "instancePrompt": "a <new1> cat"}]},
+                validation={"prompts": ["a cat"], "metrics": ["clipImage", "dino"]},
+            ),
+            "spec.validation.prompts: no prompt contains one of customDiffusion.modifierTokens, "
+            "so clipImage and dino have no concept to compare samples with",
+        ),
     ],
 )
 def test_cross_field_rules_name_the_field(document: dict[str, Any], expected: str) -> None:
@@ -225,10 +249,36 @@ def test_all_broken_rules_are_reported_together() -> None:
             ),
             r"spec.customDiffusion.modifierTokens[0]: '../x' does not match the pattern ^[^\s/\\]+$",
         ),
+        (
+            lora_job(
+                data={"concepts": [{"instanceImages": "./a", "instancePrompt": "a", "holdOut": -1}]}
+            ),
+            "spec.data.concepts[0].holdOut: must be greater than or equal to 0",
+        ),
+        (
+            lora_job(validation={"prompts": ["a"], "metrics": ["fid"]}),
+            "spec.validation.metrics[0]: must be 'clipText', 'clipImage' or 'dino'",
+        ),
+        (
+            lora_job(validation={"evaluator": {"dinoModel": "gs://b/dino"}}),
+            "spec.validation.evaluator.dinoModel: unsupported scheme gs:// in 'gs://b/dino'; use hf://, s3:// or a local path",
+        ),
     ],
 )
 def test_field_errors_name_the_field(document: dict[str, Any], expected: str) -> None:
     assert expected in problems(document)
+
+
+def test_metrics_are_off_by_default_and_lcm_may_score_prompts() -> None:
+    spec = FineTuneJob.model_validate(lora_job()).spec
+    assert spec.validation.metrics == []
+    assert spec.validation.evaluator.clip_model == "hf://openai/clip-vit-large-patch14"
+    assert spec.validation.evaluator.dino_model == "hf://facebook/dino-vits16"
+    assert spec.data.concepts[0].hold_out == 0
+    lcm = FineTuneJob.model_validate(
+        lcm_job(validation={"prompts": ["a cat"], "metrics": ["clipText"]})
+    ).spec
+    assert lcm.validation.metrics == ["clipText"]
 
 
 def test_api_and_cli_import_without_torch() -> None:

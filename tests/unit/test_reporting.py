@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from finetune.api.status import Artifact, CheckpointRef, Progress
+from finetune.api.status import Artifact, CheckpointRef, Progress, ValidationMetrics
 from finetune.trainer.telemetry import status as status_report
 from finetune.trainer.telemetry.pace import Pace
 from finetune.trainer.telemetry.status import StatusReporter
@@ -264,3 +264,23 @@ def test_percent_is_floored_and_unknowns_are_null(api: FakeApi, account: Path) -
     assert status["progress"]["percent"] == 33
     assert status["progress"]["loss"] is None
     assert status["progress"]["imagesPerSecond"] is None
+
+
+def test_validation_metrics_ride_on_every_later_progress(api: FakeApi, account: Path) -> None:
+    """`progress` goes out as one merge patch: without the metrics in each, the next
+    step's update would clear them."""
+    sender = reporter(api, account, interval=0)
+    try:
+        sender.progress(2, 4, 0.5, 1.0, None)
+        api.wait_for(1)
+        sender.metrics(ValidationMetrics(step=2, clip_text=0.25, dino=0.5))
+        first = api.wait_for(2)[-1]["body"]["status"]["progress"]
+        assert (first["step"], first["metrics"]["step"], first["metrics"]["dino"]) == (2, 2, 0.5)
+        assert (
+            first["lastHeartbeat"] == api.requests[0]["body"]["status"]["progress"]["lastHeartbeat"]
+        ), "scores are no heartbeat"
+        sender.progress(3, 4, 0.5, 1.0, None)
+        later = api.wait_for(3)[-1]["body"]["status"]["progress"]
+        assert (later["step"], later["metrics"]["clipText"]) == (3, 0.25)
+    finally:
+        sender.close()

@@ -5,6 +5,8 @@ pipeline folder (loaded through the real `from_pretrained`), but nothing here
 may reach a model hub. `build_model` writes one with random weights: `tiny`
 trains in seconds on a CPU; `sd15` has the real SD 1.5 architecture (UNet,
 CLIP ViT-L/14 text encoder, SD VAE) for honest speed and memory figures.
+`build_evaluators` writes the CLIP and DINO folders that validation metrics
+(`validation.metrics`) load, likewise tiny or at the real architectures.
 """
 
 from __future__ import annotations
@@ -164,6 +166,74 @@ def build_model(folder: str | Path, size: Size = "tiny", seed: int = 0) -> Path:
     return folder
 
 
+def _evaluator_configs(size: Size, vocab_size: int) -> dict[str, dict[str, Any]]:
+    """CLIP (text and vision towers) and a DINO ViT. `sd15` is CLIP ViT-L/14 and DINO ViT-S/16,
+    the architectures `validation.evaluator` defaults to."""
+    eos = vocab_size - 1  # write_tokenizer puts the special tokens last
+    if size == "tiny":
+        text = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
+        text["num_attention_heads"] = 4
+        vision = {**text, "image_size": 32, "patch_size": 8}
+        dino = {**text, "image_size": 32, "patch_size": 8}
+        projection = 32
+    else:
+        text = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12}
+        text["num_attention_heads"] = 12
+        vision = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24}
+        vision.update(num_attention_heads=16, image_size=224, patch_size=14)
+        dino = {"hidden_size": 384, "intermediate_size": 1536, "num_hidden_layers": 12}
+        dino.update(num_attention_heads=6, image_size=224, patch_size=16)
+        projection = 768
+    return {
+        "text": {
+            **text,
+            "vocab_size": max(vocab_size, 49408) if size == "sd15" else vocab_size,
+            "max_position_embeddings": 77,
+            "bos_token_id": eos - 1,
+            "eos_token_id": eos,
+            "pad_token_id": eos,
+            "hidden_act": "quick_gelu",
+        },
+        "vision": {**vision, "hidden_act": "quick_gelu"},
+        "projection": {"projection_dim": projection},
+        "dino": {**dino, "qkv_bias": True},
+    }
+
+
+def build_evaluators(folder: str | Path, size: Size = "tiny", seed: int = 0) -> tuple[Path, Path]:
+    """Write randomly initialised CLIP and DINO folders (`FOLDER/clip`, `FOLDER/dino`) in
+    the hub repositories' layout, tokenizer and image processors included; return them."""
+    import torch
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        ViTConfig,
+        ViTImageProcessor,
+        ViTModel,
+    )
+
+    folder = Path(folder)
+    clip, dino = folder / "clip", folder / "dino"
+    configs = _evaluator_configs(size, write_tokenizer(clip))
+    pixels = configs["vision"]["image_size"]
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config=configs["text"], vision_config=configs["vision"], **configs["projection"]
+    )
+    CLIPModel(config).save_pretrained(clip)
+    CLIPImageProcessor(
+        size={"shortest_edge": pixels}, crop_size={"height": pixels, "width": pixels}
+    ).save_pretrained(clip)
+    ViTModel(ViTConfig(**configs["dino"]), add_pooling_layer=False).save_pretrained(dino)
+    ViTImageProcessor(
+        size={"height": pixels, "width": pixels},
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+    ).save_pretrained(dino)
+    return clip, dino
+
+
 def write_images(
     folder: str | Path, count: int, resolution: int = 64, seed: int = 0, caption: str | None = None
 ) -> Path:
@@ -239,7 +309,12 @@ def quickstart(folder: str | Path) -> None:
         build_model(folder / "model")
     if not (folder / "images").exists():
         write_images(folder / "images", 8, resolution=64)
-    print(f"tiny model in {folder / 'model'}, 8 images in {folder / 'images'}")
+    if not (folder / "evaluators" / "dino" / "config.json").exists():
+        build_evaluators(folder / "evaluators")
+    print(
+        f"tiny model in {folder / 'model'}, 8 images in {folder / 'images'}, "
+        f"tiny CLIP and DINO in {folder / 'evaluators'}"
+    )
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Self
+from typing import Any, Self
 
 from pydantic import ConfigDict, Field, model_validator
 
@@ -75,6 +75,36 @@ def format_duration(seconds: float) -> str:
     return f"{secs}s"
 
 
+def _score(text: str) -> Any:
+    return Field(default=None, description=text)
+
+
+_CLIP_TEXT = "Image-prompt CLIP similarity (prompt fidelity)."
+_CLIP_IMAGE = "CLIP image similarity to the instance images."
+_DINO = "DINO similarity to the instance images (subject fidelity)."
+
+
+class ConceptMetrics(StatusModel):
+    concept: str = Field(max_length=64, description="The concept's modifier token.")
+    clip_text: float | None = _score(_CLIP_TEXT)
+    clip_image: float | None = _score(_CLIP_IMAGE)
+    dino: float | None = _score(_DINO)
+
+
+class ValidationMetrics(StatusModel):
+    """The latest `validation.metrics` over every validation sample: cosine similarities."""
+
+    step: int = Field(ge=0, description="The step whose samples were scored.")
+    clip_text: float | None = _score(_CLIP_TEXT)
+    clip_image: float | None = _score(_CLIP_IMAGE)
+    dino: float | None = _score(_DINO)
+    concepts: list[ConceptMetrics] = Field(
+        default_factory=list,
+        max_length=16,
+        description="customDiffusion: the scores of each concept's prompts, by modifier token.",
+    )
+
+
 class Progress(StatusModel):
     """Training progress, written by the trainer every few seconds."""
 
@@ -89,6 +119,9 @@ class Progress(StatusModel):
     )
     last_heartbeat: datetime | None = Field(
         default=None, description="When the trainer last reported."
+    )
+    metrics: ValidationMetrics | None = Field(
+        default=None, description="The latest validation's fidelity scores (`validation.metrics`)."
     )
 
     @model_validator(mode="after")

@@ -82,6 +82,16 @@ class Concept(ApiModel):
         default_factory=ClassImages,
         description="Class images for prior preservation (only read when it is on).",
     )
+    hold_out: int = Field(
+        default=0,
+        ge=0,
+        le=10000,
+        description=(
+            "Instance images kept out of training (the last N by file name), the real "
+            "images `validation.metrics` compare samples with; 0: compare with all of them. "
+            "Must leave at least one image to train on."
+        ),
+    )
 
 
 class DatasetFormat(StrEnum):
@@ -384,6 +394,38 @@ class LcmSpec(ApiModel):
     )
 
 
+class Metric(StrEnum):
+    CLIP_TEXT = "clipText"
+    CLIP_IMAGE = "clipImage"
+    DINO = "dino"
+
+
+# Metrics that compare samples with real images of the subject (a concept's).
+SUBJECT_METRICS = frozenset({Metric.CLIP_IMAGE, Metric.DINO})
+CLIP_METRICS = frozenset({Metric.CLIP_TEXT, Metric.CLIP_IMAGE})
+DEFAULT_CLIP_MODEL = "hf://openai/clip-vit-large-patch14"
+DEFAULT_DINO_MODEL = "hf://facebook/dino-vits16"
+
+
+class EvaluatorSpec(ApiModel):
+    """The models that score validation samples, resolved like `baseModel.uri`."""
+
+    clip_model: Uri = Field(
+        default=DEFAULT_CLIP_MODEL,
+        description=(
+            "CLIP model (transformers `CLIPModel` with its tokenizer and image processor) "
+            "for `clipText` and `clipImage`: `hf://`, `s3://` or a local folder."
+        ),
+    )
+    dino_model: Uri = Field(
+        default=DEFAULT_DINO_MODEL,
+        description=(
+            "DINO ViT (transformers `ViTModel` with its image processor) for `dino`: "
+            "`hf://`, `s3://` or a local folder."
+        ),
+    )
+
+
 class ValidationSpec(ApiModel):
     """Sample images generated during training."""
 
@@ -403,6 +445,19 @@ class ValidationSpec(ApiModel):
         default=None,
         ge=0,
         description="Classifier-free guidance. Default: 7.5; customDiffusion 6; lcm 8; lcmLora 1.",
+    )
+    metrics: list[Metric] = Field(
+        default_factory=list,
+        max_length=len(Metric),
+        description=(
+            "Fidelity scores of the samples at every validation: `clipText` (image-prompt "
+            "CLIP similarity), `clipImage` and `dino` (similarity to the concepts' held-out, "
+            "else all, instance images; dreambooth, lora and customDiffusion). Off when empty."
+        ),
+    )
+    evaluator: EvaluatorSpec = Field(
+        default_factory=EvaluatorSpec,
+        description="Models that compute `metrics` (loaded on rank 0 only, freed after use).",
     )
 
 
@@ -610,6 +665,8 @@ def training_problems(spec: TrainingSpec) -> list[Problem]:
                     "must contain one of customDiffusion.modifierTokens",
                 )
 
+    problems += _metric_problems(spec)
+
     hp = spec.training
     if hp.train_text_encoder:
         need(
@@ -671,6 +728,57 @@ def training_problems(spec: TrainingSpec) -> list[Problem]:
             problems.append(
                 Problem("lcm.wMin", f"{w_min} is larger than lcm.wMax ({spec.lcm.w_max})")
             )
+    return problems
+
+
+def evaluator_uris(spec: TrainingSpec) -> dict[str, str]:
+    """The evaluator models the job's metrics need, by field (`validation.evaluator.clipModel`)."""
+    metrics = {Metric(m) for m in spec.validation.metrics}
+    evaluator = spec.validation.evaluator
+    uris = {}
+    if metrics & CLIP_METRICS:
+        uris["validation.evaluator.clipModel"] = evaluator.clip_model
+    if Metric.DINO in metrics:
+        uris["validation.evaluator.dinoModel"] = evaluator.dino_model
+    return uris
+
+
+def _metric_problems(spec: TrainingSpec) -> list[Problem]:
+    """Validation metrics score samples of the validation prompts; the subject metrics
+    compare them with instance images, which only the concept methods have."""
+    validation, method = spec.validation, Method(spec.method)
+    metrics = [Metric(m) for m in validation.metrics]
+    problems = []
+    if len(set(metrics)) != len(metrics):
+        problems.append(Problem("validation.metrics", "metrics must be distinct"))
+    if metrics and not validation.prompts:
+        problems.append(
+            Problem(
+                "validation.metrics", "needs validation.prompts: the metrics score their samples"
+            )
+        )
+    subject = [m.value for m in metrics if m in SUBJECT_METRICS]
+    names = " and ".join(subject)
+    if subject and method not in CONCEPT_METHODS:
+        problems.append(
+            Problem(
+                "validation.metrics",
+                f"{names} compare{'s' if len(subject) == 1 else ''} samples with the instance images of "
+                f"data.concepts, which {method} does not have; only clipText applies",
+            )
+        )
+    cd = spec.custom_diffusion if method == Method.CUSTOM_DIFFUSION else None
+    tokens = cd.modifier_tokens if cd else []
+    mentioned = any(t in prompt for prompt in validation.prompts for t in tokens)
+    if subject and tokens and validation.prompts and not mentioned:
+        problems.append(
+            Problem(
+                "validation.prompts",
+                f"no prompt contains one of customDiffusion.modifierTokens, so "
+                f"{names} {'has' if len(subject) == 1 else 'have'} no concept to compare "
+                "samples with",
+            )
+        )
     return problems
 
 

@@ -72,6 +72,15 @@ def examples_from(
     return examples
 
 
+def split_held_out(examples: list[Example], count: int) -> tuple[list[Example], list[Example]]:
+    """(training, held out): a concept's last `count` images by file name are kept out of
+    training (`data.concepts[].holdOut`), the real images validation compares samples with.
+    By name, so a user chooses them by naming, and every rank and every run agree."""
+    if count <= 0:
+        return examples, []
+    return examples[:-count], examples[-count:]
+
+
 class ImagePreprocessor:
     """Resize the short side to the resolution, crop a square, maybe flip."""
 

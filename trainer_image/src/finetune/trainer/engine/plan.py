@@ -21,6 +21,9 @@ class RunPlan:
     class_folders: list[Path]
     output_uri: str
     teacher_folder: Path | None = None
+    # The evaluator models of `validation.metrics`, where the job needs them.
+    clip_folder: Path | None = None
+    dino_folder: Path | None = None
 
     def to_json(self) -> str:
         return json.dumps(
@@ -32,7 +35,9 @@ class RunPlan:
                 "conceptFolders": [str(p) for p in self.concept_folders],
                 "classFolders": [str(p) for p in self.class_folders],
                 "outputUri": self.output_uri,
-                "teacherFolder": str(self.teacher_folder) if self.teacher_folder else None,
+                "teacherFolder": _text(self.teacher_folder),
+                "clipFolder": _text(self.clip_folder),
+                "dinoFolder": _text(self.dino_folder),
             }
         )
 
@@ -47,5 +52,15 @@ class RunPlan:
             concept_folders=[Path(p) for p in raw["conceptFolders"]],
             class_folders=[Path(p) for p in raw["classFolders"]],
             output_uri=raw["outputUri"],
-            teacher_folder=Path(raw["teacherFolder"]) if raw.get("teacherFolder") else None,
+            teacher_folder=_path(raw.get("teacherFolder")),
+            clip_folder=_path(raw.get("clipFolder")),
+            dino_folder=_path(raw.get("dinoFolder")),
         )
+
+
+def _text(path: Path | None) -> str | None:
+    return str(path) if path is not None else None
+
+
+def _path(text: str | None) -> Path | None:
+    return Path(text) if text else None

@@ -34,6 +34,7 @@ from finetune.trainer.engine.speed import (
 )
 from finetune.trainer.engine.zero import ZeroChoice, choose_stage, device_memory, weight_bytes
 from finetune.trainer.errors import JobInputError, NonFiniteLoss
+from finetune.trainer.evaluation.validation import Evaluation
 from finetune.trainer.methods import TrainedModules, TrainingMethod, method_for
 from finetune.trainer.models.components import Components, load_components
 from finetune.trainer.outputs.finish import finish_run
@@ -152,6 +153,7 @@ class Trainer:
             self.stop,
             self.metrics,
             self.rank.main,
+            self._evaluation(),
         )
         self.ema = None
         if hp.ema.enabled:
@@ -192,6 +194,15 @@ class Trainer:
                 **layout_for(self.spec, self.rank.world, self.zero.stage),
                 **self.precision.layout(),
             },
+        )
+
+    def _evaluation(self) -> Evaluation | None:
+        """Rank 0 scores the validation samples, when the job asks for metrics."""
+        if not (self.rank.main and self.spec.validation.metrics):
+            return None
+        plan = self.plan
+        return Evaluation(
+            self.spec, plan.concept_folders, plan.clip_folder, plan.dino_folder, self.device
         )
 
     def _frozen_models(self) -> dict[str, torch.nn.Module]:
@@ -272,7 +283,7 @@ class Trainer:
             if stopping:
                 return self._stopped(step)
             if self.sampler.due(step):
-                self.sampler.at(step)
+                telemetry.validation(self.sampler.at(step).scores)
         telemetry.close_progress()
         self._finish(step, last_loss)
         return EXIT_OK

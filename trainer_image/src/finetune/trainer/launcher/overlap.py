@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from finetune.api.common import is_hub, is_s3
-from finetune.api.training import TrainingSpec
+from finetune.api.training import TrainingSpec, evaluator_uris
 from finetune.trainer.errors import JobInputError
 
 OUTPUT_FIELD = "spec.output.uri"
@@ -24,6 +24,7 @@ def inputs_of(spec: TrainingSpec) -> list[tuple[str, str]]:
             found.append((f"spec.data.concepts[{index}].classImages.uri", concept.class_images.uri))
     if spec.data.dataset is not None:
         found.append(("spec.data.dataset.uri", spec.data.dataset.uri))
+    found += [(f"spec.{field}", uri) for field, uri in evaluator_uris(spec).items()]
     return found
 
 

@@ -33,6 +33,7 @@ from finetune.trainer.data.images import ImageRules
 from finetune.trainer.engine.deepspeed_setup import check_optimizer
 from finetune.trainer.engine.plan import RunPlan
 from finetune.trainer.errors import JobInputError, Unreachable, exit_code_for
+from finetune.trainer.evaluation.sources import resolve_evaluators
 from finetune.trainer.launcher.lease import OutputClaim
 from finetune.trainer.launcher.overlap import check_output_apart
 from finetune.trainer.launcher.preflight import check_output, checked_nproc
@@ -121,20 +122,29 @@ def prepare(
     concepts, classes = [], []
     for index, concept in enumerate(spec.data.concepts):
         folder = local_folder(concept.instance_images, cache, s3, "data")
-        examples_from(
+        examples = examples_from(
             folder,
             concept.instance_prompt,
             concept.caption_files,
             f"spec.data.concepts[{index}].instanceImages",
             rules=ImageRules.of(spec.data),
         )
+        if concept.hold_out >= len(examples):
+            raise JobInputError(
+                f"spec.data.concepts[{index}].holdOut: {concept.hold_out} must be fewer than "
+                f"the concept's {len(examples)} images ({concept.instance_images}), "
+                "or nothing is left to train on"
+            )
         concepts.append(folder.resolve())
         if concept.class_images.uri:
             class_folder = local_folder(concept.class_images.uri, cache, s3, "data")
         else:
             class_folder = work_dir / "class_images" / f"concept-{index}"
         classes.append(class_folder.resolve())
-    return RunPlan(name, spec, work_dir, model.resolve(), concepts, classes, output, teacher)
+    clip, dino = resolve_evaluators(spec, cache, s3)
+    return RunPlan(
+        name, spec, work_dir, model.resolve(), concepts, classes, output, teacher, clip, dino
+    )
 
 
 def gpu_count() -> int:

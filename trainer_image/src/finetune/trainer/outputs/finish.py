@@ -8,9 +8,10 @@ from typing import Any
 from finetune.api.common import is_s3
 from finetune.trainer.checkpoints.space import space_checked
 from finetune.trainer.engine.plan import RunPlan
+from finetune.trainer.evaluation.scores import history
 from finetune.trainer.methods import TrainedModules, TrainingMethod
 from finetune.trainer.outputs import artifacts, result
-from finetune.trainer.outputs.samples import Sampler
+from finetune.trainer.outputs.samples import Sampler, Validation
 from finetune.trainer.storage.s3 import S3Settings
 from finetune.trainer.storage.store import open_store
 from finetune.trainer.telemetry.steps import StepTelemetry
@@ -30,9 +31,10 @@ def finish_run(
     """Called on every rank once the last step is done (and every checkpoint is durable)."""
     if ema is not None:
         ema.copy_to(module.unet.parameters())
-    grid = sampler.at(step) if plan.spec.validation.prompts else None
+    validation = sampler.at(step) if plan.spec.validation.prompts else Validation()
     if not telemetry.main:
         return
+    telemetry.validation(validation.scores)
     work_dir = plan.work_dir
     staging = result.staging_folder(work_dir)
     with space_checked(staging, step):
@@ -42,7 +44,16 @@ def finish_run(
             a for a in artifacts.list_artifacts(work_dir, "") if a["kind"] == "samples"
         ]
         files = [(a["uri"].lstrip("/"), a["bytes"], a["sha256"]) for a in listed]
-        card = result.model_card(plan.spec, plan.name, step, last_loss, grid, work_dir, files)
+        card = result.model_card(
+            plan.spec,
+            plan.name,
+            step,
+            last_loss,
+            validation.grid,
+            work_dir,
+            files,
+            history(telemetry.log_path),
+        )
         (staging / result.MODEL_CARD).write_text(card)
     result.promote(staging, work_dir)
     if is_s3(plan.output_uri):

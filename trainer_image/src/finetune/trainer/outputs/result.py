@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from finetune.api.training import TrainingSpec
+from finetune.trainer.evaluation.scores import ALL, Scores
 from finetune.trainer.storage.store import Store
 
 STAGING = ".staging"
@@ -50,8 +51,10 @@ def model_card(
     grid: Path | None,
     work_dir: Path,
     files: list[tuple[str, int, str]] | None = None,
+    scores: list[Scores] | None = None,
 ) -> str:
-    """`files`: (path in the results, bytes, sha256) of what the card describes."""
+    """`files`: (path in the results, bytes, sha256) of what the card describes; `scores`:
+    every validation's, by step."""
     method = spec.method
     hyper = spec.training.model_dump(by_alias=True, exclude_none=True, mode="json")
     for section in ("lora", "custom_diffusion", "lcm"):
@@ -90,6 +93,8 @@ def model_card(
         lines += ["## Validation prompts", "", *[f"- `{p}`" for p in spec.validation.prompts], ""]
     if grid is not None:
         lines += ["## Samples", "", f"![samples]({grid.relative_to(work_dir).as_posix()})", ""]
+    if scores:
+        lines += metrics_table(spec, scores)
     if files:
         lines += ["## Files", "", "| file | bytes | sha256 |", "| --- | ---: | --- |"]
         lines += [f"| `{path}` | {size} | `{sha256}` |" for path, size, sha256 in files]
@@ -103,6 +108,28 @@ def model_card(
         "",
     ]
     return "\n".join(lines)
+
+
+def metrics_table(spec: TrainingSpec, scores: list[Scores]) -> list[str]:
+    """A row per validation step (and, for customDiffusion, per concept)."""
+    metrics = [str(m) for m in spec.validation.metrics]
+    held = sum(c.hold_out for c in spec.data.concepts)
+    against = f"{held} held-out instance images" if held else "the instance images (none held out)"
+    lines = [
+        "## Validation metrics",
+        "",
+        "Cosine similarities of each validation's samples: `clipText` with their prompts "
+        f"(CLIP), `clipImage` (CLIP) and `dino` (DINO ViT) with {against}.",
+        "",
+        "| step | concept | " + " | ".join(metrics) + " |",
+        "| ---: | --- |" + " ---: |" * len(metrics),
+    ]
+    for entry in scores:
+        rows = [(ALL, entry.overall), *entry.concepts.items()]
+        for concept, values in rows:
+            cells = [f"{values[m]:.4f}" if m in values else "-" for m in metrics]
+            lines.append(f"| {entry.step} | {concept} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def usage(spec: TrainingSpec, prompt: str) -> list[str]:

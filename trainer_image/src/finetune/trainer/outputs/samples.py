@@ -12,6 +12,8 @@ from typing import Any
 import torch
 
 from finetune.api.training import TrainingSpec
+from finetune.trainer.evaluation.scores import Scores
+from finetune.trainer.evaluation.validation import Evaluation
 from finetune.trainer.methods import TrainedModules, TrainingMethod
 from finetune.trainer.models.components import Components, inference_pipeline
 from finetune.trainer.process import distributed
@@ -36,6 +38,20 @@ def grid(images: list[Any], columns: int) -> Any:
     return sheet
 
 
+@dataclass(frozen=True)
+class Samples:
+    grid: Path
+    images: list[list[Any]]  # PIL images, per prompt
+
+
+@dataclass(frozen=True)
+class Validation:
+    """What one validation left: the grid (rank 0) and, with `validation.metrics`, its scores."""
+
+    grid: Path | None = None
+    scores: Scores | None = None
+
+
 @torch.no_grad()
 def generate(
     spec: TrainingSpec,
@@ -46,8 +62,8 @@ def generate(
     device: torch.device,
     dtype: torch.dtype,
     stop: StopRequest | None = None,
-) -> Path:
-    """Generate `imagesPerPrompt` images for each prompt with a fixed seed; return the grid.
+) -> Samples:
+    """Generate `imagesPerPrompt` images for each prompt with a fixed seed.
 
     A stop request ends it between two denoising steps (`Stopped`), the folder removed:
     no step's samples are ever half there."""
@@ -57,7 +73,7 @@ def generate(
         module.eval()
     validation = spec.validation
     folder.mkdir(parents=True, exist_ok=True)
-    images = []
+    images: list[list[Any]] = []
     try:
         for index, prompt in enumerate(validation.prompts):
             generator = torch.Generator(device=device).manual_seed(spec.training.seed + index)
@@ -74,16 +90,18 @@ def generate(
                 ).images
             for number, image in enumerate(result):
                 image.save(folder / f"prompt-{index:02d}-{number:02d}.png")
-            images += result
+            images.append(result)
         path = folder / "grid.png"
-        grid(images, validation.images_per_prompt).save(path)
+        grid([i for per_prompt in images for i in per_prompt], validation.images_per_prompt).save(
+            path
+        )
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
     finally:
         for name, module in trained.items():
             module.train(modes[name])
-    return path
+    return Samples(path, images)
 
 
 def _stop_check(stop: StopRequest | None) -> Any:
@@ -112,6 +130,7 @@ class Sampler:
     stop: StopRequest
     metrics: TrainerMetrics
     main: bool
+    evaluation: Evaluation | None = None  # rank 0, with `validation.metrics`
 
     def due(self, step: int) -> bool:
         """Whether samples are made after `step` (those of the last step come with the results)."""
@@ -122,12 +141,13 @@ class Sampler:
             and step < self.spec.training.max_steps
         )
 
-    def at(self, step: int) -> Path | None:
-        """Samples of the model as it is at `step`, on every rank together; the grid on rank 0."""
-        grid = None
+    def at(self, step: int) -> Validation:
+        """Samples of the model as it is at `step`, on every rank together; the grid and
+        the scores on rank 0."""
+        validation = Validation()
         if self.main:
             try:
-                grid = generate(
+                samples = generate(
                     self.spec,
                     self.components,
                     self.method.sampling_modules(self.module),
@@ -140,7 +160,11 @@ class Sampler:
             except Stopped:  # the loop's next step stops every rank, with a checkpoint
                 log.warning("step %d: samples left out, a stop was requested", step)
             else:
-                validation = self.spec.validation
-                self.metrics.record_samples(len(validation.prompts) * validation.images_per_prompt)
+                prompts = self.spec.validation.prompts
+                self.metrics.record_samples(len(prompts) * self.spec.validation.images_per_prompt)
+                scores = None
+                if self.evaluation is not None:
+                    scores = self.evaluation.score(step, prompts, samples.images)
+                validation = Validation(samples.grid, scores)
         distributed.barrier()
-        return grid
+        return validation

@@ -13,9 +13,10 @@ from finetune.trainer.storage.retries import RETRY_FOR_ENV, retry_budget, with_r
 IGNORED = ["*.ckpt", "*.bin", "*.msgpack", "*.onnx", "*.h5", "*.pb", "*.xml", "*.png", "*.jpg"]
 
 
-def snapshot(uri: str, cache_dir: Path) -> Path:
+def snapshot(uri: str, cache_dir: Path, ignore: list[str] | None = None) -> Path:
     """A local folder with the files of the repository (and revision) `uri` names, in
-    huggingface_hub's cache layout under `cache_dir`."""
+    huggingface_hub's cache layout under `cache_dir`, but for those `ignore` matches
+    (default `IGNORED`)."""
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -43,7 +44,7 @@ def snapshot(uri: str, cache_dir: Path) -> Path:
                 revision=revision or None,
                 cache_dir=cache_dir,
                 token=os.environ.get("HF_TOKEN") or None,
-                ignore_patterns=IGNORED,
+                ignore_patterns=IGNORED if ignore is None else ignore,
             )
         )
 

@@ -1,7 +1,8 @@
 """The trainer's Prometheus metrics, served on a port in each pod.
 
 One `finetune_` prefix, base units (seconds, bytes), `_total` on counters, and
-bounded labels only: job, namespace, method and rank (never a step or a prompt).
+bounded labels only: job, namespace, method and rank (never a step or a prompt); the
+validation scores add metric and concept.
 The first process of each pod (local rank 0) serves `/metrics` on
 `$FINETUNE_TRAINER_METRICS_PORT` (default 9400, the port the operator's pods name
 `metrics`); with `$FINETUNE_PUSHGATEWAY_URL` set, rank 0 also pushes the final
@@ -108,6 +109,22 @@ class TrainerMetrics:
         self.samples = Counter(
             "finetune_samples_generated_total", "Validation images generated.", labels, registry=r
         )
+        # Validation scores: one series per metric and concept (`all`, or a Custom
+        # Diffusion modifier token); both label sets are bounded by the job's spec.
+        self.validation_score = Gauge(
+            "finetune_validation_score",
+            "Fidelity of the latest validation samples (cosine similarity): metric "
+            "clipText, clipImage or dino; concept all, or a modifier token.",
+            (*labels, "metric", "concept"),
+            registry=r,
+        )
+        self.validation_step = gauge(
+            "finetune_validation_step", "Step of the latest scored validation."
+        )
+        self.evaluation_seconds = gauge(
+            "finetune_validation_evaluation_seconds",
+            "Time the latest validation's scoring took (evaluators loaded and freed included).",
+        )
         # Series exist from the start (at zero), so a dashboard never shows "no data"
         # for a job that has not checkpointed or sampled yet.
         for metric in (
@@ -144,6 +161,16 @@ class TrainerMetrics:
         if gpu is not None:
             self.gpu_allocated.labels(**labels).set(gpu[0])
             self.gpu_peak.labels(**labels).set(gpu[1])
+
+    def record_validation(
+        self, step: int, figures: list[tuple[str, str, float]], seconds: float
+    ) -> None:
+        """`figures`: (metric, concept, value) of one validation."""
+        labels = self.identity.labels()
+        for metric, concept, value in figures:
+            self.validation_score.labels(**labels, metric=metric, concept=concept).set(value)
+        self.validation_step.labels(**labels).set(step)
+        self.evaluation_seconds.labels(**labels).set(seconds)
 
     def record_checkpoint_saved(self, seconds: float, size: int) -> None:
         labels = self.identity.labels()

@@ -2,9 +2,10 @@
 
 In a pod the operator sets `FINETUNE_JOB_NAME` and `FINETUNE_NAMESPACE`; rank 0
 then patches the status subresource of its own FineTuneJob (a JSON merge patch
-of the trainer's fields: `status.progress`, `status.lastCheckpoint` and
-`status.artifacts`, built as the API's own models) from a background thread, so a
-slow or failing API server never slows or fails training. Only the standard
+of the trainer's fields: `status.progress`, with the latest validation scores in
+`status.progress.metrics`; `status.lastCheckpoint` and `status.artifacts`; built
+as the API's own models) from a background thread, so a slow or failing API
+server never slows or fails training. Only the standard
 library is used: the trainer image needs no Kubernetes client.
 
 Environment (the names are the pod contract's, `finetune.api.pod`):
@@ -37,7 +38,14 @@ from urllib.parse import quote
 
 from finetune.api import pod
 from finetune.api.job import GROUP, PLURAL, VERSION
-from finetune.api.status import MAX_ARTIFACTS, Artifact, CheckpointRef, Progress, StatusModel
+from finetune.api.status import (
+    MAX_ARTIFACTS,
+    Artifact,
+    CheckpointRef,
+    Progress,
+    StatusModel,
+    ValidationMetrics,
+)
 from finetune.trainer.telemetry.pace import Smoothed
 
 log = logging.getLogger(__name__)
@@ -100,6 +108,8 @@ class StatusReporter:
         self._loss = Smoothed()
         self._lock = threading.Condition()
         self._progress: dict[str, Any] | None = None  # newest progress not yet sent
+        self._last_progress: Progress | None = None
+        self._metrics: ValidationMetrics | None = None
         self._urgent: dict[str, Any] = {}
         self._progress_due = 0.0  # clock time the next progress update may go out
         self._retry_due = 0.0  # clock time urgent fields may go out again after a failure
@@ -148,10 +158,23 @@ class StatusReporter:
             images_per_second=speed if speed is not None and speed >= 0 else None,
             eta_seconds=eta_seconds,
             last_heartbeat=self._wall_clock().astimezone(UTC).replace(microsecond=0),
+            metrics=self._metrics,
         )
         with self._lock:
+            self._last_progress = progress
             self._progress = _wire(progress)
             self._lock.notify()
+
+    def metrics(self, metrics: ValidationMetrics) -> None:
+        """`status.progress.metrics`, the latest validation's scores: every progress update
+        carries them from now on (a merge patch of `progress` would clear them otherwise),
+        the first with the last step's values, unchanged heartbeat included."""
+        with self._lock:
+            self._metrics = metrics
+            if self._last_progress is not None:
+                self._last_progress = self._last_progress.model_copy(update={"metrics": metrics})
+                self._progress = _wire(self._last_progress)
+                self._lock.notify()
 
     def checkpoint(self, uri: str, step: int) -> None:
         """`status.lastCheckpoint`: sent at once."""

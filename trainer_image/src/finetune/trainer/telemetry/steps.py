@@ -1,5 +1,6 @@
 """One record per optimizer step, and where it goes: Prometheus on every rank; on rank 0
-also the train log (`train_log.jsonl`), the progress bar and the status reporter.
+also the train log (`train_log.jsonl`), the progress bar and the status reporter. The
+scores of each validation (`validation.metrics`) go the same ways, from rank 0.
 
 The step's time is measured once, in seconds; the speed is derived from it here.
 """
@@ -15,6 +16,7 @@ from typing import Any, Protocol
 
 import torch
 
+from finetune.trainer.evaluation.scores import Scores
 from finetune.trainer.telemetry.pace import Pace
 from finetune.trainer.telemetry.prometheus import TrainerMetrics, folder_bytes
 from finetune.trainer.telemetry.status import StatusReporter
@@ -84,6 +86,17 @@ class StepTelemetry:
             self.progress.update(1)
         if self.reporter is not None:
             self.reporter.progress(record.step, record.total_steps, record.loss, speed, eta)
+
+    def validation(self, scores: Scores | None) -> None:
+        """A validation's scores (rank 0, with `validation.metrics`): a train-log line,
+        Prometheus gauges and `status.progress.metrics`."""
+        if scores is None or not self.main:
+            return
+        with self.log_path.open("a") as handle:
+            handle.write(json.dumps(scores.log_entry()) + "\n")
+        self.metrics.record_validation(scores.step, scores.labelled(), scores.seconds)
+        if self.reporter is not None:
+            self.reporter.metrics(scores.status())
 
     def checkpoint_saved(self, seconds: float, folder: Path) -> None:
         self.metrics.record_checkpoint_saved(seconds, folder_bytes(folder))

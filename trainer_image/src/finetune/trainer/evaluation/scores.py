@@ -1,0 +1,79 @@
+"""What one validation measured, and where it is kept: a `train_log.jsonl` line per
+validation, read back for the model card's table (so a resumed run's card shows the
+validations before the resume too)."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from finetune.api.status import ConceptMetrics, ValidationMetrics
+from finetune.api.training import Metric
+
+ALL = "all"  # the concept label of scores over every sample
+# Python's names of the status fields, by metric.
+_FIELDS = {Metric.CLIP_TEXT: "clip_text", Metric.CLIP_IMAGE: "clip_image", Metric.DINO: "dino"}
+
+
+@dataclass(frozen=True)
+class Scores:
+    step: int
+    overall: dict[str, float]  # metric (`clipText`, `clipImage`, `dino`) -> value
+    # customDiffusion: modifier token -> metric -> value over that concept's prompts
+    concepts: dict[str, dict[str, float]] = field(default_factory=dict)
+    seconds: float = 0.0  # what scoring took, models loaded and freed included
+
+    def log_entry(self) -> dict[str, Any]:
+        entry: dict[str, Any] = {"step": self.step, "validation": self.overall}
+        if self.concepts:
+            entry["concepts"] = self.concepts
+        entry.update(evaluationSeconds=self.seconds, time=time.time())
+        return entry
+
+    @classmethod
+    def from_log_entry(cls, entry: dict[str, Any]) -> Scores:
+        return cls(
+            int(entry["step"]),
+            dict(entry["validation"]),
+            {k: dict(v) for k, v in entry.get("concepts", {}).items()},
+            float(entry.get("evaluationSeconds", 0.0)),
+        )
+
+    def status(self) -> ValidationMetrics:
+        """`status.progress.metrics`."""
+        return ValidationMetrics(
+            step=self.step,
+            concepts=[ConceptMetrics(concept=c, **_named(v)) for c, v in self.concepts.items()],
+            **_named(self.overall),
+        )
+
+    def labelled(self) -> list[tuple[str, str, float]]:
+        """(metric, concept, value) of every figure; the whole set's concept is `all`."""
+        figures = [(m, ALL, v) for m, v in self.overall.items()]
+        for concept, values in self.concepts.items():
+            figures += [(m, concept, v) for m, v in values.items()]
+        return figures
+
+
+def _named(values: dict[str, float]) -> dict[str, float]:
+    return {_FIELDS[Metric(m)]: v for m, v in values.items()}
+
+
+def history(log_path: Path) -> list[Scores]:
+    """Every validation in a train log, by step; where a resumed run scored a step again,
+    its newest scores."""
+    if not log_path.is_file():
+        return []
+    newest: dict[int, Scores] = {}
+    for line in log_path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:  # a line cut short by a crash
+            continue
+        if isinstance(entry, dict) and "validation" in entry:
+            scores = Scores.from_log_entry(entry)
+            newest[scores.step] = scores
+    return [newest[step] for step in sorted(newest)]

@@ -1,0 +1,153 @@
+"""One validation's samples scored, on rank 0: the evaluators loaded, used and freed.
+
+The samples of prompt i are scored against prompt i (clipText) and against the
+reference images of the groups `references` assigns them (clipImage, dino). The
+embeddings of the reference images do not change during a run, so each evaluator
+computes them once and they are kept (on the CPU) for every later validation.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from finetune.api.training import Metric, TrainingSpec
+from finetune.trainer.data import images as decoding
+from finetune.trainer.data.images import ImageRules
+from finetune.trainer.evaluation import fidelity
+from finetune.trainer.evaluation.embedders import ClipEmbedder, DinoEmbedder, ImageEmbedder, loaded
+from finetune.trainer.evaluation.references import (
+    ReferenceGroup,
+    groups_of_prompt,
+    reference_groups,
+)
+from finetune.trainer.evaluation.scores import Scores
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+log = logging.getLogger(__name__)
+
+
+class Evaluation:
+    """Scores a run's validation samples with the metrics its job asks for."""
+
+    def __init__(
+        self,
+        spec: TrainingSpec,
+        concept_folders: list[Path],
+        clip_folder: Path | None,
+        dino_folder: Path | None,
+        device: torch.device,
+    ) -> None:
+        self.metrics = [Metric(m) for m in spec.validation.metrics]
+        self.clip_folder = clip_folder
+        self.dino_folder = dino_folder
+        self.device = device
+        self.rules = ImageRules.of(spec.data)
+        # Listed only (images are read when a subject metric first needs them).
+        self.groups = reference_groups(spec, concept_folders) if spec.data.concepts else []
+        # (metric, group index) -> the group's reference embeddings, computed once.
+        self._references: dict[tuple[Metric, int], torch.Tensor] = {}
+
+    def score(
+        self, step: int, prompts: Sequence[str], samples: Sequence[Sequence[Image]]
+    ) -> Scores:
+        """The scores of `samples[i]`, the images generated for `prompts[i]`."""
+        started = time.perf_counter()
+        flat = [image for per_prompt in samples for image in per_prompt]
+        prompt_of = torch.tensor([i for i, per_prompt in enumerate(samples) for _ in per_prompt])
+        groups = [groups_of_prompt(prompts[i], self.groups) for i in prompt_of.tolist()]
+        per_sample: dict[Metric, torch.Tensor] = {}  # NaN where a sample has no value
+        per_group: dict[Metric, dict[int, float]] = {}
+        clip_metrics = {Metric.CLIP_TEXT, Metric.CLIP_IMAGE} & set(self.metrics)
+        if clip_metrics:
+            assert self.clip_folder is not None, "the launcher resolves the CLIP model"
+            with loaded(ClipEmbedder, self.clip_folder, self.device) as clip:
+                embedded = clip.images(flat)
+                if Metric.CLIP_TEXT in clip_metrics:
+                    texts = clip.texts(list(prompts))[prompt_of]
+                    per_sample[Metric.CLIP_TEXT] = fidelity.prompt_fidelity(embedded, texts)
+                if Metric.CLIP_IMAGE in clip_metrics:
+                    per_sample[Metric.CLIP_IMAGE], per_group[Metric.CLIP_IMAGE] = self._subject(
+                        Metric.CLIP_IMAGE, clip, embedded, groups
+                    )
+        if Metric.DINO in self.metrics:
+            assert self.dino_folder is not None, "the launcher resolves the DINO model"
+            with loaded(DinoEmbedder, self.dino_folder, self.device) as dino:
+                per_sample[Metric.DINO], per_group[Metric.DINO] = self._subject(
+                    Metric.DINO, dino, dino.images(flat), groups
+                )
+        overall = {m.value: _mean(v) for m, v in per_sample.items() if v.isfinite().any()}
+        return Scores(
+            step,
+            overall,
+            self._by_concept(per_sample, per_group, groups),
+            time.perf_counter() - started,
+        )
+
+    def _subject(
+        self,
+        metric: Metric,
+        embedder: ImageEmbedder,
+        samples: torch.Tensor,
+        groups: list[list[int]],
+    ) -> tuple[torch.Tensor, dict[int, float]]:
+        """Subject fidelity per sample (its mean over the groups it belongs to; NaN where
+        it belongs to none) and per group (over the group's samples)."""
+        totals = torch.zeros(len(samples))
+        counts = torch.zeros(len(samples))
+        by_group = {}
+        for index in range(len(self.groups)):
+            members = _members(index, groups)
+            if not members:
+                continue
+            references = self._reference_embeddings(metric, index, embedder)
+            values = fidelity.subject_fidelity(samples[members], references)
+            totals[members] += values
+            counts[members] += 1
+            by_group[index] = fidelity.mean(values)
+        return totals / counts, by_group
+
+    def _reference_embeddings(
+        self, metric: Metric, index: int, embedder: ImageEmbedder
+    ) -> torch.Tensor:
+        key = (metric, index)
+        if key not in self._references:
+            group: ReferenceGroup = self.groups[index]
+            pictures = [decoding.decode(p, str(p), self.rules) for p in group.images]
+            self._references[key] = embedder.images(pictures)
+        return self._references[key]
+
+    def _by_concept(
+        self,
+        per_sample: dict[Metric, torch.Tensor],
+        per_group: dict[Metric, dict[int, float]],
+        groups: list[list[int]],
+    ) -> dict[str, dict[str, float]]:
+        """customDiffusion: each token's scores over the samples of its prompts."""
+        found: dict[str, dict[str, float]] = {}
+        for index, group in enumerate(self.groups):
+            members = _members(index, groups)
+            if group.token is None or not members:
+                continue
+            values = {m.value: by[index] for m, by in per_group.items() if index in by}
+            if Metric.CLIP_TEXT in per_sample:
+                values[Metric.CLIP_TEXT.value] = _mean(per_sample[Metric.CLIP_TEXT][members])
+            found[group.label] = values
+        return found
+
+
+def _members(index: int, groups: list[list[int]]) -> list[int]:
+    """The samples that belong to group `index`."""
+    return [sample for sample, belongs in enumerate(groups) if index in belongs]
+
+
+def _mean(values: torch.Tensor) -> float:
+    """The mean of the finite values (the samples that have one)."""
+    return float(values[values.isfinite()].mean())

@@ -13,6 +13,7 @@ import torch
 from finetune.assets import write_tokenizer
 from finetune.trainer.data import encoding
 from finetune.trainer.data.encoding import MAX_PROMPT_WARNINGS, Encoder
+from finetune.trainer.families import FAMILIES
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,7 @@ def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 
 def encoder(tokenizer: Any, announce: bool = True) -> Encoder:
-    components: Any = SimpleNamespace(tokenizer=tokenizer)
+    components: Any = SimpleNamespace(tokenizer=tokenizer, family=FAMILIES["sd"])
     return Encoder(components, torch.device("cpu"), torch.float32, True, False, announce)
 
 
@@ -42,7 +43,7 @@ def test_a_long_prompt_is_named_once_with_the_tokens_dropped(
     with caplog.at_level(logging.WARNING):
         first = encode.tokens([long, short])
         encode.tokens([long, long])
-    assert first.shape == (2, 77)  # still cut to the model's limit
+    assert first["input_ids"].shape == (2, 77)  # still cut to the model's limit
     (message,) = warnings(caplog)
     assert "'a photo of sks dog xxxxxxxx" in message
     assert "…'" in message  # abbreviated

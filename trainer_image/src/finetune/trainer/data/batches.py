@@ -27,6 +27,7 @@ from finetune.trainer.data.concepts import (
 )
 from finetune.trainer.data.encoding import Encoder
 from finetune.trainer.data.images import ImageRules
+from finetune.trainer.families import ImageGeometry
 from finetune.trainer.process.distributed import Rank
 from finetune.trainer.storage.s3 import S3Settings
 
@@ -42,7 +43,9 @@ class ExamplePreparer(Protocol):
 @dataclass
 class Batch:
     latents: torch.Tensor
-    text: dict[str, torch.Tensor]  # input_ids, or encoder_hidden_states
+    # The prompt (token ids, or the frozen encoders' conditioning) and what the family's
+    # UNet takes of the images (SDXL's time_ids): the trained modules' keyword arguments.
+    text: dict[str, torch.Tensor]
     prior_count: int = 0  # the last `prior_count` samples are class images
     mask: torch.Tensor | None = None  # [B, 1, h, w]: where each sample's loss counts
 
@@ -115,7 +118,12 @@ class ConceptBatches:
                 [(m[None].to(latents) if m is not None else ones) for _, _, m in chosen]
             )
         prompts = [prompt for _, prompt, _ in chosen]
-        return Batch(latents, self.encoder.text(prompts), prior_count, mask)
+        return Batch(latents, self._inputs(prompts), prior_count, mask)
+
+    def _inputs(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        # Every image is trained square at the resolution, as if it had been that size.
+        square = ImageGeometry.square(self.method.preprocess.resolution)
+        return {**self.encoder.text(prompts), **self.encoder.images([square] * len(prompts))}
 
     def state(self) -> dict[str, Any]:
         return {}
@@ -148,7 +156,9 @@ class CaptionBatches:
             pixels.append(image)
             prompts.append(sample.caption)
         latents = self.encoder.latents(torch.stack(pixels))
-        return Batch(latents, self.encoder.text(prompts))
+        square = ImageGeometry.square(self.preprocess.resolution)
+        images = self.encoder.images([square] * len(prompts))
+        return Batch(latents, {**self.encoder.text(prompts), **images})
 
     def state(self) -> dict[str, Any]:
         return self.stream.state()

@@ -1,4 +1,5 @@
-"""Images to latents and prompts to text embeddings, with the frozen VAE and text encoder."""
+"""Images to latents and prompts to the UNet's conditioning, with the frozen VAE and text
+encoders; the model's family says how a prompt becomes conditioning."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 
 import torch
 
-from finetune.trainer.models.components import Components
+from finetune.trainer.families import Components, ImageGeometry
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ class Encoder:
         self.text_encoder_trains = text_encoder_trains
         self.cache = cache
         self._latents: dict[Any, torch.Tensor] = {}
-        self._text: dict[str, torch.Tensor] = {}
+        self._text: dict[str, dict[str, torch.Tensor]] = {}
         self.prompt_lengths = PromptLengths(components.tokenizer, announce)
 
     def cached_latents(self, cache_key: Any) -> torch.Tensor | None:
@@ -98,40 +99,49 @@ class Encoder:
         """Sampled, scaled latents of a batch of [-1, 1] images. With a `cache_key`
         (one image only) the latent distribution is kept for `cached_latents`."""
         with torch.no_grad():
-            encoded = self.components.vae.encode(pixels.to(self.device, self.dtype))
+            vae = self.components.vae
+            encoded = vae.encode(pixels.to(self.device, vae.dtype))
         parameters = encoded.latent_dist.parameters
         if cache_key is not None and self.cache:
             self._latents[cache_key] = parameters
         return self._sample(parameters)
 
-    def tokens(self, prompts: list[str]) -> torch.Tensor:
-        """Token ids, cut to the tokenizer's limit (with a warning naming each cut prompt)."""
+    def tokens(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Token ids for each text encoder, cut to the tokenizer's limit (with a warning
+        naming each cut prompt)."""
         self.prompt_lengths.check(prompts)
-        tokenizer = self.components.tokenizer
-        ids = tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-        return ids.to(self.device)  # type: ignore[no-any-return]
+        return self.components.family.tokenize(self.components, prompts, self.device)
 
-    def embeddings(self, prompts: list[str]) -> torch.Tensor:
-        """The frozen text encoder's hidden states for `prompts`."""
+    def _encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            return self.components.family.encode(
+                self.components.text_encoders, self.tokens(prompts)
+            )
+
+    def conditioning(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """The frozen text encoders' conditioning for `prompts` (`encoder_hidden_states`,
+        and whatever else the family's UNet takes from the prompt)."""
         if not self.cache:
-            with torch.no_grad():
-                return self.components.text_encoder(self.tokens(prompts))[0]  # type: ignore[no-any-return]
+            return self._encode(prompts)
         missing = [p for p in dict.fromkeys(prompts) if p not in self._text]
         if missing:
-            with torch.no_grad():
-                states = self.components.text_encoder(self.tokens(missing))[0]
-            self._text.update(zip(missing, states, strict=True))
-        return torch.stack([self._text[p] for p in prompts])
+            encoded = self._encode(missing)
+            for index, prompt in enumerate(missing):
+                self._text[prompt] = {name: value[index] for name, value in encoded.items()}
+        names = self._text[prompts[0]].keys()
+        return {name: torch.stack([self._text[p][name] for p in prompts]) for name in names}
+
+    def embeddings(self, prompts: list[str]) -> torch.Tensor:
+        """The frozen text encoders' hidden states for `prompts`."""
+        return self.conditioning(prompts)["encoder_hidden_states"]
+
+    def images(self, geometry: list[ImageGeometry]) -> dict[str, torch.Tensor]:
+        """What the family's UNet is told of each image beside its latents."""
+        return self.components.family.image_inputs(geometry, self.device)
 
     def text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """What the trained modules take as the prompt: token ids when the text
-        encoder trains, its hidden states otherwise."""
+        encoders train, their conditioning otherwise."""
         if self.text_encoder_trains:
-            return {"input_ids": self.tokens(prompts)}
-        return {"encoder_hidden_states": self.embeddings(prompts)}
+            return self.tokens(prompts)
+        return self.conditioning(prompts)

@@ -20,6 +20,7 @@ class RunPlan:
     concept_folders: list[Path]
     class_folders: list[Path]
     output_uri: str
+    family: str = "sd"  # `spec.baseModel.family` as the launcher resolved it (auto read)
     teacher_folder: Path | None = None
     # The evaluator models of `validation.metrics`, where the job needs them.
     clip_folder: Path | None = None
@@ -35,6 +36,7 @@ class RunPlan:
                 "conceptFolders": [str(p) for p in self.concept_folders],
                 "classFolders": [str(p) for p in self.class_folders],
                 "outputUri": self.output_uri,
+                "family": self.family,
                 "teacherFolder": _text(self.teacher_folder),
                 "clipFolder": _text(self.clip_folder),
                 "dinoFolder": _text(self.dino_folder),
@@ -52,6 +54,7 @@ class RunPlan:
             concept_folders=[Path(p) for p in raw["conceptFolders"]],
             class_folders=[Path(p) for p in raw["classFolders"]],
             output_uri=raw["outputUri"],
+            family=raw.get("family", "sd"),
             teacher_folder=_path(raw.get("teacherFolder")),
             clip_folder=_path(raw.get("clipFolder")),
             dino_folder=_path(raw.get("dinoFolder")),

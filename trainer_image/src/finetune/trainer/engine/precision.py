@@ -17,6 +17,7 @@ dtype and where the forward runs in lower precision.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,11 +62,18 @@ class PrecisionPlan:
         """What a checkpoint written under this plan records of it."""
         return {"precisionPlan": PLAN_VERSION} if self.autocast else {}
 
-    def store_models(self, models: dict[str, nn.Module], device: torch.device) -> None:
+    def store_models(
+        self,
+        models: dict[str, nn.Module],
+        device: torch.device,
+        full_precision: Collection[str] = (),
+    ) -> None:
         """Models that only run (VAE, frozen text encoder, teacher) on `device`, stored
-        in the compute dtype (fp16 too: DeepSpeed's fp16 mode runs them as such)."""
-        for model in models.values():
-            model.to(device, self.compute).eval()
+        in the compute dtype (fp16 too: DeepSpeed's fp16 mode runs them as such), but
+        those named in `full_precision` in float32."""
+        for name, model in models.items():
+            dtype = torch.float32 if name in full_precision else self.compute
+            model.to(device, dtype).eval()
 
     def store_frozen(self, module: nn.Module) -> None:
         """Frozen weights of the engine's module in the compute dtype; trained ones stay

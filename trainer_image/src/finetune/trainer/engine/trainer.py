@@ -35,6 +35,7 @@ from finetune.trainer.engine.speed import (
 from finetune.trainer.engine.zero import ZeroChoice, choose_stage, device_memory, weight_bytes
 from finetune.trainer.errors import JobInputError, NonFiniteLoss
 from finetune.trainer.evaluation.validation import Evaluation
+from finetune.trainer.families import family_named
 from finetune.trainer.methods import TrainedModules, TrainingMethod, method_for
 from finetune.trainer.models.components import Components, load_components
 from finetune.trainer.outputs.finish import finish_run
@@ -87,16 +88,23 @@ class Trainer:
         self.dtype = self.precision.compute
         # Same seed on every rank while models are built, so adapters start equal.
         torch.manual_seed(hp.seed)
-        self.components: Components = load_components(self.plan.model_folder)
+        self.components: Components = load_components(
+            self.plan.model_folder, family_named(self.plan.family)
+        )
         self.method: TrainingMethod = method_for(spec, self.components, self.plan.teacher_folder)
         self.module: TrainedModules = self.method.build()
-        self.precision.store_models(self._frozen_models(), self.device)
+        self.precision.store_models(
+            self._frozen_models(),
+            self.device,
+            # SDXL's VAE overflows in fp16: kept in float32 where its family says so.
+            full_precision={"vae"} if self.components.family.vae_in_float32 else set(),
+        )
         c = self.components
         self.encoder = Encoder(
             c,
             self.device,
             self.dtype,
-            text_encoder_trains=self.module.text_encoder is not None,
+            text_encoder_trains=bool(self.module.text_encoders),
             cache=spec.data.dataset is None,
             # Concept prompts are the same on every rank; dataset captions are not.
             announce=self.rank.main or spec.data.dataset is not None,
@@ -207,8 +215,12 @@ class Trainer:
 
     def _frozen_models(self) -> dict[str, torch.nn.Module]:
         c = self.components
-        text_encoder = {"text encoder": c.text_encoder} if self.module.text_encoder is None else {}
-        return {"vae": c.vae, **text_encoder, **self.method.frozen_models()}
+        text_encoders = {
+            name.replace("_", " "): encoder
+            for name, encoder in c.text_encoders.items()
+            if name not in self.module.text_encoders
+        }
+        return {"vae": c.vae, **text_encoders, **self.method.frozen_models()}
 
     def _s3(self) -> S3Settings:
         return S3Settings.of(self.spec.output)
@@ -220,7 +232,8 @@ class Trainer:
 
             # DeepSpeed moves the trained modules later; generation needs them now.
             self.components.unet.to(self.device)
-            self.components.text_encoder.to(self.device)
+            for encoder in self.components.text_encoders.values():
+                encoder.to(self.device)
             generate_missing(
                 self.spec, self.components, self.plan.class_folders, self.device, self.dtype
             )

@@ -21,8 +21,8 @@ from finetune.trainer.data.batches import Batch
 from finetune.trainer.data.concepts import Example, ImagePreprocessor, Prepared
 from finetune.trainer.data.encoding import Encoder
 from finetune.trainer.data.images import ImageRules
+from finetune.trainer.families import Components, ModelFamily
 from finetune.trainer.methods.diffusion import add_noise, denoising_loss
-from finetune.trainer.models.components import Components
 
 
 class TrainedModules(nn.Module):
@@ -30,27 +30,46 @@ class TrainedModules(nn.Module):
 
     Training the text encoder beside the UNet is the case the reference
     DreamBooth script cannot run under DeepSpeed; one wrapper module fixes it.
+    Text encoders that train sit here under their pipeline names (`text_encoder`,
+    `text_encoder_2`); the model's family turns tokens into the UNet's conditioning.
     """
 
-    def __init__(self, unet: nn.Module, text_encoder: nn.Module | None) -> None:
+    def __init__(
+        self,
+        unet: nn.Module,
+        text_encoder: nn.Module | None = None,
+        *,
+        family: ModelFamily,
+        text_encoder_2: nn.Module | None = None,
+    ) -> None:
         super().__init__()
         self.unet = unet
         self.text_encoder = text_encoder
+        self.text_encoder_2 = text_encoder_2
+        self.family = family
+
+    @property
+    def text_encoders(self) -> dict[str, nn.Module]:
+        """The text encoders that train, by name."""
+        found = {"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
+        return {name: module for name, module in found.items() if module is not None}
 
     def forward(
         self,
         noisy_latents: torch.Tensor,
         timesteps: torch.Tensor,
-        input_ids: torch.Tensor | None = None,
-        encoder_hidden_states: torch.Tensor | None = None,
         timestep_cond: torch.Tensor | None = None,
+        **inputs: torch.Tensor,
     ) -> torch.Tensor:
-        if self.text_encoder is not None:
-            assert input_ids is not None
-            encoder_hidden_states = self.text_encoder(input_ids)[0]
-        assert encoder_hidden_states is not None
+        """`inputs`: token ids when text encoders train, else their conditioning; and
+        what the family's UNet takes of the images (SDXL's `time_ids`)."""
+        if self.text_encoders:
+            inputs = {**inputs, **self.family.encode(self.text_encoders, inputs)}
         return self.unet(  # type: ignore[no-any-return]
-            noisy_latents, timesteps, encoder_hidden_states, timestep_cond=timestep_cond
+            noisy_latents,
+            timesteps,
+            timestep_cond=timestep_cond,
+            **self.family.unet_inputs(inputs),
         ).sample
 
 
@@ -88,8 +107,13 @@ class TrainingMethod(ABC):
                 "lr": hp.learning_rate,
             }
         ]
-        if module.text_encoder is not None:
-            te_params = [p for p in module.text_encoder.parameters() if p.requires_grad]
+        if module.text_encoders:
+            te_params = [
+                p
+                for encoder in module.text_encoders.values()
+                for p in encoder.parameters()
+                if p.requires_grad
+            ]
             groups.append(
                 {"params": te_params, "lr": hp.text_encoder_learning_rate or hp.learning_rate}
             )
@@ -137,10 +161,7 @@ class TrainingMethod(ABC):
 
     def sampling_modules(self, module: TrainedModules) -> dict[str, nn.Module]:
         """The trained modules to put into a pipeline for samples."""
-        parts: dict[str, nn.Module] = {"unet": module.unet}
-        if module.text_encoder is not None:
-            parts["text_encoder"] = module.text_encoder
-        return parts
+        return {"unet": module.unet, **module.text_encoders}
 
     def sampling_scheduler(self) -> Any:
         """The scheduler validation samples use: DPM-Solver, good in 20-25 steps."""

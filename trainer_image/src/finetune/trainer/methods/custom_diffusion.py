@@ -216,7 +216,7 @@ class CustomDiffusion(TrainingMethod):
             if cd.augmentation
             else None
         )
-        return TrainedModules(c.unet, c.text_encoder)
+        return TrainedModules(c.unet, c.text_encoder, family=c.family)
 
     def prepare(self, example: Example, position: int, is_class: bool) -> Prepared:
         if self.augment is None or is_class:

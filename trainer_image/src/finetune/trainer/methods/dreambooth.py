@@ -1,4 +1,4 @@
-"""DreamBooth: the whole UNet trains, and optionally the whole text encoder."""
+"""DreamBooth: the whole UNet trains, and optionally the whole text encoder(s)."""
 
 from __future__ import annotations
 
@@ -10,22 +10,22 @@ from finetune.trainer.models.components import save_pipeline
 
 class DreamBooth(TrainingMethod):
     def build(self) -> TrainedModules:
-        unet = self.components.unet
-        text_encoder = self.components.text_encoder if self.trains_text_encoder else None
-        unet.requires_grad_(True)
-        self.components.vae.requires_grad_(False)
-        self.components.text_encoder.requires_grad_(self.trains_text_encoder)
+        c = self.components
+        c.unet.requires_grad_(True)
+        c.vae.requires_grad_(False)
+        for encoder in c.text_encoders.values():
+            encoder.requires_grad_(self.trains_text_encoder)
+        text_encoders = c.text_encoders if self.trains_text_encoder else {}
         if self.spec.training.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
-            if text_encoder is not None:
-                text_encoder.gradient_checkpointing_enable()
-        return TrainedModules(unet, text_encoder)
+            c.unet.enable_gradient_checkpointing()
+            for encoder in text_encoders.values():
+                encoder.gradient_checkpointing_enable()
+        return TrainedModules(c.unet, family=c.family, **text_encoders)
 
     def save(self, module: TrainedModules, folder: Path) -> list[Path]:
-        """A complete pipeline folder that `StableDiffusionPipeline.from_pretrained` loads."""
-        trained = {"unet": module.unet}
-        if module.text_encoder is not None:
-            trained["text_encoder"] = module.text_encoder
+        """A complete pipeline folder that the family's pipeline class loads with
+        `from_pretrained` (`StableDiffusionPipeline`, `StableDiffusionXLPipeline`)."""
+        trained = {"unet": module.unet, **module.text_encoders}
         return save_pipeline(
             self.components, _inference_scheduler(self.components.folder), folder, **trained
         )

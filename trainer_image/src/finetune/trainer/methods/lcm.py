@@ -212,7 +212,7 @@ class Lcm(TrainingMethod):
         self.target = copy.deepcopy(c.unet).requires_grad_(False).eval()
         if self.spec.training.gradient_checkpointing:
             c.unet.enable_gradient_checkpointing()
-        return TrainedModules(c.unet, None)
+        return TrainedModules(c.unet, family=c.family)
 
     def attach(self, encoder: Encoder) -> None:
         self.distillation.attach(encoder)

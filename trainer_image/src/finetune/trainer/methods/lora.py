@@ -1,4 +1,4 @@
-"""LoRA: adapters on the UNet's attention (and optionally the text encoder's)."""
+"""LoRA: adapters on the UNet's attention (and optionally the text encoders')."""
 
 from __future__ import annotations
 
@@ -33,39 +33,36 @@ class Lora(TrainingMethod):
         assert lora is not None
         assert lora.target_modules is not None  # filled by the API's method defaults
         c = self.components
-        for part in (c.unet, c.vae, c.text_encoder):
+        for part in (c.unet, c.vae, *c.text_encoders.values()):
             part.requires_grad_(False)
         c.unet.add_adapter(self._config(lora.target_modules))
-        text_encoder = None
-        if self.trains_text_encoder:
-            text_encoder = c.text_encoder
-            text_encoder.add_adapter(self._config(lora.text_encoder_target_modules))
+        text_encoders = c.text_encoders if self.trains_text_encoder else {}
+        for encoder in text_encoders.values():
+            encoder.add_adapter(self._config(lora.text_encoder_target_modules))
         # Adapters train in float32 whatever the base weights' dtype.
-        for module in (c.unet, text_encoder):
-            if module is not None:
-                for param in module.parameters():
-                    if param.requires_grad:
-                        param.data = param.data.float()
+        for module in (c.unet, *text_encoders.values()):
+            for param in module.parameters():
+                if param.requires_grad:
+                    param.data = param.data.float()
         if self.spec.training.gradient_checkpointing:
             c.unet.enable_gradient_checkpointing()
-            if text_encoder is not None:
-                text_encoder.gradient_checkpointing_enable()
-        return TrainedModules(c.unet, text_encoder)
+            for encoder in text_encoders.values():
+                encoder.gradient_checkpointing_enable()
+        return TrainedModules(c.unet, family=c.family, **text_encoders)
 
     def adapter_state(self, module: TrainedModules) -> dict[str, dict[str, torch.Tensor]]:
         """The adapters in PEFT's key format, as float32 on the CPU."""
         from peft.utils import get_peft_model_state_dict
 
         parts = {"unet": get_peft_model_state_dict(module.unet)}
-        if module.text_encoder is not None:
-            parts["text_encoder"] = get_peft_model_state_dict(module.text_encoder)
+        for name, encoder in module.text_encoders.items():
+            parts[name] = get_peft_model_state_dict(encoder)
         return {
             name: {k: v.detach().float().cpu().contiguous() for k, v in sd.items()}
             for name, sd in parts.items()
         }
 
     def save(self, module: TrainedModules, folder: Path) -> list[Path]:
-        from diffusers import StableDiffusionPipeline
         from diffusers.utils import convert_state_dict_to_kohya
         from safetensors.torch import save_file
 
@@ -75,20 +72,17 @@ class Lora(TrainingMethod):
         state = self.adapter_state(module)
         metadata = {"r": lora.rank, "lora_alpha": lora.alpha, "target_modules": lora.target_modules}
         te_metadata = {**metadata, "target_modules": lora.text_encoder_target_modules}
-        # diffusers' own layout: `unet.`/`text_encoder.` + PEFT's module keys (lora_A,
-        # lora_B), never the `base_model.model.` keys of a PEFT wrapper. Its older
-        # `lora.down`/`lora.up` names cover attention layers only: a file mixing both
-        # (lcmLora adapts convolutions too) loads without its attention adapters.
-        StableDiffusionPipeline.save_lora_weights(
-            folder,
-            unet_lora_layers=state["unet"],
-            text_encoder_lora_layers=state.get("text_encoder"),
-            unet_lora_adapter_metadata=metadata,
-            text_encoder_lora_adapter_metadata=te_metadata if "text_encoder" in state else None,
-            safe_serialization=True,
+        # diffusers' own layout: `unet.`/`text_encoder.`(/`text_encoder_2.`) + PEFT's
+        # module keys (lora_A, lora_B), never the `base_model.model.` keys of a PEFT
+        # wrapper. Its older `lora.down`/`lora.up` names cover attention layers only: a
+        # file mixing both (lcmLora adapts convolutions too) loads without its attention
+        # adapters.
+        self.components.family.save_lora(
+            folder, state, {part: metadata if part == "unet" else te_metadata for part in state}
         )
         written = [folder / LORA_FILE]
         if OutputFormat.KOHYA in self.spec.output.formats:
+            # diffusers names the parts `lora_unet_`, `lora_te1_` and `lora_te2_`.
             prefixed = {
                 f"{name}.{key}": value for name, sd in state.items() for key, value in sd.items()
             }

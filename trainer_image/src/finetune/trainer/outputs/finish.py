@@ -53,6 +53,8 @@ def finish_run(
             work_dir,
             files,
             history(telemetry.log_path),
+            pipeline=method.components.family.pipeline_class,
+            tag=method.components.family.card_tag,
         )
         (staging / result.MODEL_CARD).write_text(card)
     result.promote(staging, work_dir)

@@ -52,9 +52,12 @@ def model_card(
     work_dir: Path,
     files: list[tuple[str, int, str]] | None = None,
     scores: list[Scores] | None = None,
+    pipeline: str = "StableDiffusionPipeline",
+    tag: str = "stable-diffusion",
 ) -> str:
     """`files`: (path in the results, bytes, sha256) of what the card describes; `scores`:
-    every validation's, by step."""
+    every validation's, by step; `pipeline`: the diffusers class that loads the result (the
+    model family's), `tag` the family's hub tag."""
     method = spec.method
     hyper = spec.training.model_dump(by_alias=True, exclude_none=True, mode="json")
     for section in ("lora", "custom_diffusion", "lcm"):
@@ -69,7 +72,7 @@ def model_card(
             {
                 "base_model": spec.base_model.uri,
                 "library_name": "diffusers",
-                "tags": ["stable-diffusion", method, "finetune-operator"],
+                "tags": [tag, method, "finetune-operator"],
             },
             sort_keys=False,
         ).strip(),
@@ -83,7 +86,7 @@ def model_card(
         "## How to use",
         "",
         "```python",
-        *usage(spec, prompts[0] if prompts else validation_prompt),
+        *usage(spec, prompts[0] if prompts else validation_prompt, pipeline),
         "```",
         "",
     ]
@@ -132,13 +135,14 @@ def metrics_table(spec: TrainingSpec, scores: list[Scores]) -> list[str]:
     return [*lines, ""]
 
 
-def usage(spec: TrainingSpec, prompt: str) -> list[str]:
-    """Python that loads this method's result with diffusers' public API."""
+def usage(spec: TrainingSpec, prompt: str, pipeline: str = "StableDiffusionPipeline") -> list[str]:
+    """Python that loads this method's result with diffusers' public API, through the
+    model family's `pipeline` class."""
     base = spec.base_model.uri.removeprefix("hf://").split("@")[0]
     here = "path/to/this/folder"
     load_base = [
-        "from diffusers import StableDiffusionPipeline",
-        f'pipe = StableDiffusionPipeline.from_pretrained("{base}")',
+        f"from diffusers import {pipeline}",
+        f'pipe = {pipeline}.from_pretrained("{base}")',
     ]
     method = spec.method
     few_steps = (
@@ -151,8 +155,8 @@ def usage(spec: TrainingSpec, prompt: str) -> list[str]:
         lcm = spec.lcm
         assert lcm is not None
         lines = [
-            "from diffusers import LCMScheduler, StableDiffusionPipeline",
-            f'pipe = StableDiffusionPipeline.from_pretrained("{base}")',
+            f"from diffusers import LCMScheduler, {pipeline}",
+            f'pipe = {pipeline}.from_pretrained("{base}")',
             "pipe.scheduler = LCMScheduler.from_config(",
             "    pipe.scheduler.config,"
             f" original_inference_steps={lcm.num_ddim_timesteps},"
@@ -177,14 +181,14 @@ def usage(spec: TrainingSpec, prompt: str) -> list[str]:
         ]
     elif method == "lcm":
         lines = [
-            "from diffusers import StableDiffusionPipeline",
-            f'pipe = StableDiffusionPipeline.from_pretrained("{here}")  # LCMScheduler included',
+            f"from diffusers import {pipeline}",
+            f'pipe = {pipeline}.from_pretrained("{here}")  # LCMScheduler included',
         ]
         return [*lines, few_steps]
     else:
         lines = [
-            "from diffusers import StableDiffusionPipeline",
-            f'pipe = StableDiffusionPipeline.from_pretrained("{here}")',
+            f"from diffusers import {pipeline}",
+            f'pipe = {pipeline}.from_pretrained("{here}")',
         ]
     return [*lines, f'image = pipe("{prompt}").images[0]']
 

@@ -1,0 +1,86 @@
+"""Model families by the name `spec.baseModel.family` gives, and how `auto` finds one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from finetune.trainer.errors import JobInputError
+from finetune.trainer.families.base import Components, ImageGeometry, ModelFamily
+from finetune.trainer.families.sd import StableDiffusion
+from finetune.trainer.families.sdxl import StableDiffusionXL
+
+FIELD = "spec.baseModel.family"
+AUTO = "auto"
+FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (StableDiffusion(), StableDiffusionXL())}
+BY_PIPELINE = {f.pipeline_class: f for f in FAMILIES.values()}
+
+
+def family_named(name: str) -> ModelFamily:
+    return FAMILIES[name]
+
+
+def pipeline_class_of(folder: Path) -> str | None:
+    """The pipeline class a diffusers folder's `model_index.json` names, if it names one."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return None
+    name = index.get("_class_name") if isinstance(index, dict) else None
+    return name if isinstance(name, str) else None
+
+
+def known() -> str:
+    return ", ".join(f"{f.pipeline_class} ({f.name})" for f in FAMILIES.values())
+
+
+def resolve_family(requested: str, folder: Path, uri: str, method: str) -> ModelFamily:
+    """The family `requested` (`auto`: the one `model_index.json` names) for the model
+    in `folder`, checked against the folder and the method; refusals name the field."""
+    found = pipeline_class_of(folder)
+    if requested == AUTO:
+        if found not in BY_PIPELINE:
+            raise JobInputError(
+                f"{FIELD}: auto: {uri} holds a {found or 'pipeline of no named class'} "
+                f"(model_index.json), which this trainer cannot train; it trains {known()}"
+            )
+        family = BY_PIPELINE[found]
+    else:
+        family = FAMILIES[requested]
+        other = BY_PIPELINE.get(found or "")
+        if other is not None and other is not family:
+            raise JobInputError(
+                f"{FIELD}: {requested}, but {uri} holds a {found} ({other.name}); "
+                f"use {other.name} or auto"
+            )
+    missing = [part for part in family.parts if not (folder / part).exists()]
+    if missing:
+        raise JobInputError(
+            f"{FIELD}: {family.name}: {uri} is not a {family.pipeline_class} folder "
+            f"(missing {', '.join(missing)})"
+        )
+    if method not in family.methods:
+        methods = ", ".join(sorted(family.methods))
+        raise JobInputError(
+            f"{FIELD}: {family.name} ({uri}) cannot be trained with {method} yet; "
+            f"{family.name} models train with {methods}"
+        )
+    return family
+
+
+def detect(folder: Path) -> ModelFamily:
+    """The family a checked model folder belongs to (SD unless it names another)."""
+    return BY_PIPELINE.get(pipeline_class_of(folder) or "", FAMILIES["sd"])
+
+
+__all__ = [
+    "AUTO",
+    "FAMILIES",
+    "FIELD",
+    "Components",
+    "ImageGeometry",
+    "ModelFamily",
+    "detect",
+    "family_named",
+    "resolve_family",
+]

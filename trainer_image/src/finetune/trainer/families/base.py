@@ -1,0 +1,132 @@
+"""What a model family is: the second plugin axis beside the training method.
+
+A family knows its architecture: which parts a model folder holds and how they load,
+how a prompt becomes the UNet's conditioning (and what else the UNet is given), which
+diffusers pipeline samples with it and saves it, and how its LoRA files are laid out.
+Methods ask their family; none checks which family it has.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ImageGeometry:
+    """Where a training image came from: its size before resizing, the top-left corner of
+    the crop taken, and the size trained at (each as height, width). SDXL's UNet is told
+    all three (its `time_ids`)."""
+
+    original: tuple[int, int]
+    crop: tuple[int, int]
+    target: tuple[int, int]
+
+    @classmethod
+    def square(cls, resolution: int) -> ImageGeometry:
+        return cls((resolution, resolution), (0, 0), (resolution, resolution))
+
+
+@dataclass
+class Components:
+    """The loaded parts of a base model. `text_encoder`/`tokenizer` are the first (the
+    only one for SD); a second, where the family has one, is `text_encoder_2`/`tokenizer_2`."""
+
+    folder: Path
+    family: ModelFamily
+    tokenizer: Any
+    text_encoder: Any
+    vae: Any
+    unet: Any
+    noise_scheduler: Any
+    tokenizer_2: Any = None
+    text_encoder_2: Any = None
+
+    @property
+    def text_encoders(self) -> dict[str, Any]:
+        """The text encoders by their pipeline name (`text_encoder`, `text_encoder_2`)."""
+        return {
+            name: getattr(self, name)
+            for name in self.family.text_encoder_names
+            if getattr(self, name) is not None
+        }
+
+    @property
+    def tokenizers(self) -> dict[str, Any]:
+        """The tokenizers by the name of the text encoder each feeds."""
+        return {
+            name: getattr(self, name.replace("text_encoder", "tokenizer"))
+            for name in self.family.text_encoder_names
+        }
+
+
+class ModelFamily(ABC):
+    """One architecture family. Stateless: one instance serves every run."""
+
+    name: ClassVar[str]
+    # The diffusers pipeline class (as `model_index.json` names it, and the model card).
+    pipeline_class: ClassVar[str]
+    # Folders a model folder of this family holds besides `model_index.json`.
+    parts: ClassVar[tuple[str, ...]]
+    text_encoder_names: ClassVar[tuple[str, ...]]
+    # The training methods this trainer can run on the family.
+    methods: ClassVar[frozenset[str]]
+    # Keep the VAE in float32 whatever the precision (SDXL's overflows in fp16).
+    vae_in_float32: ClassVar[bool] = False
+    card_tag: ClassVar[str]  # the hub tag of the model card
+
+    @abstractmethod
+    def load(self, folder: Path) -> Components:
+        """The parts the trainer works with, from a diffusers folder of this family."""
+
+    def pipeline_type(self) -> Any:
+        import diffusers
+
+        return getattr(diffusers, self.pipeline_class)
+
+    @abstractmethod
+    def pipeline(self, components: Components, scheduler: Any, **trained: Any) -> Any:
+        """The family's pipeline over `components`, trained modules in place of theirs."""
+
+    @abstractmethod
+    def tokenize(
+        self, components: Components, prompts: list[str], device: torch.device
+    ) -> dict[str, torch.Tensor]:
+        """Token ids for each text encoder, by the name its encoder reads them under."""
+
+    @abstractmethod
+    def encode(
+        self, text_encoders: Mapping[str, nn.Module], tokens: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """The prompt's conditioning from its token ids (`tokenize`)."""
+
+    def image_inputs(
+        self, geometry: list[ImageGeometry], device: torch.device
+    ) -> dict[str, torch.Tensor]:
+        """What the UNet is told about each training image beside its latents."""
+        return {}
+
+    @abstractmethod
+    def unet_inputs(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        """The UNet's keyword arguments beside the latents and timesteps, from a batch's
+        conditioning (`encode`) and image inputs (`image_inputs`)."""
+
+    def save_lora(
+        self,
+        folder: Path,
+        layers: Mapping[str, dict[str, torch.Tensor]],
+        metadata: Mapping[str, dict[str, Any]],
+    ) -> None:
+        """LoRA layers by part (`unet`, `text_encoder`...) in diffusers' own file layout,
+        as this family's pipeline writes and `load_lora_weights` reads it."""
+        arguments: dict[str, Any] = {}
+        for part, state in layers.items():
+            arguments[f"{part}_lora_layers"] = state
+            arguments[f"{part}_lora_adapter_metadata"] = metadata[part]
+        self.pipeline_type().save_lora_weights(folder, **arguments, safe_serialization=True)

@@ -44,6 +44,26 @@ class ModelSource(ApiModel):
     )
 
 
+class ModelFamily(StrEnum):
+    AUTO = "auto"
+    SD = "sd"
+    SDXL = "sdxl"
+
+
+class BaseModelSource(ModelSource):
+    """The model to fine-tune, and which architecture family it is."""
+
+    family: ModelFamily = Field(
+        default=ModelFamily.AUTO,
+        description=(
+            "`sd` (Stable Diffusion 1.x and 2.x), `sdxl` (Stable Diffusion XL), or `auto`: "
+            "read from the model folder's `model_index.json` (`StableDiffusionPipeline`: "
+            "sd, `StableDiffusionXLPipeline`: sdxl). sdxl trains with `lora` so far; a "
+            "family the trainer cannot train is refused before training starts."
+        ),
+    )
+
+
 class ClassImages(ApiModel):
     """Regularisation images for prior preservation."""
 
@@ -571,7 +591,7 @@ class TrainingSpec(ApiModel):
     method: Method = Field(
         description="`dreambooth`, `lora`, `customDiffusion`, `lcm` or `lcmLora`."
     )
-    base_model: ModelSource = Field(
+    base_model: BaseModelSource = Field(
         description="The model to fine-tune (the student's start for lcm)."
     )
     data: DataSpec = Field(description="Training data.")

@@ -34,6 +34,7 @@ from finetune.trainer.engine.deepspeed_setup import check_optimizer
 from finetune.trainer.engine.plan import RunPlan
 from finetune.trainer.errors import JobInputError, Unreachable, exit_code_for
 from finetune.trainer.evaluation.sources import resolve_evaluators
+from finetune.trainer.families import resolve_family
 from finetune.trainer.launcher.lease import OutputClaim
 from finetune.trainer.launcher.overlap import check_output_apart
 from finetune.trainer.launcher.preflight import check_output, checked_nproc
@@ -106,6 +107,7 @@ def prepare(
     if claim is not None:
         claim(output, work_dir, s3)
     model = resolve_model(spec.base_model.uri, cache, s3)
+    family = resolve_family(str(spec.base_model.family), model, spec.base_model.uri, spec.method)
     teacher = None
     if spec.lcm is not None and spec.lcm.teacher_model is not None:
         teacher = resolve_model(spec.lcm.teacher_model.uri, cache, s3).resolve()
@@ -143,7 +145,17 @@ def prepare(
         classes.append(class_folder.resolve())
     clip, dino = resolve_evaluators(spec, cache, s3)
     return RunPlan(
-        name, spec, work_dir, model.resolve(), concepts, classes, output, teacher, clip, dino
+        name,
+        spec,
+        work_dir,
+        model.resolve(),
+        concepts,
+        classes,
+        output,
+        family=family.name,
+        teacher_folder=teacher,
+        clip_folder=clip,
+        dino_folder=dino,
     )
 
 

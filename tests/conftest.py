@@ -7,12 +7,17 @@ from pathlib import Path
 
 import pytest
 
-from finetune.assets import build_evaluators, build_model, write_images
+from finetune.assets import build_evaluators, build_model, build_sdxl_model, write_images
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_model(tmp_path_factory.mktemp("models") / "tiny-sd")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_sdxl_model(tmp_path_factory.mktemp("models") / "tiny-sdxl")
 
 
 @pytest.fixture(scope="session")

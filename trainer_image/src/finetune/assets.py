@@ -5,6 +5,8 @@ pipeline folder (loaded through the real `from_pretrained`), but nothing here
 may reach a model hub. `build_model` writes one with random weights: `tiny`
 trains in seconds on a CPU; `sd15` has the real SD 1.5 architecture (UNet,
 CLIP ViT-L/14 text encoder, SD VAE) for honest speed and memory figures.
+`build_sdxl_model` writes a tiny Stable Diffusion XL folder (two text encoders, the
+second with projection; a UNet with SDXL's added text-and-time embedding).
 `build_evaluators` writes the CLIP and DINO folders that validation metrics
 (`validation.metrics`) load, likewise tiny or at the real architectures.
 """
@@ -161,6 +163,92 @@ def build_model(folder: str | Path, size: Size = "tiny", seed: int = 0) -> Path:
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(folder)
+    return folder
+
+
+def _sdxl_configs(vocab_size: int) -> dict[str, dict[str, Any]]:
+    """A tiny SDXL: the encoders' widths differ (32 and 48), so a UNet that read only one
+    of them, or the wrong layer's width, would not load."""
+    text = {
+        "vocab_size": vocab_size,
+        "intermediate_size": 64,
+        "num_hidden_layers": 3,  # SDXL reads the penultimate layer
+        "num_attention_heads": 4,
+        "max_position_embeddings": 77,
+        "projection_dim": 32,
+    }
+    time_dim = 8
+    return {
+        "text": {**text, "hidden_size": 32},
+        "text_2": {**text, "hidden_size": 48},
+        "unet": {
+            "block_out_channels": (32, 64),
+            "layers_per_block": 1,
+            "sample_size": 32,
+            "in_channels": 4,
+            "out_channels": 4,
+            "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+            "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+            "cross_attention_dim": 32 + 48,
+            "attention_head_dim": (2, 4),
+            "transformer_layers_per_block": (1, 2),
+            "use_linear_projection": True,
+            "norm_num_groups": 8,
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": time_dim,
+            # Six time ids (original size, crop corner, target size) and the pooled text.
+            "projection_class_embeddings_input_dim": 6 * time_dim + 32,
+        },
+        "vae": {
+            **_configs("tiny", vocab_size)["vae"],
+            "scaling_factor": 0.13025,
+            "force_upcast": True,
+        },
+    }
+
+
+def build_sdxl_model(folder: str | Path, seed: int = 0) -> Path:
+    """Write a tiny randomly initialised Stable Diffusion XL pipeline folder (with the
+    Euler scheduler SDXL ships with) and return its path."""
+    import shutil
+
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+    )
+
+    folder = Path(folder)
+    vocab_size = write_tokenizer(folder / "tokenizer")
+    shutil.copytree(folder / "tokenizer", folder / "tokenizer_2", dirs_exist_ok=True)
+    configs = _sdxl_configs(vocab_size)
+    torch.manual_seed(seed)
+    pipeline = StableDiffusionXLPipeline(
+        unet=UNet2DConditionModel(**configs["unet"]),
+        vae=AutoencoderKL(**configs["vae"]),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**configs["text"])),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**configs["text_2"])),
+        tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+        tokenizer_2=CLIPTokenizer.from_pretrained(folder / "tokenizer_2"),
+        scheduler=EulerDiscreteScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            num_train_timesteps=1000,
+            steps_offset=1,
+            timestep_spacing="leading",
+        ),
+        add_watermarker=False,
     )
     pipeline.save_pretrained(folder)
     return folder

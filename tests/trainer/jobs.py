@@ -86,8 +86,8 @@ def assert_every_adapter_loaded(pipeline: Any, weights: dict[str, Any]) -> None:
     from peft.utils import get_peft_model_state_dict
 
     loaded = {}
-    for part in ("unet", "text_encoder"):
-        module = getattr(pipeline, part)
+    for part in ("unet", "text_encoder", "text_encoder_2"):
+        module = getattr(pipeline, part, None)
         if getattr(module, "peft_config", None):
             (adapter,) = module.peft_config
             state = get_peft_model_state_dict(module, adapter_name=adapter)

@@ -110,3 +110,41 @@ def test_families_are_resolved_from_the_folder_and_checked(
         resolve_family("sdxl", folder, "m", "lora")
     with pytest.raises(JobInputError, match="auto: m holds a MyPipeline"):
         resolve_family("auto", folder, "m", "lora")
+
+
+def test_sdxl_is_told_each_images_original_size_and_crop(
+    tiny_sdxl_model: Path, tmp_path: Path
+) -> None:
+    """A 128x96 landscape photo trained at 64 px: resized to 85x64, its middle 64 columns
+    cropped (left 10), and mirrored where the flip says so (then left 21 - 10 = 11)."""
+    from PIL import Image
+
+    from finetune.trainer.data.batches import ConceptBatches
+    from finetune.trainer.data.concepts import Example, ImagePreprocessor, Prepared
+    from finetune.trainer.process.distributed import Rank
+
+    Image.new("RGB", (128, 96), "red").save(tmp_path / "wide.png")
+    components = load_components(tiny_sdxl_model)
+
+    class Preparer:
+        def __init__(self, flip: bool) -> None:
+            self.preprocess = ImagePreprocessor(64, True, flip, seed=0)
+
+        def prepare(self, example: Example, position: int, is_class: bool) -> Prepared:
+            pixels, cacheable, geometry = self.preprocess(example.image, position)
+            return Prepared(pixels, example.prompt, cacheable, geometry=geometry)
+
+    rows = set()
+    for flip in (False, True):
+        batches = ConceptBatches(
+            [Example(tmp_path / "wide.png", PROMPTS[0])],
+            [],
+            Preparer(flip),
+            encoder(components),
+            Rank(0, 0, 1),
+            batch_size=1,
+            seed=0,
+        )
+        for step in range(2 if not flip else 8):  # cached from the second step when it can be
+            rows.add(tuple(batches.batch(step).text["time_ids"][0].tolist()))
+    assert rows == {(96.0, 128.0, 0.0, 10.0, 64.0, 64.0), (96.0, 128.0, 0.0, 11.0, 64.0, 64.0)}

@@ -179,7 +179,7 @@ def test_every_path_decodes_the_same_way(tmp_path: Path) -> None:
         examples_from(folder, "a photo", False, "f", rules=REFUSE)
     (deep, _) = examples_from(folder, "a photo", False, "f", rules=WHITE)
 
-    tensor, _ = ImagePreprocessor(64, True, False, seed=0, rules=WHITE)(deep.image, 0)
+    tensor, _, _ = ImagePreprocessor(64, True, False, seed=0, rules=WHITE)(deep.image, 0)
     assert (tensor.min(), tensor.max()) == (-1.0, 1.0)
     assert tensor[0, 0].unique().numel() == 64  # a gradient, not a white square
 

@@ -26,8 +26,8 @@ from finetune.trainer.data.concepts import (
     split_held_out,
 )
 from finetune.trainer.data.encoding import Encoder
+from finetune.trainer.data.geometry import ImageGeometry
 from finetune.trainer.data.images import ImageRules
-from finetune.trainer.families import ImageGeometry
 from finetune.trainer.process.distributed import Rank
 from finetune.trainer.storage.s3 import S3Settings
 
@@ -48,6 +48,14 @@ class Batch:
     text: dict[str, torch.Tensor]
     prior_count: int = 0  # the last `prior_count` samples are class images
     mask: torch.Tensor | None = None  # [B, 1, h, w]: where each sample's loss counts
+
+
+@dataclass
+class Sample:
+    latents: torch.Tensor
+    prompt: str
+    mask: torch.Tensor | None
+    geometry: ImageGeometry
 
 
 class Batches(Protocol):
@@ -81,13 +89,15 @@ class ConceptBatches:
         self.batch_size = batch_size
         self.instance_stream = IndexStream(len(instances), seed, salt=0)
         self.class_stream = IndexStream(max(1, len(classes)), seed, salt=1)
+        self.square = ImageGeometry.square(method.preprocess.resolution)
+        self._geometry: dict[Any, ImageGeometry] = {}  # beside the encoder's cached latents
 
     def _take(
         self, stream: IndexStream, examples: list[Example], kind: str, micro_step: int
-    ) -> list[tuple[torch.Tensor, str, torch.Tensor | None]]:
-        """(latents, prompt, mask) of each sample; an image whose latents are cached is
-        not even opened."""
-        chosen: list[tuple[torch.Tensor, str, torch.Tensor | None]] = []
+    ) -> list[Sample]:
+        """Each sample of the micro-batch; an image whose latents are cached is not even
+        opened."""
+        chosen: list[Sample] = []
         for position in stream.positions(
             micro_step, self.rank.rank, self.rank.world, self.batch_size
         ):
@@ -95,13 +105,16 @@ class ConceptBatches:
             key = (kind, index)
             latents = self.encoder.cached_latents(key)
             if latents is not None:  # only deterministic preparations are cached
-                chosen.append((latents, examples[index].prompt, None))
+                chosen.append(Sample(latents, examples[index].prompt, None, self._geometry[key]))
                 continue
             prepared = self.method.prepare(examples[index], position, kind == "class")
             latents = self.encoder.latents(
                 prepared.pixels[None], key if prepared.cacheable else None
             )
-            chosen.append((latents, prepared.prompt, prepared.mask))
+            geometry = prepared.geometry or self.square
+            if prepared.cacheable:
+                self._geometry[key] = geometry
+            chosen.append(Sample(latents, prepared.prompt, prepared.mask, geometry))
         return chosen
 
     def batch(self, micro_step: int) -> Batch:
@@ -110,20 +123,19 @@ class ConceptBatches:
         if self.classes:
             chosen += self._take(self.class_stream, self.classes, "class", micro_step)
             prior_count = self.batch_size
-        latents = torch.cat([latent for latent, _, _ in chosen])
+        latents = torch.cat([sample.latents for sample in chosen])
         mask = None
-        if any(m is not None for _, _, m in chosen):
+        if any(sample.mask is not None for sample in chosen):
             ones = torch.ones_like(latents[:1, :1])
             mask = torch.cat(
-                [(m[None].to(latents) if m is not None else ones) for _, _, m in chosen]
+                [(s.mask[None].to(latents) if s.mask is not None else ones) for s in chosen]
             )
-        prompts = [prompt for _, prompt, _ in chosen]
-        return Batch(latents, self._inputs(prompts), prior_count, mask)
-
-    def _inputs(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        # Every image is trained square at the resolution, as if it had been that size.
-        square = ImageGeometry.square(self.method.preprocess.resolution)
-        return {**self.encoder.text(prompts), **self.encoder.images([square] * len(prompts))}
+        prompts = [sample.prompt for sample in chosen]
+        inputs = {
+            **self.encoder.text(prompts),
+            **self.encoder.images([sample.geometry for sample in chosen]),
+        }
+        return Batch(latents, inputs, prior_count, mask)
 
     def state(self) -> dict[str, Any]:
         return {}
@@ -150,15 +162,14 @@ class CaptionBatches:
         self.batch_size = batch_size
 
     def batch(self, micro_step: int) -> Batch:
-        pixels, prompts = [], []
+        pixels, prompts, geometry = [], [], []
         for sample, position in self.stream.take(micro_step, self.batch_size):
-            image, _ = self.preprocess(sample.decode(self.preprocess.rules), position)
+            image, _, where = self.preprocess(sample.decode(self.preprocess.rules), position)
             pixels.append(image)
             prompts.append(sample.caption)
+            geometry.append(where)
         latents = self.encoder.latents(torch.stack(pixels))
-        square = ImageGeometry.square(self.preprocess.resolution)
-        images = self.encoder.images([square] * len(prompts))
-        return Batch(latents, {**self.encoder.text(prompts), **images})
+        return Batch(latents, {**self.encoder.text(prompts), **self.encoder.images(geometry)})
 
     def state(self) -> dict[str, Any]:
         return self.stream.state()

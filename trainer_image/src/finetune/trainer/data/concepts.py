@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from finetune.trainer.data import images
+from finetune.trainer.data.geometry import ImageGeometry
 from finetune.trainer.data.images import ImageRules
 from finetune.trainer.errors import JobInputError
 
@@ -36,6 +37,13 @@ class Prepared:
     prompt: str
     cacheable: bool  # the same at every position, so its latents may be cached
     mask: torch.Tensor | None = None  # [1, h, w] at latent resolution: where the loss counts
+    geometry: ImageGeometry | None = None  # None: as if it had been the training size
+
+
+class Cropped(NamedTuple):
+    pixels: torch.Tensor  # [3, resolution, resolution] in [-1, 1]
+    deterministic: bool  # the same at every position
+    geometry: ImageGeometry
 
 
 def image_files(folder: Path, field: str) -> list[Path]:
@@ -103,9 +111,9 @@ class ImagePreprocessor:
         square = size[0] == size[1]
         return not self.random_flip and (self.center_crop or square)
 
-    def __call__(self, source: Path | Image, position: int) -> tuple[torch.Tensor, bool]:
-        """The image (a file, or one `images.decode` returned) as a [-1, 1] tensor, and
-        whether it is the same at every position."""
+    def __call__(self, source: Path | Image, position: int) -> Cropped:
+        """The image (a file, or one `images.decode` returned) as a [-1, 1] tensor,
+        whether it is the same at every position, and where it was cropped from."""
         import torch
         from PIL import Image, ImageOps
 
@@ -130,7 +138,9 @@ class ImagePreprocessor:
         image = image.crop((left, top, left + self.resolution, top + self.resolution))
         if self.random_flip and bool(torch.rand(1, generator=generator) < 0.5):
             image = ImageOps.mirror(image)
-        return to_tensor(image), deterministic
+            left = spare_x - left  # the crop's corner in the mirrored image
+        geometry = ImageGeometry((height, width), (top, left), (self.resolution, self.resolution))
+        return Cropped(to_tensor(image), deterministic, geometry)
 
 
 def to_tensor(image: Image) -> torch.Tensor:

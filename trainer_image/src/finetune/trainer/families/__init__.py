@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from finetune.trainer.data.geometry import ImageGeometry
 from finetune.trainer.errors import JobInputError
-from finetune.trainer.families.base import Components, ImageGeometry, ModelFamily
+from finetune.trainer.families.base import Components, ModelFamily
 from finetune.trainer.families.sd import StableDiffusion
 from finetune.trainer.families.sdxl import StableDiffusionXL
 

@@ -17,20 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-
-@dataclass(frozen=True)
-class ImageGeometry:
-    """Where a training image came from: its size before resizing, the top-left corner of
-    the crop taken, and the size trained at (each as height, width). SDXL's UNet is told
-    all three (its `time_ids`)."""
-
-    original: tuple[int, int]
-    crop: tuple[int, int]
-    target: tuple[int, int]
-
-    @classmethod
-    def square(cls, resolution: int) -> ImageGeometry:
-        return cls((resolution, resolution), (0, 0), (resolution, resolution))
+from finetune.trainer.data.geometry import ImageGeometry
 
 
 @dataclass

@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from finetune.api.methods import Method
+from finetune.trainer.data.geometry import ImageGeometry
 from finetune.trainer.errors import JobInputError
-from finetune.trainer.families.base import Components, ImageGeometry, ModelFamily
+from finetune.trainer.families.base import Components, ModelFamily
 from finetune.trainer.families.sd import tokenize
 
 TOKENS = {"text_encoder": "input_ids", "text_encoder_2": "input_ids_2"}

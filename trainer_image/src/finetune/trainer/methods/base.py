@@ -121,8 +121,8 @@ class TrainingMethod(ABC):
 
     def prepare(self, example: Example, position: int, is_class: bool) -> Prepared:
         """One concept image as it goes into the VAE, with its prompt."""
-        pixels, deterministic = self.preprocess(example.image, position)
-        return Prepared(pixels, example.prompt, deterministic)
+        pixels, deterministic, geometry = self.preprocess(example.image, position)
+        return Prepared(pixels, example.prompt, deterministic, geometry=geometry)
 
     def attach(self, encoder: Encoder) -> None:
         """Called once the devices are known, before training: place extra models."""

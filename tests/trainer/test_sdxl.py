@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from tests.trainer.jobs import (
@@ -81,6 +82,54 @@ def test_sdxl_lora_with_both_text_encoders_loads_and_changes_images(
     assert "stable-diffusion-xl" in card
 
 
+def test_sdxl_dreambooth_with_both_text_encoders_and_prior_preservation(
+    tmp_path: Path, tiny_sdxl_model: Path, disc_images: Path
+) -> None:
+    """The whole UNet and both text encoders train; class images come from the SDXL
+    pipeline; the result is a folder StableDiffusionXLPipeline.from_pretrained loads."""
+    from diffusers import StableDiffusionXLPipeline
+
+    classes = tmp_path / "classes"
+    job = job_file(
+        tmp_path,
+        tiny_sdxl_model,
+        disc_images,
+        method="dreambooth",
+        data={
+            "concepts": [
+                {
+                    "instanceImages": str(disc_images),
+                    "instancePrompt": PROMPT,
+                    "classPrompt": "a photo of a disc",
+                    "classImages": {"uri": str(classes), "count": 2},
+                }
+            ]
+        },
+        training={
+            "trainTextEncoder": True,
+            "priorPreservation": True,
+            "maxSteps": 4,
+            "learningRate": 5e-4,
+            "batchSize": 1,
+        },
+        checkpointing={"everyNSteps": 4},
+    )
+    finetune_run(job)
+    out = tmp_path / "out"
+    assert len(list(classes.glob("*.png"))) == 2
+
+    trained = StableDiffusionXLPipeline.from_pretrained(out)
+    base = sdxl_pipeline(tiny_sdxl_model)
+    for part in ("unet", "text_encoder", "text_encoder_2"):
+        new = dict(getattr(trained, part).named_parameters())
+        old = dict(getattr(base, part).named_parameters())  # type: ignore[attr-defined]
+        assert new.keys() == old.keys()
+        assert any(not torch.equal(new[name], old[name]) for name in new), f"{part} did not train"
+    trained.set_progress_bar_config(disable=True)
+    assert np.abs(render(trained, steps=2) - render(base, steps=2)).mean() > 1e-3
+    assert "StableDiffusionXLPipeline.from_pretrained(" in (out / "README.md").read_text()
+
+
 def test_sdxl_refuses_a_method_it_cannot_train_yet(
     tmp_path: Path, tiny_sdxl_model: Path, disc_images: Path
 ) -> None:
@@ -94,7 +143,7 @@ def test_sdxl_refuses_a_method_it_cannot_train_yet(
         },
         customDiffusion={"modifierTokens": ["<new1>"], "initializerTokens": ["d"]},
     )
-    refused(job, "spec.baseModel.family", "sdxl", "customDiffusion", "lora")
+    refused(job, "spec.baseModel.family", "sdxl", "customDiffusion", "dreambooth, lora")
     assert not (tmp_path / "out" / "README.md").exists()
 
 

@@ -36,7 +36,7 @@ class StableDiffusionXL(ModelFamily):
         "scheduler",
     )
     text_encoder_names = ("text_encoder", "text_encoder_2")
-    methods = frozenset({Method.LORA})
+    methods = frozenset({Method.LORA, Method.DREAMBOOTH})
     vae_in_float32 = True
     card_tag = "stable-diffusion-xl"
 

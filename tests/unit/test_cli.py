@@ -147,3 +147,13 @@ def test_crd_prints_the_committed_file() -> None:
     result = run("crd")
     assert result.returncode == 0
     assert result.stdout == CRD_PATH.read_text()
+
+
+def test_the_model_family_is_auto_sd_or_sdxl(tmp_path: Path) -> None:
+    job = lora_job()
+    job["spec"]["baseModel"]["family"] = "sdxl"
+    assert run("validate", write(tmp_path, "ok.yaml", yaml.safe_dump(job))).returncode == 0
+    job["spec"]["baseModel"]["family"] = "flux"
+    result = run("validate", write(tmp_path, "job.yaml", yaml.safe_dump(job)))
+    assert result.returncode == 2
+    assert ": spec.baseModel.family: " in result.stderr, result.stderr

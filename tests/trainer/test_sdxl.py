@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from finetune.trainer.engine.trainer import CRASH_AFTER_STEP_ENV
 from tests.trainer.jobs import (
     PROMPT,
     assert_every_adapter_loaded,
@@ -128,6 +129,31 @@ def test_sdxl_dreambooth_with_both_text_encoders_and_prior_preservation(
     trained.set_progress_bar_config(disable=True)
     assert np.abs(render(trained, steps=2) - render(base, steps=2)).mean() > 1e-3
     assert "StableDiffusionXLPipeline.from_pretrained(" in (out / "README.md").read_text()
+
+
+def test_sdxl_lora_resumed_after_a_crash_ends_as_an_uninterrupted_run(
+    tmp_path: Path, tiny_sdxl_model: Path, disc_images: Path
+) -> None:
+    """Flipped crops (time ids that change with the position) and both text encoders:
+    a run crashed after step 4 resumes from step 3's checkpoint to the same weights."""
+    spec = {
+        "training": {"maxSteps": 6, "trainTextEncoder": True},
+        "data": {"randomFlip": True},
+    }
+    results = []
+    for name, env in (("straight", {}), ("crashed", {CRASH_AFTER_STEP_ENV: "4"})):
+        (tmp_path / name).mkdir()
+        job = job_file(tmp_path / name, tiny_sdxl_model, disc_images, **spec)
+        if env:
+            assert finetune_run(job, env=env, expect=None).returncode != 0
+            assert "step-00000003" in finetune_run(job).stderr
+        else:
+            finetune_run(job)
+        results.append(load_file(tmp_path / name / "out" / "pytorch_lora_weights.safetensors"))
+    expected, actual = results
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
 def test_sdxl_refuses_a_method_it_cannot_train_yet(

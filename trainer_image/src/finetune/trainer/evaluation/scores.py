@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from finetune.api.metrics import Metric
 from finetune.api.status import ConceptMetrics, ValidationMetrics
-from finetune.api.training import Metric
 
 ALL = "all"  # the concept label of scores over every sample
 # Python's names of the status fields, by metric.
@@ -21,7 +21,8 @@ _FIELDS = {Metric.CLIP_TEXT: "clip_text", Metric.CLIP_IMAGE: "clip_image", Metri
 @dataclass(frozen=True)
 class Scores:
     step: int
-    overall: dict[str, float]  # metric (`clipText`, `clipImage`, `dino`) -> value
+    # metric (`clipText`, `clipImage`, `dino`) -> value, in `validation.metrics`' order
+    overall: dict[str, float]
     # customDiffusion: modifier token -> metric -> value over that concept's prompts
     concepts: dict[str, dict[str, float]] = field(default_factory=dict)
     seconds: float = 0.0  # what scoring took, models loaded and freed included
@@ -44,8 +45,10 @@ class Scores:
 
     def status(self) -> ValidationMetrics:
         """`status.progress.metrics`."""
+        first = next(iter(self.overall.items()), None)
         return ValidationMetrics(
             step=self.step,
+            summary=f"{first[0]} {first[1]:.4f}" if first is not None else None,
             concepts=[ConceptMetrics(concept=c, **_named(v)) for c, v in self.concepts.items()],
             **_named(self.overall),
         )

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from finetune.api.training import Metric, TrainingSpec
+from finetune.api.metrics import Metric
+from finetune.api.training import TrainingSpec
 from finetune.trainer.data import images as decoding
 from finetune.trainer.data.images import ImageRules
 from finetune.trainer.evaluation import fidelity
@@ -83,7 +84,11 @@ class Evaluation:
                 per_sample[Metric.DINO], per_group[Metric.DINO] = self._subject(
                     Metric.DINO, dino, dino.images(flat), groups
                 )
-        overall = {m.value: _mean(v) for m, v in per_sample.items() if v.isfinite().any()}
+        overall = {  # the job's order: the first is the status' summary
+            m.value: _mean(per_sample[m])
+            for m in self.metrics
+            if m in per_sample and per_sample[m].isfinite().any()
+        }
         return Scores(
             step,
             overall,

@@ -103,6 +103,10 @@ class ValidationMetrics(StatusModel):
     clip_text: float | None = _score(_CLIP_TEXT)
     clip_image: float | None = _score(_CLIP_IMAGE)
     dino: float | None = _score(_DINO)
+    pres: float | None = _score(
+        "Prior preservation (with `dino` and `training.priorPreservation`): DINO similarity "
+        "of class-prompt samples to the class images."
+    )
     concepts: list[ConceptMetrics] = Field(
         default_factory=list,
         max_length=16,

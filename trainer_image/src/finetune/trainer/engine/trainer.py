@@ -215,7 +215,12 @@ class Trainer:
             return None
         plan = self.plan
         return Evaluation(
-            self.spec, plan.concept_folders, plan.clip_folder, plan.dino_folder, self.device
+            self.spec,
+            plan.concept_folders,
+            plan.clip_folder,
+            plan.dino_folder,
+            self.device,
+            plan.class_folders,
         )
 
     def _frozen_models(self) -> dict[str, torch.nn.Module]:

@@ -14,8 +14,16 @@ from finetune.api.metrics import Metric
 from finetune.api.status import ConceptMetrics, ValidationMetrics
 
 ALL = "all"  # the concept label of scores over every sample
+# Prior-preservation drift: DINO of class-prompt samples to the class images (with
+# prior preservation and `dino`); scored beside the metrics a job names.
+PRES = "pres"
 # Python's names of the status fields, by metric.
-_FIELDS = {Metric.CLIP_TEXT: "clip_text", Metric.CLIP_IMAGE: "clip_image", Metric.DINO: "dino"}
+_FIELDS = {
+    Metric.CLIP_TEXT.value: "clip_text",
+    Metric.CLIP_IMAGE.value: "clip_image",
+    Metric.DINO.value: "dino",
+    PRES: "pres",
+}
 
 
 @dataclass(frozen=True)
@@ -62,7 +70,7 @@ class Scores:
 
 
 def _named(values: dict[str, float]) -> dict[str, float]:
-    return {_FIELDS[Metric(m)]: v for m, v in values.items()}
+    return {_FIELDS[m]: v for m, v in values.items() if m in _FIELDS}
 
 
 def history(log_path: Path) -> list[Scores]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from finetune.api.training import TrainingSpec
-from finetune.trainer.evaluation.scores import ALL, Scores
+from finetune.trainer.evaluation.scores import ALL, PRES, Scores
 from finetune.trainer.storage.store import Store
 
 STAGING = ".staging"
@@ -129,13 +129,16 @@ def chosen_weights(spec: TrainingSpec, best: Scores | None) -> list[str]:
 def metrics_table(spec: TrainingSpec, scores: list[Scores]) -> list[str]:
     """A row per validation step (and, for customDiffusion, per concept)."""
     metrics = [str(m) for m in spec.validation.metrics]
+    pres = any(PRES in entry.overall for entry in scores)
+    metrics += [PRES] if pres else []
     held = sum(c.hold_out for c in spec.data.concepts)
     against = f"{held} held-out instance images" if held else "the instance images (none held out)"
     lines = [
         "## Validation metrics",
         "",
         "Cosine similarities of each validation's samples: `clipText` with their prompts "
-        f"(CLIP), `clipImage` (CLIP) and `dino` (DINO ViT) with {against}.",
+        f"(CLIP), `clipImage` (CLIP) and `dino` (DINO ViT) with {against}"
+        + (", `pres` (DINO) of class-prompt samples with the class images." if pres else "."),
         "",
         "| step | concept | " + " | ".join(metrics) + " |",
         "| ---: | --- |" + " ---: |" * len(metrics),

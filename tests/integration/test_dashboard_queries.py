@@ -27,7 +27,7 @@ from finetune.trainer.launcher.run import free_port
 from tests.emulator import emulated_cluster
 from tests.operator.conftest import Kube, OperatorProcess, wait_for
 from tests.support import ROOT, lora_job
-from tests.trainer.jobs import finetune_run, job_file
+from tests.trainer.jobs import PROMPT, finetune_run, job_file
 
 pytestmark = pytest.mark.slow
 
@@ -148,8 +148,13 @@ def drive_a_job_through_a_restart(kube: Kube) -> None:
 
 
 def test_every_dashboard_query_returns_data(
-    tmp_path: Path, tiny_model: Path, disc_images: Path, pushgateway: Server
+    tmp_path: Path,
+    tiny_model: Path,
+    disc_images: Path,
+    tiny_evaluators: tuple[Path, Path],
+    pushgateway: Server,
 ) -> None:
+    clip, dino = tiny_evaluators
     trainer_port = free_port()
     with emulated_cluster() as cluster:
         operator = OperatorProcess(cluster, tmp_path)
@@ -175,6 +180,15 @@ def test_every_dashboard_query_returns_data(
                 name=JOB,
                 training={"maxSteps": 20},
                 checkpointing={"everyNSteps": 10},
+                # Scored validations, for the Validation scores panel.
+                validation={
+                    "prompts": [PROMPT],
+                    "everyNSteps": 10,
+                    "imagesPerPrompt": 1,
+                    "inferenceSteps": 2,
+                    "metrics": ["clipText"],
+                    "evaluator": {"clipModel": str(clip), "dinoModel": str(dino)},
+                },
             )
             env = {
                 "FINETUNE_NAMESPACE": NAMESPACE,

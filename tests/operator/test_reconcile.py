@@ -205,3 +205,35 @@ def test_a_hang_is_timed_from_when_the_gang_ran_not_from_the_jobs_start() -> Non
     later = observed(outcome.status, job, running, heartbeatTimeoutSeconds=600)
     later = dataclasses.replace(later, now=NOW + timedelta(seconds=601))
     assert reconcile.reconcile(later).restarted == "HeartbeatTimeout"
+
+
+def test_a_run_the_trainer_stopped_early_succeeds_with_that_reason() -> None:
+    """The trainer's `status.earlyStop` (read back from the API as plain JSON) names the
+    reason of the success; without it a success is `TrainingComplete`."""
+    complete = {"spec": {}, "status": {"conditions": [{"type": "Complete", "status": "True"}]}}
+    message = "stopped early after step 30: dino has not improved by more than 0 for 2 validations"
+    early = FineTuneJobStatus.model_validate(
+        {
+            "phase": "Running",
+            "earlyStop": {
+                "step": 30,
+                "metric": "dino",
+                "best": 0.61,
+                "bestStep": 10,
+                "message": message,
+            },
+        }
+    )
+    outcome = reconcile.reconcile(observed(early, complete))
+    assert outcome.status.phase == Phase.SUCCEEDED
+    succeeded = reconcile.find_condition(outcome.status, ConditionType.SUCCEEDED)
+    assert succeeded is not None
+    assert succeeded.reason == "EarlyStopped"
+    assert succeeded.message.startswith(message)
+    assert outcome.events[-1].message == f"training stopped early: {message}"
+
+    plain = FineTuneJobStatus.model_validate({"phase": "Running"})
+    outcome = reconcile.reconcile(observed(plain, complete))
+    succeeded = reconcile.find_condition(outcome.status, ConditionType.SUCCEEDED)
+    assert succeeded is not None
+    assert succeeded.reason == "TrainingComplete"

@@ -74,6 +74,8 @@ def test_train_from_s3_to_s3(
     }
     assert "runs/disc-lora/pytorch_lora_weights.safetensors" in keys
     assert "runs/disc-lora/README.md" in keys
+    # TensorBoard's event file, with the results (`tensorboard --logdir s3://...` reads it).
+    assert any(k.startswith("runs/disc-lora/logs/events.out.tfevents.") for k in keys)
     assert not any("/.run/" in key or "/.staging/" in key for key in keys), (
         "working files were uploaded"
     )

@@ -188,3 +188,50 @@ def test_an_evaluator_that_is_not_clip_is_refused_before_training(
         },
     )
     refused(job, "spec.validation.evaluator.clipModel", "a 'vit' model, not 'clip'")
+
+
+def test_prior_preservation_drift_scores_class_samples_against_class_images(
+    tmp_path: Path, tiny_model: Path, tiny_evaluators: tuple[Path, Path]
+) -> None:
+    clip, dino = tiny_evaluators
+    images = write_images(tmp_path / "discs", 4, resolution=64)
+    classes = write_images(tmp_path / "class", 3, resolution=64)
+    class_prompt = "a photo of a disc"
+    concept = {
+        "instanceImages": str(images),
+        "instancePrompt": PROMPT,
+        "classPrompt": class_prompt,
+        "classImages": {"uri": str(classes), "count": 3},
+    }
+    job = job_file(
+        tmp_path,
+        tiny_model,
+        images,
+        data={"concepts": [concept]},
+        training={"maxSteps": 2, "priorPreservation": True},
+        checkpointing={"everyNSteps": 2},
+        validation={
+            "prompts": [PROMPT],
+            "everyNSteps": 2,
+            "imagesPerPrompt": 2,
+            "inferenceSteps": 2,
+            "metrics": ["dino"],
+            "evaluator": {"clipModel": str(clip), "dinoModel": str(dino)},
+        },
+    )
+    finetune_run(job, nproc=1)
+    out = tmp_path / "out"
+
+    # The class prompt's samples lie beside the validation prompts', with their grid.
+    folder = out / "samples" / "step-00000002"
+    assert (folder / "class-grid.png").is_file()
+    class_samples = [Image.open(folder / f"class-00-{n:02d}.png").convert("RGB") for n in (0, 1)]
+    references = [Image.open(p).convert("RGB") for p in sorted(classes.glob("*.png"))]
+    expected = direct_scores(clip, dino, [class_prompt], [class_samples], references)["dino"]
+
+    (final,) = [e["validation"] for e in train_log(out) if "validation" in e]
+    assert set(final) == {"dino", "pres"}
+    assert final["pres"] == pytest.approx(expected, abs=1e-4)
+    card = (out / "README.md").read_text()
+    assert "| step | concept | dino | pres |" in card
+    assert f"| 2 | all | {final['dino']:.4f} | {final['pres']:.4f} |" in card

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 
+from finetune.api.selection import KeepBest
 from finetune.trainer.checkpoints import manifest
 from finetune.trainer.checkpoints.run_checkpoints import RunCheckpoints
 from finetune.trainer.checkpoints.space import space_checked
@@ -55,6 +56,7 @@ def start_run(
     reported: list[tuple[str, int]] | None = None,
     layout: dict[str, Any] | None = None,
     engine: FakeEngine | None = None,
+    keep_best: KeepBest | None = None,
 ) -> tuple[RunCheckpoints, FakeEngine, int]:
     """A run's checkpoints as a run starts them: the newest found and resumed from; the
     step it goes on from."""
@@ -67,6 +69,7 @@ def start_run(
         keep_last,
         replica,
         (lambda where, step: reported.append((where, step))) if reported is not None else None,
+        keep_best,
     )
     step = checkpoints.resume(checkpoints.newest(), state, layout or {"ranks": 1})
     return checkpoints, engine, step

@@ -189,7 +189,7 @@ def test_schema_refuses_what_the_models_refuse(path: tuple[str, ...], value: Any
 
 def test_printer_columns_point_at_declared_fields() -> None:
     names = [c["name"] for c in VERSION["additionalPrinterColumns"] if not c.get("priority")]
-    assert names == ["Phase", "Method", "Progress", "Loss", "ETA", "Age"]
+    assert names == ["Phase", "Method", "Progress", "Loss", "Score", "ETA", "Age"]
     for column in VERSION["additionalPrinterColumns"]:
         if column["jsonPath"] == ".metadata.creationTimestamp":
             continue

@@ -4,7 +4,8 @@ One pure function, `reconcile`, level-triggered: it looks at the FineTuneJob's
 status and run policy, the Job of its current attempt and that attempt's pods,
 and returns the operator's part of the status plus what to do (start or stop an
 attempt, suspend, delete a finished job). It never touches what the trainer
-writes (progress, lastCheckpoint, artifacts). The kopf handlers feed it and
+writes (progress, lastCheckpoint, artifacts, earlyStop), though it reads earlyStop
+for the reason of a success. The kopf handlers feed it and
 carry out its actions; the policies themselves live here and in `failures`;
 what the pods are doing is read by `gang`.
 
@@ -441,18 +442,28 @@ def _running(o: Observed, out: Outcome, job: dict[str, Any]) -> Outcome:
 
 def _succeeded(o: Observed, out: Outcome) -> Outcome:
     status = out.status
+    early = status.early_stop  # the trainer's word: its metric stopped improving
     _finish(
         status,
         o.generation,
         o.now,
         Phase.SUCCEEDED,
-        "TrainingComplete",
-        "all pods finished; the results are in spec.output.uri",
+        "EarlyStopped" if early is not None else "TrainingComplete",
+        (f"{early.message}; " if early is not None else "all pods finished; ")
+        + "the results are in spec.output.uri",
     )
     if status.last_failed_attempt is not None:  # no longer needed for debugging
         out.actions.append(StopAttempt(status.last_failed_attempt.attempt))
         status.last_failed_attempt = None
-    out.events.append(Event("Normal", "Succeeded", "training finished"))
+    out.events.append(
+        Event(
+            "Normal",
+            "Succeeded",
+            f"training stopped early: {early.message}"
+            if early is not None
+            else "training finished",
+        )
+    )
     return out
 
 

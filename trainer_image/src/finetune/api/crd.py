@@ -295,6 +295,12 @@ def printer_columns() -> list[dict[str, Any]]:
         col("Method", "string", ".spec.method", "Training method."),
         col("Progress", "integer", ".status.progress.percent", "Steps done, in percent."),
         col("Loss", "number", ".status.progress.loss", "Smoothed training loss."),
+        col(
+            "Score",
+            "string",
+            ".status.progress.metrics.summary",
+            "The first of validation.metrics at the latest validation.",
+        ),
         col("ETA", "string", ".status.progress.eta", "Estimated time to finish."),
         col("Age", "date", ".metadata.creationTimestamp", "Time since the job was created."),
         col("Step", "integer", ".status.progress.step", "Optimizer steps done.", 1),

@@ -79,7 +79,7 @@ EXIT_INTERRUPTED = 130
 # --- who writes which status field ----------------------------------------------------
 # Each side patches only its own fields, so neither overwrites the other's.
 
-TRAINER_FIELDS = ("progress", "lastCheckpoint", "artifacts")
+TRAINER_FIELDS = ("progress", "lastCheckpoint", "artifacts", "earlyStop")
 OPERATOR_FIELDS = tuple(
     alias
     for field in FineTuneJobStatus.model_fields.values()

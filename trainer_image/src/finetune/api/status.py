@@ -1,7 +1,7 @@
 """What the operator and the trainer report back in `status`.
 
 The operator owns phase, conditions, restarts and times; the trainer owns
-progress, lastCheckpoint and artifacts (`pod.TRAINER_FIELDS`). Unknown fields are
+progress, lastCheckpoint, artifacts and earlyStop (`pod.TRAINER_FIELDS`). Unknown fields are
 ignored rather than refused: an older client must still read a newer server's status.
 """
 
@@ -95,9 +95,18 @@ class ValidationMetrics(StatusModel):
     """The latest `validation.metrics` over every validation sample: cosine similarities."""
 
     step: int = Field(ge=0, description="The step whose samples were scored.")
+    summary: str | None = Field(
+        default=None,
+        max_length=64,
+        description="The first of `validation.metrics` and its value, e.g. `dino 0.6680`.",
+    )
     clip_text: float | None = _score(_CLIP_TEXT)
     clip_image: float | None = _score(_CLIP_IMAGE)
     dino: float | None = _score(_DINO)
+    pres: float | None = _score(
+        "Prior preservation (with `dino` and `training.priorPreservation`): DINO similarity "
+        "of class-prompt samples to the class images."
+    )
     concepts: list[ConceptMetrics] = Field(
         default_factory=list,
         max_length=16,
@@ -129,6 +138,16 @@ class Progress(StatusModel):
         if self.eta_seconds is not None and self.eta is None:
             self.eta = format_duration(self.eta_seconds)
         return self
+
+
+class EarlyStop(StatusModel):
+    """Why the trainer ended a run before `training.maxSteps` (`training.earlyStopping`)."""
+
+    step: int = Field(ge=0, description="The step the run stopped after.")
+    metric: str = Field(max_length=64, description="The metric that stopped improving.")
+    best: float = Field(description="Its best value.")
+    best_step: int = Field(ge=0, description="The step of its best value.")
+    message: str = Field(default="", max_length=1024, description="What happened, for humans.")
 
 
 class CheckpointRef(StatusModel):
@@ -183,6 +202,10 @@ class FineTuneJobStatus(StatusModel):
     )
     artifacts: list[Artifact] = Field(
         default_factory=list, max_length=MAX_ARTIFACTS, description="Final outputs with checksums."
+    )
+    early_stop: EarlyStop | None = Field(
+        default=None,
+        description="Set by the trainer when `training.earlyStopping` ended the run.",
     )
     restarts: int = Field(default=0, ge=0, description="Gang restarts so far, for any reason.")
     failed_attempts: int = Field(

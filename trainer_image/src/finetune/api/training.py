@@ -21,7 +21,9 @@ from .methods import (
     TEXT_ENCODER_METHODS,
     Method,
 )
+from .metrics import CLIP_METRICS, SUBJECT_METRICS, Metric
 from .rules import Problem, raise_problems
+from .selection import EarlyStopping, KeepBest, OutputFrom
 
 MAX_CONCEPTS = 16
 MAX_PROMPTS = 32
@@ -301,6 +303,14 @@ class Hyperparameters(ApiModel):
         description="Offset noise scale; 0.05-0.1 helps very dark or bright images.",
     )
     ema: EmaSpec = Field(default_factory=EmaSpec, description="Weight EMA for full fine-tunes.")
+    early_stopping: EarlyStopping | None = Field(
+        default=None,
+        description=(
+            "Stop once a validation metric has not improved for `patience` validations: "
+            "the results are written from that step, the job succeeds with reason "
+            "`EarlyStopped`. Off when unset."
+        ),
+    )
     optimizer: Optimizer = Field(
         default=Optimizer.ADAMW,
         description="`adamw`, or `adamw8bit` (needs bitsandbytes in the trainer image).",
@@ -415,15 +425,6 @@ class LcmSpec(ApiModel):
     )
 
 
-class Metric(StrEnum):
-    CLIP_TEXT = "clipText"
-    CLIP_IMAGE = "clipImage"
-    DINO = "dino"
-
-
-# Metrics that compare samples with real images of the subject (a concept's).
-SUBJECT_METRICS = frozenset({Metric.CLIP_IMAGE, Metric.DINO})
-CLIP_METRICS = frozenset({Metric.CLIP_TEXT, Metric.CLIP_IMAGE})
 DEFAULT_CLIP_MODEL = "hf://openai/clip-vit-large-patch14"
 DEFAULT_DINO_MODEL = "hf://facebook/dino-vits16"
 
@@ -493,6 +494,13 @@ class CheckpointingSpec(ApiModel):
     keep_last: int = Field(
         default=3, ge=1, le=1000, description="Checkpoints kept; older ones are deleted."
     )
+    keep_best: KeepBest | None = Field(
+        default=None,
+        description=(
+            "Also keep the checkpoint of the best validation by a metric. A checkpoint is "
+            "then saved at every validation step too (besides every `everyNSteps`)."
+        ),
+    )
 
 
 class OutputFormat(StrEnum):
@@ -527,6 +535,15 @@ class OutputSpec(ApiModel):
     )
     s3_region: str | None = Field(
         default=None, max_length=64, description="S3 region; the AWS default chain when unset."
+    )
+    from_: OutputFrom = Field(
+        default=OutputFrom.LAST,
+        alias="from",
+        description=(
+            "Which weights are the result: the `last` step's, or the `best` validation's "
+            "by `checkpointing.keepBest` (its checkpoint's weights, or the last step's when "
+            "its final validation is the best)."
+        ),
     )
 
 
@@ -687,6 +704,7 @@ def training_problems(spec: TrainingSpec) -> list[Problem]:
                 )
 
     problems += _metric_problems(spec)
+    problems += _selection_problems(spec)
 
     hp = spec.training
     if hp.train_text_encoder:
@@ -800,6 +818,37 @@ def _metric_problems(spec: TrainingSpec) -> list[Problem]:
                 "samples with",
             )
         )
+    return problems
+
+
+def _selection_problems(spec: TrainingSpec) -> list[Problem]:
+    """keepBest, earlyStopping and `output.from: best` choose by a metric the job scores."""
+    metrics = [Metric(m) for m in spec.validation.metrics]
+    listed = ", ".join(metrics) if metrics else "none"
+    problems = []
+    for path, rule in (
+        ("checkpointing.keepBest.metric", spec.checkpointing.keep_best),
+        ("training.earlyStopping.metric", spec.training.early_stopping),
+    ):
+        if rule is not None and Metric(rule.metric) not in metrics:
+            problems.append(
+                Problem(path, f"{rule.metric} is not among validation.metrics ({listed})")
+            )
+    if spec.output.from_ == OutputFrom.BEST:
+        if spec.checkpointing.keep_best is None:
+            problems.append(
+                Problem(
+                    "output.from", "best needs checkpointing.keepBest (the metric to choose by)"
+                )
+            )
+        if spec.training.ema.enabled:
+            problems.append(
+                Problem(
+                    "output.from",
+                    "best is not available with training.ema: validations score the trained "
+                    "weights, the result would be their EMA",
+                )
+            )
     return problems
 
 

@@ -59,14 +59,21 @@ def describe(folder: Path, names: list[str]) -> list[dict[str, Any]]:
 
 
 def write_manifest(
-    folder: Path, step: int, layout: dict[str, Any], entries: list[dict[str, Any]]
+    folder: Path,
+    step: int,
+    layout: dict[str, Any],
+    entries: list[dict[str, Any]],
+    validations: list[dict[str, Any]] | None = None,
 ) -> None:
-    """`layout`: what a resuming run must share with this one (method, ZeRO stage, ranks)."""
-    manifest = {
+    """`layout`: what a resuming run must share with this one (method, ZeRO stage, ranks);
+    `validations`: the run's validation scores up to `step` (`evaluation.selection`)."""
+    manifest: dict[str, Any] = {
         "step": step,
         "layout": layout,
         "files": sorted(entries, key=lambda e: str(e["path"])),
     }
+    if validations:
+        manifest["validations"] = validations
     write_text(folder, json.dumps(manifest, indent=1))
 
 
@@ -119,6 +126,15 @@ def latest(root: Path) -> Checkpoint | None:
             return Checkpoint(folder, step)
         log.warning("checkpoint %s is incomplete or corrupt; not used for resume", folder)
     return None
+
+
+def validations_of(folder: Path) -> list[dict[str, Any]]:
+    """The validation scores a checkpoint's manifest carries; none when it has no manifest."""
+    try:
+        found = json.loads((folder / MANIFEST).read_text()).get("validations", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return found if isinstance(found, list) else []
 
 
 def layout_of(checkpoint: Checkpoint) -> dict[str, Any]:

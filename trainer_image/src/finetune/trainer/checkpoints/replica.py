@@ -107,15 +107,16 @@ class Replica:
     def _keys(self) -> list[str]:
         return [key for key, _ in self.store.keys(PREFIX)]
 
-    def retain(self, keep_last: int) -> str | None:
+    def retain(self, keep_last: int, keep: str | None = None) -> str | None:
         """Delete from the store every checkpoint older than the newest `keep_last`
-        durable ones, with one listing; the oldest tag kept, or None when none is deleted."""
+        durable ones but `keep` (the best, `keepBest`), with one listing; the oldest tag
+        kept, or None when none is deleted."""
         keys = self._keys()
         durable = durable_tags(keys)
         if len(durable) <= keep_last:
             return None
         oldest_kept = durable[-keep_last]
-        stale = [key for key in keys if "" < tag_of(key) < oldest_kept]
+        stale = [key for key in keys if "" < tag_of(key) < oldest_kept and tag_of(key) != keep]
         # The manifests first: a checkpoint half deleted is never taken for a good one.
         stale.sort(key=lambda key: not key.endswith("/" + MANIFEST))
         self.store.delete(stale)

@@ -4,6 +4,10 @@ checkpoint is also copied to the store, and only counts once its manifest is the
 (a local output *is* the local folder: nothing to copy). Once a checkpoint counts,
 keep-last-N retention applies and it is reported. Resume takes the newest valid
 checkpoint, from the store when there is one, and refuses one laid out otherwise.
+
+With `checkpointing.keepBest` retention also keeps the checkpoint of the best validation,
+as the manifest of the checkpoint that just counted says (each carries the run's
+validations so far), and `load` brings a kept checkpoint's weights back at the end.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Any
 
 import torch
 
+from finetune.api.selection import KeepBest
 from finetune.trainer.checkpoints import manifest
 from finetune.trainer.checkpoints.layout import check_layout
 from finetune.trainer.checkpoints.manifest import MANIFEST, Checkpoint
@@ -24,6 +29,7 @@ from finetune.trainer.checkpoints.replica import Replica
 from finetune.trainer.checkpoints.space import space_checked
 from finetune.trainer.checkpoints.state import TrainingState
 from finetune.trainer.errors import JobInputError
+from finetune.trainer.evaluation.selection import best_of, from_manifest
 from finetune.trainer.process import distributed
 from finetune.trainer.storage.store import Store
 from finetune.trainer.storage.uploader import Uploader
@@ -61,12 +67,15 @@ class RunCheckpoints:
         keep_last: int,
         replica: Store | None = None,
         report: Callable[[str, int], None] | None = None,
+        keep_best: KeepBest | None = None,
     ) -> None:
-        """`replica`: the remote output's store; `report(where, step)`: a checkpoint counts."""
+        """`replica`: the remote output's store; `report(where, step)`: a checkpoint counts;
+        `keep_best`: the metric whose best checkpoint outlives `keep_last`."""
         self.root = root
         self.rank = rank
         self.device = device
         self.keep_last = keep_last
+        self.keep_best = keep_best
         self.report = report
         self.replica = (
             Replica(replica, root, rank, device, self._durable) if replica is not None else None
@@ -81,8 +90,9 @@ class RunCheckpoints:
 
     # --- saving --------------------------------------------------------------------
 
-    def save(self, step: int) -> Path:
-        """On every rank: `step`'s checkpoint, in the local folder it returns."""
+    def save(self, step: int, validations: list[dict[str, Any]] | None = None) -> Path:
+        """On every rank: `step`'s checkpoint, in the local folder it returns.
+        `validations`: rank 0's scores so far, for the manifest."""
         tag = manifest.tag_for(step)
         folder = self.root / tag
         if self.rank.main:  # a manifest left by an earlier run must not vouch for new files
@@ -92,7 +102,7 @@ class RunCheckpoints:
             self.state.save(self.root, tag, step, self.rank.rank)
         distributed.barrier()
         with space_checked(folder, step):
-            mine = self._write_manifest(step)
+            mine = self._write_manifest(step, validations)
         if self.replica is not None:  # it counts once every rank's files are up: `poll`
             self.replica.upload(step, mine)
         elif self.rank.main:
@@ -100,7 +110,7 @@ class RunCheckpoints:
         distributed.barrier()
         return folder
 
-    def _write_manifest(self, step: int) -> list[str]:
+    def _write_manifest(self, step: int, validations: list[dict[str, Any]] | None) -> list[str]:
         """Each rank describes the files it owns; rank 0 writes them all in the manifest.
         This rank's files."""
         folder = self.root / manifest.tag_for(step)
@@ -109,7 +119,7 @@ class RunCheckpoints:
         entries = manifest.describe(folder, mine)
         everything = [e for part in distributed.all_gather(entries) for e in part]
         if self.rank.main:
-            manifest.write_manifest(folder, step, self.layout, everything)
+            manifest.write_manifest(folder, step, self.layout, everything, validations)
         return mine
 
     def poll(self) -> None:
@@ -135,24 +145,34 @@ class RunCheckpoints:
             log.info("checkpoint %s is durable in %s", tag, self.replica.store.uri)
         else:
             where = str(self.root / tag)
-        self._retain()
+        self._retain(step)
         if self.report is not None:
             self.report(where, step)
 
-    def _retain(self) -> None:
+    def _retain(self, step: int) -> None:
         """Keep the newest `keep_last` checkpoints that count (and anything newer, which
-        may still be saving or uploading); delete everything older, in the store and
-        locally."""
+        may still be saving or uploading) and the best one; delete everything older, in
+        the store and locally."""
+        best = self.best_tag(step)
         if self.replica is not None:
-            oldest_kept = self.replica.retain(self.keep_last)
+            oldest_kept = self.replica.retain(self.keep_last, best)
         else:
             complete = self._complete()
             oldest_kept = complete[-self.keep_last] if len(complete) > self.keep_last else None
         if oldest_kept is None:
             return
         for folder in self._folders():
-            if folder.name < oldest_kept:
+            if folder.name < oldest_kept and folder.name != best:
                 shutil.rmtree(folder, ignore_errors=True)
+
+    def best_tag(self, step: int) -> str | None:
+        """The checkpoint of the best validation by `keepBest`, as `step`'s manifest
+        records them (only validation steps have one with keepBest); None without."""
+        if self.keep_best is None:
+            return None
+        history = from_manifest(manifest.validations_of(self.root / manifest.tag_for(step)))
+        best = best_of(history, self.keep_best.metric, self.keep_best.mode)
+        return manifest.tag_for(best.step) if best is not None else None
 
     def _folders(self) -> list[Path]:
         if not self.root.is_dir():
@@ -175,6 +195,26 @@ class RunCheckpoints:
         if self.rank.main:
             log.info("resumed from %s (step %d)", found.folder, found.step)
         return found.step
+
+    def load(self, step: int) -> bool:
+        """On every rank: `step`'s checkpoint (a kept best) loaded back into the training
+        state, fetched from the store where a node's disk lacks it; False on every rank,
+        nothing loaded, when it is gone."""
+        tag = manifest.tag_for(step)
+        folder = self.root / tag
+        here = True
+        # Rank 0 first, then the first rank of each other node: on a shared disk the
+        # others find rank 0's copy and fetch nothing.
+        for turn in (True, False):
+            if self.rank.local_rank == 0 and self.rank.main == turn:
+                here = manifest.verify(folder) == step or (
+                    self.replica is not None and self.replica.fetch(tag) is not None
+                )
+            distributed.barrier()
+        if distributed.minimum(int(here), self.device) < 1:
+            return False
+        self.state.load(self.root, tag, self.rank.rank, self.device)
+        return True
 
     def newest(self) -> Checkpoint | None:
         """Rank 0's pick, on every rank: with a replica the newest checkpoint there

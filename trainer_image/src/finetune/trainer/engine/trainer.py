@@ -18,7 +18,9 @@ import torch
 
 from finetune.api.common import is_s3
 from finetune.api.pod import EXIT_INTERRUPTED, EXIT_OK
+from finetune.api.selection import OutputFrom
 from finetune.trainer.checkpoints.layout import layout_for, zero_stage_of
+from finetune.trainer.checkpoints.manifest import validations_of
 from finetune.trainer.checkpoints.run_checkpoints import RunCheckpoints
 from finetune.trainer.checkpoints.state import TrainingState
 from finetune.trainer.data.batches import open_batches
@@ -34,12 +36,14 @@ from finetune.trainer.engine.speed import (
 )
 from finetune.trainer.engine.zero import ZeroChoice, choose_stage, device_memory, weight_bytes
 from finetune.trainer.errors import JobInputError, NonFiniteLoss
+from finetune.trainer.evaluation.scores import Scores
+from finetune.trainer.evaluation.selection import Selection, Stall, from_manifest
 from finetune.trainer.evaluation.validation import Evaluation
 from finetune.trainer.families import family_named
 from finetune.trainer.methods import TrainedModules, TrainingMethod, method_for
 from finetune.trainer.models.components import Components, load_components
 from finetune.trainer.outputs.finish import finish_run
-from finetune.trainer.outputs.samples import Sampler
+from finetune.trainer.outputs.samples import Sampler, Validation
 from finetune.trainer.process import distributed
 from finetune.trainer.process.stopping import StopRequest
 from finetune.trainer.storage.s3 import S3Settings
@@ -47,6 +51,7 @@ from finetune.trainer.storage.store import open_store
 from finetune.trainer.telemetry import prometheus
 from finetune.trainer.telemetry.status import StatusReporter
 from finetune.trainer.telemetry.steps import StepRecord, StepTelemetry
+from finetune.trainer.telemetry.tensorboard import Board, logs_folder
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +137,16 @@ class Trainer:
             # A local output is the local folder itself: nothing to copy there.
             open_store(self.plan.output_uri, self._s3()) if is_s3(self.plan.output_uri) else None,
             self.reporter.checkpoint if self.reporter is not None else None,
+            spec.checkpointing.keep_best,
         )
         self.found = self.checkpoints.newest()
+        # Rank 0's validations so far: those the resumed checkpoint carries.
+        self.selection = Selection(
+            spec,
+            from_manifest(validations_of(self.found.folder))
+            if self.found is not None and self.rank.main
+            else [],
+        )
         self.zero = self._zero_stage()
         self.engine, self.scheduler = start_engine(
             spec,
@@ -210,7 +223,12 @@ class Trainer:
             return None
         plan = self.plan
         return Evaluation(
-            self.spec, plan.concept_folders, plan.clip_folder, plan.dino_folder, self.device
+            self.spec,
+            plan.concept_folders,
+            plan.clip_folder,
+            plan.dino_folder,
+            self.device,
+            plan.class_folders,
         )
 
     def _frozen_models(self) -> dict[str, torch.nn.Module]:
@@ -272,9 +290,16 @@ class Trainer:
             self.rank.main,
             hp.max_steps,
             step,
+            Board(logs_folder(self.plan.work_dir), step) if self.rank.main else None,
         )
         compiling = CompileReport(hp.compile, self.rank.main)
         last_loss: float | None = None
+        # keepBest: every validation's weights are in a checkpoint, to be kept if best.
+        checkpoint_validations = self.spec.checkpointing.keep_best is not None
+        if step < hp.max_steps and self._stops_early(step):  # it had stopped before a resume
+            telemetry.close_progress()
+            self._finish(step, None)
+            return EXIT_OK
         self.engine.train()
         while step < hp.max_steps:
             record = self._train_step(step)
@@ -285,9 +310,11 @@ class Trainer:
             stopping = (
                 distributed.any_rank(self.stop.requested, self.device) and step < hp.max_steps
             )
-            if step % interval == 0 or stopping:
+            # Validated before the checkpoint, so that its manifest carries the scores.
+            validation = self._validate(step) if not stopping and self.sampler.due(step) else None
+            if step % interval == 0 or stopping or (validation and checkpoint_validations):
                 saving = time.perf_counter()
-                folder = self.checkpoints.save(step)
+                folder = self.checkpoints.save(step, self.selection.manifest_entries())
                 telemetry.checkpoint_saved(time.perf_counter() - saving, folder)
             self.checkpoints.poll()
             telemetry.uploads(self.checkpoints.uploads)
@@ -295,11 +322,34 @@ class Trainer:
                 os._exit(1)
             if stopping:
                 return self._stopped(step)
-            if self.sampler.due(step):
-                telemetry.validation(self.sampler.at(step).scores)
+            if validation is not None and self._stops_early(step):
+                telemetry.close_progress()
+                self._finish(step, last_loss, validation)
+                return EXIT_OK
         telemetry.close_progress()
         self._finish(step, last_loss)
         return EXIT_OK
+
+    def _validate(self, step: int) -> Validation:
+        """Samples of `step` on every rank together; rank 0 reports them and keeps the scores."""
+        validation = self.sampler.at(step)
+        self.telemetry.validation(step, validation.scores, validation.grid)
+        if validation.scores is not None:
+            self.selection.add(validation.scores)
+        return validation
+
+    def _stops_early(self, step: int) -> bool:
+        """On every rank, after a validation: whether `training.earlyStopping` ends the run
+        (rank 0's scores decide); rank 0 says so everywhere it reports."""
+        if self.spec.training.early_stopping is None:
+            return False
+        stall: Stall | None = distributed.broadcast(
+            self.selection.stall() if self.rank.main else None
+        )
+        if stall is None:
+            return False
+        self.telemetry.early_stop(step, stall, self.spec.training.early_stopping)
+        return True
 
     def _train_step(self, step: int) -> StepRecord:
         """Optimizer step `step + 1`: its micro-batches, the method's and EMA's updates."""
@@ -330,6 +380,7 @@ class Trainer:
         """After the checkpoint of a stop: every upload done, then exit 130."""
         self.checkpoints.finish()
         self.telemetry.close_progress()
+        self.telemetry.close_board()
         if self.rank.main:
             print(
                 f"Stopped at step {step}; checkpoint saved. Run the same command to resume.",
@@ -337,18 +388,46 @@ class Trainer:
             )
         return EXIT_INTERRUPTED
 
-    def _finish(self, step: int, last_loss: float | None) -> None:
+    def _finish(
+        self, step: int, last_loss: float | None, validation: Validation | None = None
+    ) -> None:
+        """The results of `step` (the last, or an early stop's); `validation`: its own,
+        when the loop made it."""
         self.checkpoints.finish()  # every checkpoint counts before the results
         self.telemetry.uploads(self.checkpoints.uploads)
+        if self.ema is not None:
+            self.ema.copy_to(self.module.unet.parameters())
+        if validation is None and self.spec.validation.prompts:
+            validation = self._validate(step)
         finish_run(
             self.plan,
             self.method,
             self.module,
-            self.ema,
-            self.sampler,
             self.telemetry,
             self._s3(),
             step,
             last_loss,
+            validation or Validation(),
+            self._best_weights(step),
         )
         distributed.barrier()
+
+    def _best_weights(self, step: int) -> Scores | None:
+        """`output.from: best`, on every rank: the best validation's scores, its
+        checkpoint's weights loaded unless they are the last step's; None for the last
+        step's weights."""
+        if self.spec.output.from_ != OutputFrom.BEST:
+            return None
+        best: Scores | None = distributed.broadcast(
+            self.selection.best() if self.rank.main else None
+        )
+        if best is None or best.step == step or self.checkpoints.load(best.step):
+            return best
+        if self.rank.main:
+            log.warning(
+                "the checkpoint of step %d, the best validation, is gone; the result is "
+                "the weights of step %d",
+                best.step,
+                step,
+            )
+        return None

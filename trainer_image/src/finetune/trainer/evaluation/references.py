@@ -10,6 +10,9 @@ training images themselves, a weaker test). The rule that pairs samples with the
   references of the concepts whose `instancePrompt` contains it, and a prompt's samples
   are compared with the group of every token the prompt contains (a prompt composing two
   concepts counts for both). Samples of a prompt with no token count for clipText only.
+
+With prior preservation, PRES compares the samples of each class prompt with that
+class's images (`class_references`).
 """
 
 from __future__ import annotations
@@ -59,6 +62,20 @@ def reference_groups(spec: TrainingSpec, folders: list[Path]) -> list[ReferenceG
         if images:
             groups.append(ReferenceGroup(token, images, token))
     return groups
+
+
+def class_references(spec: TrainingSpec, folders: list[Path]) -> list[ReferenceGroup]:
+    """Prior preservation's class prompts, each with the class images of its concepts
+    (the ones training uses): the references of PRES. A class prompt shared by several
+    concepts is one group, labelled by the prompt."""
+    grouped: dict[str, list[Path]] = {}
+    for index, (concept, folder) in enumerate(zip(spec.data.concepts, folders, strict=True)):
+        assert concept.class_prompt is not None, "prior preservation needs each classPrompt"
+        field = f"spec.data.concepts[{index}].classImages.uri"
+        examples = examples_from(folder, concept.class_prompt, False, field, check=False)
+        paths = [e.image for e in examples[: concept.class_images.count]]
+        grouped.setdefault(concept.class_prompt, []).extend(paths)
+    return [ReferenceGroup(prompt, tuple(images)) for prompt, images in grouped.items() if images]
 
 
 def groups_of_prompt(prompt: str, groups: list[ReferenceGroup]) -> list[int]:

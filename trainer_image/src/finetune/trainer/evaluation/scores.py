@@ -10,18 +10,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from finetune.api.metrics import Metric
 from finetune.api.status import ConceptMetrics, ValidationMetrics
-from finetune.api.training import Metric
 
 ALL = "all"  # the concept label of scores over every sample
+# Prior-preservation drift: DINO of class-prompt samples to the class images (with
+# prior preservation and `dino`); scored beside the metrics a job names.
+PRES = "pres"
 # Python's names of the status fields, by metric.
-_FIELDS = {Metric.CLIP_TEXT: "clip_text", Metric.CLIP_IMAGE: "clip_image", Metric.DINO: "dino"}
+_FIELDS = {
+    Metric.CLIP_TEXT.value: "clip_text",
+    Metric.CLIP_IMAGE.value: "clip_image",
+    Metric.DINO.value: "dino",
+    PRES: "pres",
+}
 
 
 @dataclass(frozen=True)
 class Scores:
     step: int
-    overall: dict[str, float]  # metric (`clipText`, `clipImage`, `dino`) -> value
+    # metric (`clipText`, `clipImage`, `dino`) -> value, in `validation.metrics`' order
+    overall: dict[str, float]
     # customDiffusion: modifier token -> metric -> value over that concept's prompts
     concepts: dict[str, dict[str, float]] = field(default_factory=dict)
     seconds: float = 0.0  # what scoring took, models loaded and freed included
@@ -44,8 +53,10 @@ class Scores:
 
     def status(self) -> ValidationMetrics:
         """`status.progress.metrics`."""
+        first = next(iter(self.overall.items()), None)
         return ValidationMetrics(
             step=self.step,
+            summary=f"{first[0]} {first[1]:.4f}" if first is not None else None,
             concepts=[ConceptMetrics(concept=c, **_named(v)) for c, v in self.concepts.items()],
             **_named(self.overall),
         )
@@ -59,7 +70,7 @@ class Scores:
 
 
 def _named(values: dict[str, float]) -> dict[str, float]:
-    return {_FIELDS[Metric(m)]: v for m, v in values.items()}
+    return {_FIELDS[m]: v for m, v in values.items() if m in _FIELDS}
 
 
 def history(log_path: Path) -> list[Scores]:

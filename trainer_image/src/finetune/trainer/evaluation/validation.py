@@ -16,17 +16,19 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from finetune.api.training import Metric, TrainingSpec
+from finetune.api.metrics import Metric
+from finetune.api.training import TrainingSpec
 from finetune.trainer.data import images as decoding
 from finetune.trainer.data.images import ImageRules
 from finetune.trainer.evaluation import fidelity
 from finetune.trainer.evaluation.embedders import ClipEmbedder, DinoEmbedder, ImageEmbedder, loaded
 from finetune.trainer.evaluation.references import (
     ReferenceGroup,
+    class_references,
     groups_of_prompt,
     reference_groups,
 )
-from finetune.trainer.evaluation.scores import Scores
+from finetune.trainer.evaluation.scores import PRES, Scores
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -44,6 +46,7 @@ class Evaluation:
         clip_folder: Path | None,
         dino_folder: Path | None,
         device: torch.device,
+        class_folders: list[Path] | None = None,
     ) -> None:
         self.metrics = [Metric(m) for m in spec.validation.metrics]
         self.clip_folder = clip_folder
@@ -52,19 +55,34 @@ class Evaluation:
         self.rules = ImageRules.of(spec.data)
         # Listed only (images are read when a subject metric first needs them).
         self.groups = reference_groups(spec, concept_folders) if spec.data.concepts else []
-        # (metric, group index) -> the group's reference embeddings, computed once.
-        self._references: dict[tuple[Metric, int], torch.Tensor] = {}
+        # PRES: with prior preservation and dino, class-prompt samples against class images.
+        pres = spec.training.prior_preservation and Metric.DINO in self.metrics
+        self.classes = class_references(spec, class_folders) if pres and class_folders else []
+        # (metric, group index) -> the group's reference embeddings, computed once; the
+        # class groups' under (PRES, index).
+        self._references: dict[tuple[str, int], torch.Tensor] = {}
+
+    @property
+    def class_prompts(self) -> list[str]:
+        """The prompts whose samples PRES scores (none without it)."""
+        return [group.label for group in self.classes]
 
     def score(
-        self, step: int, prompts: Sequence[str], samples: Sequence[Sequence[Image]]
+        self,
+        step: int,
+        prompts: Sequence[str],
+        samples: Sequence[Sequence[Image]],
+        class_samples: Sequence[Sequence[Image]] = (),
     ) -> Scores:
-        """The scores of `samples[i]`, the images generated for `prompts[i]`."""
+        """The scores of `samples[i]`, the images generated for `prompts[i]`;
+        `class_samples[i]`: those of `class_prompts[i]`, for PRES."""
         started = time.perf_counter()
         flat = [image for per_prompt in samples for image in per_prompt]
         prompt_of = torch.tensor([i for i, per_prompt in enumerate(samples) for _ in per_prompt])
         groups = [groups_of_prompt(prompts[i], self.groups) for i in prompt_of.tolist()]
         per_sample: dict[Metric, torch.Tensor] = {}  # NaN where a sample has no value
         per_group: dict[Metric, dict[int, float]] = {}
+        pres: float | None = None
         clip_metrics = {Metric.CLIP_TEXT, Metric.CLIP_IMAGE} & set(self.metrics)
         if clip_metrics:
             assert self.clip_folder is not None, "the launcher resolves the CLIP model"
@@ -83,7 +101,14 @@ class Evaluation:
                 per_sample[Metric.DINO], per_group[Metric.DINO] = self._subject(
                     Metric.DINO, dino, dino.images(flat), groups
                 )
-        overall = {m.value: _mean(v) for m, v in per_sample.items() if v.isfinite().any()}
+                pres = self._pres(dino, class_samples)
+        overall = {  # the job's order: the first is the status' summary
+            m.value: _mean(per_sample[m])
+            for m in self.metrics
+            if m in per_sample and per_sample[m].isfinite().any()
+        }
+        if Metric.DINO in self.metrics and pres is not None:
+            overall[PRES] = pres
         return Scores(
             step,
             overall,
@@ -114,12 +139,24 @@ class Evaluation:
             by_group[index] = fidelity.mean(values)
         return totals / counts, by_group
 
+    def _pres(self, dino: ImageEmbedder, class_samples: Sequence[Sequence[Image]]) -> float | None:
+        """DINO similarity of the class prompts' samples to their class images, over every
+        class sample: how well the class prior survives (None without class samples)."""
+        values = [
+            fidelity.subject_fidelity(
+                dino.images(list(images)), self._reference_embeddings(PRES, index, dino)
+            )
+            for index, images in enumerate(class_samples)
+            if images
+        ]
+        return fidelity.mean(torch.cat(values)) if values else None
+
     def _reference_embeddings(
-        self, metric: Metric, index: int, embedder: ImageEmbedder
+        self, metric: str, index: int, embedder: ImageEmbedder
     ) -> torch.Tensor:
         key = (metric, index)
         if key not in self._references:
-            group: ReferenceGroup = self.groups[index]
+            group: ReferenceGroup = (self.classes if metric == PRES else self.groups)[index]
             pictures = [decoding.decode(p, str(p), self.rules) for p in group.images]
             self._references[key] = embedder.images(pictures)
         return self._references[key]

@@ -1,17 +1,15 @@
-"""The end of a finished run: the EMA weights in place, the last samples, the results
-saved with their model card, moved into place, uploaded and reported."""
+"""The end of a finished run (its last validation made, the chosen weights in place):
+the results saved with their model card, moved into place, uploaded and reported."""
 
 from __future__ import annotations
-
-from typing import Any
 
 from finetune.api.common import is_s3
 from finetune.trainer.checkpoints.space import space_checked
 from finetune.trainer.engine.plan import RunPlan
-from finetune.trainer.evaluation.scores import history
+from finetune.trainer.evaluation.scores import Scores, history
 from finetune.trainer.methods import TrainedModules, TrainingMethod
 from finetune.trainer.outputs import artifacts, result
-from finetune.trainer.outputs.samples import Sampler, Validation
+from finetune.trainer.outputs.samples import Validation, sample_folder
 from finetune.trainer.storage.s3 import S3Settings
 from finetune.trainer.storage.store import open_store
 from finetune.trainer.telemetry.steps import StepTelemetry
@@ -21,21 +19,24 @@ def finish_run(
     plan: RunPlan,
     method: TrainingMethod,
     module: TrainedModules,
-    ema: Any,
-    sampler: Sampler,
     telemetry: StepTelemetry,
     s3: S3Settings,
     step: int,
     last_loss: float | None,
+    validation: Validation,
+    best: Scores | None = None,
 ) -> None:
-    """Called on every rank once the last step is done (and every checkpoint is durable)."""
-    if ema is not None:
-        ema.copy_to(module.unet.parameters())
-    validation = sampler.at(step) if plan.spec.validation.prompts else Validation()
+    """Called on every rank once the last step is done (and every checkpoint is durable).
+    `validation`: the last step's; `best`: with `output.from: best`, the validation whose
+    weights `module` holds."""
     if not telemetry.main:
         return
-    telemetry.validation(validation.scores)
+    telemetry.close_board()
     work_dir = plan.work_dir
+    grid = validation.grid
+    if best is not None and best.step != step:
+        best_grid = sample_folder(work_dir, best.step) / "grid.png"
+        grid = best_grid if best_grid.is_file() else None
     staging = result.staging_folder(work_dir)
     with space_checked(staging, step):
         method.save(module, staging)
@@ -49,10 +50,11 @@ def finish_run(
             plan.name,
             step,
             last_loss,
-            validation.grid,
+            grid,
             work_dir,
             files,
             history(telemetry.log_path),
+            best,
             pipeline=method.components.family.pipeline_class,
             tag=method.components.family.card_tag,
         )
@@ -61,4 +63,5 @@ def finish_run(
     if is_s3(plan.output_uri):
         result.upload_results(work_dir, open_store(plan.output_uri, s3))
     telemetry.results(artifacts.list_artifacts(work_dir, plan.output_uri))
-    print(f"Done: {step} steps; results in {plan.output_uri}", flush=True)
+    chosen = f" (the weights of step {best.step}, the best validation)" if best is not None else ""
+    print(f"Done: {step} steps; results in {plan.output_uri}{chosen}", flush=True)

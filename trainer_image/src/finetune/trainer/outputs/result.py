@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from finetune.api.training import TrainingSpec
-from finetune.trainer.evaluation.scores import ALL, Scores
+from finetune.trainer.evaluation.scores import ALL, PRES, Scores
 from finetune.trainer.storage.store import Store
 
 STAGING = ".staging"
@@ -52,11 +52,13 @@ def model_card(
     work_dir: Path,
     files: list[tuple[str, int, str]] | None = None,
     scores: list[Scores] | None = None,
+    best: Scores | None = None,
     pipeline: str = "StableDiffusionPipeline",
     tag: str = "stable-diffusion",
 ) -> str:
     """`files`: (path in the results, bytes, sha256) of what the card describes; `scores`:
-    every validation's, by step; `pipeline`: the diffusers class that loads the result (the
+    every validation's, by step; `best`: the validation whose weights these are
+    (`output.from: best`); `pipeline`: the diffusers class that loads the result (the
     model family's), `tag` the family's hub tag."""
     method = spec.method
     hyper = spec.training.model_dump(by_alias=True, exclude_none=True, mode="json")
@@ -83,6 +85,7 @@ def model_card(
         f"Fine-tuned from `{spec.base_model.uri}` with **{method}** for {steps} steps"
         + (f" (final loss {final_loss:.4f})." if final_loss is not None else "."),
         "",
+        *chosen_weights(spec, best),
         "## How to use",
         "",
         "```python",
@@ -113,16 +116,32 @@ def model_card(
     return "\n".join(lines)
 
 
+def chosen_weights(spec: TrainingSpec, best: Scores | None) -> list[str]:
+    """The card's word on `output.from: best`: whose weights these are."""
+    keep = spec.checkpointing.keep_best
+    if best is None or keep is None:
+        return []
+    value = best.overall[keep.metric]
+    return [
+        f"These are the weights of step {best.step}, the best validation by `{keep.metric}` "
+        f"({keep.mode} {value:.4f}; `output.from: best`).",
+        "",
+    ]
+
+
 def metrics_table(spec: TrainingSpec, scores: list[Scores]) -> list[str]:
     """A row per validation step (and, for customDiffusion, per concept)."""
     metrics = [str(m) for m in spec.validation.metrics]
+    pres = any(PRES in entry.overall for entry in scores)
+    metrics += [PRES] if pres else []
     held = sum(c.hold_out for c in spec.data.concepts)
     against = f"{held} held-out instance images" if held else "the instance images (none held out)"
     lines = [
         "## Validation metrics",
         "",
         "Cosine similarities of each validation's samples: `clipText` with their prompts "
-        f"(CLIP), `clipImage` (CLIP) and `dino` (DINO ViT) with {against}.",
+        f"(CLIP), `clipImage` (CLIP) and `dino` (DINO ViT) with {against}"
+        + (", `pres` (DINO) of class-prompt samples with the class images." if pres else "."),
         "",
         "| step | concept | " + " | ".join(metrics) + " |",
         "| ---: | --- |" + " ---: |" * len(metrics),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,8 +63,12 @@ def generate(
     device: torch.device,
     dtype: torch.dtype,
     stop: StopRequest | None = None,
+    prompts: Sequence[str] | None = None,
+    prefix: str = "prompt",
 ) -> Samples:
-    """Generate `imagesPerPrompt` images for each prompt with a fixed seed.
+    """Generate `imagesPerPrompt` images for each prompt (`validation.prompts` unless
+    given) with a fixed seed, as `PREFIX-II-NN.png` and a grid (`grid.png`, or
+    `PREFIX-grid.png` for other prompts).
 
     A stop request ends it between two denoising steps (`Stopped`), the folder removed:
     no step's samples are ever half there."""
@@ -75,7 +80,7 @@ def generate(
     folder.mkdir(parents=True, exist_ok=True)
     images: list[list[Any]] = []
     try:
-        for index, prompt in enumerate(validation.prompts):
+        for index, prompt in enumerate(validation.prompts if prompts is None else prompts):
             generator = torch.Generator(device=device).manual_seed(spec.training.seed + index)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                 result = pipeline(
@@ -89,9 +94,9 @@ def generate(
                     callback_on_step_end=_stop_check(stop),
                 ).images
             for number, image in enumerate(result):
-                image.save(folder / f"prompt-{index:02d}-{number:02d}.png")
+                image.save(folder / f"{prefix}-{index:02d}-{number:02d}.png")
             images.append(result)
-        path = folder / "grid.png"
+        path = folder / ("grid.png" if prompts is None else f"{prefix}-grid.png")
         grid([i for per_prompt in images for i in per_prompt], validation.images_per_prompt).save(
             path
         )
@@ -147,16 +152,10 @@ class Sampler:
         validation = Validation()
         if self.main:
             try:
-                samples = generate(
-                    self.spec,
-                    self.components,
-                    self.method.sampling_modules(self.module),
-                    self.method.sampling_scheduler(),
-                    sample_folder(self.work_dir, step),
-                    self.device,
-                    self.dtype,
-                    self.stop,
-                )
+                samples = self._generate(step)
+                # PRES: the class prompts' samples too, beside the others.
+                classes = self.evaluation.class_prompts if self.evaluation is not None else []
+                class_samples = self._generate(step, classes, "class") if classes else None
             except Stopped:  # the loop's next step stops every rank, with a checkpoint
                 log.warning("step %d: samples left out, a stop was requested", step)
             else:
@@ -164,7 +163,28 @@ class Sampler:
                 self.metrics.record_samples(len(prompts) * self.spec.validation.images_per_prompt)
                 scores = None
                 if self.evaluation is not None:
-                    scores = self.evaluation.score(step, prompts, samples.images)
+                    scores = self.evaluation.score(
+                        step,
+                        prompts,
+                        samples.images,
+                        class_samples.images if class_samples is not None else (),
+                    )
                 validation = Validation(samples.grid, scores)
         distributed.barrier()
         return validation
+
+    def _generate(
+        self, step: int, prompts: Sequence[str] | None = None, prefix: str = "prompt"
+    ) -> Samples:
+        return generate(
+            self.spec,
+            self.components,
+            self.method.sampling_modules(self.module),
+            self.method.sampling_scheduler(),
+            sample_folder(self.work_dir, step),
+            self.device,
+            self.dtype,
+            self.stop,
+            prompts,
+            prefix,
+        )

@@ -3,7 +3,8 @@
 In a pod the operator sets `FINETUNE_JOB_NAME` and `FINETUNE_NAMESPACE`; rank 0
 then patches the status subresource of its own FineTuneJob (a JSON merge patch
 of the trainer's fields: `status.progress`, with the latest validation scores in
-`status.progress.metrics`; `status.lastCheckpoint` and `status.artifacts`; built
+`status.progress.metrics`; `status.lastCheckpoint`, `status.artifacts` and
+`status.earlyStop`; built
 as the API's own models) from a background thread, so a slow or failing API
 server never slows or fails training. Only the standard
 library is used: the trainer image needs no Kubernetes client.
@@ -42,6 +43,7 @@ from finetune.api.status import (
     MAX_ARTIFACTS,
     Artifact,
     CheckpointRef,
+    EarlyStop,
     Progress,
     StatusModel,
     ValidationMetrics,
@@ -179,6 +181,10 @@ class StatusReporter:
     def checkpoint(self, uri: str, step: int) -> None:
         """`status.lastCheckpoint`: sent at once."""
         self._queue("lastCheckpoint", _wire(CheckpointRef(uri=uri, step=step)))
+
+    def early_stop(self, stop: EarlyStop) -> None:
+        """`status.earlyStop`, the reason the operator gives the job's success: sent at once."""
+        self._queue("earlyStop", _wire(stop))
 
     def artifacts(self, artifacts: list[dict[str, Any]]) -> None:
         """`status.artifacts` (uri, sha256, bytes, kind each): sent at once."""

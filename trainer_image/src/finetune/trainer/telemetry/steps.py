@@ -1,6 +1,7 @@
 """One record per optimizer step, and where it goes: Prometheus on every rank; on rank 0
-also the train log (`train_log.jsonl`), the progress bar and the status reporter. The
-scores of each validation (`validation.metrics`) go the same ways, from rank 0.
+also the train log (`train_log.jsonl`), TensorBoard (`logs/`), the progress bar and the
+status reporter. The scores of each validation (`validation.metrics`) go the same ways,
+from rank 0, and its sample grid to TensorBoard.
 
 The step's time is measured once, in seconds; the speed is derived from it here.
 """
@@ -16,10 +17,14 @@ from typing import Any, Protocol
 
 import torch
 
+from finetune.api.selection import EarlyStopping
+from finetune.api.status import EarlyStop
 from finetune.trainer.evaluation.scores import Scores
+from finetune.trainer.evaluation.selection import Stall
 from finetune.trainer.telemetry.pace import Pace
 from finetune.trainer.telemetry.prometheus import TrainerMetrics, folder_bytes
 from finetune.trainer.telemetry.status import StatusReporter
+from finetune.trainer.telemetry.tensorboard import Board
 
 
 class UploadTotals(Protocol):
@@ -55,8 +60,10 @@ class StepTelemetry:
         main: bool,
         total_steps: int,
         initial_step: int,
+        board: Board | None = None,
     ) -> None:
         self.metrics = metrics
+        self.board = board
         self.reporter = reporter
         self.log_path = log_path
         self.device = device
@@ -81,22 +88,65 @@ class StepTelemetry:
         if not self.main:
             return
         self._log(record, speed)
+        if self.board is not None:
+            self.board.step(record.step, record.loss, record.learning_rate, speed)
         if self.progress is not None:
             self.progress.set_postfix(loss=f"{record.loss:.4f}", refresh=False)
             self.progress.update(1)
         if self.reporter is not None:
             self.reporter.progress(record.step, record.total_steps, record.loss, speed, eta)
 
-    def validation(self, scores: Scores | None) -> None:
-        """A validation's scores (rank 0, with `validation.metrics`): a train-log line,
-        Prometheus gauges and `status.progress.metrics`."""
-        if scores is None or not self.main:
+    def validation(self, step: int, scores: Scores | None, grid: Path | None = None) -> None:
+        """A validation (rank 0): its grid and scores to TensorBoard; the scores (with
+        `validation.metrics`) also as a train-log line, Prometheus gauges and
+        `status.progress.metrics`."""
+        if not self.main:
+            return
+        if self.board is not None:
+            self.board.validation(step, scores, grid)
+        if scores is None:
             return
         with self.log_path.open("a") as handle:
             handle.write(json.dumps(scores.log_entry()) + "\n")
         self.metrics.record_validation(scores.step, scores.labelled(), scores.seconds)
         if self.reporter is not None:
             self.reporter.metrics(scores.status())
+
+    def early_stop(self, step: int, stall: Stall, rule: EarlyStopping) -> None:
+        """Rank 0: `training.earlyStopping` ends the run after `step`: said in the log, the
+        train log and the job's status (`status.earlyStop`, the operator's reason)."""
+        if not self.main:
+            return
+        best = stall.best.overall[rule.metric]
+        message = (
+            f"stopped early after step {step}: {rule.metric} has not improved by more than "
+            f"{rule.min_delta:g} for {stall.since} validations (best {best:.4f} at step "
+            f"{stall.best.step})"
+        )
+        self.close_progress()
+        print(message[0].upper() + message[1:], flush=True)
+        entry = {
+            "step": step,
+            "earlyStopped": {
+                "metric": rule.metric,
+                "best": best,
+                "bestStep": stall.best.step,
+                "validationsWithout": stall.since,
+            },
+            "time": time.time(),
+        }
+        with self.log_path.open("a") as handle:
+            handle.write(json.dumps(entry) + "\n")
+        if self.reporter is not None:
+            self.reporter.early_stop(
+                EarlyStop(
+                    step=step,
+                    metric=rule.metric,
+                    best=best,
+                    best_step=stall.best.step,
+                    message=message,
+                )
+            )
 
     def checkpoint_saved(self, seconds: float, folder: Path) -> None:
         self.metrics.record_checkpoint_saved(seconds, folder_bytes(folder))
@@ -120,6 +170,12 @@ class StepTelemetry:
     def close_progress(self) -> None:
         if self.progress is not None:
             self.progress.close()
+
+    def close_board(self) -> None:
+        """Everything TensorBoard was given, in its event file (before results upload)."""
+        if self.board is not None:
+            self.board.close()
+            self.board = None
 
     def _log(self, record: StepRecord, speed: float) -> None:
         entry: dict[str, Any] = {

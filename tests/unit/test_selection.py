@@ -1,0 +1,115 @@
+"""Choosing by a validation metric, as pure functions: the best validation, the patience
+of early stopping, and the best checkpoint kept by retention."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from finetune.api.selection import EarlyStopping, KeepBest
+from finetune.api.training import TrainingSpec
+from finetune.trainer.checkpoints import manifest
+from finetune.trainer.evaluation.scores import Scores
+from finetune.trainer.evaluation.selection import (
+    Selection,
+    best_of,
+    from_manifest,
+    stalled,
+    to_manifest,
+)
+from tests.trainer.s3faults import Moto, moto  # noqa: F401 - the fixture
+from tests.unit.test_checkpoints import start_run
+
+
+def run(*values: float, metric: str = "dino") -> list[Scores]:
+    return [Scores(10 * (i + 1), {metric: v}) for i, v in enumerate(values)]
+
+
+def test_the_best_is_the_highest_or_lowest_and_the_earliest_of_equals() -> None:
+    history = run(0.5, 0.7, 0.7, 0.6)
+    best = best_of(history, "dino", "max")
+    assert best is not None
+    assert best.step == 20
+    lowest = best_of(history, "dino", "min")
+    assert lowest is not None
+    assert lowest.step == 10
+    assert best_of(history, "clipText", "max") is None
+
+
+def test_early_stopping_waits_patience_validations_without_an_improvement() -> None:
+    rule = EarlyStopping(metric="dino", patience=2, min_delta=0.05)
+    assert stalled(run(0.5, 0.6, 0.62), rule) is None  # 0.62: not better by 0.05; one so far
+    stall = stalled(run(0.5, 0.6, 0.62, 0.64, 0.9), rule)
+    assert stall is not None
+    assert (stall.best.step, stall.since, stall.last_step) == (20, 2, 40)
+    falling = EarlyStopping(metric="dino", mode="min", patience=1)
+    assert stalled(run(0.5, 0.4, 0.3), falling) is None
+    flat = stalled(run(0.5, 0.5), falling)
+    assert flat is not None
+    assert flat.best.step == 10
+
+
+def test_a_manifest_carries_the_validations_a_resumed_run_starts_from(tmp_path: Path) -> None:
+    spec = spec_with(keepBest={"metric": "dino"})
+    selection = Selection(spec, [])
+    for scores in run(0.5, 0.8, 0.6):
+        selection.add(scores)
+    selection.add(Scores(30, {"dino": 0.9}))  # a step scored again replaces its scores
+    manifest.write_manifest(tmp_path, 30, {}, [], selection.manifest_entries())
+    resumed = Selection(spec, from_manifest(manifest.validations_of(tmp_path)))
+    assert [s.step for s in resumed.history] == [10, 20, 30]
+    best = resumed.best()
+    assert best is not None
+    assert best.step == 30
+    assert from_manifest(to_manifest(resumed.history)) == resumed.history
+    assert manifest.validations_of(tmp_path / "nothing") == []
+
+
+def spec_with(**checkpointing: object) -> TrainingSpec:
+    return TrainingSpec.model_validate(
+        {
+            "method": "lora",
+            "baseModel": {"uri": "/models/tiny"},
+            "data": {"concepts": [{"instanceImages": "/data", "instancePrompt": "a sks disc"}]},
+            "validation": {"prompts": ["a sks disc"], "metrics": ["dino"]},
+            "checkpointing": checkpointing,
+            "output": {"uri": "/out"},
+        }
+    )
+
+
+def test_local_retention_keeps_the_best_besides_the_newest(tmp_path: Path) -> None:
+    root = tmp_path / "checkpoints"
+    checkpoints, _, _ = start_run(root, keep_last=1, keep_best=KeepBest(metric="dino"))
+    history = run(0.5, 0.9, 0.6, 0.7)
+    for index, scores in enumerate(history):
+        checkpoints.save(scores.step, to_manifest(history[: index + 1]))
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000020", "step-00000040"]
+
+
+@pytest.mark.slow  # starts moto's S3 server
+def test_the_best_checkpoint_outlives_keep_last_in_s3_and_comes_back(
+    moto: Moto,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    store = moto.store("runs")
+    keep = KeepBest(metric="dino", mode="min")
+    checkpoints, _, _ = start_run(tmp_path / "checkpoints", store, keep_last=1, keep_best=keep)
+    history = run(0.5, 0.2, 0.6)
+    for index, scores in enumerate(history):
+        checkpoints.save(scores.step, to_manifest(history[: index + 1]))
+        checkpoints.poll()
+    checkpoints.finish()
+    tags = {key.split("/")[1] for key, _ in store.keys("checkpoints/")}
+    assert tags == {"step-00000020", "step-00000030"}
+
+    # A fresh machine resumes from the newest; the best comes back from S3 when asked.
+    fresh, engine, step = start_run(tmp_path / "fresh", store, keep_best=keep)
+    assert step == 30
+    assert not (tmp_path / "fresh" / "step-00000020").exists()
+    assert fresh.best_tag(30) == "step-00000020"
+    assert fresh.load(20)
+    assert engine.loaded == "step-00000020"
+    assert manifest.verify(tmp_path / "fresh" / "step-00000020") == 20
+    assert not fresh.load(10)  # pruned long ago

@@ -1,0 +1,66 @@
+"""TensorBoard event files under the output's `logs/` (rank 0), so `tensorboard --logdir
+OUT/logs` shows a run as it does for every peer trainer: loss, learning rate and speed
+at each step; each validation's scores (per concept too) and its sample grid.
+
+A resumed run opens a new event file whose first event purges, in TensorBoard's view,
+whatever the interrupted run logged after the checkpoint it resumes from: the steps it
+trains again are not shown twice.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from finetune.trainer.evaluation.scores import ALL, Scores
+
+LOGS = "logs"
+FLUSH_SECONDS = 10  # an event file a crash cuts short loses at most this much
+
+
+def logs_folder(work_dir: Path) -> Path:
+    return work_dir / LOGS
+
+
+def scalar_tags(scores: Scores) -> dict[str, float]:
+    """`validation/<metric>` over every sample, `validation/<metric>/<concept>` per concept."""
+    return {
+        f"validation/{metric}" + ("" if concept == ALL else f"/{concept}"): value
+        for metric, concept, value in scores.labelled()
+    }
+
+
+class Board:
+    """One run's event file; every call is cheap (the writer has its own thread)."""
+
+    def __init__(self, folder: Path, resumed_step: int) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        folder.mkdir(parents=True, exist_ok=True)
+        self.writer: Any = SummaryWriter(
+            str(folder),
+            purge_step=resumed_step + 1 if resumed_step > 0 else None,
+            flush_secs=FLUSH_SECONDS,
+        )
+
+    def step(self, step: int, loss: float, learning_rate: float | None, speed: float) -> None:
+        self.writer.add_scalar("train/loss", loss, step)
+        if learning_rate is not None:
+            self.writer.add_scalar("train/learning_rate", learning_rate, step)
+        self.writer.add_scalar("train/images_per_second", speed, step)
+
+    def validation(self, step: int, scores: Scores | None, grid: Path | None) -> None:
+        if scores is not None:
+            for tag, value in scalar_tags(scores).items():
+                self.writer.add_scalar(tag, value, step)
+        if grid is not None and grid.is_file():
+            import numpy as np
+            from PIL import Image
+
+            with Image.open(grid) as image:
+                pixels = np.asarray(image.convert("RGB"))
+            self.writer.add_image("validation/samples", pixels, step, dataformats="HWC")
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()

@@ -3,8 +3,10 @@ output folder's file names, and each safetensors file's header (every key with i
 shape and byte offsets, and the metadata diffusers reads back) byte for byte.
 
 The pinned layout (`golden/sd_lora_layout.json`) was written by the trainer before the
-SD-specific code moved behind `trainer/families/sd.py`. A change that means to alter the
-layout rewrites it with `FINETUNE_UPDATE_GOLDEN=1` and says so in its commit.
+SD-specific code moved behind `trainer/families/sd.py`; since then it has gained one file
+on purpose, the TensorBoard event file under `logs/` (validation metrics). A change that
+means to alter the layout rewrites it with `FINETUNE_UPDATE_GOLDEN=1` and says so in its
+commit.
 """
 
 from __future__ import annotations
@@ -50,9 +52,15 @@ def usage(card: str, base: Path) -> list[str]:
     return block.replace(str(base), "BASE").strip().splitlines()
 
 
+def neutral(name: str) -> str:
+    """TensorBoard names its event files by the time, host and process that wrote them."""
+    events = "logs/events.out.tfevents."
+    return events + "*" if name.startswith(events) else name
+
+
 def layout(out: Path, base: Path) -> dict[str, Any]:
     files = sorted(
-        p.relative_to(out).as_posix()
+        neutral(p.relative_to(out).as_posix())
         for p in out.rglob("*")
         if p.is_file() and p.relative_to(out).parts[0] not in NOT_RESULTS
     )

@@ -207,3 +207,20 @@ def test_a_hub_model_lets_the_offline_trainer_image_download() -> None:
     assert env_of(builders.batch_job(job(), 0))["HF_HUB_OFFLINE"] == "0"
     local = job(baseModel={"uri": "s3://models/sd15"})
     assert "HF_HUB_OFFLINE" not in env_of(builders.batch_job(local, 0))
+    # Every model the job loads counts: a hub VAE, the evaluators' hub defaults.
+    hub_vae = job(baseModel={"uri": "s3://models/sd15", "vaeUri": "hf://org/vae"})
+    assert env_of(builders.batch_job(hub_vae, 0))["HF_HUB_OFFLINE"] == "0"
+    scored = job(
+        baseModel={"uri": "s3://models/sd15"},
+        validation={"prompts": ["a photo of sks dog"], "metrics": ["clipText"]},
+    )
+    assert env_of(builders.batch_job(scored, 0))["HF_HUB_OFFLINE"] == "0"
+    local_clip = job(
+        baseModel={"uri": "s3://models/sd15"},
+        validation={
+            "prompts": ["a photo of sks dog"],
+            "metrics": ["clipText"],
+            "evaluator": {"clipModel": "s3://models/clip"},
+        },
+    )
+    assert "HF_HUB_OFFLINE" not in env_of(builders.batch_job(local_clip, 0))

@@ -14,6 +14,7 @@ import yaml
 
 from finetune.api import API_VERSION, KIND, FineTuneJob, pod
 from finetune.api.common import is_hub
+from finetune.api.training import model_uris
 
 from .config import OperatorConfig
 
@@ -175,11 +176,12 @@ def _environment(job: FineTuneJob, attempt: int, settings: OperatorConfig) -> li
     ]
     if settings.pushgateway_url:
         env.append({"name": pod.PUSHGATEWAY_URL_ENV, "value": settings.pushgateway_url})
-    models = [m for m in (spec.base_model, spec.lcm.teacher_model if spec.lcm else None) if m]
-    if any(is_hub(model.uri) for model in models):
-        # The trainer image is offline by default; a job naming a hub model allows it.
+    if any(is_hub(uri) for uri in model_uris(spec)):
+        # The trainer image is offline by default; a job naming a hub model (the
+        # evaluators' defaults among them) allows it.
         env.append({"name": pod.HF_HUB_OFFLINE_ENV, "value": "0"})
     # Secrets by reference only: their values never pass through the operator.
+    models = [spec.base_model, spec.lcm.teacher_model if spec.lcm else None]
     for source in models:
         if source is not None and source.hub_token_secret_ref is not None:
             ref = source.hub_token_secret_ref

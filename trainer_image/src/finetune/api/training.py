@@ -65,6 +65,17 @@ class BaseModelSource(ModelSource):
             "train the family with, is refused before training starts."
         ),
     )
+    vae_uri: Uri | None = Field(
+        default=None,
+        description=(
+            "A VAE to use instead of the model's own `vae/`, e.g. "
+            "`hf://madebyollin/sdxl-vae-fp16-fix`: a folder, `s3://` prefix or `hf://` "
+            "repository holding a diffusers `AutoencoderKL` (`config.json` and weights). It "
+            "encodes the training images, decodes the samples and is saved into full-model "
+            "outputs. It runs in the compute dtype; without it SDXL's own VAE runs in "
+            "float32, since it overflows in fp16."
+        ),
+    )
 
 
 class ClassImages(ApiModel):
@@ -768,6 +779,14 @@ def training_problems(spec: TrainingSpec) -> list[Problem]:
                 Problem("lcm.wMin", f"{w_min} is larger than lcm.wMax ({spec.lcm.w_max})")
             )
     return problems
+
+
+def model_uris(spec: TrainingSpec) -> list[str]:
+    """Every model the job loads: base model, its VAE, the LCM teacher and the evaluators."""
+    base = spec.base_model
+    teacher = spec.lcm.teacher_model if spec.lcm else None
+    named = [base.uri, base.vae_uri, teacher.uri if teacher else None]
+    return [uri for uri in named if uri] + list(evaluator_uris(spec).values())
 
 
 def evaluator_uris(spec: TrainingSpec) -> dict[str, str]:

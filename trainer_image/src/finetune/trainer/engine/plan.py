@@ -22,6 +22,7 @@ class RunPlan:
     output_uri: str
     family: str = "sd"  # `spec.baseModel.family` as the launcher resolved it (auto read)
     teacher_folder: Path | None = None
+    vae_folder: Path | None = None  # `spec.baseModel.vaeUri`, where it is given
     # The evaluator models of `validation.metrics`, where the job needs them.
     clip_folder: Path | None = None
     dino_folder: Path | None = None
@@ -38,6 +39,7 @@ class RunPlan:
                 "outputUri": self.output_uri,
                 "family": self.family,
                 "teacherFolder": _text(self.teacher_folder),
+                "vaeFolder": _text(self.vae_folder),
                 "clipFolder": _text(self.clip_folder),
                 "dinoFolder": _text(self.dino_folder),
             }
@@ -56,6 +58,7 @@ class RunPlan:
             output_uri=raw["outputUri"],
             family=raw.get("family", "sd"),
             teacher_folder=_path(raw.get("teacherFolder")),
+            vae_folder=_path(raw.get("vaeFolder")),
             clip_folder=_path(raw.get("clipFolder")),
             dino_folder=_path(raw.get("dinoFolder")),
         )

@@ -94,15 +94,20 @@ class Trainer:
         # Same seed on every rank while models are built, so adapters start equal.
         torch.manual_seed(hp.seed)
         self.components: Components = load_components(
-            self.plan.model_folder, family_named(self.plan.family)
+            self.plan.model_folder, family_named(self.plan.family), self.plan.vae_folder
         )
         self.method: TrainingMethod = method_for(spec, self.components, self.plan.teacher_folder)
         self.module: TrainedModules = self.method.build()
         self.precision.store_models(
             self._frozen_models(),
             self.device,
-            # SDXL's VAE overflows in fp16: kept in float32 where its family says so.
-            full_precision={"vae"} if self.components.family.vae_in_float32 else set(),
+            # SDXL's own VAE overflows in fp16: kept in float32 where its family says so,
+            # unless the job brings a VAE of its own (such as SDXL's fp16-fix VAE).
+            full_precision=(
+                {"vae"}
+                if self.components.family.vae_in_float32 and self.plan.vae_folder is None
+                else set()
+            ),
         )
         c = self.components
         self.encoder = Encoder(

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from finetune.trainer.data.geometry import ImageGeometry
+from finetune.trainer.errors import JobInputError
 
 
 @dataclass
@@ -34,6 +35,7 @@ class Components:
     noise_scheduler: Any
     tokenizer_2: Any = None
     text_encoder_2: Any = None
+    vae_folder: Path | None = None  # where the VAE came from when not `folder/vae`
 
     @property
     def text_encoders(self) -> dict[str, Any]:
@@ -68,9 +70,38 @@ class ModelFamily(ABC):
     vae_in_float32: ClassVar[bool] = False
     card_tag: ClassVar[str]  # the hub tag of the model card
 
+    def load(self, folder: Path, vae_folder: Path | None = None) -> Components:
+        """The parts the trainer works with, from a diffusers folder of this family; the
+        VAE from `vae_folder` (an `AutoencoderKL` folder) where one is given."""
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+        try:
+            text = self.load_text(folder)
+            unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+            scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+            vae = None if vae_folder else AutoencoderKL.from_pretrained(folder, subfolder="vae")
+        except (OSError, ValueError, KeyError) as exc:
+            raise JobInputError(f"{folder}: cannot load the model: {exc}") from exc
+        if vae_folder is not None:
+            try:
+                vae = AutoencoderKL.from_pretrained(vae_folder)
+            except (OSError, ValueError, KeyError) as exc:
+                raise JobInputError(
+                    f"spec.baseModel.vaeUri: {vae_folder}: cannot load the VAE: {exc}"
+                ) from exc
+        return Components(
+            folder=folder,
+            family=self,
+            vae=vae,
+            unet=unet,
+            noise_scheduler=scheduler,
+            vae_folder=vae_folder,
+            **text,
+        )
+
     @abstractmethod
-    def load(self, folder: Path) -> Components:
-        """The parts the trainer works with, from a diffusers folder of this family."""
+    def load_text(self, folder: Path) -> dict[str, Any]:
+        """The tokenizers and text encoders of a model folder, by `Components` field."""
 
     def pipeline_type(self) -> Any:
         import diffusers

@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from finetune.api.methods import Method
-from finetune.trainer.errors import JobInputError
 from finetune.trainer.families.base import Components, ModelFamily
 
 
@@ -35,22 +34,13 @@ class StableDiffusion(ModelFamily):
     methods = frozenset(Method)
     card_tag = "stable-diffusion"
 
-    def load(self, folder: Path) -> Components:
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    def load_text(self, folder: Path) -> dict[str, Any]:
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        try:
-            return Components(
-                folder=folder,
-                family=self,
-                tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
-                text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder"),
-                vae=AutoencoderKL.from_pretrained(folder, subfolder="vae"),
-                unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet"),
-                noise_scheduler=DDPMScheduler.from_pretrained(folder, subfolder="scheduler"),
-            )
-        except (OSError, ValueError, KeyError) as exc:
-            raise JobInputError(f"{folder}: cannot load the model: {exc}") from exc
+        return {
+            "tokenizer": CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
+            "text_encoder": CLIPTextModel.from_pretrained(folder, subfolder="text_encoder"),
+        }
 
     def pipeline(self, components: Components, scheduler: Any, **trained: Any) -> Any:
         parts = {

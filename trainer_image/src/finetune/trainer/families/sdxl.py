@@ -16,7 +16,6 @@ from torch import nn
 
 from finetune.api.methods import Method
 from finetune.trainer.data.geometry import ImageGeometry
-from finetune.trainer.errors import JobInputError
 from finetune.trainer.families.base import Components, ModelFamily
 from finetune.trainer.families.sd import tokenize
 
@@ -40,26 +39,17 @@ class StableDiffusionXL(ModelFamily):
     vae_in_float32 = True
     card_tag = "stable-diffusion-xl"
 
-    def load(self, folder: Path) -> Components:
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    def load_text(self, folder: Path) -> dict[str, Any]:
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-        try:
-            return Components(
-                folder=folder,
-                family=self,
-                tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
-                tokenizer_2=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2"),
-                text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder"),
-                text_encoder_2=CLIPTextModelWithProjection.from_pretrained(
-                    folder, subfolder="text_encoder_2"
-                ),
-                vae=AutoencoderKL.from_pretrained(folder, subfolder="vae"),
-                unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet"),
-                noise_scheduler=DDPMScheduler.from_pretrained(folder, subfolder="scheduler"),
-            )
-        except (OSError, ValueError, KeyError) as exc:
-            raise JobInputError(f"{folder}: cannot load the model: {exc}") from exc
+        return {
+            "tokenizer": CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
+            "tokenizer_2": CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2"),
+            "text_encoder": CLIPTextModel.from_pretrained(folder, subfolder="text_encoder"),
+            "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(
+                folder, subfolder="text_encoder_2"
+            ),
+        }
 
     def pipeline(self, components: Components, scheduler: Any, **trained: Any) -> Any:
         parts = {

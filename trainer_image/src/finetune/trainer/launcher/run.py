@@ -38,7 +38,7 @@ from finetune.trainer.families import resolve_family
 from finetune.trainer.launcher.lease import OutputClaim
 from finetune.trainer.launcher.overlap import check_output_apart
 from finetune.trainer.launcher.preflight import check_output, checked_nproc
-from finetune.trainer.models.sources import resolve_model
+from finetune.trainer.models.sources import resolve_model, resolve_vae
 from finetune.trainer.process import stopping
 from finetune.trainer.process.stopping import STOP_SIGNALS, Stopped, StopRequest
 from finetune.trainer.process.tether import LAUNCHER_PID_ENV
@@ -108,6 +108,7 @@ def prepare(
         claim(output, work_dir, s3)
     model = resolve_model(spec.base_model.uri, cache, s3)
     family = resolve_family(str(spec.base_model.family), model, spec.base_model.uri, spec.method)
+    vae = resolve_vae(spec.base_model.vae_uri, cache, s3) if spec.base_model.vae_uri else None
     teacher = None
     if spec.lcm is not None and spec.lcm.teacher_model is not None:
         teacher = resolve_model(spec.lcm.teacher_model.uri, cache, s3).resolve()
@@ -154,6 +155,7 @@ def prepare(
         output,
         family=family.name,
         teacher_folder=teacher,
+        vae_folder=vae,
         clip_folder=clip,
         dino_folder=dino,
     )

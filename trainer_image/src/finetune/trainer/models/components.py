@@ -9,10 +9,12 @@ from typing import Any
 from finetune.trainer.families import Components, ModelFamily, detect
 
 
-def load_components(folder: Path, family: ModelFamily | None = None) -> Components:
+def load_components(
+    folder: Path, family: ModelFamily | None = None, vae_folder: Path | None = None
+) -> Components:
     """The parts of the model in `folder`, loaded as `family` (by default the one its
-    `model_index.json` names)."""
-    return (family or detect(folder)).load(folder)
+    `model_index.json` names); the VAE from `vae_folder` where one is given."""
+    return (family or detect(folder)).load(folder, vae_folder)
 
 
 def assemble_pipeline(components: Components, scheduler: Any, **trained: Any) -> Any:
@@ -42,10 +44,29 @@ def save_pipeline(
     `from_pretrained`; returns the files written."""
     import torch
 
-    pipeline = assemble_pipeline(components, scheduler, **trained)
+    pipeline = assemble_pipeline(
+        components, scheduler, **{**as_they_came(components, trained), **trained}
+    )
     pipeline.to(torch.float32)
     pipeline.save_pretrained(folder, safe_serialization=True)
     return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+def as_they_came(components: Components, trained: dict[str, Any]) -> dict[str, Any]:
+    """The frozen parts the precision plan stored in a lower dtype, loaded again in
+    float32 from their folders: a saved model ships them as they came, not rounded."""
+    import torch
+
+    parts = {}
+    for name in ("vae", *components.family.text_encoder_names):
+        module = getattr(components, name)
+        if name in trained or module is None or module.dtype == torch.float32:
+            continue
+        if name == "vae" and components.vae_folder is not None:
+            parts[name] = type(module).from_pretrained(components.vae_folder)
+        else:
+            parts[name] = type(module).from_pretrained(components.folder, subfolder=name)
+    return parts
 
 
 __all__ = [

@@ -1,7 +1,9 @@
-"""Where a base model comes from: any input URI, resolved to a checked diffusers folder."""
+"""Where a base model (and a VAE in place of its own) comes from: any input URI,
+resolved to a checked diffusers folder."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from finetune.trainer.errors import JobInputError
@@ -28,3 +30,25 @@ def check_model_folder(folder: Path, uri: str) -> None:
         raise JobInputError(
             f"{uri}: not a diffusers Stable Diffusion folder (missing {', '.join(missing)})"
         )
+
+
+VAE_FIELD = "spec.baseModel.vaeUri"
+
+
+def resolve_vae(uri: str, cache_dir: Path, s3: S3Settings) -> Path:
+    """A local folder holding the diffusers `AutoencoderKL` at `uri`, checked."""
+    folder = local_folder(uri, cache_dir, s3, "models")
+    config = folder / "config.json"
+    if not config.is_file():
+        raise JobInputError(f"{VAE_FIELD}: {uri}: not a diffusers model folder (no config.json)")
+    try:
+        found = json.loads(config.read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise JobInputError(f"{VAE_FIELD}: {uri}: config.json is unreadable ({exc})") from exc
+    if found != "AutoencoderKL":
+        raise JobInputError(f"{VAE_FIELD}: {uri}: holds a {found}, not an AutoencoderKL")
+    if not any(folder.glob("diffusion_pytorch_model*.safetensors")) and not any(
+        folder.glob("diffusion_pytorch_model*.bin")
+    ):
+        raise JobInputError(f"{VAE_FIELD}: {uri}: the AutoencoderKL's weights are missing")
+    return folder.resolve()

@@ -157,12 +157,8 @@ def metrics_table(spec: TrainingSpec, scores: list[Scores]) -> list[str]:
 def usage(spec: TrainingSpec, prompt: str, pipeline: str = "StableDiffusionPipeline") -> list[str]:
     """Python that loads this method's result with diffusers' public API, through the
     model family's `pipeline` class."""
-    base = spec.base_model.uri.removeprefix("hf://").split("@")[0]
     here = "path/to/this/folder"
-    load_base = [
-        f"from diffusers import {pipeline}",
-        f'pipe = {pipeline}.from_pretrained("{base}")',
-    ]
+    load_base = [f"from diffusers import {pipeline}", *_base_pipeline(spec, pipeline)]
     method = spec.method
     few_steps = (
         f'image = pipe("{prompt}", num_inference_steps={spec.validation.inference_steps}, '
@@ -175,7 +171,7 @@ def usage(spec: TrainingSpec, prompt: str, pipeline: str = "StableDiffusionPipel
         assert lcm is not None
         lines = [
             f"from diffusers import LCMScheduler, {pipeline}",
-            f'pipe = {pipeline}.from_pretrained("{base}")',
+            *_base_pipeline(spec, pipeline),
             "pipe.scheduler = LCMScheduler.from_config(",
             "    pipe.scheduler.config,"
             f" original_inference_steps={lcm.num_ddim_timesteps},"
@@ -210,6 +206,22 @@ def usage(spec: TrainingSpec, prompt: str, pipeline: str = "StableDiffusionPipel
             f'pipe = {pipeline}.from_pretrained("{here}")',
         ]
     return [*lines, f'image = pipe("{prompt}").images[0]']
+
+
+def _base_pipeline(spec: TrainingSpec, pipeline: str) -> list[str]:
+    """Python that loads the base model, with the job's own VAE where it has one."""
+    base = _repository(spec.base_model.uri)
+    if spec.base_model.vae_uri is None:
+        return [f'pipe = {pipeline}.from_pretrained("{base}")']
+    return [
+        "from diffusers import AutoencoderKL",
+        f'vae = AutoencoderKL.from_pretrained("{_repository(spec.base_model.vae_uri)}")',
+        f'pipe = {pipeline}.from_pretrained("{base}", vae=vae)',
+    ]
+
+
+def _repository(uri: str) -> str:
+    return uri.removeprefix("hf://").split("@")[0]
 
 
 def upload_results(folder: Path, store: Store) -> None:

@@ -131,8 +131,11 @@ def _configs(size: Size, vocab_size: int) -> dict[str, dict[str, Any]]:
     }
 
 
-def build_model(folder: str | Path, size: Size = "tiny", seed: int = 0) -> Path:
-    """Write a randomly initialised Stable Diffusion pipeline folder and return its path."""
+def build_model(
+    folder: str | Path, size: Size = "tiny", seed: int = 0, prediction_type: str = "epsilon"
+) -> Path:
+    """Write a randomly initialised Stable Diffusion pipeline folder and return its path;
+    `prediction_type="v_prediction"` makes it predict v, as Stable Diffusion 2.x does."""
     import torch
     from diffusers import (
         AutoencoderKL,
@@ -159,6 +162,7 @@ def build_model(folder: str | Path, size: Size = "tiny", seed: int = 0) -> Path:
             num_train_timesteps=1000,
             clip_sample=False,
             steps_offset=1,
+            prediction_type=prediction_type,
         ),
         safety_checker=None,
         feature_extractor=None,

@@ -168,6 +168,8 @@ class Trainer:
         if self.rank.main:  # read back from the engine: what it trains is what is logged
             log.info(self.precision.describe(self.engine.module, self._frozen_models()))
             log.info(self.zero.describe())
+            prediction = self.components.noise_scheduler.config.prediction_type
+            log.info("the UNet predicts %s (its scheduler's config): the loss's target", prediction)
         self.sampler = Sampler(
             spec,
             self.plan.work_dir,

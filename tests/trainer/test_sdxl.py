@@ -156,23 +156,6 @@ def test_sdxl_lora_resumed_after_a_crash_ends_as_an_uninterrupted_run(
         torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
-def test_sdxl_refuses_a_method_it_cannot_train_yet(
-    tmp_path: Path, tiny_sdxl_model: Path, disc_images: Path
-) -> None:
-    job = job_file(
-        tmp_path,
-        tiny_sdxl_model,
-        disc_images,
-        method="customDiffusion",
-        data={
-            "concepts": [{"instanceImages": str(disc_images), "instancePrompt": "a <new1> disc"}]
-        },
-        customDiffusion={"modifierTokens": ["<new1>"], "initializerTokens": ["d"]},
-    )
-    refused(job, "spec.baseModel.family", "sdxl", "customDiffusion", "dreambooth, lora")
-    assert not (tmp_path / "out" / "README.md").exists()
-
-
 def test_a_family_that_does_not_match_the_folder_is_refused(
     tmp_path: Path, tiny_sdxl_model: Path, tiny_model: Path, disc_images: Path
 ) -> None:

@@ -1,4 +1,4 @@
-"""Custom Diffusion's parts that can be checked without training: modifier tokens, cross-attention copies, scale augmentation."""
+"""Custom Diffusion's parts that can be checked without training: modifier tokens, cross-attention copies, scale augmentation; for SD and SDXL."""
 
 from __future__ import annotations
 
@@ -17,7 +17,11 @@ from finetune.trainer.methods.custom_diffusion import (
     ModifierTokenEmbedding,
     ScaleAugmentation,
     add_modifier_tokens,
+    add_modifier_tokens_everywhere,
+    custom_attention,
+    processor_state,
 )
+from finetune.trainer.models.components import load_components
 
 
 def test_modifier_token_rows_are_the_only_trainable_embedding_rows() -> None:
@@ -52,7 +56,6 @@ def test_crossattn_trains_copies_of_query_and_output_too() -> None:
     from diffusers import UNet2DConditionModel
 
     from finetune.assets import _configs
-    from finetune.trainer.methods.custom_diffusion import custom_attention, processor_state
 
     unet = UNet2DConditionModel(**_configs("tiny", 16)["unet"])
     custom_attention(unet, train_q_out=True)
@@ -135,3 +138,67 @@ def test_scale_augmentation_masks_the_loss_to_the_image_and_says_so_in_the_promp
             assert prepared.prompt == example.prompt
             assert 0 < covered <= 1.0
     assert seen == {"small", "large"}
+
+
+def test_sdxl_modifier_tokens_train_a_row_in_both_text_encoders(tiny_sdxl_model: Path) -> None:
+    """Both tokenizers learn the tokens; both encoders (32 and 48 wide) embed them from
+    their initializers' rows; the UNet's conditioning reads both."""
+    components = load_components(tiny_sdxl_model)
+    tables = {
+        name: encoder.get_input_embeddings().weight.detach().clone()
+        for name, encoder in components.text_encoders.items()
+    }
+    for encoder in components.text_encoders.values():
+        encoder.requires_grad_(False)  # as the method freezes them first
+    add_modifier_tokens_everywhere(components, ["<new1>", "<new2>"], ["k", "p"])
+    assert set(tables) == {"text_encoder", "text_encoder_2"}
+    for name, encoder in components.text_encoders.items():
+        tokenizer = components.tokenizers[name]
+        new_ids = tokenizer.convert_tokens_to_ids(["<new1>", "<new2>"])
+        assert tokenizer("a <new2> cat").input_ids[2] == new_ids[1]
+        initial = [tokenizer.encode(w, add_special_tokens=False)[0] for w in "kp"]
+        embedded = encoder.get_input_embeddings()(torch.tensor([new_ids]))
+        torch.testing.assert_close(embedded[0], tables[name][initial])
+        trainable = [n for n, p in encoder.named_parameters() if p.requires_grad]
+        assert len(trainable) == 1, name
+        assert trainable[0].endswith("embeddings.token_embedding.rows"), name
+
+
+def test_sdxl_cross_attention_copies_read_both_encoders_widths(tiny_sdxl_model: Path) -> None:
+    unet = load_components(tiny_sdxl_model).unet
+    custom_attention(unet, train_q_out=False)
+    state = processor_state(unet)
+    keys = [k for k in state if k.endswith("to_k_custom_diffusion.weight")]
+    cross = [n for n in unet.attn_processors if ".attn2." in n]
+    # Every transformer block's cross-attention (SDXL stacks two per attention here).
+    assert [k.removesuffix(".to_k_custom_diffusion.weight") for k in keys] == cross
+    assert any(".transformer_blocks.1." in name for name in cross)
+    for key in keys:
+        attention = unet.get_submodule(key.split(".processor.")[0])
+        assert state[key].shape == (attention.to_k.out_features, 32 + 48)
+        torch.testing.assert_close(state[key], attention.to_k.weight.detach())
+    assert not any("to_q_custom_diffusion" in k for k in state)
+
+
+def test_scale_augmentation_tells_sdxl_the_files_size_and_the_crop(tmp_path: Path) -> None:
+    """A 48x80 (height x width) photo: its size is the original whatever the scale; an
+    enlarged image's crop corner lies inside the spare pixels, a shrunk one is uncut."""
+    from PIL import Image
+
+    Image.new("RGB", (80, 48), "red").save(tmp_path / "wide.png")
+    augment = ScaleAugmentation(resolution=64, latent_factor=8, random_flip=True, seed=3)
+    example = Example(tmp_path / "wide.png", "photo of <new1> disc")
+    crops = {"small": set(), "large": set()}
+    for position in range(60):
+        prepared = augment(example, position)
+        geometry = prepared.geometry
+        assert geometry is not None
+        assert (geometry.original, geometry.target) == ((48, 80), (64, 64))
+        if prepared.prompt.startswith(SMALL_PREFIXES):
+            crops["small"].add(geometry.crop)
+        elif prepared.prompt.startswith(LARGE_PREFIXES):
+            crops["large"].add(geometry.crop)
+            # Enlarged to 77-89 px square: at most 25 spare pixels each way.
+            assert all(0 <= c <= 25 for c in geometry.crop), geometry.crop
+    assert crops["small"] == {(0, 0)}
+    assert len(crops["large"]) > 1

@@ -60,9 +60,9 @@ class BaseModelSource(ModelSource):
         description=(
             "`sd` (Stable Diffusion 1.x and 2.x), `sdxl` (Stable Diffusion XL), or `auto`: "
             "read from the model folder's `model_index.json` (`StableDiffusionPipeline`: "
-            "sd, `StableDiffusionXLPipeline`: sdxl). sdxl trains with `lora` and "
-            "`dreambooth` so far; a family the trainer cannot train, or a method it cannot "
-            "train the family with, is refused before training starts."
+            "sd, `StableDiffusionXLPipeline`: sdxl). sdxl trains with `lora`, `dreambooth` "
+            "and `customDiffusion` so far; a family the trainer cannot train, or a method "
+            "it cannot train the family with, is refused before training starts."
         ),
     )
     vae_uri: Uri | None = Field(

@@ -69,6 +69,9 @@ class ModelFamily(ABC):
     # Keep the VAE in float32 whatever the precision (SDXL's overflows in fp16).
     vae_in_float32: ClassVar[bool] = False
     card_tag: ClassVar[str]  # the hub tag of the model card
+    # Token embedding files: the key of each text encoder's rows (diffusers' SDXL layout:
+    # `clip_l`, `clip_g`). Empty: the one text encoder's row under the token itself.
+    embedding_keys: ClassVar[Mapping[str, str]] = {}
 
     def load(self, folder: Path, vae_folder: Path | None = None) -> Components:
         """The parts the trainer works with, from a diffusers folder of this family; the
@@ -134,6 +137,36 @@ class ModelFamily(ABC):
     def unet_inputs(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         """The UNet's keyword arguments beside the latents and timesteps, from a batch's
         conditioning (`encode`) and image inputs (`image_inputs`)."""
+
+    def embedding_file(
+        self, token: str, rows: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """A new token's trained embedding (its row in each text encoder, by name) as the
+        file `load_textual_inversion` reads: `{token: row}` for one text encoder, else a
+        `[1, width]` tensor per encoder under its `embedding_keys` entry."""
+        if not self.embedding_keys:
+            (row,) = rows.values()
+            return {token: row}
+        return {key: rows[name][None] for name, key in self.embedding_keys.items()}
+
+    def embedding_usage(self, folder: str, tokens: list[str]) -> list[str]:
+        """Python lines that load each token's file (`embedding_file`) from `folder` into
+        the text encoders of a pipeline `pipe`."""
+        if not self.embedding_keys:
+            return [
+                f'pipe.load_textual_inversion("{folder}", weight_name="{token}.safetensors")'
+                for token in tokens
+            ]
+        lines = ["from safetensors.torch import load_file"]
+        for token in tokens:
+            lines.append(f'rows = load_file("{folder}/{token}.safetensors")')
+            for name, key in self.embedding_keys.items():
+                tokenizer = name.replace("text_encoder", "tokenizer")
+                lines.append(
+                    f'pipe.load_textual_inversion(rows["{key}"], token="{token}", '
+                    f"text_encoder=pipe.{name}, tokenizer=pipe.{tokenizer})"
+                )
+        return lines
 
     def save_lora(
         self,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -35,9 +35,13 @@ class StableDiffusionXL(ModelFamily):
         "scheduler",
     )
     text_encoder_names = ("text_encoder", "text_encoder_2")
-    methods = frozenset({Method.LORA, Method.DREAMBOOTH})
+    methods = frozenset({Method.LORA, Method.DREAMBOOTH, Method.CUSTOM_DIFFUSION})
     vae_in_float32 = True
     card_tag = "stable-diffusion-xl"
+    embedding_keys: ClassVar[Mapping[str, str]] = {
+        "text_encoder": "clip_l",
+        "text_encoder_2": "clip_g",
+    }
 
     def load_text(self, folder: Path) -> dict[str, Any]:
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer

@@ -1,6 +1,7 @@
 """Custom Diffusion: a new token per concept, plus the UNet's cross-attention weights.
 
-Only the new tokens' embedding rows train in the text encoder. They are held
+Only the new tokens' embedding rows train in the text encoders (each of the model
+family's, with the tokens added to each tokenizer). They are held in each encoder
 as their own small parameter spliced into the embedding lookup, rather than
 as the whole embedding matrix with the other rows' gradients zeroed: the
 other rows then cannot move at all, whatever DeepSpeed does with gradients
@@ -19,8 +20,10 @@ from torch import nn
 
 from finetune.api.training import FreezeMode
 from finetune.trainer.data.concepts import Example, Prepared, to_tensor
+from finetune.trainer.data.geometry import ImageGeometry
 from finetune.trainer.data.images import ImageRules, decode
 from finetune.trainer.errors import JobInputError
+from finetune.trainer.families import Components
 from finetune.trainer.methods.base import TrainedModules, TrainingMethod
 
 WEIGHTS_FILE = "pytorch_custom_diffusion_weights.safetensors"
@@ -45,16 +48,21 @@ class ModifierTokenEmbedding(nn.Module):
 
 
 def add_modifier_tokens(
-    tokenizer: Any, text_encoder: Any, tokens: list[str], initializers: list[str]
+    tokenizer: Any,
+    text_encoder: Any,
+    tokens: list[str],
+    initializers: list[str],
+    tokenizer_name: str = "tokenizer",
 ) -> ModifierTokenEmbedding:
     """Add `tokens` to the tokenizer, each starting from its initializer's embedding,
-    and splice their trainable rows into `text_encoder`."""
+    and splice their trainable rows into `text_encoder`. Mistakes name the field and
+    the tokenizer (`tokenizer_name`, as the pipeline calls it)."""
     first_new_id = len(tokenizer)
     for index, token in enumerate(tokens):
         if tokenizer.add_tokens(token) != 1:
             raise JobInputError(
                 f"spec.customDiffusion.modifierTokens[{index}]: {token!r} is already a token "
-                "of the model's tokenizer; pick a new one such as <new1>"
+                f"of the model's {tokenizer_name}; pick a new one such as <new1>"
             )
     embeddings = text_encoder.get_input_embeddings()
     rows = []
@@ -63,12 +71,32 @@ def add_modifier_tokens(
         if len(ids) != 1:
             raise JobInputError(
                 f"spec.customDiffusion.initializerTokens[{index}]: {word!r} is {len(ids)} tokens "
-                "for this model's tokenizer; it must be exactly one"
+                f"for the model's {tokenizer_name}; it must be exactly one"
             )
         rows.append(embeddings.weight[ids[0]])
     spliced = ModifierTokenEmbedding(embeddings, first_new_id, torch.stack(rows))
     text_encoder.set_input_embeddings(spliced)
     return spliced
+
+
+def add_modifier_tokens_everywhere(
+    components: Components, tokens: list[str], initializers: list[str]
+) -> None:
+    """The new tokens in every tokenizer of the model, their rows trainable in the text
+    encoder each feeds (both of SDXL's: the UNet reads both encoders' states)."""
+    for name, encoder in components.text_encoders.items():
+        tokenizer_name = name.replace("text_encoder", "tokenizer")
+        tokenizer = components.tokenizers[name]
+        add_modifier_tokens(tokenizer, encoder, tokens, initializers, tokenizer_name)
+
+
+def trained_rows(module: TrainedModules) -> dict[str, torch.Tensor]:
+    """The new tokens' rows ([tokens, width], float32 on the CPU) by text encoder."""
+    rows = {}
+    for name, encoder in module.text_encoders.items():
+        spliced = next(m for m in encoder.modules() if isinstance(m, ModifierTokenEmbedding))
+        rows[name] = spliced.rows.detach().float().cpu()
+    return rows
 
 
 def custom_attention(unet: Any, train_q_out: bool) -> None:
@@ -122,7 +150,11 @@ def processor_state(unet: Any) -> dict[str, torch.Tensor]:
 
 class ScaleAugmentation:
     """The reference method's augmentation: the image drawn smaller (on a blank canvas,
-    the loss masked to it) or larger (cropped) than the resolution, the prompt told so."""
+    the loss masked to it) or larger (cropped) than the resolution, the prompt told so.
+
+    Its geometry (SDXL's time ids) is the file's size as the original, the training size
+    as the target, and as the crop corner where the crop of an enlarged image begins, or
+    (0, 0) for an image drawn smaller, of which nothing is cut away."""
 
     def __init__(
         self,
@@ -152,6 +184,7 @@ class ScaleAugmentation:
         else:
             scale = draw(int(1.2 * size), int(1.4 * size))
         image = decode(example.image, str(example.image), self.rules)
+        original = (image.height, image.width)
         image = image.resize((scale, scale), Image.Resampling.BILINEAR)
         if self.random_flip and float(torch.rand(1, generator=rng)) < 0.5:
             image = ImageOps.mirror(image)
@@ -161,10 +194,12 @@ class ScaleAugmentation:
             left, top = draw(0, scale - size), draw(0, scale - size)
             pixels = to_tensor(image.crop((left, top, left + size, top + size)))
             mask[:] = 1
+            crop = (top, left)
         else:
             left, top = draw(0, size - scale), draw(0, size - scale)
             pixels = torch.zeros(3, size, size)  # mid-grey in [-1, 1]
             pixels[:, top : top + scale, left : left + scale] = to_tensor(image)
+            crop = (0, 0)
             # Latent cells wholly inside the image (one cell in from each edge).
             y0, y1 = top // self.factor + 1, (top + scale) // self.factor - 1
             x0, x1 = left // self.factor + 1, (left + scale) // self.factor - 1
@@ -183,7 +218,8 @@ class ScaleAugmentation:
             prompt = SMALL_PREFIXES[draw(0, 1)] + prompt
         elif scale > size:
             prompt = LARGE_PREFIXES[draw(0, 1)] + prompt
-        return Prepared(pixels, prompt, cacheable=False, mask=mask)
+        geometry = ImageGeometry(original, crop, (size, size))
+        return Prepared(pixels, prompt, cacheable=False, mask=mask, geometry=geometry)
 
 
 class CustomDiffusion(TrainingMethod):
@@ -195,11 +231,9 @@ class CustomDiffusion(TrainingMethod):
 
     def build(self) -> TrainedModules:
         c, cd = self.components, self.settings
-        for part in (c.unet, c.vae, c.text_encoder):
+        for part in (c.unet, c.vae, *c.text_encoders.values()):
             part.requires_grad_(False)
-        self.embedding = add_modifier_tokens(
-            c.tokenizer, c.text_encoder, cd.modifier_tokens, cd.initializer_tokens
-        )
+        add_modifier_tokens_everywhere(c, cd.modifier_tokens, cd.initializer_tokens)
         custom_attention(c.unet, train_q_out=cd.freeze_model == FreezeMode.CROSSATTN)
         if self.spec.training.gradient_checkpointing:
             c.unet.enable_gradient_checkpointing()
@@ -216,7 +250,7 @@ class CustomDiffusion(TrainingMethod):
             if cd.augmentation
             else None
         )
-        return TrainedModules(c.unet, c.text_encoder, family=c.family)
+        return TrainedModules(c.unet, family=c.family, **c.text_encoders)
 
     def prepare(self, example: Example, position: int, is_class: bool) -> Prepared:
         if self.augment is None or is_class:
@@ -225,14 +259,15 @@ class CustomDiffusion(TrainingMethod):
 
     def save(self, module: TrainedModules, folder: Path) -> list[Path]:
         """The attention weights for `unet.load_attn_procs`, and one file per token for
-        `load_textual_inversion`."""
+        `load_textual_inversion`, laid out as the model family's pipeline loads it."""
         from safetensors.torch import save_file
 
         save_file(processor_state(module.unet), folder / WEIGHTS_FILE, metadata={"format": "pt"})
         written = [folder / WEIGHTS_FILE]
-        rows = self.embedding.rows.detach().float().cpu()
-        for token, row in zip(self.settings.modifier_tokens, rows, strict=True):
+        rows = trained_rows(module)
+        for index, token in enumerate(self.settings.modifier_tokens):
             path = folder / f"{token}.safetensors"
-            save_file({token: row.clone().contiguous()}, path)
+            mine = {name: table[index].clone().contiguous() for name, table in rows.items()}
+            save_file(self.components.family.embedding_file(token, mine), path)
             written.append(path)
         return written

@@ -55,8 +55,7 @@ def finish_run(
             files,
             history(telemetry.log_path),
             best,
-            pipeline=method.components.family.pipeline_class,
-            tag=method.components.family.card_tag,
+            family=method.components.family,
         )
         (staging / result.MODEL_CARD).write_text(card)
     result.promote(staging, work_dir)

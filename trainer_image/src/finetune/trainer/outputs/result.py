@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from finetune.api.training import TrainingSpec
 from finetune.trainer.evaluation.scores import ALL, PRES, Scores
 from finetune.trainer.storage.store import Store
+
+if TYPE_CHECKING:
+    from finetune.trainer.families import ModelFamily
 
 STAGING = ".staging"
 # Local working state that is not part of a job's results.
@@ -53,13 +57,13 @@ def model_card(
     files: list[tuple[str, int, str]] | None = None,
     scores: list[Scores] | None = None,
     best: Scores | None = None,
-    pipeline: str = "StableDiffusionPipeline",
-    tag: str = "stable-diffusion",
+    *,
+    family: ModelFamily,
 ) -> str:
     """`files`: (path in the results, bytes, sha256) of what the card describes; `scores`:
     every validation's, by step; `best`: the validation whose weights these are
-    (`output.from: best`); `pipeline`: the diffusers class that loads the result (the
-    model family's), `tag` the family's hub tag."""
+    (`output.from: best`); `family`: the model's, whose pipeline class loads the result
+    and whose hub tag the card carries."""
     method = spec.method
     hyper = spec.training.model_dump(by_alias=True, exclude_none=True, mode="json")
     for section in ("lora", "custom_diffusion", "lcm"):
@@ -74,7 +78,7 @@ def model_card(
             {
                 "base_model": spec.base_model.uri,
                 "library_name": "diffusers",
-                "tags": [tag, method, "finetune-operator"],
+                "tags": [family.card_tag, method, "finetune-operator"],
             },
             sort_keys=False,
         ).strip(),
@@ -89,7 +93,7 @@ def model_card(
         "## How to use",
         "",
         "```python",
-        *usage(spec, prompts[0] if prompts else validation_prompt, pipeline),
+        *usage(spec, prompts[0] if prompts else validation_prompt, family),
         "```",
         "",
     ]
@@ -154,9 +158,10 @@ def metrics_table(spec: TrainingSpec, scores: list[Scores]) -> list[str]:
     return [*lines, ""]
 
 
-def usage(spec: TrainingSpec, prompt: str, pipeline: str = "StableDiffusionPipeline") -> list[str]:
+def usage(spec: TrainingSpec, prompt: str, family: ModelFamily) -> list[str]:
     """Python that loads this method's result with diffusers' public API, through the
-    model family's `pipeline` class."""
+    model family's pipeline class (and, for new tokens, into its text encoders)."""
+    pipeline = family.pipeline_class
     here = "path/to/this/folder"
     load_base = [f"from diffusers import {pipeline}", *_base_pipeline(spec, pipeline)]
     method = spec.method
@@ -184,10 +189,7 @@ def usage(spec: TrainingSpec, prompt: str, pipeline: str = "StableDiffusionPipel
         assert spec.custom_diffusion is not None
         lines = [
             *load_base,
-            *(
-                f'pipe.load_textual_inversion("{here}", weight_name="{token}.safetensors")'
-                for token in spec.custom_diffusion.modifier_tokens
-            ),
+            *family.embedding_usage(here, spec.custom_diffusion.modifier_tokens),
             "# `_pipeline=pipe`: without it diffusers 0.42 does not install the weights",
             "# (huggingface/diffusers#9320).",
             "pipe.unet.load_attn_procs(",

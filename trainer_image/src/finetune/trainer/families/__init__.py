@@ -69,6 +69,20 @@ def resolve_family(requested: str, folder: Path, uri: str, method: str) -> Model
     return family
 
 
+def check_same_family(family: ModelFamily, folder: Path, uri: str, field: str) -> None:
+    """Refuse a second model (`field`, e.g. LCM's teacher) whose `model_index.json` names
+    a pipeline other than the base model's family; one naming none is left to the
+    method's own checks of its parts."""
+    found = pipeline_class_of(folder)
+    if found is not None and found != family.pipeline_class:
+        other = BY_PIPELINE.get(found)
+        named = f"{found} ({other.name})" if other else found
+        raise JobInputError(
+            f"{field}: {uri} holds a {named}, but the base model is a "
+            f"{family.pipeline_class} ({family.name}); it must be of the same family"
+        )
+
+
 def detect(folder: Path) -> ModelFamily:
     """The family a checked model folder belongs to (SD unless it names another)."""
     return BY_PIPELINE.get(pipeline_class_of(folder) or "", FAMILIES["sd"])
@@ -81,6 +95,7 @@ __all__ = [
     "Components",
     "ImageGeometry",
     "ModelFamily",
+    "check_same_family",
     "detect",
     "family_named",
     "resolve_family",

@@ -104,6 +104,21 @@ class ModelFamily(ABC):
         """The UNet's keyword arguments beside the latents and timesteps, from a batch's
         conditioning (`encode`) and image inputs (`image_inputs`)."""
 
+    def unconditional(
+        self, empty_prompt: Mapping[str, torch.Tensor], inputs: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """`inputs` (a batch's conditioning and image inputs) with the prompt's part
+        replaced by what the family's pipeline guides away from when no negative prompt
+        is given: by default the conditioning of the empty prompt, `empty_prompt`
+        (`encode` of one ""). The image inputs stay the batch's."""
+        return {
+            **inputs,
+            **{
+                name: value.to(inputs[name]).expand_as(inputs[name])
+                for name, value in empty_prompt.items()
+            },
+        }
+
     def save_lora(
         self,
         folder: Path,

@@ -36,7 +36,7 @@ class StableDiffusionXL(ModelFamily):
         "scheduler",
     )
     text_encoder_names = ("text_encoder", "text_encoder_2")
-    methods = frozenset({Method.LORA, Method.DREAMBOOTH})
+    methods = frozenset({Method.LORA, Method.DREAMBOOTH, Method.LCM, Method.LCM_LORA})
     vae_in_float32 = True
     card_tag = "stable-diffusion-xl"
 
@@ -106,3 +106,12 @@ class StableDiffusionXL(ModelFamily):
                 "time_ids": inputs["time_ids"],
             },
         }
+
+    def unconditional(
+        self, empty_prompt: Mapping[str, torch.Tensor], inputs: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        # Zeros, not the empty prompt's encoding: SDXL's pipeline guides away from zero
+        # hidden states and a zero pooled embedding (`force_zeros_for_empty_prompt`, on
+        # for SDXL base), and diffusers' SDXL LCM scripts distill against the same. The
+        # time ids stay the image's: they describe its geometry, not the prompt.
+        return {**inputs, **{name: torch.zeros_like(inputs[name]) for name in empty_prompt}}

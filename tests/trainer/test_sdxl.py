@@ -169,7 +169,9 @@ def test_sdxl_refuses_a_method_it_cannot_train_yet(
         },
         customDiffusion={"modifierTokens": ["<new1>"], "initializerTokens": ["d"]},
     )
-    refused(job, "spec.baseModel.family", "sdxl", "customDiffusion", "dreambooth, lcm, lcmLora, lora")
+    refused(
+        job, "spec.baseModel.family", "sdxl", "customDiffusion", "dreambooth, lcm, lcmLora, lora"
+    )
     assert not (tmp_path / "out" / "README.md").exists()
 
 

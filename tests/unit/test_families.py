@@ -96,8 +96,9 @@ def test_families_are_resolved_from_the_folder_and_checked(
     assert resolve_family("auto", tiny_model, "m", "dreambooth").name == "sd"
     assert resolve_family("auto", tiny_sdxl_model, "m", "lora").name == "sdxl"
     assert resolve_family("sdxl", tiny_sdxl_model, "m", "lora").name == "sdxl"
-    with pytest.raises(JobInputError, match=r"spec\.baseModel\.family: sdxl .* lcm"):
-        resolve_family("auto", tiny_sdxl_model, "m", "lcm")
+    assert resolve_family("auto", tiny_sdxl_model, "m", "lcmLora").name == "sdxl"
+    with pytest.raises(JobInputError, match=r"spec\.baseModel\.family: sdxl .* customDiffusion"):
+        resolve_family("auto", tiny_sdxl_model, "m", "customDiffusion")
 
     # An explicit family serves a folder whose index names a class of its own, when the
     # folder holds the family's parts.

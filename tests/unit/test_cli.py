@@ -38,6 +38,18 @@ def test_examples_cover_every_method() -> None:
     assert methods == {"dreambooth", "lora", "customDiffusion", "lcm", "lcmLora"}
 
 
+def test_examples_naming_a_family_use_a_method_it_trains() -> None:
+    from finetune.trainer.families import FAMILIES
+
+    named = {}
+    for path in EXAMPLES:
+        spec = yaml.safe_load(path.read_text())["spec"]
+        if "family" in spec["baseModel"]:
+            named[path.name] = spec["method"]
+            assert spec["method"] in FAMILIES[spec["baseModel"]["family"]].methods, path.name
+    assert {"sdxl-lora.yaml": "lora", "sdxl-lcm-lora.yaml": "lcmLora"}.items() <= named.items()
+
+
 def test_a_wrong_field_exits_2_and_names_it(tmp_path: Path) -> None:
     path = write(tmp_path, "job.yaml", yaml.safe_dump(lora_job(training={"learningRate": 0})))
     result = run("validate", path)

@@ -60,8 +60,8 @@ class BaseModelSource(ModelSource):
         description=(
             "`sd` (Stable Diffusion 1.x and 2.x), `sdxl` (Stable Diffusion XL), or `auto`: "
             "read from the model folder's `model_index.json` (`StableDiffusionPipeline`: "
-            "sd, `StableDiffusionXLPipeline`: sdxl). sdxl trains with `lora` and "
-            "`dreambooth` so far; a family the trainer cannot train, or a method it cannot "
+            "sd, `StableDiffusionXLPipeline`: sdxl). sdxl trains with `lora`, `dreambooth`, "
+            "`lcm` and `lcmLora` so far; a family the trainer cannot train, or a method it cannot "
             "train the family with, is refused before training starts."
         ),
     )
@@ -397,7 +397,11 @@ class LcmSpec(ApiModel):
 
     teacher_model: ModelSource | None = Field(
         default=None,
-        description="The teacher whose many-step samples the student learns to match in a few steps.",
+        description=(
+            "The teacher whose many-step samples the student learns to match in a few "
+            "steps: a model of the base model's family sharing its text encoders and VAE "
+            "(one whose `model_index.json` names another family is refused)."
+        ),
     )
     num_ddim_timesteps: int = Field(
         default=50, ge=1, le=1000, description="Timesteps of the DDIM solver's skipping schedule."

@@ -93,11 +93,9 @@ def test_trained_text_encoders_condition_the_unet_as_frozen_ones_do(
 def test_families_are_resolved_from_the_folder_and_checked(
     tiny_model: Path, tiny_sdxl_model: Path, tmp_path: Path
 ) -> None:
-    assert resolve_family("auto", tiny_model, "m", "dreambooth").name == "sd"
-    assert resolve_family("auto", tiny_sdxl_model, "m", "lora").name == "sdxl"
-    assert resolve_family("sdxl", tiny_sdxl_model, "m", "lora").name == "sdxl"
-    with pytest.raises(JobInputError, match=r"spec\.baseModel\.family: sdxl .* lcm"):
-        resolve_family("auto", tiny_sdxl_model, "m", "lcm")
+    assert resolve_family("auto", tiny_model, "m").name == "sd"
+    assert resolve_family("auto", tiny_sdxl_model, "m").name == "sdxl"
+    assert resolve_family("sdxl", tiny_sdxl_model, "m").name == "sdxl"
 
     # An explicit family serves a folder whose index names a class of its own, when the
     # folder holds the family's parts.
@@ -105,11 +103,11 @@ def test_families_are_resolved_from_the_folder_and_checked(
     shutil.copytree(tiny_model, folder)
     index = json.loads((folder / "model_index.json").read_text())
     (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "MyPipeline"}))
-    assert resolve_family("sd", folder, "m", "lora").name == "sd"
+    assert resolve_family("sd", folder, "m").name == "sd"
     with pytest.raises(JobInputError, match="missing text_encoder_2, tokenizer_2"):
-        resolve_family("sdxl", folder, "m", "lora")
+        resolve_family("sdxl", folder, "m")
     with pytest.raises(JobInputError, match="auto: m holds a MyPipeline"):
-        resolve_family("auto", folder, "m", "lora")
+        resolve_family("auto", folder, "m")
 
 
 def test_sdxl_is_told_each_images_original_size_and_crop(

@@ -60,9 +60,8 @@ class BaseModelSource(ModelSource):
         description=(
             "`sd` (Stable Diffusion 1.x and 2.x), `sdxl` (Stable Diffusion XL), or `auto`: "
             "read from the model folder's `model_index.json` (`StableDiffusionPipeline`: "
-            "sd, `StableDiffusionXLPipeline`: sdxl). sdxl trains with `lora`, `dreambooth` "
-            "and `customDiffusion` so far; a family the trainer cannot train, or a method "
-            "it cannot train the family with, is refused before training starts."
+            "sd, `StableDiffusionXLPipeline`: sdxl). Both train every method; a family the trainer cannot train is refused "
+            "before training starts."
         ),
     )
     vae_uri: Uri | None = Field(
@@ -408,7 +407,11 @@ class LcmSpec(ApiModel):
 
     teacher_model: ModelSource | None = Field(
         default=None,
-        description="The teacher whose many-step samples the student learns to match in a few steps.",
+        description=(
+            "The teacher whose many-step samples the student learns to match in a few "
+            "steps: a model of the base model's family sharing its text encoders and VAE "
+            "(one whose `model_index.json` names another family is refused)."
+        ),
     )
     num_ddim_timesteps: int = Field(
         default=50, ge=1, le=1000, description="Timesteps of the DDIM solver's skipping schedule."

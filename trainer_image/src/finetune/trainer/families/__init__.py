@@ -35,9 +35,9 @@ def known() -> str:
     return ", ".join(f"{f.pipeline_class} ({f.name})" for f in FAMILIES.values())
 
 
-def resolve_family(requested: str, folder: Path, uri: str, method: str) -> ModelFamily:
+def resolve_family(requested: str, folder: Path, uri: str) -> ModelFamily:
     """The family `requested` (`auto`: the one `model_index.json` names) for the model
-    in `folder`, checked against the folder and the method; refusals name the field."""
+    in `folder`, checked against the folder; refusals name the field."""
     found = pipeline_class_of(folder)
     if requested == AUTO:
         if found not in BY_PIPELINE:
@@ -60,13 +60,21 @@ def resolve_family(requested: str, folder: Path, uri: str, method: str) -> Model
             f"{FIELD}: {family.name}: {uri} is not a {family.pipeline_class} folder "
             f"(missing {', '.join(missing)})"
         )
-    if method not in family.methods:
-        methods = ", ".join(sorted(family.methods))
-        raise JobInputError(
-            f"{FIELD}: {family.name} ({uri}) cannot be trained with {method} yet; "
-            f"{family.name} models train with {methods}"
-        )
     return family
+
+
+def check_same_family(family: ModelFamily, folder: Path, uri: str, field: str) -> None:
+    """Refuse a second model (`field`, e.g. LCM's teacher) whose `model_index.json` names
+    a pipeline other than the base model's family; one naming none is left to the
+    method's own checks of its parts."""
+    found = pipeline_class_of(folder)
+    if found is not None and found != family.pipeline_class:
+        other = BY_PIPELINE.get(found)
+        named = f"{found} ({other.name})" if other else found
+        raise JobInputError(
+            f"{field}: {uri} holds a {named}, but the base model is a "
+            f"{family.pipeline_class} ({family.name}); it must be of the same family"
+        )
 
 
 def detect(folder: Path) -> ModelFamily:
@@ -81,6 +89,7 @@ __all__ = [
     "Components",
     "ImageGeometry",
     "ModelFamily",
+    "check_same_family",
     "detect",
     "family_named",
     "resolve_family",

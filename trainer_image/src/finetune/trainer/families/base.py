@@ -64,8 +64,6 @@ class ModelFamily(ABC):
     # Folders a model folder of this family holds besides `model_index.json`.
     parts: ClassVar[tuple[str, ...]]
     text_encoder_names: ClassVar[tuple[str, ...]]
-    # The training methods this trainer can run on the family.
-    methods: ClassVar[frozenset[str]]
     # Keep the VAE in float32 whatever the precision (SDXL's overflows in fp16).
     vae_in_float32: ClassVar[bool] = False
     card_tag: ClassVar[str]  # the hub tag of the model card
@@ -167,6 +165,21 @@ class ModelFamily(ABC):
                     f"text_encoder=pipe.{name}, tokenizer=pipe.{tokenizer})"
                 )
         return lines
+
+    def unconditional(
+        self, empty_prompt: Mapping[str, torch.Tensor], inputs: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """`inputs` (a batch's conditioning and image inputs) with the prompt's part
+        replaced by what the family's pipeline guides away from when no negative prompt
+        is given: by default the conditioning of the empty prompt, `empty_prompt`
+        (`encode` of one ""). The image inputs stay the batch's."""
+        return {
+            **inputs,
+            **{
+                name: value.to(inputs[name]).expand_as(inputs[name])
+                for name, value in empty_prompt.items()
+            },
+        }
 
     def save_lora(
         self,

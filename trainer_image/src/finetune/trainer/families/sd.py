@@ -10,7 +10,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from finetune.api.methods import Method
 from finetune.trainer.families.base import Components, ModelFamily
 
 
@@ -31,7 +30,6 @@ class StableDiffusion(ModelFamily):
     pipeline_class = "StableDiffusionPipeline"
     parts = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
     text_encoder_names = ("text_encoder",)
-    methods = frozenset(Method)
     card_tag = "stable-diffusion"
 
     def load_text(self, folder: Path) -> dict[str, Any]:

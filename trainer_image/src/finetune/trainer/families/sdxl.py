@@ -14,7 +14,6 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from finetune.api.methods import Method
 from finetune.trainer.data.geometry import ImageGeometry
 from finetune.trainer.families.base import Components, ModelFamily
 from finetune.trainer.families.sd import tokenize
@@ -35,7 +34,6 @@ class StableDiffusionXL(ModelFamily):
         "scheduler",
     )
     text_encoder_names = ("text_encoder", "text_encoder_2")
-    methods = frozenset({Method.LORA, Method.DREAMBOOTH, Method.CUSTOM_DIFFUSION})
     vae_in_float32 = True
     card_tag = "stable-diffusion-xl"
     embedding_keys: ClassVar[Mapping[str, str]] = {
@@ -100,3 +98,12 @@ class StableDiffusionXL(ModelFamily):
                 "time_ids": inputs["time_ids"],
             },
         }
+
+    def unconditional(
+        self, empty_prompt: Mapping[str, torch.Tensor], inputs: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        # Zeros, not the empty prompt's encoding: SDXL's pipeline guides away from zero
+        # hidden states and a zero pooled embedding (`force_zeros_for_empty_prompt`, on
+        # for SDXL base), and diffusers' SDXL LCM scripts distill against the same. The
+        # time ids stay the image's: they describe its geometry, not the prompt.
+        return {**inputs, **{name: torch.zeros_like(inputs[name]) for name in empty_prompt}}

@@ -34,7 +34,7 @@ from finetune.trainer.engine.deepspeed_setup import check_optimizer
 from finetune.trainer.engine.plan import RunPlan
 from finetune.trainer.errors import JobInputError, Unreachable, exit_code_for
 from finetune.trainer.evaluation.sources import resolve_evaluators
-from finetune.trainer.families import resolve_family
+from finetune.trainer.families import check_same_family, resolve_family
 from finetune.trainer.launcher.lease import OutputClaim
 from finetune.trainer.launcher.overlap import check_output_apart
 from finetune.trainer.launcher.preflight import check_output, checked_nproc
@@ -107,11 +107,13 @@ def prepare(
     if claim is not None:
         claim(output, work_dir, s3)
     model = resolve_model(spec.base_model.uri, cache, s3)
-    family = resolve_family(str(spec.base_model.family), model, spec.base_model.uri, spec.method)
+    family = resolve_family(str(spec.base_model.family), model, spec.base_model.uri)
     vae = resolve_vae(spec.base_model.vae_uri, cache, s3) if spec.base_model.vae_uri else None
     teacher = None
     if spec.lcm is not None and spec.lcm.teacher_model is not None:
-        teacher = resolve_model(spec.lcm.teacher_model.uri, cache, s3).resolve()
+        uri = spec.lcm.teacher_model.uri
+        teacher = resolve_model(uri, cache, s3).resolve()
+        check_same_family(family, teacher, uri, "spec.lcm.teacherModel.uri")
     if spec.data.dataset is not None:
         dataset = spec.data.dataset
         if not is_s3(dataset.uri):  # workers may start elsewhere: hand them an absolute path

@@ -22,7 +22,7 @@ from finetune.trainer.data.concepts import Example, ImagePreprocessor, Prepared
 from finetune.trainer.data.encoding import Encoder
 from finetune.trainer.data.images import ImageRules
 from finetune.trainer.families import Components, ModelFamily
-from finetune.trainer.methods.diffusion import add_noise, denoising_loss
+from finetune.trainer.methods.diffusion import add_noise, denoising_loss, in_dtype
 
 
 class TrainedModules(nn.Module):
@@ -132,7 +132,7 @@ class TrainingMethod(ABC):
         """The denoising loss of one micro-batch, computed through the engine."""
         scheduler = self.components.noise_scheduler
         noised = add_noise(batch.latents, scheduler, self.spec.training)
-        inputs = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in batch.text.items()}
+        inputs = in_dtype(batch.text, dtype)
         prediction = engine(noised.noisy_latents.to(dtype), noised.timesteps, **inputs)
         return denoising_loss(
             prediction, noised, scheduler, self.spec.training, batch.prior_count, batch.mask

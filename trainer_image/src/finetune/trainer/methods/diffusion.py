@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,11 @@ class NoisedBatch:
     noisy_latents: torch.Tensor
     timesteps: torch.Tensor
     target: torch.Tensor
+
+
+def in_dtype(inputs: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A batch's inputs with the floating-point ones in `dtype` (token ids stay integers)."""
+    return {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in inputs.items()}
 
 
 def add_noise(latents: torch.Tensor, scheduler: object, hp: Hyperparameters) -> NoisedBatch:

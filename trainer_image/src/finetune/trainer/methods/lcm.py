@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +25,15 @@ from finetune.trainer.data.batches import Batch
 from finetune.trainer.data.encoding import Encoder
 from finetune.trainer.errors import JobInputError
 from finetune.trainer.methods.base import TrainedModules, TrainingMethod
+from finetune.trainer.methods.diffusion import in_dtype
 from finetune.trainer.methods.lora import Lora
 from finetune.trainer.models.components import save_pipeline
 
 SIGMA_DATA = 0.5
+
+Inputs = Mapping[str, torch.Tensor]
+# A UNet run: (noisy latents, timesteps, the batch's inputs, guidance embedding or None).
+UNetCall = Callable[[torch.Tensor, torch.Tensor, Inputs, "torch.Tensor | None"], torch.Tensor]
 
 
 def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
@@ -67,7 +73,13 @@ class Distillation:
             scheduler = DDPMScheduler.from_pretrained(teacher_folder, subfolder="scheduler")
         except (OSError, ValueError, RuntimeError) as exc:
             raise JobInputError(f"spec.lcm.teacherModel: cannot load the teacher: {exc}") from exc
-        for key in ("in_channels", "out_channels", "cross_attention_dim"):
+        for key in (
+            "in_channels",
+            "out_channels",
+            "cross_attention_dim",
+            "addition_embed_type",
+            "projection_class_embeddings_input_dim",
+        ):
             if self.teacher.config[key] != student_config[key]:
                 raise JobInputError(
                     f"spec.lcm.teacherModel: the teacher's UNet has {key} "
@@ -101,7 +113,18 @@ class Distillation:
         self.device, self.dtype = encoder.device, encoder.dtype
         for name in ("timesteps", "alphas_cumprod", "previous_alphas_cumprod"):
             setattr(self, name, getattr(self, name).to(self.device))
-        self.unconditional = encoder.embeddings([""])
+        self.family = encoder.components.family
+        self.empty_prompt = encoder.conditioning([""])
+
+    def _teacher(self, x: torch.Tensor, t: torch.Tensor, inputs: Inputs) -> torch.Tensor:
+        """The teacher's conditional and unconditional outputs in one batch. The family
+        says what the unconditional branch is (SD: the empty prompt; SDXL: zeros, pooled
+        embedding included) and how the whole conditioning reaches the UNet."""
+        unconditional = self.family.unconditional(self.empty_prompt, inputs)
+        both = {name: torch.cat([value, unconditional[name]]) for name, value in inputs.items()}
+        return self.teacher(  # type: ignore[no-any-return]
+            torch.cat([x, x]), torch.cat([t, t]), **self.family.unet_inputs(both)
+        ).sample
 
     def _alpha_sigma(self, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         alpha_cumprod = self.alphas_cumprod[timesteps][:, None, None, None]
@@ -119,12 +142,14 @@ class Distillation:
     def loss(
         self,
         latents: torch.Tensor,
-        prompt_embeds: torch.Tensor,
-        student: Any,
-        target: Any,
+        inputs: Inputs,
+        student: UNetCall,
+        target: UNetCall,
         embed_guidance: int | None,
     ) -> torch.Tensor:
-        """`student(x, t, embeds, cond)` is trained; `target` is called without gradients."""
+        """`student` is trained; `target` is called without gradients. `inputs`: the
+        batch's conditioning and image inputs (`Batch.text`), which the teacher, the
+        student and the target all receive."""
         lcm = self.settings
         batch = latents.shape[0]
         index = torch.randint(0, len(self.timesteps), (batch,), device=latents.device)
@@ -135,18 +160,14 @@ class Distillation:
         noisy = alpha * latents + sigma * noise
         w = lcm.w_min + (lcm.w_max - lcm.w_min) * torch.rand(batch, device=latents.device)
         cond = guidance_embedding(w, embed_guidance).to(self.dtype) if embed_guidance else None
-        embeds = prompt_embeds.to(self.dtype)
+        inputs = in_dtype(inputs, self.dtype)
 
         skip_start, out_start = boundary_scalings(start, lcm.timestep_scaling_factor)
-        output = student(noisy.to(self.dtype), start, embeds, cond)
+        output = student(noisy.to(self.dtype), start, inputs, cond)
         prediction = skip_start * noisy + out_start * self._x0_and_noise(output, start, noisy)[0]
 
         with torch.no_grad():
-            both = self.teacher(
-                torch.cat([noisy, noisy]).to(self.dtype),
-                torch.cat([start, start]),
-                torch.cat([embeds, self.unconditional.to(self.dtype).expand_as(embeds)]),
-            ).sample
+            both = self._teacher(noisy.to(self.dtype), start, inputs)
             x0, eps = self._x0_and_noise(both, torch.cat([start, start]), torch.cat([noisy, noisy]))
             scale = w[:, None, None, None]
             x0 = x0[:batch] + scale * (x0[:batch] - x0[batch:])
@@ -154,7 +175,7 @@ class Distillation:
             previous = self.previous_alphas_cumprod[index][:, None, None, None]
             x_end = previous.sqrt() * x0 + (1 - previous).sqrt() * eps  # one DDIM step back
 
-            target_output = target(x_end.to(self.dtype), end, embeds, cond)
+            target_output = target(x_end.to(self.dtype), end, inputs, cond)
             skip_end, out_end = boundary_scalings(end, lcm.timestep_scaling_factor)
             goal = skip_end * x_end + out_end * self._x0_and_noise(target_output, end, x_end)[0]
 
@@ -197,8 +218,8 @@ class Lcm(TrainingMethod):
         self.distillation = Distillation(
             self.spec, self.teacher_folder, base.config, c.noise_scheduler
         )
-        c.vae.requires_grad_(False)
-        c.text_encoder.requires_grad_(False)
+        for part in (c.vae, *c.text_encoders.values()):
+            part.requires_grad_(False)
         if base.config.time_cond_proj_dim is None:
             student = UNet2DConditionModel.from_config(
                 base.config, time_cond_proj_dim=lcm.guidance_embedding_dim
@@ -220,17 +241,17 @@ class Lcm(TrainingMethod):
 
     def loss(self, engine: Any, batch: Batch, dtype: torch.dtype) -> torch.Tensor:
         d = self.distillation
+        family = self.components.family
 
-        def student(x: Any, t: Any, embeds: Any, cond: Any) -> Any:
-            return engine(x, t, encoder_hidden_states=embeds, timestep_cond=cond)
+        def student(x: Any, t: Any, inputs: Inputs, cond: Any) -> Any:
+            return engine(x, t, timestep_cond=cond, **inputs)
 
-        def target(x: Any, t: Any, embeds: Any, cond: Any) -> Any:
+        def target(x: Any, t: Any, inputs: Inputs, cond: Any) -> Any:
             with _autocast(d.device, dtype):
-                return self.target(x, t, embeds, timestep_cond=cond).sample
+                unet_inputs = family.unet_inputs(inputs)
+                return self.target(x, t, timestep_cond=cond, **unet_inputs).sample
 
-        return d.loss(
-            batch.latents, batch.text["encoder_hidden_states"], student, target, self.embed_dim
-        )
+        return d.loss(batch.latents, batch.text, student, target, self.embed_dim)
 
     def frozen_models(self) -> dict[str, torch.nn.Module]:
         return {"teacher": self.distillation.teacher}  # the target keeps fp32 (attach)
@@ -276,14 +297,15 @@ class LcmLora(Lora):
     def loss(self, engine: Any, batch: Batch, dtype: torch.dtype) -> torch.Tensor:
         d = self.distillation
         unet = engine.module.unet
+        family = self.components.family
 
-        def student(x: Any, t: Any, embeds: Any, cond: Any) -> Any:
-            return engine(x, t, encoder_hidden_states=embeds)
+        def student(x: Any, t: Any, inputs: Inputs, cond: Any) -> Any:
+            return engine(x, t, **inputs)
 
-        def target(x: Any, t: Any, embeds: Any, cond: Any) -> Any:
-            return unet(x, t, embeds).sample
+        def target(x: Any, t: Any, inputs: Inputs, cond: Any) -> Any:
+            return unet(x, t, **family.unet_inputs(inputs)).sample
 
-        return d.loss(batch.latents, batch.text["encoder_hidden_states"], student, target, None)
+        return d.loss(batch.latents, batch.text, student, target, None)
 
     def sampling_scheduler(self) -> Any:
         return self.distillation.sampling_scheduler()

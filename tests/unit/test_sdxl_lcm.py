@@ -1,0 +1,113 @@
+"""LCM distillation asks the model family for the whole conditioning: the teacher's
+classifier-free guidance contrasts with what the family's pipeline contrasts with, and
+SDXL's pooled embedding and time ids reach the teacher, the student and the target."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from finetune.api.training import LcmSpec
+from finetune.trainer.data.encoding import Encoder
+from finetune.trainer.errors import JobInputError
+from finetune.trainer.families import FAMILIES, ImageGeometry, check_same_family
+from finetune.trainer.methods.lcm import Distillation
+from finetune.trainer.models.components import inference_pipeline, load_components
+
+PROMPTS = ["a photo of sks disc", "a red disc on grey"]
+
+
+def encoder(components: Any) -> Encoder:
+    return Encoder(components, torch.device("cpu"), torch.float32, False, cache=False)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("model", ["tiny_model", "tiny_sdxl_model"])
+def test_the_unconditional_branch_is_the_pipelines_own_negative_conditioning(
+    model: str, request: pytest.FixtureRequest
+) -> None:
+    components = load_components(request.getfixturevalue(model))
+    text = encoder(components)
+    inputs = text.conditioning(PROMPTS)
+    unconditional = components.family.unconditional(text.conditioning([""]), inputs)
+
+    encoded = inference_pipeline(components).encode_prompt(
+        PROMPTS,
+        device=torch.device("cpu"),
+        num_images_per_prompt=1,
+        do_classifier_free_guidance=True,
+    )
+    # SD returns (prompt, negative); SDXL (prompt, negative, pooled, negative pooled).
+    negative = {"encoder_hidden_states": encoded[1]}
+    if "text_embeds" in inputs:
+        negative["text_embeds"] = encoded[3]
+    assert unconditional.keys() == inputs.keys()
+    for name, expected in negative.items():
+        torch.testing.assert_close(unconditional[name], expected, msg=name)
+        assert not torch.equal(unconditional[name], inputs[name]), name
+
+
+def test_sdxl_distillation_carries_pooled_embeddings_and_time_ids_to_every_unet(
+    tiny_sdxl_model: Path, tmp_path: Path
+) -> None:
+    from finetune.assets import build_sdxl_model
+
+    components = load_components(tiny_sdxl_model)
+    teacher = build_sdxl_model(tmp_path / "teacher", seed=1)
+    spec = type("Spec", (), {"lcm": LcmSpec(numDdimTimesteps=10, wMin=3.0)})()
+    distillation = Distillation(spec, teacher, components.unet.config, components.noise_scheduler)
+    text = encoder(components)
+    distillation.attach(text)
+    geometry = [ImageGeometry((80, 96), (8, 16), (64, 64)), ImageGeometry.square(64)]
+    inputs = {**text.conditioning(PROMPTS), **text.images(geometry)}
+
+    seen: dict[str, Any] = {}
+
+    def record(module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+        seen.update(kwargs)
+
+    distillation.teacher.register_forward_pre_hook(record, with_kwargs=True)
+    given: list[dict[str, torch.Tensor]] = []
+    family, unet = components.family, components.unet
+
+    def run(x: torch.Tensor, t: torch.Tensor, batch: Any, cond: Any) -> torch.Tensor:
+        given.append(dict(batch))
+        return unet(x, t, **family.unet_inputs(batch)).sample  # type: ignore[no-any-return]
+
+    latents = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        loss = distillation.loss(latents, inputs, run, run, None)
+    assert torch.isfinite(loss)
+
+    added = seen["added_cond_kwargs"]
+    time_ids = inputs["time_ids"]
+    assert time_ids.tolist() == [[80, 96, 8, 16, 64, 64], [64, 64, 0, 0, 64, 64]]
+    # Conditional half, then the unconditional half: zero prompt and pooled embeddings
+    # (as SDXL's pipeline guides), the same images' time ids.
+    torch.testing.assert_close(added["time_ids"], torch.cat([time_ids, time_ids]))
+    torch.testing.assert_close(added["text_embeds"][:2], inputs["text_embeds"])
+    assert added["text_embeds"].shape == (4, inputs["text_embeds"].shape[1])
+    assert not added["text_embeds"][2:].any()
+    torch.testing.assert_close(seen["encoder_hidden_states"][:2], inputs["encoder_hidden_states"])
+    assert not seen["encoder_hidden_states"][2:].any()
+    # The student and the target receive the batch's pooled embeddings and time ids.
+    assert len(given) == 2
+    for batch in given:
+        torch.testing.assert_close(batch["time_ids"], time_ids)
+        torch.testing.assert_close(batch["text_embeds"], inputs["text_embeds"])
+
+
+def test_a_teacher_of_another_family_is_refused_naming_the_field(
+    tiny_model: Path, tiny_sdxl_model: Path
+) -> None:
+    field = "spec.lcm.teacherModel.uri"
+    with pytest.raises(JobInputError) as refused:
+        check_same_family(FAMILIES["sdxl"], tiny_model, "s3://models/sd", field)
+    message = str(refused.value)
+    assert message.startswith(field)
+    for fragment in ("s3://models/sd", "StableDiffusionPipeline (sd)", "(sdxl)"):
+        assert fragment in message
+    check_same_family(FAMILIES["sdxl"], tiny_sdxl_model, "s3://models/sdxl", field)

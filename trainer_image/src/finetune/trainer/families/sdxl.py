@@ -38,6 +38,7 @@ class StableDiffusionXL(ModelFamily):
     text_encoder_names = ("text_encoder", "text_encoder_2")
     methods = frozenset({Method.LORA, Method.DREAMBOOTH})
     vae_in_float32 = True
+    buckets_by_default = True
     card_tag = "stable-diffusion-xl"
 
     def load(self, folder: Path) -> Components:

@@ -109,7 +109,7 @@ class ConceptBatches:
         self.batch_size = batch_size
         self.bucketed = bucketed
         self.instance_stream: ExampleStream = (
-            buckets.BucketStream([e.size or (0, 0) for e in instances], seed, salt=0)
+            buckets.BucketStream([e.size for e in instances], seed, salt=0)
             if bucketed
             else IndexStream(len(instances), seed, salt=0)
         )

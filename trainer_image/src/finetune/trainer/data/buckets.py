@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from typing import TYPE_CHECKING
 
 from finetune.trainer.data.concepts import Example, IndexStream, seeded_permutation
@@ -105,7 +105,7 @@ class BucketStream:
     to the ranks in turn. Pure, so resume needs no state.
     """
 
-    def __init__(self, sizes: Sequence[Size], seed: int, salt: int = 0) -> None:
+    def __init__(self, sizes: Sequence[Hashable], seed: int, salt: int = 0) -> None:
         self.sizes = list(sizes)  # each example's bucket
         self.seed = seed
         self.salt = salt
@@ -117,7 +117,7 @@ class BucketStream:
         if self._cached == (epoch, batch):
             return self._batches
         size = len(self.sizes)
-        by_bucket: dict[Size, list[int]] = {}
+        by_bucket: dict[Hashable, list[int]] = {}
         for offset in range(size):
             index = self.examples.example_at(epoch * size + offset)
             by_bucket.setdefault(self.sizes[index], []).append(index)

@@ -127,6 +127,24 @@ def test_yaml_uses_camel_case_and_python_snake_case() -> None:
             "spec.data.concepts[0].instancePrompt: must contain one of customDiffusion.modifierTokens",
         ),
         (
+            lcm_job(data={"buckets": True}),
+            "spec.data.buckets: buckets apply to concept images, not to lcmLora's streamed "
+            "data.dataset; leave data.buckets unset or false",
+        ),
+        (
+            lora_job(
+                method="customDiffusion",
+                lora=None,
+                customDiffusion={"modifierTokens": ["<new1>"]},
+                data={
+                    "buckets": True,
+                    "concepts": [{"instanceImages": "./a", "instancePrompt": "a <new1> cat"}],
+                },
+            ),
+            "spec.data.buckets: customDiffusion.augmentation makes square images; set one of "
+            "them to false",
+        ),
+        (
             lcm_job(method="lcm", lcm={"wMin": 20.0, "wMax": 10.0}),
             "spec.lcm.wMin: 20.0 is larger than lcm.wMax (10.0)",
         ),

@@ -173,12 +173,30 @@ class DataSpec(ApiModel):
         ge=64,
         le=4096,
         multiple_of=8,
-        description="Training resolution in pixels; images are resized so the short side matches.",
+        description=(
+            "Training resolution in pixels; images are resized so the short side matches "
+            "(with `buckets`, to cover a bucket of about this size squared)."
+        ),
     )
     center_crop: bool = Field(
-        default=False, description="Crop the centre square; otherwise a random crop."
+        default=False,
+        description="Crop the centre square (or bucket); otherwise a random crop.",
     )
     random_flip: bool = Field(default=False, description="Flip images horizontally at random.")
+    buckets: bool | None = Field(
+        default=None,
+        description=(
+            "Aspect-ratio buckets for concept images: each image keeps its aspect ratio, "
+            "resized to cover the bucket (width x height, multiples of 64 px, about "
+            "`resolution`² pixels, 1:4 to 4:1) of nearest aspect ratio and cropped to it "
+            "(as `centerCrop` says); each micro-batch comes from one bucket, and SDXL is told "
+            "each image's real size and crop. The log lists the buckets and how many images "
+            "each holds. With prior preservation a batch's class images are cropped to its "
+            "bucket. Unset: the model family's default (on for sdxl, off for sd); true or "
+            "false forces it. Not for lcm/lcmLora datasets or customDiffusion's "
+            "`augmentation` (square images; unset turns buckets off there)."
+        ),
+    )
     alpha: AlphaMode = Field(
         default=AlphaMode.WHITE,
         description=(
@@ -690,6 +708,20 @@ def training_problems(spec: TrainingSpec) -> list[Problem]:
         need(not spec.data.concepts, "data.concepts", f"are not used by {method}; use data.dataset")
         teacher = spec.lcm.teacher_model if spec.lcm else None
         need(teacher is not None, "lcm.teacherModel", f"a teacher model is needed for {method}")
+
+    if spec.data.buckets:
+        need(
+            spec.data.dataset is None,
+            "data.buckets",
+            f"buckets apply to concept images, not to {method}'s streamed data.dataset; "
+            "leave data.buckets unset or false",
+        )
+        cd = spec.custom_diffusion
+        need(
+            not (method == Method.CUSTOM_DIFFUSION and cd is not None and cd.augmentation),
+            "data.buckets",
+            "customDiffusion.augmentation makes square images; set one of them to false",
+        )
 
     if method == Method.CUSTOM_DIFFUSION:
         cd = spec.custom_diffusion

@@ -8,6 +8,8 @@ sees exactly the batches an uninterrupted one would have seen.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,7 @@ from typing import Any, Protocol
 import torch
 
 from finetune.api.training import TrainingSpec
+from finetune.trainer.data import buckets
 from finetune.trainer.data.captions import CaptionStream, open_stream
 from finetune.trainer.data.concepts import (
     Example,
@@ -31,11 +34,16 @@ from finetune.trainer.data.images import ImageRules
 from finetune.trainer.process.distributed import Rank
 from finetune.trainer.storage.s3 import S3Settings
 
+log = logging.getLogger(__name__)
+
 
 class ExamplePreparer(Protocol):
     """How the training method prepares its images (`methods.TrainingMethod`)."""
 
     preprocess: ImagePreprocessor
+
+    @property
+    def keeps_aspect_ratio(self) -> bool: ...
 
     def prepare(self, example: Example, position: int, is_class: bool) -> Prepared: ...
 
@@ -58,6 +66,12 @@ class Sample:
     geometry: ImageGeometry
 
 
+class ExampleStream(Protocol):
+    """Which examples a rank reads at a micro-step (`IndexStream`, `BucketStream`)."""
+
+    def take(self, micro_step: int, rank: int, world: int, batch: int) -> list[tuple[int, int]]: ...
+
+
 class Batches(Protocol):
     def batch(self, micro_step: int) -> Batch: ...
 
@@ -69,7 +83,12 @@ class Batches(Protocol):
 
 
 class ConceptBatches:
-    """Instance images (and class images) dealt to the ranks in seeded epochs."""
+    """Instance images (and class images) dealt to the ranks in seeded epochs.
+
+    With `bucketed` on, the instance examples name their bucket (`Example.size`), each
+    micro-batch holds one bucket's, and its class images are cropped to that bucket too
+    (they are generated square, so no bucket of their own could serve every batch).
+    """
 
     def __init__(
         self,
@@ -80,6 +99,7 @@ class ConceptBatches:
         rank: Rank,
         batch_size: int,
         seed: int,
+        bucketed: bool = False,
     ) -> None:
         self.instances = instances
         self.classes = classes
@@ -87,27 +107,39 @@ class ConceptBatches:
         self.encoder = encoder
         self.rank = rank
         self.batch_size = batch_size
-        self.instance_stream = IndexStream(len(instances), seed, salt=0)
+        self.bucketed = bucketed
+        self.instance_stream: ExampleStream = (
+            buckets.BucketStream([e.size for e in instances], seed, salt=0)
+            if bucketed
+            else IndexStream(len(instances), seed, salt=0)
+        )
         self.class_stream = IndexStream(max(1, len(classes)), seed, salt=1)
         self.square = ImageGeometry.square(method.preprocess.resolution)
         self._geometry: dict[Any, ImageGeometry] = {}  # beside the encoder's cached latents
 
     def _take(
-        self, stream: IndexStream, examples: list[Example], kind: str, micro_step: int
+        self,
+        stream: ExampleStream,
+        examples: list[Example],
+        kind: str,
+        micro_step: int,
+        size: tuple[int, int] | None = None,
     ) -> list[Sample]:
-        """Each sample of the micro-batch; an image whose latents are cached is not even
-        opened."""
+        """Each sample of the micro-batch (at `size`, where given, rather than each
+        example's own); an image whose latents are cached is not even opened."""
         chosen: list[Sample] = []
-        for position in stream.positions(
+        for position, index in stream.take(
             micro_step, self.rank.rank, self.rank.world, self.batch_size
         ):
-            index = stream.example_at(position)
-            key = (kind, index)
+            example = examples[index]
+            if size is not None:
+                example = dataclasses.replace(example, size=size)
+            key = (kind, index, example.size)  # latents are cached per bucket
             latents = self.encoder.cached_latents(key)
             if latents is not None:  # only deterministic preparations are cached
-                chosen.append(Sample(latents, examples[index].prompt, None, self._geometry[key]))
+                chosen.append(Sample(latents, example.prompt, None, self._geometry[key]))
                 continue
-            prepared = self.method.prepare(examples[index], position, kind == "class")
+            prepared = self.method.prepare(example, position, kind == "class")
             latents = self.encoder.latents(
                 prepared.pixels[None], key if prepared.cacheable else None
             )
@@ -121,8 +153,13 @@ class ConceptBatches:
         chosen = self._take(self.instance_stream, self.instances, "instance", micro_step)
         prior_count = 0
         if self.classes:
-            chosen += self._take(self.class_stream, self.classes, "class", micro_step)
+            height, width = chosen[0].geometry.target
+            bucket = (width, height) if self.bucketed else None
+            chosen += self._take(self.class_stream, self.classes, "class", micro_step, bucket)
             prior_count = self.batch_size
+        if log.isEnabledFor(logging.DEBUG):  # what proves one shape per micro-batch
+            shapes = sorted({f"{s.geometry.target[1]}x{s.geometry.target[0]}" for s in chosen})
+            log.debug("micro-step %d, rank %d: %s", micro_step, self.rank.rank, ", ".join(shapes))
         latents = torch.cat([sample.latents for sample in chosen])
         mask = None
         if any(sample.mask is not None for sample in chosen):
@@ -191,15 +228,30 @@ def open_batches(
     """This rank's batches: from the caption dataset, or from the concepts' folders
     (`make_class_images` first generating the class images prior preservation lacks)."""
     hp = spec.training
+    bucketed = buckets.wanted(
+        spec.data,
+        encoder.components.family.buckets_by_default,
+        method.keeps_aspect_ratio,
+        announce=rank.main,
+    )
     if spec.data.dataset is not None:
         stream = open_stream(spec.data.dataset, s3, hp.seed, rank.rank, rank.world)
         return CaptionBatches(stream, method.preprocess, encoder, rank, hp.batch_size)
     instances = concept_examples(spec, concept_folders, class_images=False)
+    if bucketed:
+        sizes = buckets.bucket_sizes(
+            spec.data.resolution, buckets.size_multiple(encoder.components)
+        )
+        instances = buckets.assign(instances, sizes)
+        if rank.main:
+            log.info(buckets.describe(spec.data.resolution, sizes, instances))
     classes: list[Example] = []
     if hp.prior_preservation:
         make_class_images()
         classes = concept_examples(spec, class_folders, class_images=True)
-    return ConceptBatches(instances, classes, method, encoder, rank, hp.batch_size, hp.seed)
+    return ConceptBatches(
+        instances, classes, method, encoder, rank, hp.batch_size, hp.seed, bucketed
+    )
 
 
 def concept_examples(spec: TrainingSpec, folders: list[Path], class_images: bool) -> list[Example]:

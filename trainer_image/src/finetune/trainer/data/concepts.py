@@ -27,13 +27,15 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp"})
 class Example:
     image: Path
     prompt: str
+    # (width, height) to train it at: its aspect-ratio bucket; None: the square resolution.
+    size: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
 class Prepared:
     """One training image ready for the VAE, with the prompt to pair it with."""
 
-    pixels: torch.Tensor  # [3, resolution, resolution] in [-1, 1]
+    pixels: torch.Tensor  # [3, height, width] in [-1, 1]: the square resolution or a bucket
     prompt: str
     cacheable: bool  # the same at every position, so its latents may be cached
     mask: torch.Tensor | None = None  # [1, h, w] at latent resolution: where the loss counts
@@ -41,7 +43,7 @@ class Prepared:
 
 
 class Cropped(NamedTuple):
-    pixels: torch.Tensor  # [3, resolution, resolution] in [-1, 1]
+    pixels: torch.Tensor  # [3, height, width] in [-1, 1]
     deterministic: bool  # the same at every position
     geometry: ImageGeometry
 
@@ -90,7 +92,8 @@ def split_held_out(examples: list[Example], count: int) -> tuple[list[Example], 
 
 
 class ImagePreprocessor:
-    """Resize the short side to the resolution, crop a square, maybe flip."""
+    """Resize the image to cover the target (a square of the resolution, or a bucket's
+    size), crop it to the target, maybe flip."""
 
     def __init__(
         self,
@@ -106,50 +109,66 @@ class ImagePreprocessor:
         self.seed = seed
         self.rules = rules or ImageRules()
 
-    def deterministic_for(self, size: tuple[int, int]) -> bool:
-        """True when the result does not depend on the position (so latents can be cached)."""
-        square = size[0] == size[1]
-        return not self.random_flip and (self.center_crop or square)
+    def deterministic_for(
+        self, size: tuple[int, int], target: tuple[int, int] | None = None
+    ) -> bool:
+        """True when the result does not depend on the position (so latents can be cached):
+        no flip, and a centre crop or an image of the target's aspect ratio exactly."""
+        width, height = target or (self.resolution, self.resolution)
+        same_shape = size[0] * height == size[1] * width
+        return not self.random_flip and (self.center_crop or same_shape)
 
-    def __call__(self, source: Path | Image, position: int) -> Cropped:
-        """The image (a file, or one `images.decode` returned) as a [-1, 1] tensor,
-        whether it is the same at every position, and where it was cropped from."""
+    def __call__(
+        self, source: Path | Image, position: int, target: tuple[int, int] | None = None
+    ) -> Cropped:
+        """The image (a file, or one `images.decode` returned) at `target` (width, height;
+        default the square resolution) as a [-1, 1] tensor, whether it is the same at
+        every position, and where it was cropped from."""
         import torch
         from PIL import Image, ImageOps
 
         image = (
             images.decode(source, str(source), self.rules) if isinstance(source, Path) else source
         )
+        target_width, target_height = target or (self.resolution, self.resolution)
         width, height = image.size
-        deterministic = self.deterministic_for((width, height))
-        scale = self.resolution / min(width, height)
+        deterministic = self.deterministic_for((width, height), (target_width, target_height))
+        scale = max(target_width / width, target_height / height)
         size = (
-            max(self.resolution, round(width * scale)),
-            max(self.resolution, round(height * scale)),
+            max(target_width, round(width * scale)),
+            max(target_height, round(height * scale)),
         )
         image = image.resize(size, Image.Resampling.BILINEAR)
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + position)
-        spare_x, spare_y = size[0] - self.resolution, size[1] - self.resolution
+        spare_x, spare_y = size[0] - target_width, size[1] - target_height
         if self.center_crop:
             left, top = spare_x // 2, spare_y // 2
         else:
             left = int(torch.randint(0, spare_x + 1, (1,), generator=generator))
             top = int(torch.randint(0, spare_y + 1, (1,), generator=generator))
-        image = image.crop((left, top, left + self.resolution, top + self.resolution))
+        image = image.crop((left, top, left + target_width, top + target_height))
         if self.random_flip and bool(torch.rand(1, generator=generator) < 0.5):
             image = ImageOps.mirror(image)
             left = spare_x - left  # the crop's corner in the mirrored image
-        geometry = ImageGeometry((height, width), (top, left), (self.resolution, self.resolution))
+        geometry = ImageGeometry((height, width), (top, left), (target_height, target_width))
         return Cropped(to_tensor(image), deterministic, geometry)
 
 
 def to_tensor(image: Image) -> torch.Tensor:
-    """A square RGB image as a [3, H, W] tensor in [-1, 1]."""
+    """An RGB image as a [3, H, W] tensor in [-1, 1]."""
     import torch
 
     width, height = image.size
     pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
     return pixels.view(height, width, 3).permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+def seeded_permutation(size: int, seed: int, salt: int, epoch: int) -> list[int]:
+    """A permutation of range(size), the same for the same (seed, salt, epoch)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed * 7919 + salt * 104_729 + epoch)
+    return torch.randperm(size, generator=generator).tolist()
 
 
 class IndexStream:
@@ -164,13 +183,8 @@ class IndexStream:
         self._order: list[int] = []
 
     def _permutation(self, epoch: int) -> list[int]:
-        import torch
-
         if epoch != self._epoch:
-            generator = torch.Generator().manual_seed(
-                self.seed * 7919 + self.salt * 104_729 + epoch
-            )
-            self._order = torch.randperm(self.size, generator=generator).tolist()
+            self._order = seeded_permutation(self.size, self.seed, self.salt, epoch)
             self._epoch = epoch
         return self._order
 
@@ -181,3 +195,7 @@ class IndexStream:
     def example_at(self, position: int) -> int:
         epoch, offset = divmod(position, self.size)
         return self._permutation(epoch)[offset]
+
+    def take(self, micro_step: int, rank: int, world: int, batch: int) -> list[tuple[int, int]]:
+        """(position in the run, example index) of each sample `rank` reads at `micro_step`."""
+        return [(p, self.example_at(p)) for p in self.positions(micro_step, rank, world, batch)]

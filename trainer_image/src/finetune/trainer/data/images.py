@@ -118,6 +118,24 @@ def decode(source: Path | bytes | Image, name: str, rules: ImageRules) -> Image:
     return to_rgb(ImageOps.exif_transpose(image), name, rules.alpha)
 
 
+# EXIF orientations that turn the picture a quarter turn (width and height swap).
+QUARTER_TURNS = frozenset({5, 6, 7, 8})
+ORIENTATION_TAG = 0x0112
+
+
+def upright_size(path: Path) -> tuple[int, int]:
+    """(width, height) of the file as `decode` will show it, read from its header alone."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as opened:
+            width, height = opened.size
+            turned = opened.getexif().get(ORIENTATION_TAG) in QUARTER_TURNS
+    except Exception as exc:  # as in `open_image`
+        raise JobInputError(f"{path}: not a readable image ({exc})") from exc
+    return (height, width) if turned else (width, height)
+
+
 def check_size(size: tuple[int, int], name: str, rules: ImageRules) -> None:
     """Refuse a too small image when `minImageSize` is set; warn once otherwise."""
     short = min(size)

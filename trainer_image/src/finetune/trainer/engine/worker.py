@@ -13,7 +13,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from finetune.api.pod import EXIT_FAILED, EXIT_INTERRUPTED
+from finetune.api.pod import EXIT_FAILED, EXIT_INTERRUPTED, LOG_LEVEL_ENV
 from finetune.trainer.errors import exit_code_for
 from finetune.trainer.process.stopping import Stopped, StopRequest
 from finetune.trainer.process.tether import tie_to_launcher
@@ -25,6 +25,7 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("finetune").setLevel(os.environ.get(LOG_LEVEL_ENV, "INFO").upper())
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "diffusers", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning)

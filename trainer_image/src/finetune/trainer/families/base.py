@@ -66,6 +66,8 @@ class ModelFamily(ABC):
     text_encoder_names: ClassVar[tuple[str, ...]]
     # Keep the VAE in float32 whatever the precision (SDXL's overflows in fp16).
     vae_in_float32: ClassVar[bool] = False
+    # Aspect-ratio buckets when `data.buckets` is unset (SDXL was trained with them).
+    buckets_by_default: ClassVar[bool] = False
     card_tag: ClassVar[str]  # the hub tag of the model card
     # Token embedding files: the key of each text encoder's rows (diffusers' SDXL layout:
     # `clip_l`, `clip_g`). Empty: the one text encoder's row under the token itself.

@@ -35,6 +35,7 @@ class StableDiffusionXL(ModelFamily):
     )
     text_encoder_names = ("text_encoder", "text_encoder_2")
     vae_in_float32 = True
+    buckets_by_default = True
     card_tag = "stable-diffusion-xl"
     embedding_keys: ClassVar[Mapping[str, str]] = {
         "text_encoder": "clip_l",

@@ -121,8 +121,14 @@ class TrainingMethod(ABC):
 
     def prepare(self, example: Example, position: int, is_class: bool) -> Prepared:
         """One concept image as it goes into the VAE, with its prompt."""
-        pixels, deterministic, geometry = self.preprocess(example.image, position)
+        pixels, deterministic, geometry = self.preprocess(example.image, position, example.size)
         return Prepared(pixels, example.prompt, deterministic, geometry=geometry)
+
+    @property
+    def keeps_aspect_ratio(self) -> bool:
+        """Whether `prepare` trains each image at the size its `Example` names, so that
+        aspect-ratio buckets (`data.buckets`) can apply; False where it makes squares."""
+        return True
 
     def attach(self, encoder: Encoder) -> None:
         """Called once the devices are known, before training: place extra models."""

@@ -229,6 +229,10 @@ class CustomDiffusion(TrainingMethod):
         assert cd is not None  # the API requires the section for this method
         return cd
 
+    @property
+    def keeps_aspect_ratio(self) -> bool:
+        return not self.settings.augmentation  # the scale augmentation draws squares
+
     def build(self) -> TrainedModules:
         c, cd = self.components, self.settings
         for part in (c.unet, c.vae, *c.text_encoders.values()):

@@ -183,7 +183,8 @@ def test_yaml_uses_camel_case_and_python_snake_case() -> None:
         (
             lcm_job(validation={"prompts": ["a cat"], "metrics": ["clipText", "dino"]}),
             "spec.validation.metrics: dino compares samples with the instance images of "
-            "data.concepts, which lcmLora does not have; only clipText applies",
+            "data.concepts, which lcmLora does not have; clipText and clipImage (to the "
+            "teacher's images) apply",
         ),
         (
             lora_job(
@@ -297,6 +298,81 @@ def test_metrics_are_off_by_default_and_lcm_may_score_prompts() -> None:
         lcm_job(validation={"prompts": ["a cat"], "metrics": ["clipText"]})
     ).spec
     assert lcm.validation.metrics == ["clipText"]
+
+
+def test_lcm_scores_its_student_against_the_teacher_at_one_to_eight_steps() -> None:
+    metrics = {"prompts": ["a cat"], "metrics": ["clipText", "clipImage"]}
+    lcm_lora = FineTuneJob.model_validate(lcm_job(validation=metrics)).spec.validation
+    assert lcm_lora.distillation is not None
+    assert lcm_lora.distillation.steps == [1, 2, 4, 8]
+    assert lcm_lora.distillation.teacher_inference_steps == 25
+    assert lcm_lora.distillation.teacher_guidance_scale == 7.5  # its student takes none
+    # lcm's student embeds the validation's guidance scale: the teacher samples at it.
+    lcm = FineTuneJob.model_validate(lcm_job(method="lcm", lora=None, validation=metrics)).spec
+    assert lcm.validation.distillation is not None
+    assert lcm.validation.distillation.teacher_guidance_scale == lcm.validation.guidance_scale
+    # Only the step counts the student's LCMScheduler can take.
+    few = lcm_job(lcm={"numDdimTimesteps": 4}, validation=metrics)
+    distillation = FineTuneJob.model_validate(few).spec.validation.distillation
+    assert distillation is not None
+    assert distillation.steps == [1, 2, 4]
+    # Without metrics nothing is compared; keepBest may choose by clipImage.
+    assert FineTuneJob.model_validate(lcm_job()).spec.validation.distillation is None
+    FineTuneJob.model_validate(
+        lcm_job(validation=metrics, checkpointing={"keepBest": {"metric": "clipImage"}})
+    )
+
+
+@pytest.mark.parametrize(
+    ("document", "expected"),
+    [
+        (
+            lcm_job(
+                validation={
+                    "prompts": ["a cat"],
+                    "metrics": ["clipImage"],
+                    "distillation": {"steps": [4, 2]},
+                }
+            ),
+            "spec.validation.distillation.steps: must be ascending and distinct, got [4, 2]",
+        ),
+        (
+            lcm_job(
+                lcm={"numDdimTimesteps": 10},
+                validation={
+                    "prompts": ["a cat"],
+                    "metrics": ["clipText"],
+                    "distillation": {"steps": [1, 16]},
+                },
+            ),
+            "spec.validation.distillation.steps: 16 is more than lcm.numDdimTimesteps (10), "
+            "the most steps the student's LCMScheduler can take",
+        ),
+        (
+            lora_job(
+                validation={
+                    "prompts": ["a sks dog"],
+                    "metrics": ["clipText"],
+                    "distillation": {"steps": [1]},
+                }
+            ),
+            "spec.validation.distillation: is only used when method is lcm or lcmLora, not lora",
+        ),
+        (
+            lcm_job(validation={"prompts": ["a cat"], "distillation": {"steps": [1]}}),
+            "spec.validation.distillation: scores with validation.metrics: add clipText or "
+            "clipImage to them",
+        ),
+        (
+            lcm_job(validation={"prompts": ["a cat"], "distillation": {"steps": [0]}}),
+            "spec.validation.distillation.steps[0]: must be greater than or equal to 1",
+        ),
+    ],
+)
+def test_a_teacher_comparison_it_cannot_make_is_refused(
+    document: dict[str, Any], expected: str
+) -> None:
+    assert expected in problems(document)
 
 
 def test_api_and_cli_import_without_torch() -> None:

@@ -20,8 +20,8 @@ from finetune.trainer.evaluation.embedders import DinoEmbedder
 from finetune.trainer.evaluation.references import reference_groups
 from finetune.trainer.evaluation.scores import Scores, history
 from finetune.trainer.evaluation.validation import Evaluation
-from tests.fidelity import direct_scores
-from tests.support import lora_job
+from tests.fidelity import direct_clip_scores, direct_scores
+from tests.support import lcm_job, lora_job
 
 CPU = torch.device("cpu")
 
@@ -147,12 +147,49 @@ def test_custom_diffusion_scores_each_concept_by_its_token(
     assert set(scores.overall) == {"clipText", "dino"}
 
 
+def test_an_lcm_student_is_scored_against_its_teachers_images(
+    tmp_path: Path, tiny_evaluators: tuple[Path, Path]
+) -> None:
+    """clipImage pairs each sample with the teacher's image of the same prompt and seed:
+    a copy of the teacher's images beats noise (the metric can fail), and the numbers
+    agree with transformers' own calls, at the validation's step count and at each other."""
+    clip, dino = tiny_evaluators
+    document = lcm_job(
+        validation={"prompts": ["a red disc", "a blue disc"], "metrics": ["clipText", "clipImage"]}
+    )
+    spec: TrainingSpec = FineTuneJob.model_validate(document).spec
+    evaluation = Evaluation(spec, [], clip, dino, CPU)
+    made = pictures(write_images(tmp_path / "teacher", 4, resolution=64))
+    teacher = [made[:2], made[2:]]
+    prompts = spec.validation.prompts
+    copy = evaluation.score(
+        2, prompts, teacher, teacher=teacher, distilled={1: noisy(), 4: teacher}
+    )
+    other = evaluation.score(2, prompts, noisy(), teacher=teacher)
+    assert list(copy.overall) == ["clipText", "clipImage"]
+    assert copy.overall["clipImage"] == pytest.approx(1.0, abs=1e-5)
+    assert copy.overall["clipImage"] > other.overall["clipImage"]
+    assert copy.distillation[4] == pytest.approx(copy.overall, abs=1e-6)
+    assert copy.distillation[1] == pytest.approx(other.overall, abs=1e-6)
+    assert other.overall == pytest.approx(
+        direct_clip_scores(clip, prompts, noisy(), teacher), abs=1e-5
+    )
+    # Every figure of a step count, for the gauges and TensorBoard.
+    assert sorted(copy.by_steps()) == sorted(
+        (m, n, v) for n, values in copy.distillation.items() for m, v in values.items()
+    )
+
+
+def noisy() -> list[list[Any]]:
+    return [noise(2, seed=3), noise(2, seed=4)]
+
+
 def test_history_keeps_the_newest_scores_of_each_step(tmp_path: Path) -> None:
     log = tmp_path / "train_log.jsonl"
     lines = [
         {"step": 1, "loss": 0.5},
         Scores(2, {"dino": 0.1}).log_entry(),
-        Scores(4, {"dino": 0.2}, {"<d>": {"dino": 0.3}}).log_entry(),
+        Scores(4, {"dino": 0.2}, {"<d>": {"dino": 0.3}}, 1.0, {1: {"clipText": 0.4}}).log_entry(),
         Scores(2, {"dino": 0.15}).log_entry(),  # a resumed run scored step 2 again
     ]
     log.write_text("\n".join(json.dumps(line) for line in lines) + "\n{cut short")
@@ -161,6 +198,9 @@ def test_history_keeps_the_newest_scores_of_each_step(tmp_path: Path) -> None:
     assert found[1].concepts == {"<d>": {"dino": 0.3}}
     status = found[1].status()
     assert (status.step, status.dino, status.concepts[0].concept) == (4, 0.2, "<d>")
+    # An LCM student's scores by step count survive the log's JSON (string keys).
+    assert found[1].distillation == {1: {"clipText": 0.4}}
+    assert [(d.steps, d.clip_text) for d in status.distillation] == [(1, 0.4)]
 
 
 def test_held_out_images_are_not_trained_on(tmp_path: Path) -> None:

@@ -14,3 +14,5 @@ class Metric(StrEnum):
 # Metrics that compare samples with real images of the subject (a concept's).
 SUBJECT_METRICS = frozenset({Metric.CLIP_IMAGE, Metric.DINO})
 CLIP_METRICS = frozenset({Metric.CLIP_TEXT, Metric.CLIP_IMAGE})
+# Metrics an LCM student scores against its teacher's images (there are no concepts).
+TEACHER_METRICS = frozenset({Metric.CLIP_IMAGE})

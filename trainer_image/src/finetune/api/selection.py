@@ -21,7 +21,10 @@ class OutputFrom(StrEnum):
     BEST = "best"
 
 
-_METRIC = "One of `validation.metrics`, over every validation sample."
+_METRIC = (
+    "One of `validation.metrics`, over every validation sample (lcm and lcmLora: the "
+    "samples at `validation.inferenceSteps`)."
+)
 _MODE = "`max` (higher is better, as for every similarity) or `min`."
 
 

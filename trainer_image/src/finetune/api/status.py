@@ -14,6 +14,7 @@ from typing import Any, Self
 from pydantic import ConfigDict, Field, model_validator
 
 from .common import ApiModel
+from .distillation import MAX_STEP_COUNTS
 
 MAX_ARTIFACTS = 256  # what `status.artifacts` holds at most
 
@@ -80,7 +81,7 @@ def _score(text: str) -> Any:
 
 
 _CLIP_TEXT = "Image-prompt CLIP similarity (prompt fidelity)."
-_CLIP_IMAGE = "CLIP image similarity to the instance images."
+_CLIP_IMAGE = "CLIP image similarity to the instance images (lcm, lcmLora: the teacher's)."
 _DINO = "DINO similarity to the instance images (subject fidelity)."
 
 
@@ -89,6 +90,16 @@ class ConceptMetrics(StatusModel):
     clip_text: float | None = _score(_CLIP_TEXT)
     clip_image: float | None = _score(_CLIP_IMAGE)
     dino: float | None = _score(_DINO)
+
+
+class DistillationMetrics(StatusModel):
+    """lcm and lcmLora: the student's samples at one step count, against its teacher's."""
+
+    steps: int = Field(ge=1, description="The student's denoising steps.")
+    clip_text: float | None = _score(_CLIP_TEXT)
+    clip_image: float | None = _score(
+        "CLIP image similarity to the teacher's image of the same prompt and seed."
+    )
 
 
 class ValidationMetrics(StatusModel):
@@ -111,6 +122,11 @@ class ValidationMetrics(StatusModel):
         default_factory=list,
         max_length=16,
         description="customDiffusion: the scores of each concept's prompts, by modifier token.",
+    )
+    distillation: list[DistillationMetrics] = Field(
+        default_factory=list,
+        max_length=MAX_STEP_COUNTS,
+        description="lcm and lcmLora: the scores at each of `validation.distillation.steps`.",
     )
 
 

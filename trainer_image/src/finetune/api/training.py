@@ -12,6 +12,12 @@ from typing import Annotated, Any, Self
 from pydantic import Field, model_validator
 
 from .common import ApiModel, Prompt, SecretKeyRef, SecretRef, Uri
+from .distillation import (
+    LCM_LORA_TEACHER_GUIDANCE,
+    DistillationComparison,
+    comparison_problems,
+    default_steps,
+)
 from .methods import (
     CONCEPT_METHODS,
     DEFAULT_CHECKPOINT_INTERVAL,
@@ -21,7 +27,7 @@ from .methods import (
     TEXT_ENCODER_METHODS,
     Method,
 )
-from .metrics import CLIP_METRICS, SUBJECT_METRICS, Metric
+from .metrics import CLIP_METRICS, SUBJECT_METRICS, TEACHER_METRICS, Metric
 from .rules import Problem, raise_problems
 from .selection import EarlyStopping, KeepBest, OutputFrom
 
@@ -506,7 +512,16 @@ class ValidationSpec(ApiModel):
         description=(
             "Fidelity scores of the samples at every validation: `clipText` (image-prompt "
             "CLIP similarity), `clipImage` and `dino` (similarity to the concepts' held-out, "
-            "else all, instance images; dreambooth, lora and customDiffusion). Off when empty."
+            "else all, instance images; dreambooth, lora and customDiffusion). For lcm and "
+            "lcmLora, `clipImage` compares each sample with the teacher's image of the same "
+            "prompt and seed, and `distillation` adds the scores at 1-8 steps. Off when empty."
+        ),
+    )
+    distillation: DistillationComparison | None = Field(
+        default=None,
+        description=(
+            "lcm and lcmLora with `metrics`: the student against its teacher at several step "
+            "counts. Default: on, with the settings below."
         ),
     )
     evaluator: EvaluatorSpec = Field(
@@ -852,14 +867,26 @@ def _metric_problems(spec: TrainingSpec) -> list[Problem]:
         )
     subject = [m.value for m in metrics if m in SUBJECT_METRICS]
     names = " and ".join(subject)
-    if subject and method not in CONCEPT_METHODS:
+    # LCM students are compared with their teacher's images instead (clipImage only).
+    unmatched = (
+        [m for m in subject if m not in TEACHER_METRICS] if method in LCM_METHODS else subject
+    )
+    if unmatched and method not in CONCEPT_METHODS:
+        applies = (
+            "clipText and clipImage (to the teacher's images) apply"
+            if method in LCM_METHODS
+            else "only clipText applies"
+        )
         problems.append(
             Problem(
                 "validation.metrics",
-                f"{names} compare{'s' if len(subject) == 1 else ''} samples with the instance images of "
-                f"data.concepts, which {method} does not have; only clipText applies",
+                f"{' and '.join(unmatched)} compare{'s' if len(unmatched) == 1 else ''} samples with the instance images of "
+                f"data.concepts, which {method} does not have; {applies}",
             )
         )
+    problems += comparison_problems(
+        validation.distillation, method, metrics, spec.lcm.num_ddim_timesteps if spec.lcm else None
+    )
     cd = spec.custom_diffusion if method == Method.CUSTOM_DIFFUSION else None
     tokens = cd.modifier_tokens if cd else []
     mentioned = any(t in prompt for prompt in validation.prompts for t in tokens)
@@ -930,5 +957,21 @@ def resolve_method_defaults(spec: TrainingSpec) -> None:
         spec.validation.inference_steps = defaults.validation_inference_steps
     if spec.validation.guidance_scale is None:
         spec.validation.guidance_scale = defaults.validation_guidance_scale
+    if spec.method in LCM_METHODS and spec.validation.metrics:
+        resolve_distillation(spec)
     if spec.checkpointing.every_n_steps is None:
         spec.checkpointing.every_n_steps = min(DEFAULT_CHECKPOINT_INTERVAL, hp.max_steps)
+
+
+def resolve_distillation(spec: TrainingSpec) -> None:
+    """The teacher comparison of an LCM job with metrics, on unless its settings say how."""
+    validation = spec.validation
+    if validation.distillation is None:
+        validation.distillation = DistillationComparison()
+    if validation.distillation.steps is None:
+        assert spec.lcm is not None, "an LCM job has lcm settings (its teacher)"
+        validation.distillation.steps = default_steps(spec.lcm.num_ddim_timesteps)
+    if validation.distillation.teacher_guidance_scale is None:
+        validation.distillation.teacher_guidance_scale = (
+            validation.guidance_scale if spec.method == Method.LCM else LCM_LORA_TEACHER_GUIDANCE
+        )

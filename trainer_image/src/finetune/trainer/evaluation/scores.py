@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.api.metrics import Metric
-from finetune.api.status import ConceptMetrics, ValidationMetrics
+from finetune.api.status import ConceptMetrics, DistillationMetrics, ValidationMetrics
 
 ALL = "all"  # the concept label of scores over every sample
 # Prior-preservation drift: DINO of class-prompt samples to the class images (with
@@ -34,11 +34,15 @@ class Scores:
     # customDiffusion: modifier token -> metric -> value over that concept's prompts
     concepts: dict[str, dict[str, float]] = field(default_factory=dict)
     seconds: float = 0.0  # what scoring took, models loaded and freed included
+    # lcm, lcmLora: the student's step count -> metric -> value against the teacher
+    distillation: dict[int, dict[str, float]] = field(default_factory=dict)
 
     def log_entry(self) -> dict[str, Any]:
         entry: dict[str, Any] = {"step": self.step, "validation": self.overall}
         if self.concepts:
             entry["concepts"] = self.concepts
+        if self.distillation:  # JSON keys are strings
+            entry["distillation"] = {str(n): v for n, v in self.distillation.items()}
         entry.update(evaluationSeconds=self.seconds, time=time.time())
         return entry
 
@@ -49,6 +53,7 @@ class Scores:
             dict(entry["validation"]),
             {k: dict(v) for k, v in entry.get("concepts", {}).items()},
             float(entry.get("evaluationSeconds", 0.0)),
+            {int(n): dict(v) for n, v in entry.get("distillation", {}).items()},
         )
 
     def status(self) -> ValidationMetrics:
@@ -58,6 +63,9 @@ class Scores:
             step=self.step,
             summary=f"{first[0]} {first[1]:.4f}" if first is not None else None,
             concepts=[ConceptMetrics(concept=c, **_named(v)) for c, v in self.concepts.items()],
+            distillation=[
+                DistillationMetrics(steps=n, **_named(v)) for n, v in self.distillation.items()
+            ],
             **_named(self.overall),
         )
 
@@ -67,6 +75,10 @@ class Scores:
         for concept, values in self.concepts.items():
             figures += [(m, concept, v) for m, v in values.items()]
         return figures
+
+    def by_steps(self) -> list[tuple[str, int, float]]:
+        """(metric, student steps, value) of the teacher comparison (lcm, lcmLora)."""
+        return [(m, n, v) for n, values in self.distillation.items() for m, v in values.items()]
 
 
 def _named(values: dict[str, float]) -> dict[str, float]:

@@ -4,13 +4,18 @@ The samples of prompt i are scored against prompt i (clipText) and against the
 reference images of the groups `references` assigns them (clipImage, dino). The
 embeddings of the reference images do not change during a run, so each evaluator
 computes them once and they are kept (on the CPU) for every later validation.
+
+An LCM student has no subject: its clipImage compares each sample with the teacher's
+image of the same prompt and seed (both start from the same noise, and the student
+learns to reach in a few steps what the teacher's solver reaches in many), at the
+validation's own step count and at each of `validation.distillation.steps`.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -61,6 +66,7 @@ class Evaluation:
         # (metric, group index) -> the group's reference embeddings, computed once; the
         # class groups' under (PRES, index).
         self._references: dict[tuple[str, int], torch.Tensor] = {}
+        self._teacher: torch.Tensor | None = None  # CLIP of the teacher's images, once
 
     @property
     def class_prompts(self) -> list[str]:
@@ -73,28 +79,39 @@ class Evaluation:
         prompts: Sequence[str],
         samples: Sequence[Sequence[Image]],
         class_samples: Sequence[Sequence[Image]] = (),
+        teacher: Sequence[Sequence[Image]] | None = None,
+        distilled: Mapping[int, Sequence[Sequence[Image]]] | None = None,
     ) -> Scores:
         """The scores of `samples[i]`, the images generated for `prompts[i]`;
-        `class_samples[i]`: those of `class_prompts[i]`, for PRES."""
+        `class_samples[i]`: those of `class_prompts[i]`, for PRES. An LCM student's:
+        `teacher[i]`, the teacher's images of `prompts[i]` (same seeds as `samples[i]`),
+        and `distilled[n]`, its samples of every prompt at n steps."""
         started = time.perf_counter()
-        flat = [image for per_prompt in samples for image in per_prompt]
+        flat = _flat(samples)
         prompt_of = torch.tensor([i for i, per_prompt in enumerate(samples) for _ in per_prompt])
         groups = [groups_of_prompt(prompts[i], self.groups) for i in prompt_of.tolist()]
         per_sample: dict[Metric, torch.Tensor] = {}  # NaN where a sample has no value
         per_group: dict[Metric, dict[int, float]] = {}
         pres: float | None = None
+        by_steps: dict[int, dict[str, float]] = {}
         clip_metrics = {Metric.CLIP_TEXT, Metric.CLIP_IMAGE} & set(self.metrics)
         if clip_metrics:
             assert self.clip_folder is not None, "the launcher resolves the CLIP model"
             with loaded(ClipEmbedder, self.clip_folder, self.device) as clip:
-                embedded = clip.images(flat)
-                if Metric.CLIP_TEXT in clip_metrics:
-                    texts = clip.texts(list(prompts))[prompt_of]
-                    per_sample[Metric.CLIP_TEXT] = fidelity.prompt_fidelity(embedded, texts)
-                if Metric.CLIP_IMAGE in clip_metrics:
-                    per_sample[Metric.CLIP_IMAGE], per_group[Metric.CLIP_IMAGE] = self._subject(
-                        Metric.CLIP_IMAGE, clip, embedded, groups
-                    )
+                texts = clip.texts(list(prompts))[prompt_of]
+                if teacher is not None:
+                    per_sample |= self._against_teacher(clip, flat, texts, teacher)
+                    for steps, images in (distilled or {}).items():
+                        values = self._against_teacher(clip, _flat(images), texts, teacher)
+                        by_steps[steps] = {m.value: _mean(values[m]) for m in values}
+                else:
+                    embedded = clip.images(flat)
+                    if Metric.CLIP_TEXT in clip_metrics:
+                        per_sample[Metric.CLIP_TEXT] = fidelity.prompt_fidelity(embedded, texts)
+                    if Metric.CLIP_IMAGE in clip_metrics:
+                        per_sample[Metric.CLIP_IMAGE], per_group[Metric.CLIP_IMAGE] = self._subject(
+                            Metric.CLIP_IMAGE, clip, embedded, groups
+                        )
         if Metric.DINO in self.metrics:
             assert self.dino_folder is not None, "the launcher resolves the DINO model"
             with loaded(DinoEmbedder, self.dino_folder, self.device) as dino:
@@ -114,7 +131,34 @@ class Evaluation:
             overall,
             self._by_concept(per_sample, per_group, groups),
             time.perf_counter() - started,
+            by_steps,
         )
+
+    def _teacher_embeddings(
+        self, clip: ClipEmbedder, teacher: Sequence[Sequence[Image]]
+    ) -> torch.Tensor:
+        """The teacher's images do not change during a run: embedded at the first validation."""
+        if self._teacher is None:
+            self._teacher = clip.images(_flat(teacher))
+        return self._teacher
+
+    def _against_teacher(
+        self,
+        clip: ClipEmbedder,
+        images: Sequence[Image],
+        texts: torch.Tensor,
+        teacher: Sequence[Sequence[Image]],
+    ) -> dict[Metric, torch.Tensor]:
+        """clipText and clipImage (each image to the teacher's of the same prompt and seed)
+        per image, in the job's order of metrics."""
+        embedded = clip.images(images)
+        figures = {
+            Metric.CLIP_TEXT: lambda: fidelity.prompt_fidelity(embedded, texts),
+            Metric.CLIP_IMAGE: lambda: fidelity.paired_fidelity(
+                embedded, self._teacher_embeddings(clip, teacher)
+            ),
+        }
+        return {m: figures[m]() for m in self.metrics if m in figures}
 
     def _subject(
         self,
@@ -178,6 +222,10 @@ class Evaluation:
                 values[Metric.CLIP_TEXT.value] = _mean(per_sample[Metric.CLIP_TEXT][members])
             found[group.label] = values
         return found
+
+
+def _flat(per_prompt: Sequence[Sequence[Image]]) -> list[Image]:
+    return [image for images in per_prompt for image in images]
 
 
 def _members(index: int, groups: list[list[int]]) -> list[int]:

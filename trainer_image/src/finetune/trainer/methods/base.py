@@ -153,6 +153,11 @@ class TrainingMethod(ABC):
         precision plan stores them on the device in the compute dtype."""
         return {}
 
+    def teacher_modules(self) -> dict[str, nn.Module]:
+        """The modules that make the base model's pipeline sample as the method's teacher
+        (LCM's teacher UNet), by pipeline name; none for methods without a teacher."""
+        return {}
+
     def checkpoint_state(self) -> dict[str, Any] | None:
         """State of the method's own to save with each checkpoint (identical on every rank)."""
         return None

@@ -256,6 +256,9 @@ class Lcm(TrainingMethod):
     def frozen_models(self) -> dict[str, torch.nn.Module]:
         return {"teacher": self.distillation.teacher}  # the target keeps fp32 (attach)
 
+    def teacher_modules(self) -> dict[str, torch.nn.Module]:
+        return {"unet": self.distillation.teacher}
+
     def after_step(self, module: TrainedModules) -> None:
         decay = self.spec.lcm.ema_decay if self.spec.lcm else 0.95
         with torch.no_grad():
@@ -293,6 +296,9 @@ class LcmLora(Lora):
 
     def frozen_models(self) -> dict[str, torch.nn.Module]:
         return {"teacher": self.distillation.teacher}
+
+    def teacher_modules(self) -> dict[str, torch.nn.Module]:
+        return {"unet": self.distillation.teacher}
 
     def loss(self, engine: Any, batch: Batch, dtype: torch.dtype) -> torch.Tensor:
         d = self.distillation

@@ -140,6 +140,8 @@ def metrics_table(spec: TrainingSpec, scores: list[Scores]) -> list[str]:
     metrics += [PRES] if pres else []
     held = sum(c.hold_out for c in spec.data.concepts)
     against = f"{held} held-out instance images" if held else "the instance images (none held out)"
+    if spec.validation.distillation is not None:
+        against = "the teacher's image of the same prompt and seed"
     lines = [
         "## Validation metrics",
         "",
@@ -155,6 +157,32 @@ def metrics_table(spec: TrainingSpec, scores: list[Scores]) -> list[str]:
         for concept, values in rows:
             cells = [f"{values[m]:.4f}" if m in values else "-" for m in metrics]
             lines.append(f"| {entry.step} | {concept} | " + " | ".join(cells) + " |")
+    return [*lines, "", *distillation_table(spec, scores)]
+
+
+def distillation_table(spec: TrainingSpec, scores: list[Scores]) -> list[str]:
+    """lcm, lcmLora: a row per validation and student step count, against the teacher."""
+    comparison = spec.validation.distillation
+    if comparison is None or not any(entry.distillation for entry in scores):
+        return []
+    metrics = [str(m) for m in spec.validation.metrics]
+    lines = [
+        "## Student and teacher",
+        "",
+        f"The student's samples at each step count (LCMScheduler, the validation's seeds) "
+        f"against the teacher's in {comparison.teacher_inference_steps} steps (DPM-Solver, "
+        f"guidance {comparison.teacher_guidance_scale:g}; `samples/teacher/`): `clipText` "
+        "with the prompts, `clipImage` with the teacher's image of the same prompt and seed. "
+        "Each validation's `distillation-grid.png` shows a row per sample, the teacher's "
+        "first.",
+        "",
+        "| step | student steps | " + " | ".join(metrics) + " |",
+        "| ---: | ---: |" + " ---: |" * len(metrics),
+    ]
+    for entry in scores:
+        for steps, values in entry.distillation.items():
+            cells = [f"{values[m]:.4f}" if m in values else "-" for m in metrics]
+            lines.append(f"| {entry.step} | {steps} | " + " | ".join(cells) + " |")
     return [*lines, ""]
 
 

@@ -7,8 +7,9 @@ import math
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -21,7 +22,11 @@ from finetune.trainer.process import distributed
 from finetune.trainer.process.stopping import Stopped, StopRequest
 from finetune.trainer.telemetry.prometheus import TrainerMetrics
 
+if TYPE_CHECKING:
+    from finetune.trainer.outputs.distillation import DistillationSamples
+
 log = logging.getLogger(__name__)
+PREFIX = "prompt"  # of the validation prompts' images
 
 
 def sample_folder(work_dir: Path, step: int) -> Path:
@@ -64,11 +69,15 @@ def generate(
     dtype: torch.dtype,
     stop: StopRequest | None = None,
     prompts: Sequence[str] | None = None,
-    prefix: str = "prompt",
+    prefix: str = PREFIX,
+    *,
+    steps: int | None = None,
+    guidance_scale: float | None = None,
 ) -> Samples:
     """Generate `imagesPerPrompt` images for each prompt (`validation.prompts` unless
     given) with a fixed seed, as `PREFIX-II-NN.png` and a grid (`grid.png`, or
-    `PREFIX-grid.png` for other prompts).
+    `PREFIX-grid.png` for another prefix), in `steps` denoising steps with
+    `guidance_scale` (by default the validation's).
 
     A stop request ends it between two denoising steps (`Stopped`), the folder removed:
     no step's samples are ever half there."""
@@ -86,8 +95,10 @@ def generate(
                 result = pipeline(
                     prompt,
                     num_images_per_prompt=validation.images_per_prompt,
-                    num_inference_steps=validation.inference_steps,
-                    guidance_scale=validation.guidance_scale,
+                    num_inference_steps=steps or validation.inference_steps,
+                    guidance_scale=(
+                        validation.guidance_scale if guidance_scale is None else guidance_scale
+                    ),
                     height=spec.data.resolution,
                     width=spec.data.resolution,
                     generator=generator,
@@ -96,7 +107,7 @@ def generate(
             for number, image in enumerate(result):
                 image.save(folder / f"{prefix}-{index:02d}-{number:02d}.png")
             images.append(result)
-        path = folder / ("grid.png" if prompts is None else f"{prefix}-grid.png")
+        path = folder / ("grid.png" if prefix == PREFIX else f"{prefix}-grid.png")
         grid([i for per_prompt in images for i in per_prompt], validation.images_per_prompt).save(
             path
         )
@@ -156,6 +167,9 @@ class Sampler:
                 # PRES: the class prompts' samples too, beside the others.
                 classes = self.evaluation.class_prompts if self.evaluation is not None else []
                 class_samples = self._generate(step, classes, "class") if classes else None
+                # lcm, lcmLora: the student at each step count, beside its teacher.
+                compared = self.distillation
+                distilled = compared.at(samples.grid.parent, samples) if compared else None
             except Stopped:  # the loop's next step stops every rank, with a checkpoint
                 log.warning("step %d: samples left out, a stop was requested", step)
             else:
@@ -168,13 +182,35 @@ class Sampler:
                         prompts,
                         samples.images,
                         class_samples.images if class_samples is not None else (),
+                        compared.teacher() if compared else None,
+                        distilled,
                     )
                 validation = Validation(samples.grid, scores)
         distributed.barrier()
         return validation
 
+    @cached_property
+    def distillation(self) -> DistillationSamples | None:
+        """lcm and lcmLora with `validation.metrics` (rank 0): the teacher comparison."""
+        comparison = self.spec.validation.distillation
+        if self.evaluation is None or comparison is None:
+            return None
+        from finetune.trainer.outputs.distillation import DistillationSamples
+
+        return DistillationSamples(
+            self.spec,
+            comparison,
+            self.work_dir,
+            self.components,
+            self.method,
+            self.module,
+            self.device,
+            self.dtype,
+            self.stop,
+        )
+
     def _generate(
-        self, step: int, prompts: Sequence[str] | None = None, prefix: str = "prompt"
+        self, step: int, prompts: Sequence[str] | None = None, prefix: str = PREFIX
     ) -> Samples:
         return generate(
             self.spec,

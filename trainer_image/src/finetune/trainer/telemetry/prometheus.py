@@ -118,6 +118,16 @@ class TrainerMetrics:
             (*labels, "metric", "concept"),
             registry=r,
         )
+        # lcm, lcmLora: the student at each of `validation.distillation.steps` against its
+        # teacher; `steps` is bounded by the spec too (at most 8 step counts).
+        self.distillation_score = Gauge(
+            "finetune_distillation_score",
+            "Fidelity of the latest validation's LCM student samples at `steps` denoising "
+            "steps (cosine similarity): metric clipText (to the prompt) or clipImage (to the "
+            "teacher's image of the same prompt and seed).",
+            (*labels, "metric", "steps"),
+            registry=r,
+        )
         self.validation_step = gauge(
             "finetune_validation_step", "Step of the latest scored validation."
         )
@@ -163,12 +173,19 @@ class TrainerMetrics:
             self.gpu_peak.labels(**labels).set(gpu[1])
 
     def record_validation(
-        self, step: int, figures: list[tuple[str, str, float]], seconds: float
+        self,
+        step: int,
+        figures: list[tuple[str, str, float]],
+        seconds: float,
+        by_steps: list[tuple[str, int, float]] | None = None,
     ) -> None:
-        """`figures`: (metric, concept, value) of one validation."""
+        """`figures`: (metric, concept, value) of one validation; `by_steps`: (metric,
+        student steps, value) of an LCM student against its teacher."""
         labels = self.identity.labels()
         for metric, concept, value in figures:
             self.validation_score.labels(**labels, metric=metric, concept=concept).set(value)
+        for metric, steps, value in by_steps or []:
+            self.distillation_score.labels(**labels, metric=metric, steps=str(steps)).set(value)
         self.validation_step.labels(**labels).set(step)
         self.evaluation_seconds.labels(**labels).set(seconds)
 

@@ -108,7 +108,9 @@ class StepTelemetry:
             return
         with self.log_path.open("a") as handle:
             handle.write(json.dumps(scores.log_entry()) + "\n")
-        self.metrics.record_validation(scores.step, scores.labelled(), scores.seconds)
+        self.metrics.record_validation(
+            scores.step, scores.labelled(), scores.seconds, scores.by_steps()
+        )
         if self.reporter is not None:
             self.reporter.metrics(scores.status())
 

@@ -23,11 +23,14 @@ def logs_folder(work_dir: Path) -> Path:
 
 
 def scalar_tags(scores: Scores) -> dict[str, float]:
-    """`validation/<metric>` over every sample, `validation/<metric>/<concept>` per concept."""
-    return {
+    """`validation/<metric>` over every sample, `validation/<metric>/<concept>` per concept,
+    and an LCM student's `validation/<metric>@<n>steps` against its teacher."""
+    tags = {
         f"validation/{metric}" + ("" if concept == ALL else f"/{concept}"): value
         for metric, concept, value in scores.labelled()
     }
+    tags |= {f"validation/{metric}@{n}steps": value for metric, n, value in scores.by_steps()}
+    return tags
 
 
 class Board:

@@ -7,6 +7,11 @@ through a restart to success, for the fleet panels; a tiny LoRA run serves its
 metrics while it trains and pushes its final values when it ends, for the per-job
 panels. Each panel's PromQL then goes to Prometheus's HTTP API with the dashboard's
 variables filled in, and must return samples.
+
+Before the LoRA run, a tiny `lcmLora` run of the same job scores its student against
+its teacher, for the distillation panel. The LoRA run's final push replaces that job's
+group on the Pushgateway, and Prometheus marks the vanished series stale: the panel
+must still show the figures, as it must for a user looking back at a finished job.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Any
 import pytest
 import yaml
 
+from finetune.assets import write_captioned_images
 from finetune.trainer.launcher.run import free_port
 from tests.emulator import emulated_cluster
 from tests.operator.conftest import Kube, OperatorProcess, wait_for
@@ -33,6 +39,7 @@ pytestmark = pytest.mark.slow
 
 DASHBOARD = ROOT / "charts" / "finetune-operator" / "dashboards" / "finetune-jobs.json"
 NAMESPACE, JOB = "ml", "tiny"
+DISTILLATION_PANEL = "Student vs teacher (LCM)"
 
 
 def binary(name: str) -> str:
@@ -147,6 +154,34 @@ def drive_a_job_through_a_restart(kube: Kube) -> None:
     kube.wait_phase(name, NAMESPACE, "Succeeded")
 
 
+def distill_briefly(folder: Path, model: Path, clip: Path, env: dict[str, str]) -> None:
+    """One lcmLora step, validated once (at the end) at 1 and 2 student steps: the
+    distillation gauges, served while it runs and pushed when it ends."""
+    data = write_captioned_images(folder / "captioned", ("red", "blue"), 1)
+    job = job_file(
+        folder,
+        model,
+        data,
+        name=JOB,
+        method="lcmLora",
+        data={"concepts": None, "dataset": {"uri": str(data)}},
+        lcm={"teacherModel": {"uri": str(model)}, "numDdimTimesteps": 2},
+        lora={"rank": 4},
+        training={"maxSteps": 1},
+        checkpointing={"everyNSteps": 1},
+        validation={
+            "prompts": [PROMPT],
+            "everyNSteps": 1,  # the last step's comes with the results
+            "imagesPerPrompt": 1,
+            "inferenceSteps": 2,
+            "metrics": ["clipText", "clipImage"],
+            "distillation": {"steps": [1, 2], "teacherInferenceSteps": 2},
+            "evaluator": {"clipModel": str(clip)},
+        },
+    )
+    finetune_run(job, nproc=1, env=env)
+
+
 def test_every_dashboard_query_returns_data(
     tmp_path: Path,
     tiny_model: Path,
@@ -173,6 +208,16 @@ def test_every_dashboard_query_returns_data(
             raise
         try:
             drive_a_job_through_a_restart(Kube(cluster.url))
+            env = {
+                "FINETUNE_NAMESPACE": NAMESPACE,
+                "FINETUNE_TRAINER_METRICS_PORT": str(trainer_port),
+                "FINETUNE_PUSHGATEWAY_URL": pushgateway.url,
+            }
+            lcm = tmp_path / "lcm"
+            lcm.mkdir()
+            distill_briefly(lcm, tiny_model, clip, env)
+            distilled = f'finetune_distillation_score{{job="{JOB}", namespace="{NAMESPACE}"}}'
+            wait_for(lambda: query(server, distilled), what="the pushed distillation scores")
             job = job_file(
                 tmp_path,
                 tiny_model,
@@ -190,11 +235,6 @@ def test_every_dashboard_query_returns_data(
                     "evaluator": {"clipModel": str(clip), "dinoModel": str(dino)},
                 },
             )
-            env = {
-                "FINETUNE_NAMESPACE": NAMESPACE,
-                "FINETUNE_TRAINER_METRICS_PORT": str(trainer_port),
-                "FINETUNE_PUSHGATEWAY_URL": pushgateway.url,
-            }
             result = finetune_run(job, nproc=1, env=env)
             assert result.returncode == 0, result.stderr[-3000:]
             # The run is over: what Prometheus has now is what a user's would.
@@ -208,6 +248,16 @@ def test_every_dashboard_query_returns_data(
                 title for title, expression in dashboard_queries() if not query(server, expression)
             ]
             assert empty == []
+            # The LoRA run's push replaced the LCM run's group, so its series are stale;
+            # the panel still shows both metrics at both step counts.
+            assert not query(server, distilled), "the LCM run's series are still live"
+            (expression,) = [
+                e for title, e in dashboard_queries() if title.startswith(DISTILLATION_PANEL)
+            ]
+            shown = {
+                (s["metric"]["metric"], s["metric"]["steps"]) for s in query(server, expression)
+            }
+            assert shown == {(m, s) for m in ("clipText", "clipImage") for s in ("1", "2")}
         finally:
             server.stop()
             operator.stop()

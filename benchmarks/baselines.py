@@ -1,25 +1,33 @@
 """The loops of diffusers' example training scripts, reduced to their work: the baselines
 `step_time.py` measures our trainer against, one per method, all in one process with
-torch AdamW and no DeepSpeed.
+torch AdamW and no DeepSpeed (the parts they share are in `baseline_parts.py`).
 
 Trained weights are fp32; frozen models are stored in the compute dtype (bf16 with
-`--bf16`) and run under autocast, as the example scripts do. Each loop returns the
-median step time after warm-up and the peak memory (GPU memory on a GPU, resident set
-size on a CPU). Nothing here imports our trainer: it is what a user would write by hand.
+`--bf16`) and run under autocast, as the example scripts do. With `Bench.family`
+"sdxl" the LoRA and DreamBooth loops train Stable Diffusion XL as
+`train_dreambooth_lora_sdxl.py` does (two text encoders, time ids, the VAE in fp32).
+Each loop returns the median step time after warm-up and the peak memory (GPU memory on
+a GPU, resident set size on a CPU). Nothing here imports our trainer: it is what a user
+would write by hand.
 """
 
 from __future__ import annotations
 
 import copy
-import resource
-import statistics
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-WARMUP_STEPS = 5
+from baseline_parts import (  # benchmarks/ is on the path when step_time.py runs
+    Bench,
+    Models,
+    add_lora,
+    chosen,
+    models_for,
+    pixels_of,
+    timed,
+    trained,
+)
+
 PROMPT = "a photo of sks disc"
 # Custom Diffusion's concept token, started from an existing token's embedding.
 MODIFIER_TOKEN, INITIALIZER_TOKEN = "<new1>", "a"
@@ -29,19 +37,12 @@ ATTENTION = ["to_k", "to_q", "to_v", "to_out.0"]
 LCM_LORA_TARGETS = [*ATTENTION, "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
 LCM_LORA_TARGETS += ["conv1", "conv2", "conv_shortcut", "downsamplers.0.conv"]
 LCM_LORA_TARGETS += ["upsamplers.0.conv", "time_emb_proj"]
-
-
-@dataclass(frozen=True)
-class Bench:
-    model: Path
-    images: Path
-    steps: int
-    batch: int
-    resolution: int
-    bf16: bool
+SDXL_METHODS = ("lora", "dreambooth")
 
 
 def run(method: str, bench: Bench) -> dict[str, Any]:
+    if bench.family == "sdxl" and method not in SDXL_METHODS:
+        raise ValueError(f"no SDXL baseline for {method}: only {', '.join(SDXL_METHODS)}")
     loops: dict[str, Callable[[Bench], dict[str, Any]]] = {
         "lora": lambda b: concept_loop(b, lora=True),
         "dreambooth": lambda b: concept_loop(b, lora=False),
@@ -52,166 +53,21 @@ def run(method: str, bench: Bench) -> dict[str, Any]:
     return loops[method](bench)
 
 
-# --- shared parts ----------------------------------------------------------------------
-
-
-class Models:
-    """A pipeline folder's parts on the device: frozen ones in the compute dtype."""
-
-    def __init__(self, bench: Bench) -> None:
-        import torch
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
-
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.dtype = torch.bfloat16 if bench.bf16 else torch.float32
-        torch.manual_seed(0)
-        model = bench.model
-        self.tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
-        self.text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder")
-        self.vae = AutoencoderKL.from_pretrained(model, subfolder="vae").to(self.device, self.dtype)
-        self.unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
-        self.scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
-        self.text_encoder.requires_grad_(False).to(self.device, self.dtype)
-        self.vae.requires_grad_(False)
-
-    def autocast(self) -> Any:
-        import torch
-
-        return torch.autocast(
-            self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32
-        )
-
-    def ids(self, prompt: str, count: int) -> Any:
-        return self.tokenizer(
-            [prompt] * count,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(self.device)
-
-    def text(self, prompt: str, count: int) -> Any:
-        import torch
-
-        with torch.no_grad():
-            return self.text_encoder(self.ids(prompt, count))[0]
-
-    def latents(self, pixels: Any) -> Any:
-        import torch
-
-        with torch.no_grad():
-            encoded = self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist.sample()
-        return encoded.float() * self.vae.config.scaling_factor
-
-    def noised(self, latents: Any) -> tuple[Any, Any, Any]:
-        import torch
-
-        noise = torch.randn_like(latents)
-        total = self.scheduler.config.num_train_timesteps
-        timesteps = torch.randint(0, total, (latents.shape[0],), device=self.device)
-        return self.scheduler.add_noise(latents, noise, timesteps), noise, timesteps
-
-
-def pixels_of(images: Path, resolution: int) -> Any:
-    """Every PNG in `images` as one [-1, 1] tensor, N x 3 x H x W (decoded once)."""
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    arrays = [
-        np.asarray(Image.open(p).convert("RGB").resize((resolution, resolution)))
-        for p in sorted(images.glob("*.png"))
-    ]
-    return torch.tensor(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1
-
-
-def chosen(pixels: Any, step: int, batch: int) -> Any:
-    return pixels[[(step * batch + i) % len(pixels) for i in range(batch)]]
-
-
-def trained(module: Any) -> list[Any]:
-    """`module`'s trainable parameters, as fp32 masters."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    for p in params:
-        p.data = p.data.float()
-    return params
-
-
-def timed(
-    models: Models,
-    steps: int,
-    params: list[Any],
-    lr: float,
-    step: Callable[[int], Any],
-    after: Callable[[], None] | None = None,
-) -> dict[str, Any]:
-    """Run `step(i)` (which returns the loss) `steps` times with AdamW over `params`,
-    then `after()` (a method's own update) in each step's time."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
-
-    def one_step(index: int) -> None:
-        loss = step(index)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if after is not None:
-            after()
-        float(loss.detach())  # wait for the step, as ours does when it logs the loss
-
-    times = []
-    for index in range(steps):
-        started = time.perf_counter()
-        one_step(index)
-        times.append(time.perf_counter() - started)
-    peak = (
-        torch.cuda.max_memory_allocated()
-        if models.device.type == "cuda"
-        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    )
-    # One more, untimed step counts the work (matmuls and convolutions, forward and
-    # backward) that model FLOPs utilisation divides by the step time.
-    with FlopCounterMode(display=False) as counter:
-        one_step(steps)
-    return {
-        "step_seconds": statistics.median(times[WARMUP_STEPS:]),
-        "peak_bytes": peak,
-        "flops_per_step": counter.get_total_flops(),
-        "device": torch.cuda.get_device_name(models.device)
-        if models.device.type == "cuda"
-        else "cpu",
-    }
-
-
-def add_lora(unet: Any, rank: int, targets: list[str]) -> None:
-    from peft import LoraConfig
-
-    unet.requires_grad_(False)
-    unet.add_adapter(
-        LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=targets)
-    )
-
-
-# --- DreamBooth and LoRA (train_dreambooth.py, train_dreambooth_lora.py) ---------------
+# --- DreamBooth and LoRA (train_dreambooth.py, train_dreambooth_lora.py, ---------------
+# --- train_dreambooth_lora_sdxl.py; SDXL DreamBooth: the same loop, the whole UNet) -----
 
 
 def concept_loop(bench: Bench, lora: bool) -> dict[str, Any]:
     import torch.nn.functional as F
 
-    m = Models(bench)
+    m = models_for(bench)
     if lora:
         add_lora(m.unet, 4, ATTENTION)
     m.unet.to(m.device, m.dtype)
     params = trained(m.unet)
-    text = m.text(PROMPT, bench.batch)
+    text, extra = m.conditioning(PROMPT, bench.batch)
     # Deterministic preprocessing: the latents' distributions are cached, as ours does.
-    pixels = pixels_of(bench.images, bench.resolution)
-    with m.autocast():
-        dists = [m.vae.encode(p[None].to(m.device, m.dtype)).latent_dist for p in pixels]
+    dists = m.latent_dists(pixels_of(bench.images, bench.resolution))
 
     def step(index: int) -> Any:
         import torch
@@ -220,7 +76,7 @@ def concept_loop(bench: Bench, lora: bool) -> dict[str, Any]:
         latents = torch.cat([d.sample() for d in picked]).float() * m.vae.config.scaling_factor
         noisy, noise, timesteps = m.noised(latents)
         with m.autocast():
-            prediction = m.unet(noisy.to(m.dtype), timesteps, text).sample
+            prediction = m.unet(noisy.to(m.dtype), timesteps, text, **extra).sample
         return F.mse_loss(prediction.float(), noise)
 
     return timed(m, bench.steps, params, 1e-4, step)

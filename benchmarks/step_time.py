@@ -4,14 +4,16 @@
 
 For each method (`--method`: lora, dreambooth, customDiffusion, lcm, lcmLora) both
 train the same randomly initialised model (`tiny` for a CPU, `sd15` for the real SD 1.5
-architecture on a GPU) on the same images with the same batch size: the baseline is the
+architecture on a GPU; with `--family sdxl`, lora and dreambooth on Stable Diffusion XL:
+`tiny`, or `base`, SDXL base 1.0's architecture, 3.5B parameters) on the same images
+with the same batch size: the baseline is the
 loop of that method's diffusers example script reduced to its work (`baselines.py`: one
 process, torch AdamW, no DeepSpeed); ours is `finetune run` with one process under
 DeepSpeed. Where preprocessing is deterministic (lora, dreambooth) both cache VAE latents
 and text embeddings; Custom Diffusion's augmentation and LCM's dataset encode every step
 in both. Reported: median step time after warm-up, the ratio (goal: at most 1.05),
 images per second, and peak memory (GPU memory on a GPU, resident set size on a CPU), as
-JSON on stdout and in OUT/results-SIZE-METHOD.json.
+JSON on stdout and in OUT/results-MODEL-METHOD.json (MODEL: the size, or sdxl-SIZE).
 
 Model FLOPs utilisation (MFU): the FLOPs of one baseline step, counted with
 `torch.utils.flop_counter.FlopCounterMode` (the same work as one of ours), divided by
@@ -33,18 +35,19 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from baselines import (  # benchmarks/ is on the path when this file runs as a script
+from baseline_parts import WARMUP_STEPS, Bench  # benchmarks/ is on the path as a script runs
+from baselines import (
     CAPTION,
     CUSTOM_PROMPT,
     INITIALIZER_TOKEN,
     MODIFIER_TOKEN,
     PROMPT,
-    WARMUP_STEPS,
-    Bench,
+    SDXL_METHODS,
     run,
 )
 
 METHODS = ("lora", "dreambooth", "customDiffusion", "lcm", "lcmLora")
+SIZES = {"sd": ("tiny", "sd15"), "sdxl": ("tiny", "base")}
 # Dense bf16 tensor-core peaks from the vendors' data sheets (SXM parts), in TFLOP/s.
 PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0}
 
@@ -135,7 +138,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--size", choices=["tiny", "sd15"], default="tiny")
+    parser.add_argument("--family", choices=list(SIZES), default="sd")
+    parser.add_argument(
+        "--size", choices=sorted({s for sizes in SIZES.values() for s in sizes}), default="tiny"
+    )
     parser.add_argument("--method", choices=METHODS, default="lora")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch", type=int, default=2)
@@ -151,20 +157,30 @@ def main() -> None:
     parser.add_argument("--baseline-in-process", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    if args.size not in SIZES[args.family]:
+        parser.error(f"--size for --family {args.family}: one of {', '.join(SIZES[args.family])}")
+    if args.family == "sdxl" and args.method not in SDXL_METHODS:
+        parser.error(f"--method for --family sdxl: one of {', '.join(SDXL_METHODS)}")
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
+    name = args.size if args.family == "sd" else f"sdxl-{args.size}"
     # Captioned images: the concept methods ignore the captions, LCM's dataset reads them.
-    model, images = out / f"model-{args.size}", out / f"captioned-{args.resolution}"
+    model, images = out / f"model-{name}", out / f"captioned-{args.resolution}"
 
     if args.baseline_in_process:
-        bench = Bench(model, images, args.steps, args.batch, args.resolution, args.bf16)
+        bench = Bench(
+            model, images, args.steps, args.batch, args.resolution, args.bf16, args.family
+        )
         print(json.dumps(run(args.method, bench)))
         return
 
-    from finetune.assets import build_model, write_images
+    from finetune.assets import build_model, build_sdxl_model, write_images
 
     if not (model / "model_index.json").exists():
-        build_model(model, args.size)
+        if args.family == "sdxl":
+            build_sdxl_model(model, size=args.size)
+        else:
+            build_model(model, args.size)
     if not images.exists():
         write_images(images, 8, resolution=args.resolution, caption=CAPTION)
     # The baseline runs in a process of its own, so its peak memory is its own.
@@ -190,6 +206,7 @@ def main() -> None:
     peak = peak_tflops(baseline["device"], args.peak_tflops)
     flops = baseline["flops_per_step"]
     results = {
+        "family": args.family,
         "size": args.size,
         "method": args.method,
         "batch": args.batch,
@@ -213,7 +230,7 @@ def main() -> None:
     }
     settings = {**args.deepspeed, **args.training}
     tag = "".join(f"-{k}{v}" for k, v in settings.items() if not isinstance(v, dict))
-    (out / f"results-{args.size}-{args.method}{tag}.json").write_text(json.dumps(results, indent=2))
+    (out / f"results-{name}-{args.method}{tag}.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
 
 

@@ -5,8 +5,10 @@ pipeline folder (loaded through the real `from_pretrained`), but nothing here
 may reach a model hub. `build_model` writes one with random weights: `tiny`
 trains in seconds on a CPU; `sd15` has the real SD 1.5 architecture (UNet,
 CLIP ViT-L/14 text encoder, SD VAE) for honest speed and memory figures.
-`build_sdxl_model` writes a tiny Stable Diffusion XL folder (two text encoders, the
-second with projection; a UNet with SDXL's added text-and-time embedding).
+`build_sdxl_model` writes a Stable Diffusion XL folder (two text encoders, the
+second with projection; a UNet with SDXL's added text-and-time embedding): `tiny`, or
+`base`, the SDXL base 1.0 architecture. The real architectures' configs live in
+`finetune.architectures`.
 `build_evaluators` writes the CLIP and DINO folders that validation metrics
 (`validation.metrics`) load, likewise tiny or at the real architectures.
 """
@@ -17,7 +19,10 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
+from finetune import architectures
+
 Size = Literal["tiny", "sd15"]
+SdxlSize = Literal["tiny", "base"]
 
 _SPECIAL = ("<|startoftext|>", "<|endoftext|>")
 
@@ -90,45 +95,7 @@ def _configs(size: Size, vocab_size: int) -> dict[str, dict[str, Any]]:
                 "projection_dim": 32,
             },
         }
-    return {
-        "unet": {
-            "block_out_channels": (320, 640, 1280, 1280),
-            "layers_per_block": 2,
-            "sample_size": 64,
-            "cross_attention_dim": 768,
-            "attention_head_dim": 8,
-            "down_block_types": (
-                "CrossAttnDownBlock2D",
-                "CrossAttnDownBlock2D",
-                "CrossAttnDownBlock2D",
-                "DownBlock2D",
-            ),
-            "up_block_types": (
-                "UpBlock2D",
-                "CrossAttnUpBlock2D",
-                "CrossAttnUpBlock2D",
-                "CrossAttnUpBlock2D",
-            ),
-        },
-        "vae": {
-            "block_out_channels": (128, 256, 512, 512),
-            "down_block_types": ("DownEncoderBlock2D",) * 4,
-            "up_block_types": ("UpDecoderBlock2D",) * 4,
-            "latent_channels": 4,
-            "layers_per_block": 2,
-            "sample_size": 512,
-        },
-        "text": {  # CLIP ViT-L/14's text tower
-            "vocab_size": max(vocab_size, 49408),
-            "hidden_size": 768,
-            "intermediate_size": 3072,
-            "num_hidden_layers": 12,
-            "num_attention_heads": 12,
-            "max_position_embeddings": 77,
-            "projection_dim": 768,
-            "hidden_act": "quick_gelu",
-        },
-    }
+    return architectures.sd15(vocab_size)
 
 
 def build_model(
@@ -172,9 +139,11 @@ def build_model(
     return folder
 
 
-def _sdxl_configs(vocab_size: int) -> dict[str, dict[str, Any]]:
-    """A tiny SDXL: the encoders' widths differ (32 and 48), so a UNet that read only one
-    of them, or the wrong layer's width, would not load."""
+def _sdxl_configs(size: SdxlSize, vocab_size: int) -> dict[str, dict[str, Any]]:
+    """`tiny`: the encoders' widths differ (32 and 48), so a UNet that read only one of
+    them, or the wrong layer's width, would not load."""
+    if size == "base":
+        return architectures.sdxl_base(vocab_size)
     text = {
         "vocab_size": vocab_size,
         "intermediate_size": 64,
@@ -213,35 +182,25 @@ def _sdxl_configs(vocab_size: int) -> dict[str, dict[str, Any]]:
     }
 
 
-def build_sdxl_model(folder: str | Path, seed: int = 0) -> Path:
-    """Write a tiny randomly initialised Stable Diffusion XL pipeline folder (with the
-    Euler scheduler SDXL ships with) and return its path."""
+def build_sdxl_model(folder: str | Path, seed: int = 0, size: SdxlSize = "tiny") -> Path:
+    """Write a randomly initialised Stable Diffusion XL pipeline folder (with the Euler
+    scheduler SDXL ships with) and return its path. `base` (3.5B parameters) is
+    initialised on the GPU when there is one: on a CPU that alone takes minutes."""
     import shutil
 
     import torch
-    from diffusers import (
-        AutoencoderKL,
-        EulerDiscreteScheduler,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import (
-        CLIPTextConfig,
-        CLIPTextModel,
-        CLIPTextModelWithProjection,
-        CLIPTokenizer,
-    )
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTokenizer
 
     folder = Path(folder)
     vocab_size = write_tokenizer(folder / "tokenizer")
     shutil.copytree(folder / "tokenizer", folder / "tokenizer_2", dirs_exist_ok=True)
-    configs = _sdxl_configs(vocab_size)
     torch.manual_seed(seed)
+    on_gpu = size != "tiny" and torch.cuda.is_available()
+    with torch.device("cuda" if on_gpu else "cpu"):
+        models = _sdxl_models(_sdxl_configs(size, vocab_size))
     pipeline = StableDiffusionXLPipeline(
-        unet=UNet2DConditionModel(**configs["unet"]),
-        vae=AutoencoderKL(**configs["vae"]),
-        text_encoder=CLIPTextModel(CLIPTextConfig(**configs["text"])),
-        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**configs["text_2"])),
+        **models,
         tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
         tokenizer_2=CLIPTokenizer.from_pretrained(folder / "tokenizer_2"),
         scheduler=EulerDiscreteScheduler(
@@ -256,6 +215,18 @@ def build_sdxl_model(folder: str | Path, seed: int = 0) -> Path:
     )
     pipeline.save_pretrained(folder)
     return folder
+
+
+def _sdxl_models(configs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    return {
+        "unet": UNet2DConditionModel(**configs["unet"]),
+        "vae": AutoencoderKL(**configs["vae"]),
+        "text_encoder": CLIPTextModel(CLIPTextConfig(**configs["text"])),
+        "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**configs["text_2"])),
+    }
 
 
 def _evaluator_configs(size: Size, vocab_size: int) -> dict[str, dict[str, Any]]:

@@ -126,28 +126,31 @@ class ConceptBatches:
         size: tuple[int, int] | None = None,
     ) -> list[Sample]:
         """Each sample of the micro-batch (at `size`, where given, rather than each
-        example's own); an image whose latents are cached is not even opened."""
-        chosen: list[Sample] = []
-        for position, index in stream.take(
-            micro_step, self.rank.rank, self.rank.world, self.batch_size
-        ):
+        example's own); an image whose latents are cached is not even opened, the others
+        are encoded together."""
+        chosen: dict[int, Sample] = {}
+        pending: dict[int, tuple[Prepared, Any]] = {}  # slot -> (prepared, cache key)
+        taken = stream.take(micro_step, self.rank.rank, self.rank.world, self.batch_size)
+        for slot, (position, index) in enumerate(taken):
             example = examples[index]
             if size is not None:
                 example = dataclasses.replace(example, size=size)
             key = (kind, index, example.size)  # latents are cached per bucket
             latents = self.encoder.cached_latents(key)
             if latents is not None:  # only deterministic preparations are cached
-                chosen.append(Sample(latents, example.prompt, None, self._geometry[key]))
-                continue
-            prepared = self.method.prepare(example, position, kind == "class")
-            latents = self.encoder.latents(
-                prepared.pixels[None], key if prepared.cacheable else None
-            )
-            geometry = prepared.geometry or self.square
-            if prepared.cacheable:
-                self._geometry[key] = geometry
-            chosen.append(Sample(latents, prepared.prompt, prepared.mask, geometry))
-        return chosen
+                chosen[slot] = Sample(latents, example.prompt, None, self._geometry[key])
+            else:
+                pending[slot] = (self.method.prepare(example, position, kind == "class"), key)
+        for slots in _by_shape(pending):
+            prepared = [pending[slot][0] for slot in slots]
+            keys = [key if p.cacheable else None for p, key in (pending[s] for s in slots)]
+            latents = self.encoder.latents(torch.stack([p.pixels for p in prepared]), keys)
+            for row, (slot, ready, kept) in enumerate(zip(slots, prepared, keys, strict=True)):
+                geometry = ready.geometry or self.square
+                if kept is not None:
+                    self._geometry[kept] = geometry
+                chosen[slot] = Sample(latents[row : row + 1], ready.prompt, ready.mask, geometry)
+        return [chosen[slot] for slot in range(len(taken))]
 
     def batch(self, micro_step: int) -> Batch:
         chosen = self._take(self.instance_stream, self.instances, "instance", micro_step)
@@ -274,3 +277,11 @@ def concept_examples(spec: TrainingSpec, folders: list[Path], class_images: bool
             )
             found += split_held_out(examples, concept.hold_out)[0]
     return found
+
+
+def _by_shape(pending: dict[int, tuple[Prepared, Any]]) -> list[list[int]]:
+    """The slots of the images to encode, grouped by image shape (one VAE call each)."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for slot, (prepared, _) in pending.items():
+        groups.setdefault(tuple(prepared.pixels.shape), []).append(slot)
+    return list(groups.values())

@@ -4,6 +4,7 @@ encoders; the model's family says how a prompt becomes conditioning."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -95,15 +96,20 @@ class Encoder:
         latents: torch.Tensor = DiagonalGaussianDistribution(parameters).sample()
         return latents.float() * float(self.components.vae.config.scaling_factor)
 
-    def latents(self, pixels: torch.Tensor, cache_key: Any = None) -> torch.Tensor:
-        """Sampled, scaled latents of a batch of [-1, 1] images. With a `cache_key`
-        (one image only) the latent distribution is kept for `cached_latents`."""
+    def latents(
+        self, pixels: torch.Tensor, cache_keys: Sequence[Any] | None = None
+    ) -> torch.Tensor:
+        """Sampled, scaled latents of a batch of [-1, 1] images, encoded in one VAE call.
+        The latent distribution of each image with a key in `cache_keys` (one entry per
+        image, None for those that change every time) is kept for `cached_latents`."""
         with torch.no_grad():
             vae = self.components.vae
             encoded = vae.encode(pixels.to(self.device, vae.dtype))
         parameters = encoded.latent_dist.parameters
-        if cache_key is not None and self.cache:
-            self._latents[cache_key] = parameters
+        if cache_keys is not None and self.cache:
+            for row, key in enumerate(cache_keys):
+                if key is not None:
+                    self._latents[key] = parameters[row : row + 1].clone()
         return self._sample(parameters)
 
     def tokens(self, prompts: list[str]) -> dict[str, torch.Tensor]:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from finetune.api import FineTuneJob
-from finetune.trainer.engine.deepspeed_setup import deepspeed_config, make_optimizer
+from finetune.trainer.engine.deepspeed_setup import deepspeed_config, make_optimizer, trainer_clips
 from finetune.trainer.telemetry.prometheus import Identity, TrainerMetrics
 from finetune.trainer.telemetry.steps import StepRecord, StepTelemetry
 from tests.support import lora_job
@@ -38,6 +38,24 @@ def test_deepspeed_config_follows_the_job() -> None:
     assert zero["stage"] == 1
     assert zero["offload_optimizer"]["device"] == "cpu"
     assert zero["overlap_comm"] is True  # the raw override is merged, not replacing
+
+
+@pytest.mark.parametrize(
+    ("stage", "precision", "trainer"),
+    [(0, "bf16", True), (0, "no", True), (0, "fp16", False), (2, "bf16", False)],
+)
+def test_the_trainer_clips_gradients_where_deepspeed_would_walk_every_parameter(
+    stage: int, precision: str, trainer: bool
+) -> None:
+    """ZeRO-0 without loss scaling: the trainer clips the trained parameters itself and
+    DeepSpeed does not clip again; ZeRO-1/2 (partitioned gradients) and fp16 (scaled
+    ones) leave clipping to DeepSpeed."""
+    spec = FineTuneJob.model_validate(
+        lora_job(training={"maxGradNorm": 0.5, "mixedPrecision": precision})
+    ).spec.training_spec()
+    config = deepspeed_config(spec, world=2, stage=stage, device=torch.device("cpu"))
+    assert trainer_clips(spec, stage) is trainer
+    assert config["gradient_clipping"] == (0.0 if trainer else 0.5)
 
 
 @pytest.mark.parametrize(("method", "learning_rate"), [("dreambooth", 5e-6), ("lora", 1e-4)])

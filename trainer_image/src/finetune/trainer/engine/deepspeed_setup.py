@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from finetune.api.training import Optimizer, TrainingSpec
+from finetune.api.training import MixedPrecision, Optimizer, TrainingSpec
 from finetune.trainer.engine.precision import PrecisionPlan
 from finetune.trainer.engine.speed import fused_optimizer
 from finetune.trainer.engine.zero import zero2_tuning
@@ -31,6 +31,14 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def trainer_clips(spec: TrainingSpec, stage: int) -> bool:
+    """Whether the trainer clips gradients itself, over the trained parameters only: under
+    ZeRO-0 without fp16's loss scaling, where DeepSpeed would walk every parameter of the
+    module (a frozen UNet's included) each step to find the few with gradients. ZeRO-1/2
+    partition the gradients and fp16 scales them: there DeepSpeed clips."""
+    return stage == 0 and spec.training.mixed_precision != MixedPrecision.FP16
+
+
 def deepspeed_config(
     spec: TrainingSpec, world: int, stage: int, device: torch.device
 ) -> dict[str, Any]:
@@ -42,7 +50,7 @@ def deepspeed_config(
         "train_micro_batch_size_per_gpu": hp.batch_size,
         "gradient_accumulation_steps": hp.gradient_accumulation_steps,
         "train_batch_size": hp.batch_size * hp.gradient_accumulation_steps * world,
-        "gradient_clipping": hp.max_grad_norm,
+        "gradient_clipping": 0.0 if trainer_clips(spec, stage) else hp.max_grad_norm,
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
@@ -119,4 +127,8 @@ def start_engine(
         lr_scheduler=scheduler,
         config=deepspeed_config(spec, world, stage, device),
     )
+    if world == 1 and stage == 0:
+        # One rank has nothing to reduce, but DeepSpeed would still copy every gradient
+        # into flat buffers, "all-reduce" them and copy them back after each backward.
+        engine.enable_backward_allreduce = False
     return engine, lr_scheduler

@@ -25,7 +25,7 @@ from finetune.trainer.checkpoints.run_checkpoints import RunCheckpoints
 from finetune.trainer.checkpoints.state import TrainingState
 from finetune.trainer.data.batches import open_batches
 from finetune.trainer.data.encoding import Encoder
-from finetune.trainer.engine.deepspeed_setup import start_engine
+from finetune.trainer.engine.deepspeed_setup import start_engine, trainer_clips
 from finetune.trainer.engine.plan import RunPlan
 from finetune.trainer.engine.precision import PrecisionPlan
 from finetune.trainer.engine.speed import (
@@ -153,13 +153,15 @@ class Trainer:
             else [],
         )
         self.zero = self._zero_stage()
+        groups = self.method.parameter_groups(self.module)
         self.engine, self.scheduler = start_engine(
-            spec,
-            self.module,
-            self.method.parameter_groups(self.module),
-            self.rank.world,
-            self.zero.stage,
-            self.device,
+            spec, self.module, groups, self.rank.world, self.zero.stage, self.device
+        )
+        # What the trainer clips where DeepSpeed does not (`trainer_clips`).
+        self.clipped = (
+            [p for group in groups for p in group["params"]]
+            if trainer_clips(spec, self.zero.stage)
+            else None
         )
         if hp.channels_last:
             layout = to_channels_last(self.module.unet, trained_too=self.zero.stage == 0)
@@ -367,6 +369,8 @@ class Trainer:
             batch = self.batches.batch(step * hp.gradient_accumulation_steps + micro)
             loss = self.method.loss(self.engine, batch, self.dtype)
             self.engine.backward(loss)
+            if self.clipped is not None and self.engine.is_gradient_accumulation_boundary():
+                torch.nn.utils.clip_grad_norm_(self.clipped, hp.max_grad_norm)
             self.engine.step()
             losses.append(float(loss.detach()))
         step += 1

@@ -66,6 +66,25 @@ def finetune_run(
     return result
 
 
+def status_env(
+    folder: Path, api_url: str, namespace: str = "team-a", token: str | None = None
+) -> dict[str, str]:
+    """The environment a pod of job `tiny` (`job_file`'s default name) in `namespace` gets,
+    pointing `finetune run`'s status reports at the (emulated) API server `api_url` after
+    every step. Its service account folder is made in `folder`, holding `token` if given."""
+    account = folder / "serviceaccount"
+    account.mkdir()
+    if token is not None:
+        (account / "token").write_text(token)
+    return {
+        "FINETUNE_JOB_NAME": "tiny",
+        "FINETUNE_NAMESPACE": namespace,
+        "FINETUNE_STATUS_API": api_url,
+        "FINETUNE_STATUS_INTERVAL": "0",
+        "FINETUNE_SERVICE_ACCOUNT_DIR": str(account),
+    }
+
+
 def refused(job: Path, *fragments: str, code: int = 2, **options: Any) -> str:
     """Run `job`, which must be refused with `code` and a last line naming every fragment
     (the field, the file, the reason); that line."""

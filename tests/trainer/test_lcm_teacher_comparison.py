@@ -17,11 +17,11 @@ from finetune.assets import write_captioned_images
 from finetune.trainer.engine.trainer import CRASH_AFTER_STEP_ENV
 from tests.fake_status_api import FakeApi
 from tests.fidelity import direct_clip_scores
-from tests.trainer.jobs import finetune_run, job_file, train_log
-from tests.trainer.test_validation_metrics import FakePushgateway, api, gateway
+from tests.trainer.jobs import finetune_run, job_file, status_env, train_log
+from tests.trainer.test_validation_metrics import FakePushgateway, gateway
 
 pytestmark = pytest.mark.slow
-__all__ = ["api", "gateway"]  # the fixtures, used by name
+__all__ = ["gateway"]  # the fixture, used by name
 
 PROMPTS = ["a red disc", "a blue disc"]
 STEPS = [1, 2, 4]  # the validation's own samples are those at 2 (`inferenceSteps`)
@@ -88,16 +88,7 @@ def test_the_student_is_scored_against_its_teacher_at_each_step_count(
     made = {p.name: p.stat().st_mtime_ns for p in teacher.iterdir()}
     assert {"grid.png", "teacher.json", "prompt-00-00.png", "prompt-01-00.png"} <= set(made)
 
-    env = {
-        "FINETUNE_JOB_NAME": "tiny",
-        "FINETUNE_NAMESPACE": "team-a",
-        "FINETUNE_STATUS_API": api.url,
-        "FINETUNE_STATUS_INTERVAL": "0",
-        "FINETUNE_PUSHGATEWAY_URL": gateway.url,
-    }
-    account = tmp_path / "serviceaccount"
-    account.mkdir()
-    env["FINETUNE_SERVICE_ACCOUNT_DIR"] = str(account)
+    env = {**status_env(tmp_path, api.url), "FINETUNE_PUSHGATEWAY_URL": gateway.url}
     resumed = finetune_run(job, nproc=1, env=env)
     assert "resumed from" in resumed.stderr
     # Read back, not made again: the same files, untouched.

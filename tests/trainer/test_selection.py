@@ -10,7 +10,6 @@ then the best (an equal score is no improvement) and the metric never improves.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ from safetensors.torch import load_file
 
 from finetune.trainer.engine.trainer import CRASH_AFTER_STEP_ENV
 from tests.fake_status_api import FakeApi
-from tests.trainer.jobs import PROMPT, finetune_run, job_file, train_log
+from tests.trainer.jobs import PROMPT, finetune_run, job_file, status_env, train_log
 
 pytestmark = pytest.mark.slow
 
@@ -122,13 +121,6 @@ def test_keep_best_survives_pruning_and_resume_and_is_the_result(
     assert images(out / "logs") == [2, 4, 6]
 
 
-@pytest.fixture
-def api() -> Iterator[FakeApi]:
-    server = FakeApi()
-    yield server
-    server.close()
-
-
 def test_a_flat_metric_stops_the_run_early_with_its_results(
     tmp_path: Path,
     tiny_model: Path,
@@ -149,16 +141,7 @@ def test_a_flat_metric_stops_the_run_early_with_its_results(
         validation=validation(clip, dino, 1, ["clipText"]),
         checkpointing={"everyNSteps": 20},
     )
-    account = tmp_path / "serviceaccount"
-    account.mkdir()
-    env = {
-        "FINETUNE_JOB_NAME": "tiny",
-        "FINETUNE_NAMESPACE": "team-a",
-        "FINETUNE_STATUS_API": api.url,
-        "FINETUNE_STATUS_INTERVAL": "0",
-        "FINETUNE_SERVICE_ACCOUNT_DIR": str(account),
-    }
-    run = finetune_run(job, env=env)  # exit 0
+    run = finetune_run(job, env=status_env(tmp_path, api.url))  # exit 0
     out = tmp_path / "out"
 
     # Validations 1, 2 and 3; after the third, two without an improvement: stop.

@@ -12,7 +12,7 @@ import yaml
 from finetune.api.status import FineTuneJobStatus
 from tests.emulator import emulated_cluster
 from tests.operator.conftest import Kube
-from tests.trainer.jobs import finetune_run, job_file
+from tests.trainer.jobs import finetune_run, job_file, status_env
 
 pytestmark = pytest.mark.slow
 
@@ -22,9 +22,6 @@ RESOURCE = "finetune.dev/v1alpha1/finetunejobs"
 def test_a_run_reports_progress_checkpoints_and_artifacts(
     tmp_path: Path, tiny_model: Path, disc_images: Path
 ) -> None:
-    account = tmp_path / "serviceaccount"
-    account.mkdir()
-    (account / "token").write_text("pod-token")
     job = job_file(
         tmp_path,
         tiny_model,
@@ -34,13 +31,7 @@ def test_a_run_reports_progress_checkpoints_and_artifacts(
     )
     with emulated_cluster() as cluster:
         Kube(cluster.url).create_job(yaml.safe_load(job.read_text()), "team-a")
-        env = {
-            "FINETUNE_JOB_NAME": "tiny",
-            "FINETUNE_NAMESPACE": "team-a",
-            "FINETUNE_STATUS_API": cluster.url,
-            "FINETUNE_STATUS_INTERVAL": "0",
-            "FINETUNE_SERVICE_ACCOUNT_DIR": str(account),
-        }
+        env = status_env(tmp_path, cluster.url, namespace="team-a", token="pod-token")
         finetune_run(job, nproc=1, env=env)
         versions = cluster.handler.objects[RESOURCE, "team-a", "tiny", :]
 

@@ -18,7 +18,7 @@ from PIL import Image
 from finetune.assets import write_images
 from tests.fake_status_api import FakeApi
 from tests.fidelity import direct_scores
-from tests.trainer.jobs import PROMPT, finetune_run, job_file, refused, train_log
+from tests.trainer.jobs import PROMPT, finetune_run, job_file, refused, status_env, train_log
 
 pytestmark = pytest.mark.slow
 
@@ -54,13 +54,6 @@ class FakePushgateway:
 @pytest.fixture
 def gateway() -> Iterator[FakePushgateway]:
     server = FakePushgateway()
-    yield server
-    server.close()
-
-
-@pytest.fixture
-def api() -> Iterator[FakeApi]:
-    server = FakeApi()
     yield server
     server.close()
 
@@ -103,16 +96,7 @@ def test_each_validation_is_scored_and_reported_everywhere(
     clip, dino = tiny_evaluators
     images = write_images(tmp_path / "discs", 6, resolution=64)
     job = metrics_job(tmp_path, tiny_model, images, clip, dino)
-    account = tmp_path / "serviceaccount"
-    account.mkdir()
-    env = {
-        "FINETUNE_JOB_NAME": "tiny",
-        "FINETUNE_NAMESPACE": "team-a",
-        "FINETUNE_STATUS_API": api.url,
-        "FINETUNE_STATUS_INTERVAL": "0",
-        "FINETUNE_SERVICE_ACCOUNT_DIR": str(account),
-        "FINETUNE_PUSHGATEWAY_URL": gateway.url,
-    }
+    env = {**status_env(tmp_path, api.url), "FINETUNE_PUSHGATEWAY_URL": gateway.url}
     finetune_run(job, nproc=2, env=env)
     out = tmp_path / "out"
 

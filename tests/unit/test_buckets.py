@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from finetune.api.training import CaptionDataset, DataSpec
+from finetune.api.data import CaptionDataset, DataSpec
 from finetune.trainer.data import buckets
 from finetune.trainer.data.batches import ConceptBatches
 from finetune.trainer.data.concepts import Example, ImagePreprocessor, Prepared

@@ -10,7 +10,7 @@ from typing import IO
 
 import pytest
 
-from finetune.api.training import CaptionDataset, DatasetFormat
+from finetune.api.data import CaptionDataset, DatasetFormat
 from finetune.trainer.data.captions import (
     DatasetFiles,
     IndexedCaptions,

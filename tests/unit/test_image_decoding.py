@@ -158,7 +158,7 @@ def test_small_images_are_warned_about_once_or_refused(
 
 
 def test_rules_follow_the_job(tmp_path: Path) -> None:
-    from finetune.api.training import DataSpec
+    from finetune.api.data import DataSpec
 
     data = DataSpec.model_validate({"resolution": 512, "alpha": "refuse", "minImageSize": 64})
     assert ImageRules.of(data) == ImageRules(alpha="refuse", min_size=64, warn_below=256)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune.api.training import Hyperparameters
+from finetune.api.hyperparameters import Hyperparameters
 from finetune.assets import build_model
 from finetune.trainer.methods.diffusion import add_noise, denoising_loss
 from finetune.trainer.models.components import inference_pipeline, load_components

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from finetune.api.training import LcmSpec
+from finetune.api.method_settings import LcmSpec
 from finetune.trainer.data.encoding import Encoder
 from finetune.trainer.errors import JobInputError
 from finetune.trainer.families import FAMILIES, ImageGeometry, check_same_family

@@ -22,7 +22,7 @@ from finetune.trainer.data.concepts import Example, IndexStream, seeded_permutat
 from finetune.trainer.data.images import upright_size
 
 if TYPE_CHECKING:
-    from finetune.api.training import DataSpec
+    from finetune.api.data import DataSpec
     from finetune.trainer.families import Components
 
 log = logging.getLogger(__name__)

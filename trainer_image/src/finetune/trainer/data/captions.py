@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
-from finetune.api.training import CaptionDataset, DatasetFormat
+from finetune.api.data import CaptionDataset, DatasetFormat
 from finetune.trainer.data import images
 from finetune.trainer.data.concepts import IMAGE_SUFFIXES, IndexStream
 from finetune.trainer.data.images import ImageRules

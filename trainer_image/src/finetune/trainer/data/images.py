@@ -30,7 +30,7 @@ from finetune.trainer.errors import JobInputError
 if TYPE_CHECKING:
     from PIL.Image import Image
 
-    from finetune.api.training import DataSpec
+    from finetune.api.data import DataSpec
 
 log = logging.getLogger(__name__)
 

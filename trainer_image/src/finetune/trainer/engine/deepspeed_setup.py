@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from finetune.api.training import MixedPrecision, Optimizer, TrainingSpec
+from finetune.api.hyperparameters import MixedPrecision, Optimizer
+from finetune.api.training import TrainingSpec
 from finetune.trainer.engine.precision import PrecisionPlan
 from finetune.trainer.engine.speed import fused_optimizer
 from finetune.trainer.engine.zero import zero2_tuning

@@ -24,7 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from finetune.api.training import MixedPrecision, TrainingSpec
+from finetune.api.hyperparameters import MixedPrecision
+from finetune.api.training import TrainingSpec
 
 # Recorded in a checkpoint's layout: a checkpoint of DeepSpeed's `bf16` mode (before the
 # plan) holds other optimizer state, so it is refused by name rather than misread.

@@ -9,7 +9,7 @@ import logging
 import torch
 from torch import nn
 
-from finetune.api.training import Hyperparameters
+from finetune.api.hyperparameters import Hyperparameters
 from finetune.trainer.methods import TrainedModules
 
 log = logging.getLogger(__name__)

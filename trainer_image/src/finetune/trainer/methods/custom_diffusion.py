@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from finetune.api.training import FreezeMode
+from finetune.api.method_settings import FreezeMode
 from finetune.trainer.data.concepts import Example, Prepared, to_tensor
 from finetune.trainer.data.geometry import ImageGeometry
 from finetune.trainer.data.images import ImageRules, decode

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.training_utils import compute_snr
 
-from finetune.api.training import Hyperparameters
+from finetune.api.hyperparameters import Hyperparameters
 
 
 @dataclass

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from finetune.api.training import LcmLoss
+from finetune.api.method_settings import LcmLoss
 from finetune.trainer.data.batches import Batch
 from finetune.trainer.data.encoding import Encoder
 from finetune.trainer.errors import JobInputError

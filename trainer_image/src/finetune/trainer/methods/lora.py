@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from finetune.api.training import OutputFormat
+from finetune.api.outputs import OutputFormat
 from finetune.trainer.methods.base import TrainedModules, TrainingMethod
 
 LORA_FILE = "pytorch_lora_weights.safetensors"

@@ -26,7 +26,7 @@ from finetune.trainer.storage.files import written_whole
 from finetune.trainer.storage.retries import with_retries
 
 if TYPE_CHECKING:
-    from finetune.api.training import OutputSpec
+    from finetune.api.outputs import OutputSpec
 
 T = TypeVar("T")
 

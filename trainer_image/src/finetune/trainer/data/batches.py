@@ -126,10 +126,13 @@ class ConceptBatches:
         size: tuple[int, int] | None = None,
     ) -> list[Sample]:
         """Each sample of the micro-batch (at `size`, where given, rather than each
-        example's own); an image whose latents are cached is not even opened, the others
-        are encoded together."""
+        example's own). An image whose latents are cached is not even opened; one whose
+        preparation is deterministic is encoded alone, at once, and cached: the same
+        latents whichever images share its micro-batch, and whether or not a resume
+        emptied the cache. The others change every step: they go through the VAE
+        together, after the rest, as the reference scripts encode a batch."""
         chosen: dict[int, Sample] = {}
-        pending: dict[int, tuple[Prepared, Any]] = {}  # slot -> (prepared, cache key)
+        pending: dict[int, Prepared] = {}  # slot -> an image that changes every step
         taken = stream.take(micro_step, self.rank.rank, self.rank.world, self.batch_size)
         for slot, (position, index) in enumerate(taken):
             example = examples[index]
@@ -137,18 +140,21 @@ class ConceptBatches:
                 example = dataclasses.replace(example, size=size)
             key = (kind, index, example.size)  # latents are cached per bucket
             latents = self.encoder.cached_latents(key)
-            if latents is not None:  # only deterministic preparations are cached
+            if latents is not None:
                 chosen[slot] = Sample(latents, example.prompt, None, self._geometry[key])
-            else:
-                pending[slot] = (self.method.prepare(example, position, kind == "class"), key)
+                continue
+            prepared = self.method.prepare(example, position, kind == "class")
+            if not prepared.cacheable:
+                pending[slot] = prepared
+                continue
+            latents = self.encoder.latents(prepared.pixels[None], [key])
+            self._geometry[key] = prepared.geometry or self.square
+            chosen[slot] = Sample(latents, prepared.prompt, prepared.mask, self._geometry[key])
         for slots in _by_shape(pending):
-            prepared = [pending[slot][0] for slot in slots]
-            keys = [key if p.cacheable else None for p, key in (pending[s] for s in slots)]
-            latents = self.encoder.latents(torch.stack([p.pixels for p in prepared]), keys)
-            for row, (slot, ready, kept) in enumerate(zip(slots, prepared, keys, strict=True)):
+            group = [pending[slot] for slot in slots]
+            latents = self.encoder.latents(torch.stack([p.pixels for p in group]))
+            for row, (slot, ready) in enumerate(zip(slots, group, strict=True)):
                 geometry = ready.geometry or self.square
-                if kept is not None:
-                    self._geometry[kept] = geometry
                 chosen[slot] = Sample(latents[row : row + 1], ready.prompt, ready.mask, geometry)
         return [chosen[slot] for slot in range(len(taken))]
 
@@ -279,9 +285,9 @@ def concept_examples(spec: TrainingSpec, folders: list[Path], class_images: bool
     return found
 
 
-def _by_shape(pending: dict[int, tuple[Prepared, Any]]) -> list[list[int]]:
+def _by_shape(pending: dict[int, Prepared]) -> list[list[int]]:
     """The slots of the images to encode, grouped by image shape (one VAE call each)."""
     groups: dict[tuple[int, ...], list[int]] = {}
-    for slot, (prepared, _) in pending.items():
+    for slot, prepared in pending.items():
         groups.setdefault(tuple(prepared.pixels.shape), []).append(slot)
     return list(groups.values())

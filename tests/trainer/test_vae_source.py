@@ -71,3 +71,8 @@ def test_a_vae_uri_that_holds_no_vae_is_refused_naming_the_field(
     refused(job, "spec.baseModel.vaeUri", "UNet2DConditionModel, not an AutoencoderKL")
     job = job_file(tmp_path, tiny_model, disc_images, baseModel={"vaeUri": str(tmp_path / "none")})
     refused(job, "spec.baseModel.vaeUri", "no config.json")
+    odd = tmp_path / "odd-vae"
+    odd.mkdir()
+    (odd / "config.json").write_text("[]")
+    job = job_file(tmp_path, tiny_model, disc_images, baseModel={"vaeUri": str(odd)})
+    refused(job, "spec.baseModel.vaeUri", "config.json is not a JSON object")

@@ -5,12 +5,12 @@ will load, so a wrong URI fails in seconds with the field named."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from finetune.api.common import is_hub
 from finetune.api.training import TrainingSpec, evaluator_uris
 from finetune.trainer.errors import JobInputError
+from finetune.trainer.models.sources import config_of
 from finetune.trainer.storage import hub
 from finetune.trainer.storage.inputs import local_folder
 from finetune.trainer.storage.s3 import S3Settings
@@ -52,12 +52,8 @@ def evaluator_folder(
         folder = hub.snapshot(uri, cache_dir / "hub", [p for p in hub.IGNORED if p != "*.bin"])
     if not folder.is_dir():
         raise JobInputError(f"{field}: {uri}: no such model folder")
-    config = folder / "config.json"
-    if config.is_file():  # the kind of model first: the most telling mistake
-        try:
-            found = json.loads(config.read_text()).get("model_type")
-        except (OSError, ValueError) as exc:
-            raise JobInputError(f"{field}: {uri}: config.json is unreadable ({exc})") from exc
+    if (folder / "config.json").is_file():  # the kind of model first: the most telling mistake
+        found = config_of(folder, field, uri).get("model_type")
         if found != model_type:
             raise JobInputError(f"{field}: {uri}: a {found!r} model, not {model_type!r}")
     missing = [name for name in needed if not (folder / name).is_file()]

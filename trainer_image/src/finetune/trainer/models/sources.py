@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from finetune.trainer.errors import JobInputError
 from finetune.trainer.storage.inputs import local_folder
@@ -38,13 +39,9 @@ VAE_FIELD = "spec.baseModel.vaeUri"
 def resolve_vae(uri: str, cache_dir: Path, s3: S3Settings) -> Path:
     """A local folder holding the diffusers `AutoencoderKL` at `uri`, checked."""
     folder = local_folder(uri, cache_dir, s3, "models")
-    config = folder / "config.json"
-    if not config.is_file():
+    if not (folder / "config.json").is_file():
         raise JobInputError(f"{VAE_FIELD}: {uri}: not a diffusers model folder (no config.json)")
-    try:
-        found = json.loads(config.read_text()).get("_class_name")
-    except (OSError, ValueError, AttributeError) as exc:
-        raise JobInputError(f"{VAE_FIELD}: {uri}: config.json is unreadable ({exc})") from exc
+    found = config_of(folder, VAE_FIELD, uri).get("_class_name")
     if found != "AutoencoderKL":
         raise JobInputError(f"{VAE_FIELD}: {uri}: holds a {found}, not an AutoencoderKL")
     if not any(folder.glob("diffusion_pytorch_model*.safetensors")) and not any(
@@ -52,3 +49,14 @@ def resolve_vae(uri: str, cache_dir: Path, s3: S3Settings) -> Path:
     ):
         raise JobInputError(f"{VAE_FIELD}: {uri}: the AutoencoderKL's weights are missing")
     return folder.resolve()
+
+
+def config_of(folder: Path, field: str, uri: str) -> dict[str, Any]:
+    """A model folder's `config.json`; refusals name the field and the URI."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise JobInputError(f"{field}: {uri}: config.json is unreadable ({exc})") from exc
+    if not isinstance(config, dict):
+        raise JobInputError(f"{field}: {uri}: config.json is not a JSON object")
+    return config

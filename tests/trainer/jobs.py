@@ -135,3 +135,17 @@ def render(
             **options,
         ).images
     )
+
+
+def tensorboard_scalars(logs: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar TensorBoard shows for `logs` as (step, value) by tag: all event files,
+    a resumed run's purges applied."""
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+    board = EventMultiplexer().AddRunsFromDirectory(str(logs))
+    board.Reload()
+    (run,) = board.Runs()
+    return {
+        tag: [(e.step, e.value) for e in board.Scalars(run, tag)]
+        for tag in board.Runs()[run]["scalars"]
+    }

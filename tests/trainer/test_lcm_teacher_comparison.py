@@ -17,7 +17,7 @@ from finetune.assets import write_captioned_images
 from finetune.trainer.engine.trainer import CRASH_AFTER_STEP_ENV
 from tests.fake_status_api import FakeApi
 from tests.fidelity import direct_clip_scores
-from tests.trainer.jobs import finetune_run, job_file, status_env, train_log
+from tests.trainer.jobs import finetune_run, job_file, status_env, tensorboard_scalars, train_log
 from tests.trainer.test_validation_metrics import FakePushgateway, gateway
 
 pytestmark = pytest.mark.slow
@@ -54,19 +54,6 @@ def lcm_lora_job(tmp_path: Path, model: Path, clip: Path) -> Path:
 
 def images(folder: Path, prefix: str) -> list[list[Image.Image]]:
     return [[Image.open(folder / f"{prefix}-{p:02d}-00.png").convert("RGB")] for p in (0, 1)]
-
-
-def tensorboard_scalars(logs: Path) -> dict[str, dict[int, float]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    found: dict[str, dict[int, float]] = {}
-    for events in sorted(logs.glob("events.out.tfevents.*")):
-        accumulator = EventAccumulator(str(events))
-        accumulator.Reload()
-        for tag in accumulator.Tags()["scalars"]:
-            for event in accumulator.Scalars(tag):
-                found.setdefault(tag, {})[event.step] = event.value
-    return found
 
 
 def test_the_student_is_scored_against_its_teacher_at_each_step_count(
@@ -120,7 +107,7 @@ def test_the_student_is_scored_against_its_teacher_at_each_step_count(
     for steps in STEPS:
         for metric in METRICS:
             tag = f"validation/{metric}@{steps}steps"
-            assert scalars[tag][4] == pytest.approx(final["distillation"][str(steps)][metric])
+            assert dict(scalars[tag])[4] == pytest.approx(final["distillation"][str(steps)][metric])
 
     # Prometheus: one series per metric and step count.
     text = gateway.pushes[-1]

@@ -19,7 +19,14 @@ from safetensors.torch import load_file
 
 from finetune.trainer.engine.trainer import CRASH_AFTER_STEP_ENV
 from tests.fake_status_api import FakeApi
-from tests.trainer.jobs import PROMPT, finetune_run, job_file, status_env, train_log
+from tests.trainer.jobs import (
+    PROMPT,
+    finetune_run,
+    job_file,
+    status_env,
+    tensorboard_scalars,
+    train_log,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -48,19 +55,6 @@ def up_norms(tensors: dict[str, torch.Tensor]) -> list[float]:
 def checkpoint_norms(folder: Path) -> list[float]:
     states = torch.load(folder / "mp_rank_00_model_states.pt", weights_only=False)
     return up_norms(states["module"])
-
-
-def scalars(logs: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar TensorBoard shows for `logs` (all event files, purges applied)."""
-    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
-
-    board = EventMultiplexer().AddRunsFromDirectory(str(logs))
-    board.Reload()
-    (run,) = board.Runs()
-    return {
-        tag: [(e.step, e.value) for e in board.Scalars(run, tag)]
-        for tag in board.Runs()[run]["scalars"]
-    }
 
 
 def images(logs: Path) -> list[int]:
@@ -109,7 +103,7 @@ def test_keep_best_survives_pruning_and_resume_and_is_the_result(
     # TensorBoard: every step once (the crashed run's step 4 left for the resumed
     # run's), each validation's scores and grid; one event file per process run.
     assert len(list((out / "logs").glob("events.out.tfevents.*"))) == 2
-    shown = scalars(out / "logs")
+    shown = tensorboard_scalars(out / "logs")
     assert [step for step, _ in shown["train/loss"]] == [1, 2, 3, 4, 5, 6]
     assert [step for step, _ in shown["train/learning_rate"]] == [1, 2, 3, 4, 5, 6]
     assert "train/images_per_second" in shown

@@ -60,6 +60,11 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
     settings.execution.max_workers = 16
+    # A job deleted while its reconcile timer is mid-run (the TTL deletes it from inside
+    # the timer) waits for the timer to stop before kopf lifts its finalizer; kopf's
+    # default is to look again only after 60 s.
+    settings.background.instant_exit_timeout = 0.5
+    settings.background.cancellation_polling = 1.0
     logging.getLogger("kopf.objects").addFilter(QuietTimers())
     memo.config = CONFIG
     memo.cluster = Cluster(connect())

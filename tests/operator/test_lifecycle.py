@@ -18,7 +18,10 @@ import pytest
 
 from tests.emulator import EmulatedCluster, emulated_cluster
 from tests.operator.conftest import (
+    GROUP,
+    PLURAL,
     RECONCILE_SECONDS,
+    VERSION,
     Kube,
     OperatorProcess,
     now,
@@ -406,6 +409,20 @@ def test_the_deadline_fails_the_job(kube: Kube, namespace: str) -> None:
     assert status["failureReason"] == "DeadlineExceeded"
     assert "3600s" in status["failureMessage"]
     assert kube.batch_job(f"{NAME}-a1", namespace) is None
+
+
+@pytest.mark.usefixtures("operator")
+def test_a_running_job_deleted_by_its_user_is_gone_within_seconds(
+    kube: Kube, namespace: str
+) -> None:
+    """`kubectl delete ftj` on a running job: kopf's finalizer on it is lifted once the
+    reconcile timer stops, which must take seconds, not kopf's default 60 s poll."""
+    start(kube, namespace)
+    run_gang(kube, namespace)
+    for _ in range(3):  # a few ticks, so the deletion meets the timer at some point
+        time.sleep(RECONCILE_SECONDS)
+    kube.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, NAME)
+    wait_for(lambda: kube.job(NAME, namespace) is None, timeout=10, what="the deleted job gone")
 
 
 @pytest.mark.usefixtures("operator")

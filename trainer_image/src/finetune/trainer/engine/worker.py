@@ -18,6 +18,19 @@ from finetune.trainer.errors import exit_code_for
 from finetune.trainer.process.stopping import Stopped, StopRequest
 from finetune.trainer.process.tether import tie_to_launcher
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def log_level(value: str | None) -> tuple[int, str | None]:
+    """The trainer's log level from `$FINETUNE_LOG_LEVEL`: info when unset, and info with
+    a warning to log when it names no level (a typo must not stop a run)."""
+    if not value:
+        return logging.INFO, None
+    if value.strip().lower() in LOG_LEVELS:
+        return logging.getLevelName(value.strip().upper()), None
+    choices = ", ".join(LOG_LEVELS)
+    return logging.INFO, f"{LOG_LEVEL_ENV}={value!r} is not a log level ({choices}); using info"
+
 
 def main(argv: list[str]) -> int:
     stop = StopRequest()  # first: a signal while torch loads must not kill us
@@ -25,7 +38,10 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    logging.getLogger("finetune").setLevel(os.environ.get(LOG_LEVEL_ENV, "INFO").upper())
+    level, unknown = log_level(os.environ.get(LOG_LEVEL_ENV))
+    logging.getLogger("finetune").setLevel(level)
+    if unknown:
+        logging.getLogger("finetune").warning(unknown)
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "diffusers", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning)

@@ -4,6 +4,8 @@ SDXL's pooled embedding and time ids reach the teacher, the student and the targ
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +16,13 @@ from finetune.api.method_settings import LcmSpec
 from finetune.trainer.data.encoding import Encoder
 from finetune.trainer.errors import JobInputError
 from finetune.trainer.families import FAMILIES, ImageGeometry, check_same_family
+from finetune.trainer.families.sdxl import FORCE_ZEROS
 from finetune.trainer.methods.lcm import Distillation
-from finetune.trainer.models.components import inference_pipeline, load_components
+from finetune.trainer.models.components import (
+    inference_pipeline,
+    load_components,
+    save_pipeline,
+)
 
 PROMPTS = ["a photo of sks disc", "a red disc on grey"]
 
@@ -24,15 +31,30 @@ def encoder(components: Any) -> Encoder:
     return Encoder(components, torch.device("cpu"), torch.float32, False, cache=False)
 
 
+def without_forced_zeros(sdxl: Path, folder: Path) -> Path:
+    """A copy of an SDXL model whose pipeline guides away from the empty prompt's
+    encoding instead of zeros (`force_zeros_for_empty_prompt: false`)."""
+    shutil.copytree(sdxl, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps(index | {FORCE_ZEROS: False}))
+    return folder
+
+
 @torch.no_grad()
-@pytest.mark.parametrize("model", ["tiny_model", "tiny_sdxl_model"])
+@pytest.mark.parametrize("model", ["tiny_model", "tiny_sdxl_model", "without_forced_zeros"])
 def test_the_unconditional_branch_is_the_pipelines_own_negative_conditioning(
-    model: str, request: pytest.FixtureRequest
+    model: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
-    components = load_components(request.getfixturevalue(model))
+    if model == "without_forced_zeros":
+        folder = without_forced_zeros(request.getfixturevalue("tiny_sdxl_model"), tmp_path / "m")
+    else:
+        folder = request.getfixturevalue(model)
+    components = load_components(folder)
     text = encoder(components)
     inputs = text.conditioning(PROMPTS)
-    unconditional = components.family.unconditional(text.conditioning([""]), inputs)
+    unconditional = components.family.unconditional(
+        components.pipeline_options, text.conditioning([""]), inputs
+    )
 
     encoded = inference_pipeline(components).encode_prompt(
         PROMPTS,
@@ -48,6 +70,27 @@ def test_the_unconditional_branch_is_the_pipelines_own_negative_conditioning(
     for name, expected in negative.items():
         torch.testing.assert_close(unconditional[name], expected, msg=name)
         assert not torch.equal(unconditional[name], inputs[name]), name
+        # SDXL base guides away from zeros; SD, and SDXL told otherwise, from "".
+        assert unconditional[name].any() == (model != "tiny_sdxl_model"), name
+
+
+def test_a_saved_sdxl_model_keeps_its_pipelines_settings(
+    tiny_sdxl_model: Path, tmp_path: Path
+) -> None:
+    """A full fine-tune's output is the base's pipeline with new weights: its
+    `model_index.json` says what the base's said, so diffusers samples it the same way."""
+    from diffusers import StableDiffusionXLPipeline
+
+    for forced, folder in (
+        (True, tiny_sdxl_model),
+        (False, without_forced_zeros(tiny_sdxl_model, tmp_path / "base")),
+    ):
+        components = load_components(folder)
+        out = tmp_path / f"out-{forced}"
+        save_pipeline(components, components.noise_scheduler, out)
+        assert json.loads((out / "model_index.json").read_text())[FORCE_ZEROS] is forced
+        loaded = StableDiffusionXLPipeline.from_pretrained(out)
+        assert loaded.config[FORCE_ZEROS] is forced
 
 
 def test_sdxl_distillation_carries_pooled_embeddings_and_time_ids_to_every_unet(

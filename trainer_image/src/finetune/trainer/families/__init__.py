@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from finetune.trainer.data.geometry import ImageGeometry
 from finetune.trainer.errors import JobInputError
-from finetune.trainer.families.base import Components, ModelFamily
+from finetune.trainer.families.base import Components, ModelFamily, read_model_index
 from finetune.trainer.families.sd import StableDiffusion
 from finetune.trainer.families.sdxl import StableDiffusionXL
 
@@ -23,11 +22,7 @@ def family_named(name: str) -> ModelFamily:
 
 def pipeline_class_of(folder: Path) -> str | None:
     """The pipeline class a diffusers folder's `model_index.json` names, if it names one."""
-    try:
-        index = json.loads((folder / "model_index.json").read_text())
-    except (OSError, ValueError):
-        return None
-    name = index.get("_class_name") if isinstance(index, dict) else None
+    name = (read_model_index(folder) or {}).get("_class_name")
     return name if isinstance(name, str) else None
 
 

@@ -8,9 +8,10 @@ Methods ask their family; none checks which family it has.
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -19,6 +20,15 @@ from torch import nn
 
 from finetune.trainer.data.geometry import ImageGeometry
 from finetune.trainer.errors import JobInputError
+
+
+def read_model_index(folder: Path) -> dict[str, Any] | None:
+    """A diffusers folder's `model_index.json`; None where it has none that is an object."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return index if isinstance(index, dict) else None
 
 
 @dataclass
@@ -36,6 +46,8 @@ class Components:
     tokenizer_2: Any = None
     text_encoder_2: Any = None
     vae_folder: Path | None = None  # where the VAE came from when not `folder/vae`
+    # The pipeline's own settings from `model_index.json` (`ModelFamily.pipeline_options`).
+    pipeline_options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def text_encoders(self) -> dict[str, Any]:
@@ -99,8 +111,14 @@ class ModelFamily(ABC):
             unet=unet,
             noise_scheduler=scheduler,
             vae_folder=vae_folder,
+            pipeline_options=self.pipeline_options(folder),
             **text,
         )
+
+    def pipeline_options(self, folder: Path) -> dict[str, Any]:
+        """The settings of the family's pipeline that a model folder's `model_index.json`
+        holds beside its parts; samples and saved models keep them as they came."""
+        return {}
 
     @abstractmethod
     def load_text(self, folder: Path) -> dict[str, Any]:
@@ -169,12 +187,16 @@ class ModelFamily(ABC):
         return lines
 
     def unconditional(
-        self, empty_prompt: Mapping[str, torch.Tensor], inputs: Mapping[str, torch.Tensor]
+        self,
+        options: Mapping[str, Any],
+        empty_prompt: Mapping[str, torch.Tensor],
+        inputs: Mapping[str, torch.Tensor],
     ) -> dict[str, torch.Tensor]:
         """`inputs` (a batch's conditioning and image inputs) with the prompt's part
-        replaced by what the family's pipeline guides away from when no negative prompt
-        is given: by default the conditioning of the empty prompt, `empty_prompt`
-        (`encode` of one ""). The image inputs stay the batch's."""
+        replaced by what the family's pipeline, with `options` (`pipeline_options`),
+        guides away from when no negative prompt is given: by default the conditioning
+        of the empty prompt, `empty_prompt` (`encode` of one ""). The image inputs stay
+        the batch's."""
         return {
             **inputs,
             **{

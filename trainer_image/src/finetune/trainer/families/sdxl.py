@@ -15,10 +15,11 @@ import torch
 from torch import nn
 
 from finetune.trainer.data.geometry import ImageGeometry
-from finetune.trainer.families.base import Components, ModelFamily
+from finetune.trainer.families.base import Components, ModelFamily, read_model_index
 from finetune.trainer.families.sd import tokenize
 
 TOKENS = {"text_encoder": "input_ids", "text_encoder_2": "input_ids_2"}
+FORCE_ZEROS = "force_zeros_for_empty_prompt"
 
 
 class StableDiffusionXL(ModelFamily):
@@ -65,7 +66,9 @@ class StableDiffusionXL(ModelFamily):
             **trained,
         }
         # No invisible watermark: it needs a package of its own and alters every sample.
-        return self.pipeline_type()(**parts, scheduler=scheduler, add_watermarker=False)
+        return self.pipeline_type()(
+            **parts, scheduler=scheduler, add_watermarker=False, **components.pipeline_options
+        )
 
     def tokenize(
         self, components: Components, prompts: list[str], device: torch.device
@@ -100,11 +103,21 @@ class StableDiffusionXL(ModelFamily):
             },
         }
 
+    def pipeline_options(self, folder: Path) -> dict[str, Any]:
+        # Whether the pipeline guides away from zeros or from the empty prompt when no
+        # negative prompt is given; diffusers' default, True, where the folder says nothing.
+        index = read_model_index(folder) or {}
+        return {FORCE_ZEROS: bool(index.get(FORCE_ZEROS, True))}
+
     def unconditional(
-        self, empty_prompt: Mapping[str, torch.Tensor], inputs: Mapping[str, torch.Tensor]
+        self,
+        options: Mapping[str, Any],
+        empty_prompt: Mapping[str, torch.Tensor],
+        inputs: Mapping[str, torch.Tensor],
     ) -> dict[str, torch.Tensor]:
-        # Zeros, not the empty prompt's encoding: SDXL's pipeline guides away from zero
-        # hidden states and a zero pooled embedding (`force_zeros_for_empty_prompt`, on
-        # for SDXL base), and diffusers' SDXL LCM scripts distill against the same. The
-        # time ids stay the image's: they describe its geometry, not the prompt.
+        if not options.get(FORCE_ZEROS, True):
+            return super().unconditional(options, empty_prompt, inputs)
+        # Zeros for the hidden states and the pooled embedding, as SDXL base's pipeline
+        # guides, and as diffusers' SDXL LCM scripts distill. The time ids stay the
+        # image's: they describe its geometry, not the prompt.
         return {**inputs, **{name: torch.zeros_like(inputs[name]) for name in empty_prompt}}

@@ -87,6 +87,7 @@ class Distillation:
                     "they must share the text encoder and VAE"
                 )
         self.teacher.requires_grad_(False).eval()
+        self.teacher_folder = teacher_folder
         self.scheduler = scheduler
         self.prediction_type = scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction"):
@@ -115,12 +116,15 @@ class Distillation:
             setattr(self, name, getattr(self, name).to(self.device))
         self.family = encoder.components.family
         self.empty_prompt = encoder.conditioning([""])
+        # The teacher is guided as its own pipeline guides it.
+        self.teacher_options = self.family.pipeline_options(self.teacher_folder)
 
     def _teacher(self, x: torch.Tensor, t: torch.Tensor, inputs: Inputs) -> torch.Tensor:
         """The teacher's conditional and unconditional outputs in one batch. The family
         says what the unconditional branch is (SD: the empty prompt; SDXL: zeros, pooled
-        embedding included) and how the whole conditioning reaches the UNet."""
-        unconditional = self.family.unconditional(self.empty_prompt, inputs)
+        embedding included, unless the teacher's `model_index.json` turns
+        `force_zeros_for_empty_prompt` off) and how the whole conditioning reaches the UNet."""
+        unconditional = self.family.unconditional(self.teacher_options, self.empty_prompt, inputs)
         both = {name: torch.cat([value, unconditional[name]]) for name, value in inputs.items()}
         return self.teacher(  # type: ignore[no-any-return]
             torch.cat([x, x]), torch.cat([t, t]), **self.family.unet_inputs(both)

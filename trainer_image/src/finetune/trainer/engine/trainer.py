@@ -43,6 +43,7 @@ from finetune.trainer.families import family_named
 from finetune.trainer.methods import TrainedModules, TrainingMethod, method_for
 from finetune.trainer.models.components import Components, load_components
 from finetune.trainer.outputs.finish import finish_run
+from finetune.trainer.outputs.generation import GenerationContext
 from finetune.trainer.outputs.samples import Sampler, Validation
 from finetune.trainer.process import distributed
 from finetune.trainer.process.stopping import StopRequest
@@ -172,7 +173,7 @@ class Trainer:
             log.info(self.zero.describe())
             prediction = self.components.noise_scheduler.config.prediction_type
             log.info("the UNet predicts %s (its scheduler's config): the loss's target", prediction)
-        self.sampler = Sampler(
+        generation = GenerationContext(
             spec,
             self.plan.work_dir,
             self.components,
@@ -181,10 +182,8 @@ class Trainer:
             self.device,
             self.dtype,
             self.stop,
-            self.metrics,
-            self.rank.main,
-            self._evaluation(),
         )
+        self.sampler = Sampler(generation, self.metrics, self.rank.main, self._evaluation())
         self.ema = None
         if hp.ema.enabled:
             from diffusers.training_utils import EMAModel

@@ -21,14 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from finetune.api.distillation import DistillationComparison
-from finetune.api.training import TrainingSpec
-from finetune.trainer.methods import TrainedModules, TrainingMethod
-from finetune.trainer.models.components import Components
-from finetune.trainer.outputs.samples import PREFIX, Samples, generate, grid
-from finetune.trainer.process.stopping import StopRequest
+from finetune.trainer.outputs.generation import PREFIX, GenerationContext, Samples, grid
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +43,8 @@ def steps_prefix(steps: int) -> str:
 class DistillationSamples:
     """The teacher's images of a run, and the student's at each step count."""
 
-    spec: TrainingSpec
+    context: GenerationContext
     comparison: DistillationComparison
-    work_dir: Path
-    components: Components
-    method: TrainingMethod
-    module: TrainedModules
-    device: torch.device
-    dtype: torch.dtype
-    stop: StopRequest
     _teacher: list[list[Any]] | None = field(default=None, init=False)
 
     def teacher(self) -> list[list[Any]]:
@@ -71,21 +58,11 @@ class DistillationSamples:
         validation's), `own` being those at `validation.inferenceSteps`; and the grid."""
         distilled: dict[int, list[list[Any]]] = {}
         for steps in self.comparison.steps or []:
-            if steps == self.spec.validation.inference_steps:
+            if steps == self.context.spec.validation.inference_steps:
                 distilled[steps] = own.images
                 continue
-            distilled[steps] = generate(
-                self.spec,
-                self.components,
-                self.method.sampling_modules(self.module),
-                self.method.sampling_scheduler(),
-                folder,
-                self.device,
-                self.dtype,
-                self.stop,
-                prefix=steps_prefix(steps),
-                steps=steps,
-            ).images
+            made = self.context.trained_samples(folder, prefix=steps_prefix(steps), steps=steps)
+            distilled[steps] = made.images
         columns = [self.teacher(), *distilled.values()]
         rows = [[images[p][n] for images in columns] for p, n in _positions(own.images)]
         grid([image for row in rows for image in row], len(columns)).save(folder / GRID)
@@ -93,15 +70,15 @@ class DistillationSamples:
 
     def _record(self) -> dict[str, Any]:
         """What the teacher's images depend on: a change makes them again."""
-        validation = self.spec.validation
-        teacher = self.spec.lcm.teacher_model if self.spec.lcm else None
+        spec = self.context.spec
+        teacher = spec.lcm.teacher_model if spec.lcm else None
         assert teacher is not None, "an LCM job has a teacher"
         return {
             "teacher": teacher.uri,
-            "prompts": list(validation.prompts),
-            "imagesPerPrompt": validation.images_per_prompt,
-            "seed": self.spec.training.seed,
-            "resolution": self.spec.data.resolution,
+            "prompts": list(spec.validation.prompts),
+            "imagesPerPrompt": spec.validation.images_per_prompt,
+            "seed": spec.training.seed,
+            "resolution": spec.data.resolution,
             "inferenceSteps": self.comparison.teacher_inference_steps,
             "guidanceScale": self.comparison.teacher_guidance_scale,
         }
@@ -109,7 +86,7 @@ class DistillationSamples:
     def _read_teacher(self) -> list[list[Any]] | None:
         from PIL import Image
 
-        folder = teacher_folder(self.work_dir)
+        folder = teacher_folder(self.context.work_dir)
         try:
             recorded = json.loads((folder / RECORD).read_text())
         except (OSError, ValueError):
@@ -117,7 +94,7 @@ class DistillationSamples:
         if recorded != self._record():
             log.info("the teacher's images in %s were made otherwise: making them again", folder)
             return None
-        validation = self.spec.validation
+        validation = self.context.spec.validation
         try:
             images = [
                 [
@@ -134,17 +111,13 @@ class DistillationSamples:
     def _make_teacher(self) -> list[list[Any]]:
         from diffusers import DPMSolverMultistepScheduler
 
-        folder = teacher_folder(self.work_dir)
+        context = self.context
+        folder = teacher_folder(context.work_dir)
         shutil.rmtree(folder, ignore_errors=True)  # another setting's, or cut short
-        made = generate(
-            self.spec,
-            self.components,
-            self.method.teacher_modules(),
-            DPMSolverMultistepScheduler.from_config(self.components.noise_scheduler.config),
+        made = context.generate(
+            context.method.teacher_modules(),
+            DPMSolverMultistepScheduler.from_config(context.components.noise_scheduler.config),
             folder,
-            self.device,
-            self.dtype,
-            self.stop,
             steps=self.comparison.teacher_inference_steps,
             guidance_scale=self.comparison.teacher_guidance_scale,
         )

@@ -137,6 +137,16 @@ def render(
     )
 
 
+def tensorboard_images(logs: Path, tag: str) -> list[int]:
+    """The steps of the images TensorBoard shows under `tag` for `logs`."""
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+    board = EventMultiplexer().AddRunsFromDirectory(str(logs))
+    board.Reload()
+    (run,) = board.Runs()
+    return [e.step for e in board.Images(run, tag)]
+
+
 def tensorboard_scalars(logs: Path) -> dict[str, list[tuple[int, float]]]:
     """Every scalar TensorBoard shows for `logs` as (step, value) by tag: all event files,
     a resumed run's purges applied."""

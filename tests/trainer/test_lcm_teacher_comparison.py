@@ -17,7 +17,14 @@ from finetune.assets import write_captioned_images
 from finetune.trainer.engine.trainer import CRASH_AFTER_STEP_ENV
 from tests.fake_status_api import FakeApi
 from tests.fidelity import direct_clip_scores
-from tests.trainer.jobs import finetune_run, job_file, status_env, tensorboard_scalars, train_log
+from tests.trainer.jobs import (
+    finetune_run,
+    job_file,
+    status_env,
+    tensorboard_images,
+    tensorboard_scalars,
+    train_log,
+)
 from tests.trainer.test_validation_metrics import FakePushgateway, gateway
 
 pytestmark = pytest.mark.slow
@@ -102,7 +109,8 @@ def test_the_student_is_scored_against_its_teacher_at_each_step_count(
     with Image.open(folder / "distillation-grid.png") as comparison:
         assert comparison.size == (4 * 64, 2 * 64)  # teacher, 1, 2, 4 steps; a row per sample
 
-    # TensorBoard: `validation/<metric>@<n>steps`.
+    # TensorBoard: `validation/<metric>@<n>steps`, and the grid beside the teacher's.
+    assert tensorboard_images(out / "logs", "validation/distillation") == [2, 4]
     scalars = tensorboard_scalars(out / "logs")
     for steps in STEPS:
         for metric in METRICS:

@@ -24,6 +24,7 @@ from tests.trainer.jobs import (
     finetune_run,
     job_file,
     status_env,
+    tensorboard_images,
     tensorboard_scalars,
     train_log,
 )
@@ -55,15 +56,6 @@ def up_norms(tensors: dict[str, torch.Tensor]) -> list[float]:
 def checkpoint_norms(folder: Path) -> list[float]:
     states = torch.load(folder / "mp_rank_00_model_states.pt", weights_only=False)
     return up_norms(states["module"])
-
-
-def images(logs: Path) -> list[int]:
-    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
-
-    board = EventMultiplexer().AddRunsFromDirectory(str(logs))
-    board.Reload()
-    (run,) = board.Runs()
-    return [e.step for e in board.Images(run, "validation/samples")]
 
 
 def test_keep_best_survives_pruning_and_resume_and_is_the_result(
@@ -112,7 +104,7 @@ def test_keep_best_survives_pruning_and_resume_and_is_the_result(
         steps, values = zip(*shown[f"validation/{metric}"], strict=True)
         assert list(steps) == [e["step"] for e in logged] == [2, 4, 6]
         assert values == pytest.approx([e["validation"][metric] for e in logged])
-    assert images(out / "logs") == [2, 4, 6]
+    assert tensorboard_images(out / "logs", "validation/samples") == [2, 4, 6]
 
 
 def test_a_flat_metric_stops_the_run_early_with_its_results(

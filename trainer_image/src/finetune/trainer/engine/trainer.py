@@ -341,7 +341,9 @@ class Trainer:
     def _validate(self, step: int) -> Validation:
         """Samples of `step` on every rank together; rank 0 reports them and keeps the scores."""
         validation = self.sampler.at(step)
-        self.telemetry.validation(step, validation.scores, validation.grid)
+        self.telemetry.validation(
+            step, validation.scores, validation.grid, validation.distillation_grid
+        )
         if validation.scores is not None:
             self.selection.add(validation.scores)
         return validation

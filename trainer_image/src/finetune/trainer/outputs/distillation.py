@@ -65,8 +65,13 @@ class DistillationSamples:
             distilled[steps] = made.images
         columns = [self.teacher(), *distilled.values()]
         rows = [[images[p][n] for images in columns] for p, n in _positions(own.images)]
-        grid([image for row in rows for image in row], len(columns)).save(folder / GRID)
+        grid([image for row in rows for image in row], len(columns)).save(self.grid(folder))
         return distilled
+
+    @staticmethod
+    def grid(folder: Path) -> Path:
+        """The teacher-and-student grid of the validation samples in `folder`."""
+        return folder / GRID
 
     def _record(self) -> dict[str, Any]:
         """What the teacher's images depend on: a change makes them again."""

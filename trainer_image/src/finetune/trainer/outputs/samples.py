@@ -29,10 +29,12 @@ def sample_folder(work_dir: Path, step: int) -> Path:
 
 @dataclass(frozen=True)
 class Validation:
-    """What one validation left: the grid (rank 0) and, with `validation.metrics`, its scores."""
+    """What one validation left: the grid (rank 0) and, with `validation.metrics`, its scores
+    and an LCM student's grid beside its teacher's."""
 
     grid: Path | None = None
     scores: Scores | None = None
+    distillation_grid: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,8 @@ class Sampler:
                         compared.teacher() if compared else None,
                         distilled,
                     )
-                validation = Validation(samples.grid, scores)
+                beside_teacher = compared.grid(samples.grid.parent) if compared else None
+                validation = Validation(samples.grid, scores, beside_teacher)
         distributed.barrier()
         return validation
 

@@ -96,14 +96,20 @@ class StepTelemetry:
         if self.reporter is not None:
             self.reporter.progress(record.step, record.total_steps, record.loss, speed, eta)
 
-    def validation(self, step: int, scores: Scores | None, grid: Path | None = None) -> None:
-        """A validation (rank 0): its grid and scores to TensorBoard; the scores (with
+    def validation(
+        self,
+        step: int,
+        scores: Scores | None,
+        grid: Path | None = None,
+        distillation_grid: Path | None = None,
+    ) -> None:
+        """A validation (rank 0): its grids and scores to TensorBoard; the scores (with
         `validation.metrics`) also as a train-log line, Prometheus gauges and
         `status.progress.metrics`."""
         if not self.main:
             return
         if self.board is not None:
-            self.board.validation(step, scores, grid)
+            self.board.validation(step, scores, grid, distillation_grid)
         if scores is None:
             return
         with self.log_path.open("a") as handle:

@@ -52,18 +52,25 @@ class Board:
             self.writer.add_scalar("train/learning_rate", learning_rate, step)
         self.writer.add_scalar("train/images_per_second", speed, step)
 
-    def validation(self, step: int, scores: Scores | None, grid: Path | None) -> None:
+    def validation(
+        self, step: int, scores: Scores | None, grid: Path | None, distillation_grid: Path | None
+    ) -> None:
         if scores is not None:
             for tag, value in scalar_tags(scores).items():
                 self.writer.add_scalar(tag, value, step)
-        if grid is not None and grid.is_file():
-            import numpy as np
-            from PIL import Image
-
-            with Image.open(grid) as image:
-                pixels = np.asarray(image.convert("RGB"))
-            self.writer.add_image("validation/samples", pixels, step, dataformats="HWC")
+        self._image("validation/samples", grid, step)
+        self._image("validation/distillation", distillation_grid, step)  # lcm: teacher first
         self.writer.flush()
+
+    def _image(self, tag: str, path: Path | None, step: int) -> None:
+        if path is None or not path.is_file():
+            return
+        import numpy as np
+        from PIL import Image
+
+        with Image.open(path) as image:
+            pixels = np.asarray(image.convert("RGB"))
+        self.writer.add_image(tag, pixels, step, dataformats="HWC")
 
     def close(self) -> None:
         self.writer.close()

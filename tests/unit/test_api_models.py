@@ -173,6 +173,15 @@ def test_yaml_uses_camel_case_and_python_snake_case() -> None:
             "spec.deepspeed.config.torch_autocast: is set by the trainer; use training.mixedPrecision",
         ),
         (
+            lora_job(deepspeed={"config": {"optimizer": {"type": "Lamb"}}}),
+            "spec.deepspeed.config.optimizer: is set by the trainer; use training.optimizer "
+            "and training.learningRate",
+        ),
+        (
+            lora_job(deepspeed={"config": {"scheduler": {"type": "WarmupLR"}}}),
+            "spec.deepspeed.config.scheduler: is set by the trainer; use training.lrScheduler",
+        ),
+        (
             lora_job(validation={"metrics": ["clipText"]}),
             "spec.validation.metrics: needs validation.prompts: the metrics score their samples",
         ),

@@ -20,6 +20,9 @@ _OWNED_DEEPSPEED_KEYS = {
     "train_micro_batch_size_per_gpu": "training.batchSize",
     "gradient_accumulation_steps": "training.gradientAccumulationSteps",
     "gradient_clipping": "training.maxGradNorm",
+    # The trainer hands DeepSpeed its own optimizer and schedule, which win over these.
+    "optimizer": "training.optimizer and training.learningRate",
+    "scheduler": "training.lrScheduler",
 }
 
 
@@ -45,7 +48,11 @@ class DeepSpeedSpec(ApiModel):
     )
     config: dict[str, Any] | None = Field(
         default=None,
-        description="Raw DeepSpeed config merged over the generated one, for settings not exposed here.",
+        description=(
+            "Raw DeepSpeed config merged over the generated one, for settings not exposed "
+            "here. Keys the trainer sets itself (ZeRO stage, precision, batch sizes, "
+            "gradient clipping, optimizer, scheduler) are refused, naming the field to use."
+        ),
     )
 
     @model_validator(mode="after")

@@ -7,10 +7,35 @@ from pathlib import Path
 import torch
 
 from finetune.api.outputs import OutputFormat
+from finetune.trainer.errors import JobInputError
 from finetune.trainer.methods.base import TrainedModules, TrainingMethod
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
+
+
+def check_targets(model: torch.nn.Module, targets: list[str], field: str, what: str) -> None:
+    """Refuse target names that match no module of `model` (PEFT's rule: the module's
+    whole name, or its last dotted parts). PEFT itself refuses only a list of which
+    nothing matches, and with a traceback; one typo among good names would train less."""
+    names = [name for name, _ in model.named_modules() if name]
+    missing = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
+    if missing:
+        layers = (torch.nn.Linear, torch.nn.Conv2d)
+        leaves = sorted(
+            {_short(name) for name, m in model.named_modules() if isinstance(m, layers)}
+        )
+        raise JobInputError(
+            f"{field}: the {what} has no module named {', '.join(missing)}; its layers "
+            f"are named e.g. {', '.join(leaves[:20])}"
+        )
+
+
+def _short(name: str) -> str:
+    """A layer's name as target lists give it: its last part, with its parent's where
+    the last is an index (`to_out.0`)."""
+    parts = name.split(".")
+    return ".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
 
 
 class Lora(TrainingMethod):
@@ -35,9 +60,16 @@ class Lora(TrainingMethod):
         c = self.components
         for part in (c.unet, c.vae, *c.text_encoders.values()):
             part.requires_grad_(False)
+        check_targets(c.unet, lora.target_modules, "spec.lora.targetModules", "UNet")
         c.unet.add_adapter(self._config(lora.target_modules))
         text_encoders = c.text_encoders if self.trains_text_encoder else {}
-        for encoder in text_encoders.values():
+        for name, encoder in text_encoders.items():
+            check_targets(
+                encoder,
+                lora.text_encoder_target_modules,
+                "spec.lora.textEncoderTargetModules",
+                name.replace("_", " "),
+            )
             encoder.add_adapter(self._config(lora.text_encoder_target_modules))
         # Adapters train in float32 whatever the base weights' dtype.
         for module in (c.unet, *text_encoders.values()):

@@ -1,6 +1,7 @@
 """What `finetune run` checks before any worker starts, as a user meets it: `--nproc`,
-an output that cannot be written, S3 without credentials or out of reach, an output
-another run holds, and Ctrl-C while S3 is being retried. None of these trains."""
+an output that cannot be written, a class-images folder that is a file, S3 without
+credentials or out of reach, an output another run holds, and Ctrl-C while S3 is being
+retried. None of these trains."""
 
 from __future__ import annotations
 
@@ -67,6 +68,31 @@ def test_output_is_a_file(tmp_path: Path, tiny_model: Path, disc_images: Path) -
     job = job_file(tmp_path, tiny_model, disc_images)
     result = finetune_run(job, nproc=1, expect=2)
     assert last_line(result) == f"error: spec.output.uri: {output} is a file, not a folder"
+
+
+def test_class_images_folder_is_a_file(tmp_path: Path, tiny_model: Path, disc_images: Path) -> None:
+    """Missing class images are generated into `classImages.uri`: a file there is refused
+    before the model loads, not when rank 0 first writes."""
+    taken = tmp_path / "classes.png"
+    taken.write_bytes(b"not a folder")
+    concept = {
+        "instanceImages": str(disc_images),
+        "instancePrompt": "a photo of sks disc",
+        "classPrompt": "a photo of a disc",
+        "classImages": {"uri": str(taken), "count": 2},
+    }
+    job = job_file(
+        tmp_path,
+        tiny_model,
+        disc_images,
+        method="dreambooth",
+        data={"concepts": [concept]},
+        training={"priorPreservation": True},
+    )
+    result = finetune_run(job, nproc=1, expect=2)
+    field = "spec.data.concepts[0].classImages.uri"
+    assert last_line(result) == f"error: {field}: {taken} is a file, not a folder"
+    assert no_worker_started(tmp_path / "out")
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")

@@ -1,7 +1,9 @@
-"""Checks the launcher makes before any worker starts: the process count and the output.
+"""Checks the launcher makes before any worker starts: the process count, the output and
+the folders class images are generated into.
 
-Each failure names what to fix: `--nproc`, or `spec.output.uri` (a file, a folder that
-cannot be written, an S3 prefix that refuses a small write-and-delete probe).
+Each failure names what to fix: `--nproc`, `spec.output.uri` (a file, a folder that
+cannot be written, an S3 prefix that refuses a small write-and-delete probe), or a
+concept's `classImages.uri`.
 """
 
 from __future__ import annotations
@@ -32,12 +34,21 @@ def checked_nproc(nproc: int | None, gpus: int) -> int:
     return nproc
 
 
-def check_local_output(folder: Path) -> None:
-    """`folder` is (or can be made) a folder this process can write to."""
+def make_folder(folder: Path, field: str) -> None:
+    """`folder` is a folder, made if missing; refusals name `field`."""
     if folder.exists() and not folder.is_dir():
-        raise JobInputError(f"{FIELD}: {folder} is a file, not a folder")
+        raise JobInputError(f"{field}: {folder} is a file, not a folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise JobInputError(f"{field}: {folder} cannot be written ({reason})") from exc
+
+
+def check_local_output(folder: Path) -> None:
+    """`folder` is (or can be made) a folder this process can write to."""
+    make_folder(folder, FIELD)
+    try:
         probe = folder / f".probe-{socket.gethostname()}-{os.getpid()}"
         probe.write_bytes(b"probe")
         probe.unlink()

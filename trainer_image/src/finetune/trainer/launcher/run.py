@@ -37,7 +37,7 @@ from finetune.trainer.evaluation.sources import resolve_evaluators
 from finetune.trainer.families import check_same_family, resolve_family
 from finetune.trainer.launcher.lease import OutputClaim
 from finetune.trainer.launcher.overlap import check_output_apart
-from finetune.trainer.launcher.preflight import check_output, checked_nproc
+from finetune.trainer.launcher.preflight import check_output, checked_nproc, make_folder
 from finetune.trainer.models.sources import resolve_model, resolve_vae
 from finetune.trainer.process import stopping
 from finetune.trainer.process.stopping import STOP_SIGNALS, Stopped, StopRequest
@@ -143,6 +143,8 @@ def prepare(
         concepts.append(folder.resolve())
         if concept.class_images.uri:
             class_folder = local_folder(concept.class_images.uri, cache, s3, "data")
+            # Missing class images are generated into it.
+            make_folder(class_folder, f"spec.data.concepts[{index}].classImages.uri")
         else:
             class_folder = work_dir / "class_images" / f"concept-{index}"
         classes.append(class_folder.resolve())

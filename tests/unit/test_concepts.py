@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from finetune.trainer.data.concepts import IndexStream
+from finetune.trainer.errors import JobInputError
 
 
 def test_ranks_read_disjoint_examples_and_cover_each_epoch() -> None:
@@ -38,3 +41,36 @@ def test_caption_files_replace_the_concept_prompt(tmp_path: Path) -> None:
     ]
     plain = examples_from(folder, "a photo of sks disc", caption_files=False, field="f")
     assert {e.prompt for e in plain} == {"a photo of sks disc"}
+
+
+def test_a_caption_that_is_not_utf8_is_refused_naming_the_field_and_file(
+    tmp_path: Path,
+) -> None:
+    from finetune.assets import write_images
+    from finetune.trainer.data.concepts import examples_from
+
+    folder = write_images(tmp_path / "images", 2)
+    caption = folder / "image-001.txt"
+    caption.write_bytes("a photo of sks disc in a café".encode("cp1252"))
+    field = "spec.data.concepts[0].instanceImages"
+    with pytest.raises(JobInputError) as refused:
+        examples_from(folder, "a photo of sks disc", caption_files=True, field=field)
+    assert str(refused.value) == (
+        f"{field}: {caption}: the caption is not UTF-8 text (byte 0xe9 at offset 28); "
+        "save it as UTF-8"
+    )
+    caption.unlink()
+    caption.mkdir()  # a folder by a caption's name
+    with pytest.raises(JobInputError, match=r"image-001.txt: cannot read the caption \(Is a dir"):
+        examples_from(folder, "a photo of sks disc", caption_files=True, field=field)
+
+
+def test_hidden_files_are_not_training_images(tmp_path: Path) -> None:
+    """macOS copies leave `._NAME.png` metadata files beside the images."""
+    from finetune.assets import write_images
+    from finetune.trainer.data.concepts import examples_from
+
+    folder = write_images(tmp_path / "images", 2)
+    (folder / "._image-000.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    examples = examples_from(folder, "a photo of sks disc", caption_files=False, field="f")
+    assert [e.image.name for e in examples] == ["image-000.png", "image-001.png"]

@@ -30,7 +30,10 @@ class Concept(ApiModel):
     """One subject or style to teach the model."""
 
     instance_images: Uri = Field(
-        description="Folder or `s3://` prefix of the concept's images (PNG, JPEG or WebP)."
+        description=(
+            "Folder or `s3://` prefix of the concept's images (PNG, JPEG or WebP); hidden "
+            "files (a name starting with `.`, such as macOS's `._NAME.jpg`) are skipped."
+        )
     )
     instance_prompt: Prompt = Field(
         description="Prompt naming the concept, e.g. `a photo of sks dog`."
@@ -38,8 +41,8 @@ class Concept(ApiModel):
     caption_files: bool = Field(
         default=True,
         description=(
-            "Use `NAME.txt` beside `NAME.png`/`NAME.jpg` as that image's prompt; images "
-            "without one use `instancePrompt`."
+            "Use `NAME.txt` (UTF-8) beside `NAME.png`/`NAME.jpg` as that image's prompt; "
+            "images without one use `instancePrompt`."
         ),
     )
     class_prompt: Prompt | None = Field(

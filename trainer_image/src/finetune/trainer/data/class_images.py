@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from finetune.api.training import TrainingSpec
-from finetune.trainer.data.concepts import IMAGE_SUFFIXES
+from finetune.trainer.data.concepts import is_image_file
 from finetune.trainer.models.components import Components, inference_pipeline
 from finetune.trainer.storage.files import written_whole
 
@@ -25,7 +25,7 @@ def generate_missing(
     pipeline: Any = None
     for concept, folder in zip(spec.data.concepts, folders, strict=True):
         folder.mkdir(parents=True, exist_ok=True)
-        have = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]
+        have = [p for p in folder.iterdir() if is_image_file(p)]
         missing = concept.class_images.count - len(have)
         if missing <= 0 or concept.class_prompt is None:
             continue

@@ -23,6 +23,12 @@ if TYPE_CHECKING:
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp"})
 
 
+def is_image_file(path: Path) -> bool:
+    """An image by its name. Hidden files are not: macOS leaves `._NAME.jpg` metadata
+    beside each image it copies, and those are no images."""
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
 @dataclass(frozen=True)
 class Example:
     image: Path
@@ -51,7 +57,7 @@ class Cropped(NamedTuple):
 def image_files(folder: Path, field: str) -> list[Path]:
     if not folder.is_dir():
         raise JobInputError(f"{field}: {folder}: no such folder")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in folder.iterdir() if is_image_file(p))
     if not files:
         raise JobInputError(f"{field}: {folder}: no images (png, jpg, jpeg, webp) in the folder")
     return files
@@ -73,13 +79,23 @@ def examples_from(
         if check:
             images.check(path, str(path), rules or ImageRules())
         caption = path.with_suffix(".txt")
-        text = (
-            caption.read_text(encoding="utf-8").strip()
-            if caption_files and caption.exists()
-            else ""
-        )
+        text = read_caption(caption, field) if caption_files and caption.exists() else ""
         examples.append(Example(path, text or prompt))
     return examples
+
+
+def read_caption(path: Path, field: str) -> str:
+    """An image's caption file, as UTF-8 text; refusals name the field and the file."""
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError as exc:
+        raise JobInputError(
+            f"{field}: {path}: the caption is not UTF-8 text (byte {exc.object[exc.start]:#04x} "
+            f"at offset {exc.start}); save it as UTF-8"
+        ) from exc
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise JobInputError(f"{field}: {path}: cannot read the caption ({reason})") from exc
 
 
 def split_held_out(examples: list[Example], count: int) -> tuple[list[Example], list[Example]]:

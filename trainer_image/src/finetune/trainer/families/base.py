@@ -22,6 +22,12 @@ from finetune.trainer.data.geometry import ImageGeometry
 from finetune.trainer.errors import JobInputError
 
 
+def python_string(text: str) -> str:
+    """`text` as a Python string literal in double quotes, for the code a model card shows
+    (a prompt or path may hold quotes or backslashes)."""
+    return json.dumps(text, ensure_ascii=False)
+
+
 def read_model_index(folder: Path) -> dict[str, Any] | None:
     """A diffusers folder's `model_index.json`; None where it has none that is an object."""
     try:
@@ -170,18 +176,19 @@ class ModelFamily(ABC):
     def embedding_usage(self, folder: str, tokens: list[str]) -> list[str]:
         """Python lines that load each token's file (`embedding_file`) from `folder` into
         the text encoders of a pipeline `pipe`."""
+        q = python_string
         if not self.embedding_keys:
             return [
-                f'pipe.load_textual_inversion("{folder}", weight_name="{token}.safetensors")'
+                f"pipe.load_textual_inversion({q(folder)}, weight_name={q(token + '.safetensors')})"
                 for token in tokens
             ]
         lines = ["from safetensors.torch import load_file"]
         for token in tokens:
-            lines.append(f'rows = load_file("{folder}/{token}.safetensors")')
+            lines.append(f"rows = load_file({q(f'{folder}/{token}.safetensors')})")
             for name, key in self.embedding_keys.items():
                 tokenizer = name.replace("text_encoder", "tokenizer")
                 lines.append(
-                    f'pipe.load_textual_inversion(rows["{key}"], token="{token}", '
+                    f"pipe.load_textual_inversion(rows[{q(key)}], token={q(token)}, "
                     f"text_encoder=pipe.{name}, tokenizer=pipe.{tokenizer})"
                 )
         return lines

@@ -15,6 +15,7 @@ import yaml
 
 from finetune.api.training import TrainingSpec
 from finetune.trainer.evaluation.scores import ALL, PRES, Scores
+from finetune.trainer.families.base import python_string
 from finetune.trainer.storage.store import Store
 
 if TYPE_CHECKING:
@@ -189,16 +190,17 @@ def distillation_table(spec: TrainingSpec, scores: list[Scores]) -> list[str]:
 def usage(spec: TrainingSpec, prompt: str, family: ModelFamily) -> list[str]:
     """Python that loads this method's result with diffusers' public API, through the
     model family's pipeline class (and, for new tokens, into its text encoders)."""
+    q = python_string
     pipeline = family.pipeline_class
-    here = "path/to/this/folder"
+    here = q("path/to/this/folder")
     load_base = [f"from diffusers import {pipeline}", *_base_pipeline(spec, pipeline)]
     method = spec.method
     few_steps = (
-        f'image = pipe("{prompt}", num_inference_steps={spec.validation.inference_steps}, '
+        f"image = pipe({q(prompt)}, num_inference_steps={spec.validation.inference_steps}, "
         f"guidance_scale={spec.validation.guidance_scale}).images[0]"
     )
     if method == "lora":
-        lines = [*load_base, f'pipe.load_lora_weights("{here}")']
+        lines = [*load_base, f"pipe.load_lora_weights({here})"]
     elif method == "lcmLora":
         lcm = spec.lcm
         assert lcm is not None
@@ -210,43 +212,44 @@ def usage(spec: TrainingSpec, prompt: str, family: ModelFamily) -> list[str]:
             f" original_inference_steps={lcm.num_ddim_timesteps},"
             f" timestep_scaling={lcm.timestep_scaling_factor},",
             ")",
-            f'pipe.load_lora_weights("{here}")',
+            f"pipe.load_lora_weights({here})",
         ]
         return [*lines, few_steps]
     elif method == "customDiffusion":
         assert spec.custom_diffusion is not None
         lines = [
             *load_base,
-            *family.embedding_usage(here, spec.custom_diffusion.modifier_tokens),
+            *family.embedding_usage("path/to/this/folder", spec.custom_diffusion.modifier_tokens),
             "# `_pipeline=pipe`: without it diffusers 0.42 does not install the weights",
             "# (huggingface/diffusers#9320).",
             "pipe.unet.load_attn_procs(",
-            f'    "{here}", weight_name="pytorch_custom_diffusion_weights.safetensors", _pipeline=pipe',
+            f'    {here}, weight_name="pytorch_custom_diffusion_weights.safetensors", _pipeline=pipe',
             ")",
         ]
     elif method == "lcm":
         lines = [
             f"from diffusers import {pipeline}",
-            f'pipe = {pipeline}.from_pretrained("{here}")  # LCMScheduler included',
+            f"pipe = {pipeline}.from_pretrained({here})  # LCMScheduler included",
         ]
         return [*lines, few_steps]
     else:
         lines = [
             f"from diffusers import {pipeline}",
-            f'pipe = {pipeline}.from_pretrained("{here}")',
+            f"pipe = {pipeline}.from_pretrained({here})",
         ]
-    return [*lines, f'image = pipe("{prompt}").images[0]']
+    return [*lines, f"image = pipe({q(prompt)}).images[0]"]
 
 
 def _base_pipeline(spec: TrainingSpec, pipeline: str) -> list[str]:
     """Python that loads the base model, with the job's own VAE where it has one."""
-    base = _repository(spec.base_model.uri)
+    base = python_string(_repository(spec.base_model.uri))
     if spec.base_model.vae_uri is None:
-        return [f'pipe = {pipeline}.from_pretrained("{base}")']
+        return [f"pipe = {pipeline}.from_pretrained({base})"]
+    vae = python_string(_repository(spec.base_model.vae_uri))
     return [
         "from diffusers import AutoencoderKL",
-        f'vae = AutoencoderKL.from_pretrained("{_repository(spec.base_model.vae_uri)}")',
-        f'pipe = {pipeline}.from_pretrained("{base}", vae=vae)',
+        f"vae = AutoencoderKL.from_pretrained({vae})",
+        f"pipe = {pipeline}.from_pretrained({base}, vae=vae)",
     ]
 
 

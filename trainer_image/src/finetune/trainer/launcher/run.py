@@ -59,14 +59,29 @@ class Rendezvous:
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Rendezvous:
-        """In a pod: the operator sets these; the node rank is the Indexed Job's index."""
+        """In a pod: the operator sets these; the node rank is the Indexed Job's index.
+        A value set by hand that cannot work is refused naming its variable: a node rank
+        past the gang would otherwise wait hours for peers that never come."""
         env = dict(os.environ if env is None else env)
+
+        def number(name: str, default: int, low: int, high: int) -> int:
+            raw = env.get(name, str(default))
+            try:
+                value = int(raw)
+            except ValueError:
+                value = low - 1
+            if not low <= value <= high:
+                raise JobInputError(f"${name}: {raw!r} must be an integer from {low} to {high}")
+            return value
+
+        nnodes = number(pod.NNODES_ENV, 1, 1, 65536)
+        rank_name = pod.NODE_RANK_ENV if pod.NODE_RANK_ENV in env else pod.COMPLETION_INDEX_ENV
         return cls(
-            nnodes=int(env.get(pod.NNODES_ENV, "1")),
-            node_rank=int(env.get(pod.NODE_RANK_ENV, env.get(pod.COMPLETION_INDEX_ENV, "0"))),
-            nproc_per_node=int(env.get(pod.NPROC_PER_NODE_ENV, "1")),
+            nnodes=nnodes,
+            node_rank=number(rank_name, 0, 0, nnodes - 1),
+            nproc_per_node=number(pod.NPROC_PER_NODE_ENV, 1, 1, 1024),
             master_addr=env.get(pod.MASTER_ADDR_ENV, cls.master_addr),
-            master_port=int(env.get(pod.MASTER_PORT_ENV, cls.master_port)),
+            master_port=number(pod.MASTER_PORT_ENV, cls.master_port, 1, 65535),
         )
 
     @property

@@ -10,6 +10,7 @@ import os
 import pty
 import select
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -35,15 +36,17 @@ LONG: dict[str, Any] = {"training": {"maxSteps": 400}, "checkpointing": {"everyN
 
 
 class Run:
-    """`finetune run` in the background, its output in files (a full pipe would stall it)."""
+    """`finetune run` in the background, its output in files (a full pipe would stall it);
+    `finetune train` (a pod's node) where `pod_env` gives its gang's environment."""
 
-    def __init__(self, job: Path, nproc: int) -> None:
+    def __init__(self, job: Path, nproc: int = 1, pod_env: dict[str, str] | None = None) -> None:
         self.folder = job.parent
-        env = {**os.environ, "FINETUNE_CACHE_DIR": str(self.folder / "cache")}
+        env = {**os.environ, "FINETUNE_CACHE_DIR": str(self.folder / "cache"), **(pod_env or {})}
         self.stdout = (self.folder / "stdout.txt").open("w")
         self.stderr = (self.folder / "stderr.txt").open("w")
+        command = ["train", str(job)] if pod_env else ["run", str(job), "--nproc", str(nproc)]
         self.process = subprocess.Popen(
-            [str(FINETUNE), "run", str(job), "--nproc", str(nproc)],
+            [str(FINETUNE), *command],
             env=env,
             stdout=self.stdout,
             stderr=self.stderr,
@@ -233,13 +236,14 @@ def test_closing_the_terminal_checkpoints_and_exits_130(
             os.waitpid(pid, 0)
 
 
-def stop_within(run: Run, seconds: float) -> int:
-    """Ctrl-C to the launcher; its exit code, which must come within `seconds`."""
-    run.process.send_signal(signal.SIGINT)
+def stop_within(run: Run, seconds: float, signum: int = signal.SIGINT) -> int:
+    """Ctrl-C (or `signum`) to the launcher; its exit code, which must come within `seconds`."""
+    run.process.send_signal(signum)
     sent = time.monotonic()
     code = run.process.wait(timeout=300)
     took = time.monotonic() - sent
-    assert took < seconds, f"stopped {took:.1f} s after Ctrl-C:\n{run.output()[-3000:]}"
+    name = signal.Signals(signum).name
+    assert took < seconds, f"stopped {took:.1f} s after {name}:\n{run.output()[-3000:]}"
     return code
 
 
@@ -300,3 +304,32 @@ def test_ctrl_c_stops_sample_generation_and_checkpoints(
     assert found is not None
     assert found.step == 3
     assert "samples left out, a stop was requested" in run.output()
+
+
+def test_sigterm_ends_a_node_waiting_at_the_rendezvous(
+    tmp_path: Path, tiny_model: Path, disc_images: Path, runs: list[Run]
+) -> None:
+    """Node 1 of a gang whose master takes its connection and never answers waits inside
+    the rendezvous, in C, where no Python signal handler runs: the pod's SIGTERM must end
+    it anyway, at once and with exit 130, not after the rendezvous timeout (hours)."""
+    with socket.socket() as master:
+        master.bind(("127.0.0.1", 0))
+        master.listen()
+        master.settimeout(1)
+        gang = {
+            "FINETUNE_NNODES": "2",
+            "FINETUNE_NODE_RANK": "1",
+            "FINETUNE_NPROC_PER_NODE": "1",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(master.getsockname()[1]),
+        }
+        run = Run(job_file(tmp_path, tiny_model, disc_images), pod_env=gang)
+        runs.append(run)
+        peer = None
+        while peer is None:  # until the worker is in the rendezvous
+            with suppress(TimeoutError):
+                peer, _ = master.accept()
+            wait_until(lambda: True, run)  # fails the test if the run ended first
+        with peer:
+            assert stop_within(run, 15, signal.SIGTERM) == 130
+    assert not children_of().get(run.process.pid)

@@ -89,7 +89,10 @@ class Trainer:
             raise JobInputError(
                 "spec.deepspeed.zeroStage: 3 is not supported by the trainer yet; use 2"
             )
-        self.device = distributed.init(self.rank)
+        # The rendezvous waits in C for every rank, maybe for a peer that never comes: a
+        # stop there must not wait for it.
+        with self.stop.ends_process():
+            self.device = distributed.init(self.rank)
         self.precision = PrecisionPlan.of(spec)
         self.dtype = self.precision.compute
         # Same seed on every rank while models are built, so adapters start equal.

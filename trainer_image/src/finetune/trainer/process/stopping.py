@@ -8,7 +8,9 @@ is remembered, not fatal. What the process does decides how fast it answers:
 - waits (retry backoffs, polls) go through `pause`, which ends early with `Stopped`;
 - blocking work with nothing to save (downloads, loading a model) runs inside
   `interruptible()`, where the signal raises `Stopped` in the main thread at once;
-- pipelines (class images, samples) check `raise_if_requested` between their steps.
+- pipelines (class images, samples) check `raise_if_requested` between their steps;
+- a blocking call in C that may never come back to Python (the rendezvous, waiting for
+  peers that may never come) runs inside `ends_process()`: the signal's default action.
 
 The handler only sets a flag (or raises): no locks are taken in signal context.
 """
@@ -82,6 +84,20 @@ class StopRequest:
             yield
         finally:
             self._raising -= 1
+
+    @contextmanager
+    def ends_process(self) -> Iterator[None]:
+        """A signal inside this block ends the process at once, as if no handler were
+        installed. For waits in C that run no Python handler until they return, where
+        there is nothing to save yet."""
+        self.raise_if_requested()
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_DFL)
+        try:
+            yield
+        finally:
+            for signum in STOP_SIGNALS:
+                signal.signal(signum, self._handle)
 
 
 _current: StopRequest | None = None

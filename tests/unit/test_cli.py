@@ -157,3 +157,22 @@ def test_the_model_family_is_auto_sd_or_sdxl(tmp_path: Path) -> None:
     result = run("validate", write(tmp_path, "job.yaml", yaml.safe_dump(job)))
     assert result.returncode == 2
     assert ": spec.baseModel.family: " in result.stderr, result.stderr
+
+
+def test_crd_into_a_path_that_cannot_be_written_names_it(tmp_path: Path) -> None:
+    for path, reason in (
+        (tmp_path / "missing" / "crd.yaml", "No such file or directory"),
+        (tmp_path, "Is a directory"),
+    ):
+        result = run("crd", "-o", str(path))
+        assert result.returncode == 2
+        assert result.stderr.strip() == f"error: --output {path}: {reason}"
+
+
+def test_an_empty_output_is_refused_not_taken_for_none(tmp_path: Path) -> None:
+    """`finetune run job.yaml --output "$OUT"` with OUT unset must not write into
+    spec.output.uri unasked."""
+    job = write(tmp_path, "job.yaml", yaml.safe_dump(lora_job()))
+    result = run("run", job, "--output", "")
+    assert result.returncode == 2
+    assert "argument --output: must not be empty" in result.stderr

@@ -40,7 +40,11 @@ def _crd(args: argparse.Namespace) -> int:
 
     text = render_crd_yaml()
     if args.output:
-        Path(args.output).write_text(text, encoding="utf-8")
+        try:
+            Path(args.output).write_text(text, encoding="utf-8")
+        except OSError as exc:
+            print(f"error: --output {args.output}: {exc.strerror or exc}", file=sys.stderr)
+            return EXIT_INVALID
     else:
         sys.stdout.write(text)
     return EXIT_OK
@@ -74,6 +78,14 @@ def _train(args: argparse.Namespace) -> int:
     return run_in_pod(job.spec.training_spec(), job.metadata.name)
 
 
+def _not_empty(value: str) -> str:
+    """An argument that names something: an empty one (`--output "$UNSET"`) is refused
+    rather than taken as absent."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="finetune",
@@ -97,7 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the CustomResourceDefinition",
         description="Print the FineTuneJob CRD generated from the API models.",
     )
-    crd.add_argument("-o", "--output", help="write to this file instead of standard output")
+    crd.add_argument(
+        "-o", "--output", type=_not_empty, help="write to this file instead of standard output"
+    )
     crd.set_defaults(handler=_crd)
 
     run = commands.add_parser(
@@ -115,7 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="training processes, at most one per GPU or CPU core (default: one per GPU, or 1)",
     )
     run.add_argument(
-        "--output", metavar="URI", help="write results here instead of spec.output.uri"
+        "--output",
+        metavar="URI",
+        type=_not_empty,
+        help="write results here instead of spec.output.uri",
     )
     run.set_defaults(handler=_run)
 

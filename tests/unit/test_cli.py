@@ -176,3 +176,15 @@ def test_an_empty_output_is_refused_not_taken_for_none(tmp_path: Path) -> None:
     result = run("run", job, "--output", "")
     assert result.returncode == 2
     assert "argument --output: must not be empty" in result.stderr
+
+
+def test_an_unquoted_no_read_as_false_is_explained(tmp_path: Path) -> None:
+    """The README writes `mixedPrecision: no`; YAML 1.1 reads it as a boolean."""
+    text = yaml.safe_dump(lora_job(training={"mixedPrecision": "fp16"}))
+    path = write(tmp_path, "job.yaml", text.replace("mixedPrecision: fp16", "mixedPrecision: no"))
+    result = run("validate", path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"{path}: spec.training.mixedPrecision: must be 'no', 'fp16' or 'bf16'; YAML read "
+        'false (an unquoted no or off): quote the word, as in "no"'
+    )

@@ -48,6 +48,16 @@ def _join(base: str, relative: str) -> str:
 
 
 def _message(error: ErrorDetails) -> str:
+    message = _plain_message(error)
+    given = error.get("input")
+    if isinstance(given, bool) and error["type"] in ("enum", "literal_error", "string_type"):
+        # YAML 1.1 reads unquoted no/off/yes/on as booleans: `mixedPrecision: no`.
+        word = "false (an unquoted no or off)" if not given else "true (an unquoted yes or on)"
+        message += f'; YAML read {word}: quote the word, as in "no"'
+    return message
+
+
+def _plain_message(error: ErrorDetails) -> str:
     kind = error["type"]
     if kind == "extra_forbidden":
         return "unknown field"

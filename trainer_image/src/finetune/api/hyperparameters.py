@@ -79,7 +79,10 @@ class Hyperparameters(ApiModel):
     )
     mixed_precision: MixedPrecision = Field(
         default=MixedPrecision.NO,
-        description="`no`, `fp16` or `bf16` (use `bf16` on Ampere or newer GPUs).",
+        description=(
+            '`"no"` (quoted: YAML reads a bare no as false), `fp16` or `bf16` (use `bf16` '
+            "on Ampere or newer GPUs)."
+        ),
     )
     gradient_checkpointing: bool = Field(
         default=False, description="Recompute activations in backward to save memory."

@@ -137,24 +137,26 @@ def render(
     )
 
 
-def tensorboard_images(logs: Path, tag: str) -> list[int]:
-    """The steps of the images TensorBoard shows under `tag` for `logs`."""
+def _tensorboard(logs: Path) -> tuple[Any, str]:
+    """TensorBoard's reader over every event file of `logs` (a resumed run's purges
+    applied), and the one run it finds there."""
     from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
 
     board = EventMultiplexer().AddRunsFromDirectory(str(logs))
     board.Reload()
     (run,) = board.Runs()
+    return board, run
+
+
+def tensorboard_images(logs: Path, tag: str) -> list[int]:
+    """The steps of the images TensorBoard shows under `tag` for `logs`."""
+    board, run = _tensorboard(logs)
     return [e.step for e in board.Images(run, tag)]
 
 
 def tensorboard_scalars(logs: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar TensorBoard shows for `logs` as (step, value) by tag: all event files,
-    a resumed run's purges applied."""
-    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
-
-    board = EventMultiplexer().AddRunsFromDirectory(str(logs))
-    board.Reload()
-    (run,) = board.Runs()
+    """Every scalar TensorBoard shows for `logs` as (step, value) by tag."""
+    board, run = _tensorboard(logs)
     return {
         tag: [(e.step, e.value) for e in board.Scalars(run, tag)]
         for tag in board.Runs()[run]["scalars"]

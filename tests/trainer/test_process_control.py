@@ -325,11 +325,14 @@ def test_sigterm_ends_a_node_waiting_at_the_rendezvous(
         }
         run = Run(job_file(tmp_path, tiny_model, disc_images), pod_env=gang)
         runs.append(run)
-        peer = None
-        while peer is None:  # until the worker is in the rendezvous
+        peers: list[socket.socket] = []
+
+        def connected() -> bool:  # the worker is in the rendezvous
             with suppress(TimeoutError):
-                peer, _ = master.accept()
-            wait_until(lambda: True, run)  # fails the test if the run ended first
-        with peer:
+                peers.append(master.accept()[0])
+            return bool(peers)
+
+        wait_until(connected, run)  # fails the test if the run ends first
+        with peers[0]:
             assert stop_within(run, 15, signal.SIGTERM) == 130
     assert not children_of().get(run.process.pid)

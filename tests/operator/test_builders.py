@@ -68,6 +68,13 @@ def test_a_cpu_job_requests_no_gpu() -> None:
     assert env_of(manifest)["FINETUNE_NPROC_PER_NODE"] == "1"
 
 
+def test_quantities_may_be_written_as_numbers() -> None:
+    """`cpu: 8` is a Kubernetes quantity like `cpu: "8"`; the API server hands it over
+    as a number."""
+    manifest = builders.batch_job(job(resources={"cpu": 8, "memory": "64Gi"}), attempt=0)
+    assert pod_of(manifest)["containers"][0]["resources"]["limits"]["cpu"] == "8"
+
+
 def test_headless_service_selects_the_gang() -> None:
     service = builders.headless_service(job())
     assert service["spec"]["clusterIP"] == "None"

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from finetune.api.loading import load_job
 from tests.support import CRD_PATH, EXAMPLES, lora_job
 
 # The console script pip installed beside this interpreter.
@@ -187,4 +188,32 @@ def test_an_unquoted_no_read_as_false_is_explained(tmp_path: Path) -> None:
     assert result.stderr.strip() == (
         f"{path}: spec.training.mixedPrecision: must be 'no', 'fp16' or 'bf16'; YAML read "
         'false (an unquoted no or off): quote the word, as in "no"'
+    )
+
+
+def test_a_quoted_number_is_refused_with_a_hint(tmp_path: Path) -> None:
+    """kubectl apply refuses `maxSteps: "200"`; so does finetune, saying what to change."""
+    text = yaml.safe_dump(lora_job(training={"maxSteps": 200}))
+    path = write(tmp_path, "job.yaml", text.replace("maxSteps: 200", 'maxSteps: "200"'))
+    result = run("validate", path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"{path}: spec.training.maxSteps: must be a valid integer; "
+        "got the text '200': write it without quotes"
+    )
+
+
+def test_a_date_is_text_and_a_binary_value_is_refused(tmp_path: Path) -> None:
+    """A prompt that looks like a date stays its text, as kubectl reads it; a value
+    only a YAML tag can make names its field."""
+    text = yaml.safe_dump(lora_job()).replace("a photo of sks dog", "2026-01-01")
+    assert load_job(write(tmp_path, "date.yaml", text)).spec.data.concepts[0].instance_prompt == (
+        "2026-01-01"
+    )
+    path = write(tmp_path, "binary.yaml", text.replace("2026-01-01", "!!binary aGk="))
+    result = run("validate", path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"{path}: spec.data.concepts[0].instancePrompt: "
+        "a !!binary value has no place in a job; write it as plain text"
     )

@@ -14,6 +14,7 @@ import yaml
 
 from finetune.api import FineTuneJob
 from finetune.api.crd import SPEC_RULES, build_crd, render_crd_yaml
+from finetune.api.loading import load_text
 from finetune.api.reference import render_reference
 from finetune.api.status import Artifact, CheckpointRef, Condition, FineTuneJobStatus, Progress
 from tests.support import CHART_CRD_PATH, CRD_PATH, EXAMPLES, README, lcm_job, lora_job
@@ -69,9 +70,17 @@ _FORBIDDEN = {
 }
 
 
+def _int_or_string(node: dict[str, Any], key: str) -> bool:
+    """The one anyOf Kubernetes allows, and only beside x-kubernetes-int-or-string."""
+    either = [{"type": "integer"}, {"type": "string"}]
+    return key == "anyOf" and node.get("x-kubernetes-int-or-string") and node[key] == either
+
+
 def _walk(node: dict[str, Any], path: str) -> list[str]:
     """Violations of the structural-schema rules Kubernetes enforces."""
-    errors = [f"{path}: {key}" for key in node if key in _FORBIDDEN]
+    errors = [
+        f"{path}: {key}" for key in node if key in _FORBIDDEN and not _int_or_string(node, key)
+    ]
     extensible = node.get("x-kubernetes-preserve-unknown-fields") or node.get(
         "x-kubernetes-int-or-string"
     )
@@ -185,6 +194,41 @@ def test_schema_refuses_what_the_models_refuse(path: tuple[str, ...], value: Any
         jsonschema.Draft4Validator(SCHEMA).validate(manifest)
     with pytest.raises(ValueError, match=path[-1]):
         FineTuneJob.model_validate(manifest)
+
+
+# (path, the value as written in YAML, the same value as JSON, does the API server take it)
+TYPED_VALUES = [
+    (("training", "maxSteps"), '"200"', "200", False),
+    (("training", "maxSteps"), "true", True, False),
+    (("training", "learningRate"), "1e-4", 1e-4, True),
+    (("training", "learningRate"), '"1e-4"', "1e-4", False),
+    (("data", "randomFlip"), "yes", True, True),
+    (("data", "randomFlip"), '"true"', "true", False),
+    (("resources", "cpu"), "8", 8, True),
+    (("resources", "cpu"), '"500m"', "500m", True),
+    (("resources", "cpu"), "-1", -1, False),
+    (("resources", "memory"), "8.5", 8.5, False),
+]
+
+
+@pytest.mark.parametrize(("path", "written", "value", "taken"), TYPED_VALUES)
+def test_job_files_and_the_api_server_agree_on_types(
+    path: tuple[str, ...], written: str, value: Any, taken: bool
+) -> None:
+    """`finetune run` takes exactly what `kubectl apply` would for a value's type."""
+    manifest = FineTuneJob.model_validate(lora_job()).to_manifest()
+    node = manifest["spec"]
+    for key in path[:-1]:
+        node = node.setdefault(key, {})
+    node[path[-1]] = "PLACEHOLDER"
+    text = yaml.safe_dump(manifest).replace("PLACEHOLDER", written)
+    node[path[-1]] = value
+
+    server = jsonschema.Draft4Validator(SCHEMA).is_valid(manifest)
+    loaded = load_text(text, "job.yaml")
+    assert (server, loaded.ok) == (taken, taken), [str(p) for p in loaded.problems]
+    if not taken:
+        assert [p.path for p in loaded.problems] == [".".join(("spec", *path))]
 
 
 def test_printer_columns_point_at_declared_fields() -> None:

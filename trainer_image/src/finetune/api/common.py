@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 from pydantic.alias_generators import to_camel
 
 # The URI schemes a job may name. Anything else (gs://, http://) is refused at
@@ -62,7 +62,29 @@ Uri = Annotated[
 
 Prompt = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_LENGTH)]
 
-Quantity = Annotated[str, Field(pattern=QUANTITY_PATTERN, max_length=64)]
+
+def _quantity_text(value: object) -> object:
+    # Kubernetes quantities are int-or-string: `cpu: 8` is as good as `cpu: "8"`.
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return value
+
+
+Quantity = Annotated[
+    str,
+    BeforeValidator(_quantity_text),
+    Field(pattern=QUANTITY_PATTERN, max_length=64),
+    WithJsonSchema(
+        {
+            "anyOf": [{"type": "integer"}, {"type": "string"}],
+            "x-kubernetes-int-or-string": True,
+            "minimum": 0,
+            "pattern": QUANTITY_PATTERN,
+            "maxLength": 64,
+        }
+    ),
+]
+"""A Kubernetes quantity ("8", 8, "500m", "32Gi"), kept as its string form."""
 
 
 class SecretKeyRef(ApiModel):

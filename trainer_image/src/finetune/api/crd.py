@@ -54,6 +54,9 @@ _KEPT_KEYWORDS = {
 }
 
 
+INT_OR_STRING = "x-kubernetes-int-or-string"
+
+
 class StructuralSchemaError(ValueError):
     pass
 
@@ -67,6 +70,16 @@ def structural_schema(model: type[BaseModel], mode: str = "validation") -> Schem
 def _convert(node: Schema, defs: dict[str, Schema], path: str) -> Schema:
     node = _inline(node, defs)
     out: Schema = {}
+
+    if node.get(INT_OR_STRING):
+        # The one union Kubernetes allows: exactly this anyOf, and no type.
+        kept = {
+            k: v
+            for k, v in node.items()
+            if k in _KEPT_KEYWORDS and k != "type" and not (k == "default" and v is None)
+        }
+        either = [{"type": "integer"}, {"type": "string"}]
+        return _ordered({**kept, "anyOf": either, INT_OR_STRING: True})
 
     variants = node.get("anyOf") or node.get("oneOf")
     if variants:

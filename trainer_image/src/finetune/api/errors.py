@@ -54,6 +54,9 @@ def _message(error: ErrorDetails) -> str:
         # YAML 1.1 reads unquoted no/off/yes/on as booleans: `mixedPrecision: no`.
         word = "false (an unquoted no or off)" if not given else "true (an unquoted yes or on)"
         message += f'; YAML read {word}: quote the word, as in "no"'
+    elif isinstance(given, str) and error["type"] in ("int_type", "float_type", "bool_type"):
+        # Kubernetes refuses a quoted number or boolean; so do we, saying why.
+        message += f"; got the text {given!r}: write it without quotes"
     return message
 
 

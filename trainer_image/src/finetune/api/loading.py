@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import datetime
+import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,8 +28,9 @@ class LoadResult:
 
 
 class UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key given twice in one mapping, where PyYAML would
-    silently keep the last value. Keys merged in with `<<` may still be overridden."""
+    """SafeLoader that reads scalars as kubectl does and refuses a key given twice in
+    one mapping, where PyYAML would silently keep the last value. Keys merged in with
+    `<<` may still be overridden."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, yaml.Mark] = {}
@@ -42,6 +46,26 @@ class UniqueKeyLoader(yaml.SafeLoader):
                 raise DuplicateKeyError(key, first, key_node.start_mark)
             seen[key] = key_node.start_mark
         return super().construct_mapping(node, deep=deep)
+
+
+def _read_scalars_as_kubectl_does(loader: type[yaml.SafeLoader]) -> None:
+    """PyYAML follows YAML 1.1, where `1e-4` (no dot) is a string and `2026-01-01` a
+    date; kubectl reads the first as a number and the second as a string. Everything
+    else (`yes`/`no` as booleans included) already agrees."""
+    resolvers = {
+        first: [(tag, regexp) for tag, regexp in entries if tag != _TIMESTAMP_TAG]
+        for first, entries in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    for first in "-+0123456789.":
+        resolvers.setdefault(first, []).append((_FLOAT_TAG, _EXPONENT_FLOAT))
+    loader.yaml_implicit_resolvers = resolvers
+
+
+_TIMESTAMP_TAG = "tag:yaml.org,2002:timestamp"
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+# Numbers with an exponent and no dot, which YAML 1.1 leaves as strings.
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)[eE][-+]?[0-9]+$")
+_read_scalars_as_kubectl_does(UniqueKeyLoader)
 
 
 class DuplicateKeyError(yaml.MarkedYAMLError):
@@ -98,13 +122,49 @@ def _validate(
     document: dict[str, Any], prefix: str, problems: list[FieldProblem]
 ) -> list[FineTuneJob]:
     try:
-        return [FineTuneJob.model_validate(document)]
+        # Strict, over JSON: a value the API server would refuse for its type
+        # (`maxSteps: "4"`, `trainTextEncoder: "yes"`) is refused here too.
+        text = json.dumps(_as_json(document))
+        return [FineTuneJob.model_validate_json(text, strict=True)]
+    except _NotJsonError as exc:
+        problems.append(FieldProblem(f"{prefix}{exc.path}", str(exc)))
+        return []
     except ValidationError as exc:
         problems += [
             FieldProblem(f"{prefix}{p.path}" if p.path else prefix.rstrip(": "), p.message)
             for p in problems_from(exc)
         ]
         return []
+
+
+class _NotJsonError(ValueError):
+    """A value no JSON document, and so no Kubernetes object, can hold."""
+
+    def __init__(self, path: str, value: object) -> None:
+        self.path = path
+        tags: dict[type, str] = {bytes: "!!binary", set: "!!set"}
+        tag = tags.get(type(value), type(value).__name__)
+        super().__init__(f"a {tag} value has no place in a job; write it as plain text")
+
+
+def _as_json(value: Any, path: str = "") -> Any:
+    """The document as the API server would store it: JSON types only, a number
+    with no fraction (`200.0`) an integer, an explicit !!timestamp its ISO text."""
+    if isinstance(value, dict):
+        return {str(k): _as_json(v, _join(path, str(k))) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_as_json(v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, datetime.date):
+        return value.isoformat()
+    if value is None or isinstance(value, str | int | float):
+        return value
+    raise _NotJsonError(path, value)
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
 
 
 def load_file(path: str | Path) -> LoadResult:

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .crd import build_crd
+from .crd import INT_OR_STRING, build_crd
 
 BEGIN = "<!-- BEGIN GENERATED SPEC REFERENCE (make crd) -->"
 END = "<!-- END GENERATED SPEC REFERENCE -->"
@@ -21,6 +21,8 @@ END = "<!-- END GENERATED SPEC REFERENCE -->"
 def _type_of(node: dict[str, Any]) -> str:
     if "enum" in node:
         return " \\| ".join(f"`{v}`" for v in node["enum"])
+    if node.get(INT_OR_STRING):
+        return "quantity (integer or string)"
     kind = node.get("type", "object")
     if kind == "array":
         return f"list of {_type_of(node.get('items', {}))}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
@@ -82,8 +83,9 @@ def test_headless_service_selects_the_gang() -> None:
     assert service["metadata"]["name"] == "dog-lora-gang"
 
 
-def test_config_map_holds_a_job_file_the_trainer_accepts(tmp_path: Any) -> None:
-    original = job(training={"maxSteps": 123})
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
+def test_config_map_holds_a_job_file_the_trainer_accepts(tmp_path: Any, example: Path) -> None:
+    original = load_job(example)
     data = builders.config_map(original)["data"]["job.yaml"]
     path = tmp_path / "job.yaml"
     path.write_text(data)

@@ -20,6 +20,13 @@ from .config import OperatorConfig
 from .connection import PROBE_SECONDS, ClusterUnreachable, connect
 
 
+def namespaces_of(args: argparse.Namespace) -> list[str]:
+    """`-n` given on the command line replaces `$FINETUNE_NAMESPACES`, never adds to it."""
+    if args.namespace:
+        return list(args.namespace)
+    return [n for n in os.environ.get("FINETUNE_NAMESPACES", "").split(",") if n]
+
+
 def build_parser() -> argparse.ArgumentParser:
     default = OperatorConfig.from_env()
     parser = argparse.ArgumentParser(
@@ -30,7 +37,6 @@ def build_parser() -> argparse.ArgumentParser:
         "-n",
         "--namespace",
         action="append",
-        default=[n for n in os.environ.get("FINETUNE_NAMESPACES", "").split(",") if n],
         help="watch this namespace (repeatable; env FINETUNE_NAMESPACES, comma-separated); "
         "all namespaces when none is given",
     )
@@ -93,8 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from . import handlers  # noqa: F401  (registers the handlers)
 
     kopf.run(
-        clusterwide=not args.namespace,
-        namespaces=args.namespace,
+        clusterwide=not namespaces_of(args),
+        namespaces=namespaces_of(args),
         standalone=True,
         liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz",
     )

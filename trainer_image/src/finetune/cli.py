@@ -1,7 +1,9 @@
 """The `finetune` command line.
 
 finetune validate JOB.yaml...   check job files; exit 2 listing every problem
-finetune crd                    print the CustomResourceDefinition
+finetune crd [-o FILE]          print (or write) the CustomResourceDefinition
+finetune run JOB.yaml           train the job on this machine
+finetune train JOB.yaml         a training pod's entrypoint: its node of the gang
 """
 
 from __future__ import annotations

@@ -36,8 +36,8 @@ class DeepSpeedSpec(ApiModel):
         description=(
             "ZeRO stage 0-2. Unset: chosen per run and logged with its reason: 0 (fastest) "
             "when the trained weights, their gradients and Adam state plus the frozen weights "
-            "take at most half of a GPU's memory, else 2; 2 with `offloadOptimizer`; a "
-            "resumed run keeps its checkpoint's stage."
+            "take at most half of a GPU's memory, else 2 (a single rank stays at 0); 2 with "
+            "`offloadOptimizer`; a resumed run keeps its checkpoint's stage."
         ),
     )
     offload_optimizer: bool = Field(

@@ -37,7 +37,7 @@ SERVICE_ACCOUNT_DIR_ENV = "FINETUNE_SERVICE_ACCOUNT_DIR"
 TERMINATION_LOG_ENV = "FINETUNE_TERMINATION_LOG"
 # Not the operator's own FINETUNE_METRICS_PORT: this is each training pod's.
 TRAINER_METRICS_PORT_ENV = "FINETUNE_TRAINER_METRICS_PORT"
-LOG_LEVEL_ENV = "FINETUNE_LOG_LEVEL"  # the trainer's own log level: INFO, or DEBUG
+LOG_LEVEL_ENV = "FINETUNE_LOG_LEVEL"  # the trainer's log level: debug, info, warning, error
 
 # --- ports ----------------------------------------------------------------------------
 

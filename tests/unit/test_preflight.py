@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
 from finetune.trainer.errors import JobInputError
 from finetune.trainer.launcher.preflight import checked_nproc
+from finetune.trainer.launcher.run import new_plan_file
 
 
 def test_nproc_defaults_and_limits() -> None:
@@ -23,3 +25,18 @@ def test_nproc_defaults_and_limits() -> None:
         checked_nproc(cores + 1, 0)
     with pytest.raises(JobInputError, match="--nproc 0"):
         checked_nproc(0, 0)
+
+
+def test_a_new_plan_file_clears_what_a_killed_launcher_of_this_node_left(
+    tmp_path: Path,
+) -> None:
+    """A SIGKILLed launcher never removes its plan; the next launch on that node does."""
+    first = new_plan_file(tmp_path, node_rank=0)
+    first.write_text("{}")
+    other_node = new_plan_file(tmp_path, node_rank=1)
+    other_node.write_text("{}")
+
+    second = new_plan_file(tmp_path, node_rank=0)
+    assert second != first
+    assert not first.exists()
+    assert other_node.exists()  # a shared output: another node's plan is that node's

@@ -282,11 +282,19 @@ class Workers:
                 process.wait()
 
 
+def new_plan_file(work_dir: Path, node_rank: int) -> Path:
+    """A name of its own, so no run reads (or overwrites) another run's plan. The plans an
+    earlier launcher of this node left behind (killed by SIGKILL, which skips `finally`)
+    are removed: with the output leased, none of them has a reader any more."""
+    folder = work_dir / ".run"
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob(f"plan-*-node{node_rank}.json"):
+        stale.unlink(missing_ok=True)
+    return folder / f"plan-{uuid.uuid4().hex[:12]}-node{node_rank}.json"
+
+
 def launch(plan: RunPlan, rendezvous: Rendezvous, keep_fds: tuple[int, ...] = ()) -> int:
-    # A name of its own: no run can read (or overwrite) another run's plan.
-    run_id = uuid.uuid4().hex[:12]
-    plan_file = plan.work_dir / ".run" / f"plan-{run_id}-node{rendezvous.node_rank}.json"
-    plan_file.parent.mkdir(parents=True, exist_ok=True)
+    plan_file = new_plan_file(plan.work_dir, rendezvous.node_rank)
     plan_file.write_text(plan.to_json())
     try:
         code = Workers(plan_file, rendezvous, keep_fds).run()

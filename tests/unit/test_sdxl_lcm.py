@@ -93,6 +93,39 @@ def test_a_saved_sdxl_model_keeps_its_pipelines_settings(
         assert loaded.config[FORCE_ZEROS] is forced
 
 
+def test_the_teacher_samples_as_its_own_pipeline_would(
+    tiny_sdxl_model: Path, tmp_path: Path
+) -> None:
+    """The images an LCM student is compared with come from the teacher's UNet with the
+    teacher folder's scheduler and pipeline settings, not the base model's."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    components = load_components(tiny_sdxl_model)
+    teacher_folder = without_forced_zeros(tiny_sdxl_model, tmp_path / "teacher")
+    scheduler_config = teacher_folder / "scheduler" / "scheduler_config.json"
+    config = json.loads(scheduler_config.read_text())
+    scheduler_config.write_text(json.dumps(config | {"timestep_spacing": "trailing"}))
+    spec = type("Spec", (), {"lcm": LcmSpec(numDdimTimesteps=10)})()
+    distillation = Distillation(
+        spec, teacher_folder, components.unet.config, components.noise_scheduler
+    )
+    distillation.attach(encoder(components))
+
+    teacher = distillation.sampling()
+    pipeline = inference_pipeline(
+        components,
+        DPMSolverMultistepScheduler.from_config(teacher.scheduler_config),
+        pipeline_options=teacher.pipeline_options,
+        **teacher.modules,
+    )
+    assert pipeline.unet is distillation.teacher
+    assert pipeline.config[FORCE_ZEROS] is False
+    assert pipeline.scheduler.config.timestep_spacing == "trailing"
+    # The base model's own pipeline keeps the base's settings.
+    assert inference_pipeline(components).config[FORCE_ZEROS] is True
+    assert components.noise_scheduler.config.timestep_spacing != "trailing"
+
+
 def test_sdxl_distillation_carries_pooled_embeddings_and_time_ids_to_every_unet(
     tiny_sdxl_model: Path, tmp_path: Path
 ) -> None:

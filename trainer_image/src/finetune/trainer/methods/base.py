@@ -10,6 +10,7 @@ LCM target network) and pick the scheduler its samples use.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,16 @@ from finetune.trainer.data.encoding import Encoder
 from finetune.trainer.data.images import ImageRules
 from finetune.trainer.families import Components, ModelFamily
 from finetune.trainer.methods.diffusion import add_noise, denoising_loss, in_dtype
+
+
+@dataclass(frozen=True)
+class TeacherSampling:
+    """A teacher sampling through the base model's pipeline: its modules in place of the
+    base's (by pipeline name), its own scheduler's config and pipeline settings."""
+
+    modules: dict[str, nn.Module]
+    scheduler_config: Any
+    pipeline_options: dict[str, Any]
 
 
 class TrainedModules(nn.Module):
@@ -153,10 +164,10 @@ class TrainingMethod(ABC):
         precision plan stores them on the device in the compute dtype."""
         return {}
 
-    def teacher_modules(self) -> dict[str, nn.Module]:
-        """The modules that make the base model's pipeline sample as the method's teacher
-        (LCM's teacher UNet), by pipeline name; none for methods without a teacher."""
-        return {}
+    def teacher_sampling(self) -> TeacherSampling | None:
+        """How the method's teacher samples (LCM's), for images to compare the trained
+        model with; None for methods without a teacher."""
+        return None
 
     def checkpoint_state(self) -> dict[str, Any] | None:
         """State of the method's own to save with each checkpoint (identical on every rank)."""

@@ -24,7 +24,7 @@ from finetune.api.method_settings import LcmLoss
 from finetune.trainer.data.batches import Batch
 from finetune.trainer.data.encoding import Encoder
 from finetune.trainer.errors import JobInputError
-from finetune.trainer.methods.base import TrainedModules, TrainingMethod
+from finetune.trainer.methods.base import TeacherSampling, TrainedModules, TrainingMethod
 from finetune.trainer.methods.diffusion import in_dtype
 from finetune.trainer.methods.lora import Lora
 from finetune.trainer.models.components import save_pipeline
@@ -118,6 +118,10 @@ class Distillation:
         self.empty_prompt = encoder.conditioning([""])
         # The teacher is guided as its own pipeline guides it.
         self.teacher_options = self.family.pipeline_options(self.teacher_folder)
+
+    def sampling(self) -> TeacherSampling:
+        """The teacher as its own pipeline samples (after `attach`)."""
+        return TeacherSampling({"unet": self.teacher}, self.scheduler.config, self.teacher_options)
 
     def _teacher(self, x: torch.Tensor, t: torch.Tensor, inputs: Inputs) -> torch.Tensor:
         """The teacher's conditional and unconditional outputs in one batch. The family
@@ -260,8 +264,8 @@ class Lcm(TrainingMethod):
     def frozen_models(self) -> dict[str, torch.nn.Module]:
         return {"teacher": self.distillation.teacher}  # the target keeps fp32 (attach)
 
-    def teacher_modules(self) -> dict[str, torch.nn.Module]:
-        return {"unet": self.distillation.teacher}
+    def teacher_sampling(self) -> TeacherSampling:
+        return self.distillation.sampling()
 
     def after_step(self, module: TrainedModules) -> None:
         decay = self.spec.lcm.ema_decay if self.spec.lcm else 0.95
@@ -301,8 +305,8 @@ class LcmLora(Lora):
     def frozen_models(self) -> dict[str, torch.nn.Module]:
         return {"teacher": self.distillation.teacher}
 
-    def teacher_modules(self) -> dict[str, torch.nn.Module]:
-        return {"unet": self.distillation.teacher}
+    def teacher_sampling(self) -> TeacherSampling:
+        return self.distillation.sampling()
 
     def loss(self, engine: Any, batch: Batch, dtype: torch.dtype) -> torch.Tensor:
         d = self.distillation

@@ -3,6 +3,7 @@ family, and the family's pipelines assembled from them."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +24,19 @@ def assemble_pipeline(components: Components, scheduler: Any, **trained: Any) ->
     return components.family.pipeline(components, scheduler, **trained)
 
 
-def inference_pipeline(components: Components, scheduler: Any = None, **trained: Any) -> Any:
+def inference_pipeline(
+    components: Components,
+    scheduler: Any = None,
+    *,
+    pipeline_options: dict[str, Any] | None = None,
+    **trained: Any,
+) -> Any:
     """A pipeline for validation images and class images; DPM-Solver unless `scheduler`
-    is given."""
+    is given, with the components' pipeline settings unless `pipeline_options` are."""
     from diffusers import DPMSolverMultistepScheduler
 
+    if pipeline_options is not None:
+        components = dataclasses.replace(components, pipeline_options=pipeline_options)
     pipeline = assemble_pipeline(
         components,
         scheduler or DPMSolverMultistepScheduler.from_config(components.noise_scheduler.config),

@@ -1,7 +1,8 @@
 """An LCM student's samples beside its teacher's (`validation.distillation`, rank 0).
 
 The teacher's images are made once per run, at the first validation: the method's
-teacher UNet in the family's pipeline over the base model's other parts, DPM-Solver at
+teacher UNet in the family's pipeline over the base model's other parts, with the
+teacher folder's scheduler and pipeline settings (`TeacherSampling`), DPM-Solver at
 `teacherInferenceSteps` and `teacherGuidanceScale`, the validation's prompts and seeds.
 They lie in the output's `samples/teacher/` with `teacher.json`, written last, naming
 what made them: a resumed run whose settings match reads them back rather than
@@ -117,14 +118,17 @@ class DistillationSamples:
         from diffusers import DPMSolverMultistepScheduler
 
         context = self.context
+        teacher = context.method.teacher_sampling()
+        assert teacher is not None, "only a method with a teacher compares with it"
         folder = teacher_folder(context.work_dir)
         shutil.rmtree(folder, ignore_errors=True)  # another setting's, or cut short
         made = context.generate(
-            context.method.teacher_modules(),
-            DPMSolverMultistepScheduler.from_config(context.components.noise_scheduler.config),
+            teacher.modules,
+            DPMSolverMultistepScheduler.from_config(teacher.scheduler_config),
             folder,
             steps=self.comparison.teacher_inference_steps,
             guidance_scale=self.comparison.teacher_guidance_scale,
+            pipeline_options=teacher.pipeline_options,
         )
         (folder / RECORD).write_text(json.dumps(self._record(), indent=2) + "\n")
         log.info("the teacher's images: made in %s", folder)

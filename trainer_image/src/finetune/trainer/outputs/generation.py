@@ -81,16 +81,20 @@ class GenerationContext:
         *,
         steps: int | None = None,
         guidance_scale: float | None = None,
+        pipeline_options: dict[str, Any] | None = None,
     ) -> Samples:
         """Generate `imagesPerPrompt` images for each prompt (`validation.prompts` unless
         given) with a fixed seed, as `PREFIX-II-NN.png` and a grid (`grid.png`, or
         `PREFIX-grid.png` for another prefix), in `steps` denoising steps with
-        `guidance_scale` (by default the validation's).
+        `guidance_scale` (by default the validation's), with `pipeline_options` in place of
+        the base model's pipeline settings where given (a teacher's own).
 
         A stop request ends it between two denoising steps (`Stopped`), the folder
         removed: no step's samples are ever half there."""
         spec, device, dtype = self.spec, self.device, self.dtype
-        pipeline = inference_pipeline(self.components, scheduler, **trained)
+        pipeline = inference_pipeline(
+            self.components, scheduler, pipeline_options=pipeline_options, **trained
+        )
         modes = {name: module.training for name, module in trained.items()}
         for module in trained.values():
             module.eval()

@@ -283,6 +283,25 @@ def test_ctrl_c_stops_class_image_generation_at_once(
     assert "Stopped on request." in run.output()
 
 
+def test_ctrl_c_while_torch_loads_exits_130_without_a_traceback(
+    tmp_path: Path, tiny_model: Path, disc_images: Path, runs: list[Run]
+) -> None:
+    """The first seconds of `finetune run` load torch; a Ctrl-C then is remembered and
+    ends the start like any other stop before training, not with a KeyboardInterrupt."""
+    run = Run(job_file(tmp_path, tiny_model, disc_images))
+    runs.append(run)
+    maps = Path(f"/proc/{run.process.pid}/maps")
+    deadline = time.monotonic() + 60
+    while "libtorch" not in maps.read_text():  # torch's library is in: its import runs
+        assert run.process.poll() is None, run.output()
+        assert time.monotonic() < deadline, run.output()
+        time.sleep(0.005)
+    assert stop_within(run, 30) == 130, run.output()
+    assert "Traceback" not in run.output()
+    assert "Stopped before training began; nothing was written." in run.output()
+    assert not (tmp_path / "out").exists()
+
+
 def test_ctrl_c_stops_sample_generation_and_checkpoints(
     tmp_path: Path, tiny_model: Path, disc_images: Path, runs: list[Run]
 ) -> None:

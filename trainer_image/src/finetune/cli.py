@@ -12,9 +12,12 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
+
+if TYPE_CHECKING:
+    from .trainer.process.stopping import StopRequest
 
 EXIT_OK = 0
 EXIT_INVALID = 2
@@ -63,21 +66,31 @@ def _load_or_exit(path: str) -> Any:
 
 
 def _run(args: argparse.Namespace) -> int:
+    stop = _stop_request()
     job = _load_or_exit(args.job)
     if job is None:
         return EXIT_INVALID
     from .trainer.launcher.run import run_local
 
-    return run_local(job.spec.training_spec(), job.metadata.name, args.nproc, args.output)
+    return run_local(job.spec.training_spec(), job.metadata.name, args.nproc, args.output, stop)
 
 
 def _train(args: argparse.Namespace) -> int:
+    stop = _stop_request()
     job = _load_or_exit(args.job)
     if job is None:
         return EXIT_INVALID
     from .trainer.launcher.run import run_in_pod
 
-    return run_in_pod(job.spec.training_spec(), job.metadata.name)
+    return run_in_pod(job.spec.training_spec(), job.metadata.name, stop)
+
+
+def _stop_request() -> StopRequest:
+    """Installed before torch loads (seconds): a Ctrl-C meanwhile is remembered and ends
+    the start with exit 130, not a KeyboardInterrupt traceback."""
+    from .trainer.process.stopping import StopRequest
+
+    return StopRequest()
 
 
 def _not_empty(value: str) -> str:

@@ -318,20 +318,33 @@ def _ended(code: int) -> str:
     return f"exited with code {code}"
 
 
-def run_local(spec: TrainingSpec, name: str, nproc: int | None, output_uri: str | None) -> int:
+def run_local(
+    spec: TrainingSpec,
+    name: str,
+    nproc: int | None,
+    output_uri: str | None,
+    stop: StopRequest | None = None,
+) -> int:
     """`finetune run`: the whole job on this machine."""
-    return _start(spec, name, output_uri, in_pod=False, nproc=nproc)
+    return _start(spec, name, output_uri, in_pod=False, nproc=nproc, stop=stop)
 
 
-def run_in_pod(spec: TrainingSpec, name: str) -> int:
+def run_in_pod(spec: TrainingSpec, name: str, stop: StopRequest | None = None) -> int:
     """`finetune train`: this pod's share of a gang, rendezvous from the environment."""
-    return _start(spec, name, None, in_pod=True)
+    return _start(spec, name, None, in_pod=True, stop=stop)
 
 
 def _start(
-    spec: TrainingSpec, name: str, output_uri: str | None, in_pod: bool, nproc: int | None = None
+    spec: TrainingSpec,
+    name: str,
+    output_uri: str | None,
+    in_pod: bool,
+    nproc: int | None = None,
+    stop: StopRequest | None = None,
 ) -> int:
-    stop = StopRequest()  # Ctrl-C, SIGTERM or SIGHUP from here on end the start at once
+    # Ctrl-C, SIGTERM or SIGHUP from here on (or since the command began, when it made
+    # `stop`) end the start at once.
+    stop = stop or StopRequest()
     claim = OutputClaim(wait_for_own_job=in_pod)
     try:
         try:

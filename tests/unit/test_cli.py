@@ -217,3 +217,29 @@ def test_a_date_is_text_and_a_binary_value_is_refused(tmp_path: Path) -> None:
         f"{path}: spec.data.concepts[0].instancePrompt: "
         "a !!binary value has no place in a job; write it as plain text"
     )
+
+
+BOMB = "l0: &a0 [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"l{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 9)
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("a: &a [*a]\n", "a[0]: a YAML alias refers to a value that holds it"),
+        (BOMB, "more than 100000 values: YAML aliases expand too far"),
+        ("a: " + "[" * 5000 + "]" * 5000 + "\n", "values nested too deeply to be a job"),
+    ],
+    ids=["alias-cycle", "alias-bomb", "deep"],
+)
+def test_hostile_yaml_is_refused_quickly(tmp_path: Path, text: str, message: str) -> None:
+    """A self-referencing alias, a billion-laughs bomb (10^8 values from 300 bytes) and
+    deep nesting each end in an exit 2 with a reason, in seconds."""
+    path = write(tmp_path, "job.yaml", text)
+    result = subprocess.run(
+        [str(FINETUNE), "validate", path], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr

@@ -103,6 +103,9 @@ def load_text(text: str, source: str) -> LoadResult:
     except yaml.YAMLError as exc:
         result.problems.append(FieldProblem("", f"YAML error: {exc}"))
         return result
+    except RecursionError:
+        result.problems.append(FieldProblem("", TOO_DEEP))
+        return result
 
     documents = [d for d in documents if d is not None]
     if not documents:
@@ -129,6 +132,9 @@ def _validate(
     except _NotJsonError as exc:
         problems.append(FieldProblem(f"{prefix}{exc.path}", str(exc)))
         return []
+    except RecursionError:
+        problems.append(FieldProblem(prefix.rstrip(": "), TOO_DEEP))
+        return []
     except ValidationError as exc:
         problems += [
             FieldProblem(f"{prefix}{p.path}" if p.path else prefix.rstrip(": "), p.message)
@@ -140,27 +146,44 @@ def _validate(
 class _NotJsonError(ValueError):
     """A value no JSON document, and so no Kubernetes object, can hold."""
 
-    def __init__(self, path: str, value: object) -> None:
+    def __init__(self, path: str, message: str) -> None:
         self.path = path
-        tags: dict[type, str] = {bytes: "!!binary", set: "!!set"}
-        tag = tags.get(type(value), type(value).__name__)
-        super().__init__(f"a {tag} value has no place in a job; write it as plain text")
+        super().__init__(message)
 
 
-def _as_json(value: Any, path: str = "") -> Any:
+# A job has a few hundred values; aliases that expand past this are a YAML bomb.
+MAX_VALUES = 100_000
+TOO_DEEP = "values nested too deeply to be a job"
+
+
+def _as_json(document: dict[str, Any]) -> Any:
     """The document as the API server would store it: JSON types only, a number
     with no fraction (`200.0`) an integer, an explicit !!timestamp its ISO text."""
-    if isinstance(value, dict):
-        return {str(k): _as_json(v, _join(path, str(k))) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_as_json(v, f"{path}[{i}]") for i, v in enumerate(value)]
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, datetime.date):
-        return value.isoformat()
-    if value is None or isinstance(value, str | int | float):
-        return value
-    raise _NotJsonError(path, value)
+    count = 0
+
+    def convert(value: Any, path: str, within: frozenset[int]) -> Any:
+        nonlocal count
+        count += 1
+        if count > MAX_VALUES:
+            raise _NotJsonError(path, f"more than {MAX_VALUES} values: YAML aliases expand too far")
+        if isinstance(value, dict | list):
+            if id(value) in within:
+                raise _NotJsonError(path, "a YAML alias refers to a value that holds it")
+            within = within | {id(value)}
+            if isinstance(value, dict):
+                return {str(k): convert(v, _join(path, str(k)), within) for k, v in value.items()}
+            return [convert(v, f"{path}[{i}]", within) for i, v in enumerate(value)]
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, datetime.date):
+            return value.isoformat()
+        if value is None or isinstance(value, str | int | float):
+            return value
+        tags: dict[type, str] = {bytes: "!!binary", set: "!!set"}
+        tag = tags.get(type(value), type(value).__name__)
+        raise _NotJsonError(path, f"a {tag} value has no place in a job; write it as plain text")
+
+    return convert(document, "", frozenset())
 
 
 def _join(path: str, key: str) -> str:

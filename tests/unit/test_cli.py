@@ -243,3 +243,18 @@ def test_hostile_yaml_is_refused_quickly(tmp_path: Path, text: str, message: str
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_assets_builder_explains_itself_instead_of_building_a_folder_named_help(
+    tmp_path: Path,
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "finetune.assets", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert result.returncode == 0
+    assert result.stdout.startswith("usage: python -m finetune.assets")
+    assert list(tmp_path.iterdir()) == []

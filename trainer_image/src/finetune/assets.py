@@ -381,6 +381,12 @@ def quickstart(folder: str | Path) -> None:
 
 
 if __name__ == "__main__":
-    import sys
+    import argparse
 
-    quickstart(sys.argv[1] if len(sys.argv) > 1 else "examples/quickstart")
+    parser = argparse.ArgumentParser(
+        prog="python -m finetune.assets",
+        description="Build the quickstart's tiny random model, 8 images and tiny CLIP and "
+        "DINO evaluators into FOLDER (what exists already is kept); nothing is downloaded.",
+    )
+    parser.add_argument("folder", nargs="?", default="examples/quickstart", metavar="FOLDER")
+    quickstart(parser.parse_args().folder)

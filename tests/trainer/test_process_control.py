@@ -167,6 +167,31 @@ def test_workers_die_with_a_killed_launcher(
     lease.release()
 
 
+def test_a_rank_the_kernel_kills_is_named_as_the_cause(
+    tmp_path: Path,
+    tiny_model: Path,
+    disc_images: Path,
+    runs: list[Run],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The OOM killer's SIGKILL to one rank makes the others fail too (a connection
+    reset); the launcher reports the killed rank: exit 137 and its message, also where
+    Kubernetes reads a pod's reason, over the message a surviving rank left first."""
+    termination_log = tmp_path / "termination-log"
+    monkeypatch.setenv("FINETUNE_TERMINATION_LOG", str(termination_log))
+    job = job_file(tmp_path, tiny_model, disc_images, **LONG)
+    run = Run(job, nproc=2)
+    runs.append(run)
+    run.wait_for_training(tmp_path / "out")
+    assert len(run.workers) == 2
+
+    os.kill(run.workers[-1], signal.SIGKILL)
+    assert run.process.wait(timeout=120) == 128 + signal.SIGKILL
+    message = "a training process on node 0 was killed by SIGKILL (out of memory?"
+    assert f"error: {message}" in run.output()
+    assert termination_log.read_text().startswith(message)
+
+
 def test_sighup_checkpoints_and_exits_130(
     tmp_path: Path, tiny_model: Path, disc_images: Path, runs: list[Run]
 ) -> None:

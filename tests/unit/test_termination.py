@@ -19,6 +19,9 @@ def test_termination_message_is_one_paragraph_without_secrets(tmp_path: Path) ->
     # The first failure names the cause; later ones do not replace it.
     assert not write_termination_message("rank 1 failed: connection reset", env)
     assert log.read_text() == "download failed with *** in the URL"
+    # Unless the cause is known to come first (a rank the kernel killed).
+    assert write_termination_message("rank 1 was killed by SIGKILL", env, replace=True)
+    assert log.read_text() == "rank 1 was killed by SIGKILL"
 
 
 def test_termination_message_is_cut_at_4096_bytes(tmp_path: Path) -> None:

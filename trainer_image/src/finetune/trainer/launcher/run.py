@@ -263,7 +263,9 @@ class Workers:
                 stopped = {EXIT_INTERRUPTED} | {-s for s in STOP_SIGNALS}
                 if self.interrupted and stopped & set(failed):
                     return EXIT_INTERRUPTED
-                code = failed[0]
+                # A rank killed by a signal (the OOM killer's SIGKILL) is the cause; the
+                # others' errors (a peer's connection reset) are its effects.
+                code = min(failed) if min(failed) < 0 else failed[0]
                 return code if code > 0 else 128 - code  # killed by a signal: 128 + its number
             if all(c == 0 for c in codes):
                 return 0
@@ -301,20 +303,22 @@ def launch(plan: RunPlan, rendezvous: Rendezvous, keep_fds: tuple[int, ...] = ()
     finally:
         plan_file.unlink(missing_ok=True)
     if code not in (0, EXIT_INTERRUPTED):
-        # The first message is kept: this one shows only when no worker could leave
-        # its own (a rank killed by a signal).
-        write_termination_message(
-            f"a training process on node {rendezvous.node_rank} {_ended(code)}"
-        )
+        message = f"a training process on node {rendezvous.node_rank} {_ended(code)}"
+        killed = code > 128
+        if killed:  # it could say nothing itself, and the other ranks' errors follow from it
+            print(f"error: {message}", file=sys.stderr, flush=True)
+        write_termination_message(message, replace=killed)
     return code
 
 
 def _ended(code: int) -> str:
     if code > 128:
         try:
-            return f"was killed by {signal.Signals(code - 128).name}"
+            name = signal.Signals(code - 128).name
         except ValueError:
-            pass
+            return f"exited with code {code}"
+        hint = " (out of memory? the kernel's OOM killer sends it)" if name == "SIGKILL" else ""
+        return f"was killed by {name}{hint}"
     return f"exited with code {code}"
 
 

@@ -25,14 +25,18 @@ def termination_text(message: str, env: Mapping[str, str] | None = None) -> str:
     return text.encode()[:TERMINATION_LIMIT].decode("utf-8", "ignore")
 
 
-def write_termination_message(message: str, env: Mapping[str, str] | None = None) -> bool:
+def write_termination_message(
+    message: str, env: Mapping[str, str] | None = None, *, replace: bool = False
+) -> bool:
     """Leave `message` where Kubernetes reads a failed container's reason; True when
     written. Never raises.
 
     Written only where the file's folder exists and may be written to, and, for
     the default `/dev/termination-log`, only when the file exists (Kubernetes
     creates it; `finetune run` on a workstation must not). The first message wins:
-    the first rank to fail names the cause, later ones tend to report its effects.
+    the first rank to fail names the cause, later ones tend to report its effects;
+    `replace` overrides that for a cause known to come before them all (a rank the
+    kernel killed, which could leave no message of its own).
     """
     env = os.environ if env is None else env
     explicit = env.get(TERMINATION_LOG_ENV)
@@ -49,7 +53,9 @@ def write_termination_message(message: str, env: Mapping[str, str] | None = None
             with contextlib.suppress(OSError):  # best effort: some filesystems cannot lock
                 fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
             if os.fstat(handle.fileno()).st_size > 0:
-                return False
+                if not replace:
+                    return False
+                handle.truncate(0)
             handle.write(termination_text(message, env))
         return True
     except OSError:

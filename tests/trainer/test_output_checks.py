@@ -124,6 +124,26 @@ def test_s3_output_without_credentials(tmp_path: Path, disc_images: Path) -> Non
     assert "credentialsSecretRef" not in message
 
 
+@pytest.mark.parametrize(
+    ("credentials", "problem"),
+    [
+        ({"AWS_ACCESS_KEY_ID": "AKIAEXAMPLE"}, "missing: AWS_SECRET_ACCESS_KEY"),
+        ({"AWS_PROFILE": "no-such-profile"}, "The config profile (no-such-profile) could not"),
+    ],
+    ids=["key-without-secret", "unknown-profile"],
+)
+def test_s3_credentials_that_cannot_be_complete(
+    tmp_path: Path, disc_images: Path, credentials: dict[str, str], problem: str
+) -> None:
+    """Refused like missing ones (exit 4, what to set), not with botocore's traceback."""
+    job = s3_job(tmp_path, disc_images, f"http://127.0.0.1:{free_port()}")
+    env = {**NO_CREDENTIALS, "HOME": str(tmp_path), **credentials}
+    message = last_line(finetune_run(job, nproc=1, env=env, expect=4))
+    assert "spec.output.uri" in message
+    assert problem in message
+    assert "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY" in message
+
+
 def test_unreachable_s3_exits_1_after_retries(tmp_path: Path, disc_images: Path) -> None:
     job = s3_job(tmp_path, disc_images, f"http://127.0.0.1:{free_port()}")
     started = time.monotonic()

@@ -63,13 +63,13 @@ def check_s3_output(uri: str, settings: S3Settings) -> None:
     """The credentials are there and accepted, and the prefix takes a write and a delete.
     S3's refusals raise `JobInputError`/`AccessDenied` naming the field; an endpoint that
     stays unreachable past the retries raises what boto3 raised (exit 1)."""
-    store = S3Store(uri, settings)
     key = f".run/probe-{uuid.uuid4().hex}"
     try:
+        store = S3Store(uri, settings)  # credentials that cannot be complete fail here
         store.write_text(key, "probe")
         store.delete([key])
     except JobInputError as exc:  # named by the output, not by the probe's key
-        message = str(exc).replace(f"{store.uri}/{key}", store.uri)
+        message = str(exc).replace(f"{uri.rstrip('/')}/{key}", uri.rstrip("/"))
         raise type(exc)(f"{FIELD}: {message}") from exc
 
 

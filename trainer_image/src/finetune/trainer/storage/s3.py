@@ -90,11 +90,16 @@ class S3Settings:
         """A boto3 S3 client (safe to share between threads)."""
         import boto3
         from botocore.config import Config
+        from botocore.exceptions import PartialCredentialsError, ProfileNotFound
 
         config = Config(retries={"max_attempts": CLIENT_ATTEMPTS, "mode": "adaptive"})
-        return boto3.client(
-            "s3", endpoint_url=self.endpoint_url, region_name=self.region, config=config
-        )
+        try:
+            return boto3.client(
+                "s3", endpoint_url=self.endpoint_url, region_name=self.region, config=config
+            )
+        except (PartialCredentialsError, ProfileNotFound) as exc:
+            # Credentials that cannot be complete: the same refusal as S3's own.
+            raise AccessDenied(f"S3 credentials: {exc} ({credentials_advice()})") from exc
 
 
 @contextmanager

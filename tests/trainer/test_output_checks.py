@@ -95,6 +95,26 @@ def test_class_images_folder_is_a_file(tmp_path: Path, tiny_model: Path, disc_im
     assert no_worker_started(tmp_path / "out")
 
 
+def test_output_holding_files_of_the_users_own(
+    tmp_path: Path, tiny_model: Path, disc_images: Path
+) -> None:
+    """A run would replace the user's README.md and weights and mix its log with theirs."""
+    output = tmp_path / "out"
+    output.mkdir()
+    mine = {"README.md": "my notes", "pytorch_lora_weights.safetensors": "mine", "a.txt": ""}
+    for name, text in mine.items():
+        (output / name).write_text(text)
+    (output / ".DS_Store").write_text("")  # hidden files alone would not count
+    job = job_file(tmp_path, tiny_model, disc_images)
+    result = finetune_run(job, nproc=1, expect=2)
+    assert last_line(result) == (
+        f"error: spec.output.uri: {output} holds files no finetune run wrote "
+        "(README.md, a.txt, pytorch_lora_weights.safetensors); choose a new or empty folder"
+    )
+    assert {p.name: p.read_text() for p in output.iterdir() if p.name in mine} == mine
+    assert no_worker_started(output)
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
 def test_output_read_only_folder(tmp_path: Path, tiny_model: Path, disc_images: Path) -> None:
     output = tmp_path / "out"

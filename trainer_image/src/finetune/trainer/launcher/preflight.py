@@ -2,7 +2,7 @@
 the folders class images are generated into.
 
 Each failure names what to fix: `--nproc`, `spec.output.uri` (a file, a folder that
-cannot be written, an S3 prefix that refuses a small write-and-delete probe), or a
+holds files no run wrote, cannot be written, an S3 prefix that refuses a small write-and-delete probe), or a
 concept's `classImages.uri`.
 """
 
@@ -32,6 +32,10 @@ def checked_nproc(nproc: int | None, gpus: int) -> int:
             f"--nproc {nproc}: must be between 1 and {limit} (this machine has {limit} {what})"
         )
     return nproc
+
+
+# What every run leaves in its output (the lease): the mark of a folder runs write into.
+RUN_FOLDER = ".run"
 
 
 def make_folder(folder: Path, field: str) -> None:
@@ -73,9 +77,25 @@ def check_s3_output(uri: str, settings: S3Settings) -> None:
         raise type(exc)(f"{FIELD}: {message}") from exc
 
 
+def check_holds_only_runs(folder: Path) -> None:
+    """A folder no run has written into (no `.run/`) holds nothing but hidden files: a
+    run would replace a README.md or weights of the user's own, and mix its log and
+    checkpoints with whatever else is there."""
+    if (folder / RUN_FOLDER).exists():
+        return
+    found = sorted(entry.name for entry in folder.iterdir() if not entry.name.startswith("."))
+    if found:
+        shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+        raise JobInputError(
+            f"{FIELD}: {folder} holds files no finetune run wrote ({shown}); "
+            "choose a new or empty folder"
+        )
+
+
 def check_output(output: str, work_dir: Path, settings: S3Settings) -> None:
     if is_s3(output):
         check_local_output(work_dir)  # the local staging folder in the cache
         check_s3_output(output, settings)
     else:
         check_local_output(work_dir)
+        check_holds_only_runs(work_dir)

@@ -77,6 +77,22 @@ def check_s3_output(uri: str, settings: S3Settings) -> None:
         raise type(exc)(f"{FIELD}: {message}") from exc
 
 
+# What runs keep in their output: a name taken by something else would fail a run midway.
+RUN_FOLDERS = (RUN_FOLDER, "checkpoints", "samples", "class_images", "logs")
+RUN_FILES = (f"{RUN_FOLDER}/lease", "train_log.jsonl")
+
+
+def check_run_layout(folder: Path) -> None:
+    """What a run writes into `folder` can be written: its folders are folders, its
+    files are files (a `checkpoints` file would fail the first checkpoint)."""
+    for name in RUN_FOLDERS:
+        if (folder / name).exists() and not (folder / name).is_dir():
+            raise JobInputError(f"{FIELD}: {folder / name} is a file; runs keep a folder there")
+    for name in RUN_FILES:
+        if (folder / name).is_dir():
+            raise JobInputError(f"{FIELD}: {folder / name} is a folder; runs keep a file there")
+
+
 def check_holds_only_runs(folder: Path) -> None:
     """A folder no run has written into (no `.run/`) holds nothing but hidden files: a
     run would replace a README.md or weights of the user's own, and mix its log and
@@ -99,3 +115,4 @@ def check_output(output: str, work_dir: Path, settings: S3Settings) -> None:
     else:
         check_local_output(work_dir)
         check_holds_only_runs(work_dir)
+    check_run_layout(work_dir)

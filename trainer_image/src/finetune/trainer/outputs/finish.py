@@ -8,7 +8,7 @@ from finetune.trainer.checkpoints.space import space_checked
 from finetune.trainer.engine.plan import RunPlan
 from finetune.trainer.evaluation.scores import Scores, history
 from finetune.trainer.methods import TrainedModules, TrainingMethod
-from finetune.trainer.outputs import artifacts, result
+from finetune.trainer.outputs import artifacts, reproducible, result
 from finetune.trainer.outputs.samples import Validation, sample_folder
 from finetune.trainer.storage.s3 import S3Settings
 from finetune.trainer.storage.store import open_store
@@ -40,6 +40,7 @@ def finish_run(
     staging = result.staging_folder(work_dir)
     with space_checked(staging, step):
         method.save(module, staging)
+        reproducible.sort_metadata(staging)  # the same weights, the same SHA-256
         # The card lists the weights and the samples with their SHA-256 and size.
         listed = artifacts.list_artifacts(staging, "") + [
             a for a in artifacts.list_artifacts(work_dir, "") if a["kind"] == "samples"

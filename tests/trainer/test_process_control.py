@@ -327,6 +327,22 @@ def test_ctrl_c_while_torch_loads_exits_130_without_a_traceback(
     assert not (tmp_path / "out").exists()
 
 
+def test_ctrl_c_while_a_worker_loads_torch_says_nothing_was_written(
+    tmp_path: Path, tiny_model: Path, disc_images: Path, runs: list[Run]
+) -> None:
+    run = Run(job_file(tmp_path, tiny_model, disc_images))
+    runs.append(run)
+    deadline = time.monotonic() + 60
+    while not children_of().get(run.process.pid):  # the worker is there, importing torch
+        assert run.process.poll() is None, run.output()
+        assert time.monotonic() < deadline, run.output()
+        time.sleep(0.005)
+    assert stop_within(run, 30) == 130, run.output()
+    assert "Stopped before training began; nothing was written." in run.output()
+    assert "Traceback" not in run.output()
+    assert not (tmp_path / "out" / "train_log.jsonl").exists()
+
+
 def test_ctrl_c_stops_sample_generation_and_checkpoints(
     tmp_path: Path, tiny_model: Path, disc_images: Path, runs: list[Run]
 ) -> None:

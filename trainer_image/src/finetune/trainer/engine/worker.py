@@ -15,7 +15,7 @@ from pathlib import Path
 
 from finetune.api.pod import EXIT_FAILED, EXIT_INTERRUPTED, LOG_LEVEL_ENV
 from finetune.trainer.errors import exit_code_for
-from finetune.trainer.process.stopping import Stopped, StopRequest
+from finetune.trainer.process.stopping import STOPPED_BEFORE_TRAINING, Stopped, StopRequest
 from finetune.trainer.process.tether import tie_to_launcher
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -56,8 +56,10 @@ def main(argv: list[str]) -> int:
     rank = Rank.from_env()
     plan = RunPlan.from_json(Path(argv[0]).read_text())
     try:
-        if stop.requested:
-            return EXIT_INTERRUPTED  # asked to stop before training began: nothing to save
+        if stop.requested:  # asked while torch loaded: nothing to save yet
+            if rank.main:
+                print(STOPPED_BEFORE_TRAINING, file=sys.stderr, flush=True)
+            return EXIT_INTERRUPTED
         return Trainer(plan, rank, stop).run()
     except Stopped:
         if rank.main:

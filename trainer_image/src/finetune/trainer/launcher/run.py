@@ -40,7 +40,12 @@ from finetune.trainer.launcher.overlap import check_output_apart
 from finetune.trainer.launcher.preflight import check_output, checked_nproc, make_folder
 from finetune.trainer.models.sources import resolve_model, resolve_vae
 from finetune.trainer.process import stopping
-from finetune.trainer.process.stopping import STOP_SIGNALS, Stopped, StopRequest
+from finetune.trainer.process.stopping import (
+    STOP_SIGNALS,
+    STOPPED_BEFORE_TRAINING,
+    Stopped,
+    StopRequest,
+)
 from finetune.trainer.process.tether import LAUNCHER_PID_ENV
 from finetune.trainer.storage.files import cache_key
 from finetune.trainer.storage.inputs import local_folder
@@ -238,14 +243,15 @@ class Workers:
                 # A session of their own: the terminal's Ctrl-C reaches only us, and
                 # we pass it on exactly once. They keep the output's lease fd open, so
                 # the output stays locked until the last of them is gone.
-                self.processes.append(
-                    subprocess.Popen(
-                        command,
-                        env=self._env(local_rank),
-                        start_new_session=True,
-                        pass_fds=self.keep_fds,
+                with stopping.held_for_children():  # a stop forwarded now waits for them
+                    self.processes.append(
+                        subprocess.Popen(
+                            command,
+                            env=self._env(local_rank),
+                            start_new_session=True,
+                            pass_fds=self.keep_fds,
+                        )
                     )
-                )
             stop = stopping.current()
             if stop is not None and stop.requested:  # asked just before our handler was in
                 self._forward(signal.SIGINT, None)
@@ -361,7 +367,7 @@ def _start(
             with stop.interruptible():
                 plan = prepare(spec, name, output_uri, claim if rendezvous.node_rank == 0 else None)
         except Stopped:
-            print("Stopped before training began; nothing was written.", file=sys.stderr)
+            print(STOPPED_BEFORE_TRAINING, file=sys.stderr)
             return EXIT_INTERRUPTED
         except (JobInputError, Unreachable) as exc:
             return _refused(str(exc), exit_code_for(exc), in_pod)
@@ -379,7 +385,7 @@ def _start(
                 )
             raise
         if stop.requested:
-            print("Stopped before training began; nothing was written.", file=sys.stderr)
+            print(STOPPED_BEFORE_TRAINING, file=sys.stderr)
             return EXIT_INTERRUPTED
         return launch(plan, rendezvous, claim.fds())
     finally:

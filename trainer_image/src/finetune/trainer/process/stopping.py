@@ -25,6 +25,8 @@ from contextlib import contextmanager
 from types import FrameType
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# What a stop says when it came before the first step: there was nothing to save.
+STOPPED_BEFORE_TRAINING = "Stopped before training began; nothing was written."
 # How often a pause looks at the flag: the bound on how late a stop is noticed there.
 POLL_SECONDS = 0.1
 
@@ -42,6 +44,9 @@ class StopRequest:
         self.signal: int | None = None
         self._raising = 0
         self._previous = {signum: signal.signal(signum, self._handle) for signum in STOP_SIGNALS}
+        # A process started with the stop signals held (`held_for_children`) gets the
+        # ones that came meanwhile now, in the handler.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         _current = self
 
     def close(self) -> None:
@@ -98,6 +103,18 @@ class StopRequest:
         finally:
             for signum in STOP_SIGNALS:
                 signal.signal(signum, self._handle)
+
+
+@contextmanager
+def held_for_children() -> Iterator[None]:
+    """Processes started inside this block begin with the stop signals held, not lost
+    and not fatal, until their `StopRequest` is in (a Python interpreter takes seconds
+    to get there, and a SIGINT before it kills it with a traceback)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:  # what came meanwhile reaches this process's own handler now
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 _current: StopRequest | None = None

@@ -13,6 +13,7 @@ import torch
 
 from finetune.api.selection import KeepBest
 from finetune.trainer.checkpoints import manifest
+from finetune.trainer.checkpoints.layout import check_max_steps
 from finetune.trainer.checkpoints.replica import durable_tags
 from finetune.trainer.checkpoints.run_checkpoints import RunCheckpoints
 from finetune.trainer.checkpoints.space import space_checked
@@ -230,6 +231,17 @@ def test_a_checkpoint_of_another_trainer_version_is_refused_as_such(tmp_path: Pa
     ):
         start_run(tmp_path, layout=layout, engine=engine)
     assert engine.loaded is None
+
+
+def test_a_max_steps_below_the_newest_checkpoint_is_refused(tmp_path: Path) -> None:
+    found = manifest.Checkpoint(tmp_path / "step-00000008", 8)
+    with pytest.raises(
+        JobInputError,
+        match=r"^spec.training.maxSteps: 3 is below step 8 of the newest checkpoint "
+        r"\(.*step-00000008\); raise it to at least 8, or remove the checkpoints",
+    ):
+        check_max_steps(found, 3)
+    check_max_steps(found, 8)  # a finished run run again: it resumes at its last step
 
 
 def test_disk_full_while_saving_is_named(tmp_path: Path) -> None:

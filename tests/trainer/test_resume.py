@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from finetune.trainer.engine.trainer import CRASH_AFTER_STEP_ENV
 from finetune.trainer.engine.zero import device_memory
-from tests.trainer.jobs import FINETUNE, finetune_run, job_file, train_log
+from tests.trainer.jobs import FINETUNE, finetune_run, job_file, refused, train_log
 
 pytestmark = pytest.mark.slow
 
@@ -56,7 +56,7 @@ def test_crash_after_checkpoint_then_resume_matches_uninterrupted_run(
     second = finetune_run(crashed)
     assert "resumed from" in second.stderr
     assert "step-00000003" in second.stderr
-    assert [e["step"] for e in train_log(out)] == [1, 2, 3, 4, 4, 5, 6]
+    assert [e["step"] for e in train_log(out)] == [1, 2, 3, 4, 5, 6]
 
     expected, actual = lora_weights(tmp_path / "straight" / "out"), lora_weights(out)
     assert expected.keys() == actual.keys()
@@ -84,6 +84,64 @@ def test_a_corrupt_checkpoint_is_skipped_for_the_previous_one(
     assert "does not match its manifest" in result.stderr
     assert "resumed from" in result.stderr
     assert "step-00000002" in result.stderr
+
+
+def test_resume_refuses_what_it_cannot_continue_and_logs_each_step_once(
+    tmp_path: Path, tiny_model: Path, disc_images: Path
+) -> None:
+    def job(max_steps: int, every: int) -> Path:
+        return job_file(
+            tmp_path,
+            tiny_model,
+            disc_images,
+            training={"maxSteps": max_steps},
+            checkpointing={"everyNSteps": every, "keepLast": 3},
+        )
+
+    out, root = tmp_path / "out", tmp_path / "out" / "checkpoints"
+    finetune_run(job(6, 2), nproc=1)
+    assert checkpoint_steps(root) == [2, 4, 6]
+
+    refused(
+        job(3, 2),
+        "spec.training.maxSteps: 3 is below step 6 of the newest checkpoint",
+        "raise it to at least 6, or remove the checkpoints",
+        nproc=1,
+    )
+
+    truncate(root / "step-00000006" / "mp_rank_00_model_states.pt")
+    resumed = finetune_run(job(8, 5), nproc=1)
+    assert "step-00000004 (step 4)" in resumed.stderr
+    assert [e["step"] for e in train_log(out)] == list(range(1, 9)), "each step once"
+    # Kept: the newest three that verify (5, 4, 2); 6 is not one of them.
+    assert checkpoint_steps(root) == [2, 4, 5, 6]
+
+    weights = lora_weights(out)
+    truncate(root / "step-00000002" / "mp_rank_00_model_states.pt")
+    truncate(root / "step-00000004" / "manifest.json", 20)
+    (root / "step-00000005" / "rng-rank0000.pt").unlink()
+    message = refused(
+        job(10, 5),
+        f"{root}: none of the run's checkpoints can be resumed from (step-00000002: "
+        "mp_rank_00_model_states.pt does not match its manifest (size or SHA-256); "
+        "step-00000004: manifest.json is not a readable manifest; "
+        "step-00000005: rng-rank0000.pt is missing; step-00000006: mp_rank_00_model_states.pt "
+        f"does not match its manifest (size or SHA-256)); restore them, or remove {root} "
+        "to start the run over from step 0",
+        nproc=1,
+    )
+    assert message.startswith("error: ")
+    assert [e["step"] for e in train_log(out)] == list(range(1, 9)), "nothing trained"
+    for key, value in lora_weights(out).items():
+        assert torch.equal(value, weights[key]), "the results are the resumed run's"
+
+
+def checkpoint_steps(root: Path) -> list[int]:
+    return sorted(int(p.name.removeprefix("step-")) for p in root.iterdir())
+
+
+def truncate(path: Path, size: int = 1000) -> None:
+    path.write_bytes(path.read_bytes()[:size])
 
 
 def test_ctrl_c_saves_a_checkpoint_and_the_same_command_resumes(

@@ -13,11 +13,14 @@ import torch
 
 from finetune.api.selection import KeepBest
 from finetune.trainer.checkpoints import manifest
+from finetune.trainer.checkpoints.layout import check_max_steps
+from finetune.trainer.checkpoints.replica import durable_tags
 from finetune.trainer.checkpoints.run_checkpoints import RunCheckpoints
 from finetune.trainer.checkpoints.space import space_checked
 from finetune.trainer.checkpoints.state import TrainingState
 from finetune.trainer.errors import DiskFull, JobInputError
 from finetune.trainer.process.distributed import Rank
+from finetune.trainer.storage.local import LocalStore
 from finetune.trainer.storage.store import Store
 from tests.trainer.s3faults import Moto, moto  # noqa: F401 - the fixture
 
@@ -132,6 +135,78 @@ def test_a_local_output_keeps_the_newest_complete_checkpoints_and_resumes(tmp_pa
     assert engine.loaded == "step-00000004"
 
 
+def test_when_every_checkpoint_is_corrupt_resume_refuses_naming_each(tmp_path: Path) -> None:
+    for step in (2, 4, 6):
+        make_checkpoint(tmp_path, step)
+    make_checkpoint(tmp_path, 8, complete=False)  # a save cut short: no checkpoint at all
+    (tmp_path / "step-00000002" / "model.pt").write_bytes(b"bit rot")
+    (tmp_path / "step-00000004" / "manifest.json").write_text('{"step": 4, "fil')
+    (tmp_path / "step-00000006" / "model.pt").unlink()
+    engine = FakeEngine()
+    with pytest.raises(JobInputError) as refusal:
+        start_run(tmp_path, engine=engine)
+    assert str(refusal.value) == (
+        f"{tmp_path}: none of the run's checkpoints can be resumed from ("
+        "step-00000002: model.pt does not match its manifest (size or SHA-256); "
+        "step-00000004: manifest.json is not a readable manifest; "
+        "step-00000006: model.pt is missing); "
+        f"restore them, or remove {tmp_path} to start the run over from step 0"
+    )
+    assert engine.loaded is None
+
+
+def test_retention_does_not_count_corrupt_checkpoints_as_kept(tmp_path: Path) -> None:
+    first, _, _ = start_run(tmp_path, keep_last=3)
+    for step in (2, 4, 6):
+        first.save(step)
+    (tmp_path / "step-00000006" / "model.pt").write_bytes(b"bit rot")
+    checkpoints, _, step = start_run(tmp_path, keep_last=2)
+    assert step == 4
+    checkpoints.save(5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "step-00000004",
+        "step-00000005",
+        "step-00000006",
+    ], "the newest two that verify are kept; the corrupt one is not one of them"
+    checkpoints.save(6)  # written again: it counts now
+    checkpoints.save(7)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000006", "step-00000007"]
+
+
+def test_retention_in_the_store_does_not_count_corrupt_checkpoints(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "store")
+    first, _, _ = start_run(tmp_path / "first", store, keep_last=3)
+    for step in (2, 4, 6):
+        first.save(step)
+    first.finish()
+    (tmp_path / "store" / "checkpoints" / "step-00000006" / "model.pt").write_bytes(b"bit rot")
+    checkpoints, _, step = start_run(tmp_path / "fresh", store, keep_last=2)
+    assert step == 4
+    checkpoints.save(5)
+    checkpoints.finish()
+    assert durable_tags([key for key, _ in store.keys("")]) == [
+        "step-00000004",
+        "step-00000005",
+        "step-00000006",
+    ]
+
+
+def test_when_every_checkpoint_in_the_store_is_corrupt_resume_refuses(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "store")
+    checkpoints, _, _ = start_run(tmp_path / "first", store)
+    checkpoints.save(2)
+    checkpoints.finish()
+    (tmp_path / "store" / "checkpoints" / "step-00000002" / "model.pt").write_bytes(b"bit rot")
+    with pytest.raises(JobInputError) as refusal:
+        start_run(tmp_path / "fresh", store)
+    objects = tmp_path / "store" / "checkpoints"
+    assert str(refusal.value) == (
+        f"{objects}: none of the run's checkpoints can be resumed from (step-00000002: "
+        f"{objects}/step-00000002/model.pt does not match its manifest (size or SHA-256)); "
+        f"restore them, or remove {objects} to start the run over from step 0"
+    )
+
+
 def test_a_checkpoint_from_a_different_layout_is_refused(tmp_path: Path) -> None:
     checkpoints, _, _ = start_run(tmp_path, layout={"ranks": 2})
     checkpoints.save(2)
@@ -156,6 +231,17 @@ def test_a_checkpoint_of_another_trainer_version_is_refused_as_such(tmp_path: Pa
     ):
         start_run(tmp_path, layout=layout, engine=engine)
     assert engine.loaded is None
+
+
+def test_a_max_steps_below_the_newest_checkpoint_is_refused(tmp_path: Path) -> None:
+    found = manifest.Checkpoint(tmp_path / "step-00000008", 8)
+    with pytest.raises(
+        JobInputError,
+        match=r"^spec.training.maxSteps: 3 is below step 8 of the newest checkpoint "
+        r"\(.*step-00000008\); raise it to at least 8, or remove the checkpoints",
+    ):
+        check_max_steps(found, 3)
+    check_max_steps(found, 8)  # a finished run run again: it resumes at its last step
 
 
 def test_disk_full_while_saving_is_named(tmp_path: Path) -> None:

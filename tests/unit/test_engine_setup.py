@@ -10,9 +10,12 @@ import torch
 
 from finetune.api import FineTuneJob
 from finetune.trainer.engine.deepspeed_setup import deepspeed_config, make_optimizer, trainer_clips
+from finetune.trainer.evaluation.scores import history
 from finetune.trainer.telemetry.prometheus import Identity, TrainerMetrics
 from finetune.trainer.telemetry.steps import StepRecord, StepTelemetry
+from finetune.trainer.telemetry.tensorboard import Board
 from tests.support import lora_job
+from tests.trainer.jobs import tensorboard_scalars
 
 
 def test_deepspeed_config_follows_the_job() -> None:
@@ -82,6 +85,47 @@ def test_a_step_record_reports_the_measured_seconds_and_the_speed_from_them(
     labels = {"job": "job", "namespace": "default", "method": "lora", "rank": "0"}
     seconds = metrics.registry.get_sample_value("finetune_step_duration_seconds_sum", labels)
     assert seconds == 0.3  # the very seconds measured, not turned into speed and back
+
+
+def test_a_run_starting_at_a_step_drops_what_the_train_log_holds_after_it(
+    tmp_path: Path,
+) -> None:
+    """What an interrupted run logged after the checkpoint resumed from is trained (and
+    logged) again: each step, and each validation, is in the log once."""
+    log_path = tmp_path / "train_log.jsonl"
+    logged = [
+        {"step": 1, "loss": 0.1},
+        {"step": 2, "loss": 0.2},
+        {"step": 2, "validation": {"dino": 0.5}},
+        {"step": 3, "loss": 0.3},
+        {"step": 4, "loss": 0.4},
+        {"step": 4, "validation": {"dino": 0.6}},
+    ]
+    log_path.write_text("".join(json.dumps(e) + "\n" for e in logged) + '{"step": 5, "lo')
+    metrics = TrainerMetrics(Identity("job", "default", "lora", 0))
+    telemetry = StepTelemetry(metrics, None, log_path, torch.device("cpu"), True, 10, 2)
+    telemetry.step(StepRecord(3, 10, 0.35, 1e-4, seconds=0.3, images=6))
+    telemetry.close_progress()
+    entries = [json.loads(line) for line in log_path.read_text().splitlines()]
+    assert [(e["step"], e.get("loss")) for e in entries] == [
+        (1, 0.1),
+        (2, 0.2),
+        (2, None),
+        (3, 0.35),
+    ]
+    assert [scores.step for scores in history(log_path)] == [2]
+
+    StepTelemetry(metrics, None, log_path, torch.device("cpu"), True, 10, 0).close_progress()
+    assert log_path.read_text() == "", "a run that starts over logs its own steps only"
+
+
+def test_a_run_that_starts_over_hides_the_earlier_runs_events(tmp_path: Path) -> None:
+    for losses in ([0.9, 0.8, 0.7], [0.5]):
+        board = Board(tmp_path, 0)
+        for step, loss in enumerate(losses, start=1):
+            board.step(step, loss, None, 1.0)
+        board.close()
+    assert tensorboard_scalars(tmp_path)["train/loss"] == [(1, 0.5)]
 
 
 @pytest.mark.parametrize(

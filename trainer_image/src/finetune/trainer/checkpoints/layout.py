@@ -71,3 +71,14 @@ def check_layout(found: Checkpoint, layout: dict[str, Any]) -> None:
         f"{found.folder}: this checkpoint was written by a run laid out differently ({differences}); "
         "run with the same settings, or remove the checkpoints to start over"
     )
+
+
+def check_max_steps(found: Checkpoint, max_steps: int) -> None:
+    """Refuse a `training.maxSteps` below the step of the checkpoint resumed from: the run
+    cannot go back, and its results would be a later step's weights."""
+    if max_steps < found.step:
+        raise JobInputError(
+            f"spec.training.maxSteps: {max_steps} is below step {found.step} of the newest "
+            f"checkpoint ({found.folder}); raise it to at least {found.step}, or remove the "
+            "checkpoints to start over"
+        )

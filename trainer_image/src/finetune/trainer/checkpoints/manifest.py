@@ -2,7 +2,9 @@
 
 Rank 0 writes `manifest.json` once every rank has saved its share, atomically; a
 checkpoint whose files all match its manifest is complete, so one cut short by a
-crash (no manifest, or files that do not match) is simply never resumed from.
+crash (no manifest) is simply never resumed from. One with a manifest whose files no
+longer match is corrupt: skipped for an older one, and when every checkpoint is
+corrupt, resume refuses rather than start over on top of the run.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from finetune.trainer.errors import JobInputError
 from finetune.trainer.storage.files import file_digest, is_partial, write_text_whole
 
 MANIFEST = "manifest.json"
@@ -100,32 +103,78 @@ def matches(path: Path, size: int, sha256: str) -> bool:
         return False
 
 
-def verify(folder: Path) -> int | None:
-    """The checkpoint's step when every file matches its manifest, else None."""
+class Unusable(Exception):  # noqa: N818 - named like what the checkpoint is
+    """Why a checkpoint cannot be resumed from (a file of it, or its manifest)."""
+
+
+def checked_step(folder: Path) -> int:
+    """The checkpoint's step when every file matches its manifest; `Unusable` says why not."""
     try:
         step, files = parse((folder / MANIFEST).read_text())
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    except FileNotFoundError as error:
+        raise Unusable(f"no {MANIFEST} (a save cut short)") from error
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise Unusable(f"{MANIFEST} is not a readable manifest") from error
     for relative, size, sha256 in files:
+        if not (folder / relative).is_file():
+            raise Unusable(f"{relative} is missing")
         if not matches(folder / relative, size, sha256):
-            log.warning("checkpoint %s: %s does not match its manifest; skipped", folder, relative)
-            return None
+            raise Unusable(f"{relative} does not match its manifest (size or SHA-256)")
     return step
 
 
-def latest(root: Path) -> Checkpoint | None:
-    """The newest checkpoint under `root` whose manifest verifies."""
-    if not root.is_dir():
+def verify(folder: Path) -> int | None:
+    """The checkpoint's step when every file matches its manifest, else None (logged)."""
+    try:
+        return checked_step(folder)
+    except Unusable as why:
+        log.warning("checkpoint %s: %s; skipped", folder, why)
         return None
+
+
+@dataclass(frozen=True)
+class Scan:
+    """What resume found among a run's checkpoints, newest first: the first that verifies,
+    and the newer ones whose manifest was written (so they counted once) but that do not
+    verify now, with why. One without a manifest is a save cut short, never a checkpoint."""
+
+    found: Checkpoint | None
+    corrupt: dict[str, str]  # tag -> why it is unusable
+
+    def resumable(self, where: str) -> Checkpoint | None:
+        """`found`, or None when there are no checkpoints; when every checkpoint of
+        `where` is corrupt, JobInputError: starting over would overwrite the run."""
+        if self.found is not None or not self.corrupt:
+            return self.found
+        reasons = "; ".join(f"{tag}: {why}" for tag, why in sorted(self.corrupt.items()))
+        raise JobInputError(
+            f"{where}: none of the run's checkpoints can be resumed from ({reasons}); restore "
+            f"them, or remove {where} to start the run over from step 0"
+        )
+
+
+def scan(root: Path) -> Scan:
+    """The newest checkpoint under `root` whose manifest verifies, and the corrupt newer ones."""
+    corrupt: dict[str, str] = {}
+    if not root.is_dir():
+        return Scan(None, corrupt)
     candidates = sorted(
         (p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")), reverse=True
     )
     for folder in candidates:
-        step = verify(folder)
-        if step is not None:
-            return Checkpoint(folder, step)
-        log.warning("checkpoint %s is incomplete or corrupt; not used for resume", folder)
-    return None
+        try:
+            return Scan(Checkpoint(folder, checked_step(folder)), corrupt)
+        except Unusable as why:
+            log.warning("checkpoint %s is not used for resume: %s", folder, why)
+            if (folder / MANIFEST).exists():
+                corrupt[folder.name] = str(why)
+    return Scan(None, corrupt)
+
+
+def latest(root: Path) -> Checkpoint | None:
+    """The newest checkpoint under `root` whose manifest verifies; JobInputError when
+    there are checkpoints but none verifies."""
+    return scan(root).resumable(str(root))
 
 
 def validations_of(folder: Path) -> list[dict[str, Any]]:

@@ -107,12 +107,15 @@ class Replica:
     def _keys(self) -> list[str]:
         return [key for key, _ in self.store.keys(PREFIX)]
 
-    def retain(self, keep_last: int, keep: str | None = None) -> str | None:
+    def retain(
+        self, keep_last: int, keep: str | None = None, corrupt: frozenset[str] = frozenset()
+    ) -> str | None:
         """Delete from the store every checkpoint older than the newest `keep_last`
-        durable ones but `keep` (the best, `keepBest`), with one listing; the oldest tag
-        kept, or None when none is deleted."""
+        durable ones (`corrupt` ones, found so at resume, do not count) but `keep` (the
+        best, `keepBest`), with one listing; the oldest tag kept, or None when none is
+        deleted."""
         keys = self._keys()
-        durable = durable_tags(keys)
+        durable = [tag for tag in durable_tags(keys) if tag not in corrupt]
         if len(durable) <= keep_last:
             return None
         oldest_kept = durable[-keep_last]
@@ -124,26 +127,37 @@ class Replica:
 
     # --- resuming ------------------------------------------------------------------
 
-    def restore(self) -> Checkpoint | None:
+    def restore(self) -> manifest.Scan:
         """Rank 0: the newest checkpoint in the store whose manifest parses and whose
         files all match it, fetched into the local folder (files already there with the
-        right SHA-256 are not downloaded again)."""
+        right SHA-256 are not downloaded again), and the newer durable ones that do not."""
+        corrupt: dict[str, str] = {}
         for tag in reversed(durable_tags(self._keys())):
-            found = self.fetch(tag)
-            if found is not None:
-                return found
-            log.warning("checkpoint %s is incomplete or corrupt; not used", self.location(tag))
-        return None
+            try:
+                return manifest.Scan(self._fetch(tag), corrupt)
+            except manifest.Unusable as why:
+                log.warning("checkpoint %s is not used: %s", self.location(tag), why)
+                corrupt[tag] = str(why)
+        return manifest.Scan(None, corrupt)
 
     def fetch(self, tag: str) -> Checkpoint | None:
         """`tag`'s files in the local folder, each checked against the store's manifest;
         None (with a warning naming the object) when one does not match."""
+        try:
+            return self._fetch(tag)
+        except manifest.Unusable as why:
+            log.warning("checkpoint %s: %s", self.location(tag), why)
+            return None
+
+    def _fetch(self, tag: str) -> Checkpoint:
+        """`fetch`, or `Unusable` naming the object that does not match."""
         text = self.store.read_text(key_for(tag, MANIFEST))
         try:
             step, files = manifest.parse(text or "")
-        except (ValueError, KeyError, TypeError):
-            log.warning("%s: not a readable manifest", self.store.uri_of(key_for(tag, MANIFEST)))
-            return None
+        except (ValueError, KeyError, TypeError) as error:
+            raise manifest.Unusable(
+                f"{self.store.uri_of(key_for(tag, MANIFEST))} is not a readable manifest"
+            ) from error
         folder = self.root / tag
         for relative, size, sha256 in files:
             path = folder / relative
@@ -151,11 +165,10 @@ class Replica:
                 continue
             self.store.get_file(key_for(tag, relative), path)
             if not manifest.matches(path, size, sha256):
-                log.warning(
-                    "%s does not match its manifest (size or SHA-256); skipped",
-                    self.store.uri_of(key_for(tag, relative)),
-                )
                 path.unlink(missing_ok=True)
-                return None
+                raise manifest.Unusable(
+                    f"{self.store.uri_of(key_for(tag, relative))} does not match its manifest "
+                    "(size or SHA-256)"
+                )
         manifest.write_text(folder, text or "")
         return Checkpoint(folder, step)

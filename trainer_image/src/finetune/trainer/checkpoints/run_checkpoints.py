@@ -82,6 +82,9 @@ class RunCheckpoints:
         )
         self._state: TrainingState | None = None
         self.layout: dict[str, Any] = {}
+        # Rank 0: checkpoints resume found corrupt; retention does not count them as kept
+        # (until a save writes the same step again).
+        self.corrupt: frozenset[str] = frozenset()
 
     @property
     def state(self) -> TrainingState:
@@ -97,6 +100,7 @@ class RunCheckpoints:
         folder = self.root / tag
         if self.rank.main:  # a manifest left by an earlier run must not vouch for new files
             (folder / MANIFEST).unlink(missing_ok=True)
+            self.corrupt -= {tag}
         distributed.barrier()
         with space_checked(folder, step):
             self.state.save(self.root, tag, step, self.rank.rank)
@@ -155,9 +159,9 @@ class RunCheckpoints:
         the store and locally."""
         best = self.best_tag(step)
         if self.replica is not None:
-            oldest_kept = self.replica.retain(self.keep_last, best)
+            oldest_kept = self.replica.retain(self.keep_last, best, self.corrupt)
         else:
-            complete = self._complete()
+            complete = [tag for tag in self._complete() if tag not in self.corrupt]
             oldest_kept = complete[-self.keep_last] if len(complete) > self.keep_last else None
         if oldest_kept is None:
             return
@@ -218,11 +222,16 @@ class RunCheckpoints:
 
     def newest(self) -> Checkpoint | None:
         """Rank 0's pick, on every rank: with a replica the newest checkpoint there
-        (fetched into the local folder); else the newest local one that verifies."""
-        found: Checkpoint | None = distributed.broadcast(
-            (self.replica.restore() if self.replica else manifest.latest(self.root))
+        (fetched into the local folder); else the newest local one that verifies. When
+        there are checkpoints but every one is corrupt, JobInputError on every rank."""
+        scan: manifest.Scan = distributed.broadcast(
+            (self.replica.restore() if self.replica else manifest.scan(self.root))
             if self.rank.main
             else None
+        )
+        self.corrupt = frozenset(scan.corrupt)
+        found = scan.resumable(
+            self.replica.location("") if self.replica is not None else str(self.root)
         )
         # Another node has a disk of its own (on a shared one nothing is fetched again).
         other_node = not self.rank.main and self.rank.local_rank == 0

@@ -19,7 +19,7 @@ import torch
 from finetune.api.common import is_s3
 from finetune.api.pod import EXIT_INTERRUPTED, EXIT_OK
 from finetune.api.selection import OutputFrom
-from finetune.trainer.checkpoints.layout import layout_for, zero_stage_of
+from finetune.trainer.checkpoints.layout import check_max_steps, layout_for, zero_stage_of
 from finetune.trainer.checkpoints.manifest import validations_of
 from finetune.trainer.checkpoints.run_checkpoints import RunCheckpoints
 from finetune.trainer.checkpoints.state import TrainingState
@@ -149,6 +149,8 @@ class Trainer:
             spec.checkpointing.keep_best,
         )
         self.found = self.checkpoints.newest()
+        if self.found is not None:
+            check_max_steps(self.found, hp.max_steps)
         # Rank 0's validations so far: those the resumed checkpoint carries.
         self.selection = Selection(
             spec,

@@ -4,6 +4,9 @@ status reporter. The scores of each validation (`validation.metrics`) go the sam
 from rank 0, and its sample grid to TensorBoard.
 
 The step's time is measured once, in seconds; the speed is derived from it here.
+A run that starts at step N first drops the train log's lines of later steps (those an
+interrupted run logged after its checkpoint), as TensorBoard's purge does: each step
+is logged once.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from finetune.api.selection import EarlyStopping
 from finetune.api.status import EarlyStop
 from finetune.trainer.evaluation.scores import Scores
 from finetune.trainer.evaluation.selection import Stall
+from finetune.trainer.storage.files import write_text_whole
 from finetune.trainer.telemetry.pace import Pace
 from finetune.trainer.telemetry.prometheus import TrainerMetrics, folder_bytes
 from finetune.trainer.telemetry.status import StatusReporter
@@ -69,6 +73,8 @@ class StepTelemetry:
         self.device = device
         self.main = main
         self.progress = _progress_bar(total_steps, initial_step) if main else None
+        if main:
+            trim_train_log(log_path, initial_step)
         self.pace = Pace()
         self._uploads_recorded = (0, 0.0)  # bytes and seconds of checkpoint uploads so far
 
@@ -208,6 +214,27 @@ class StepTelemetry:
             torch.cuda.memory_allocated(self.device),
             torch.cuda.max_memory_allocated(self.device),
         )
+
+
+def trim_train_log(log_path: Path, step: int) -> None:
+    """The train log without lines of steps after `step` (where a run starts; 0 when
+    fresh), nor lines a crash cut short (the next line would be glued to them)."""
+    if not log_path.is_file():
+        return
+    text = log_path.read_text()
+    kept = "".join(f"{line}\n" for line in text.splitlines() if _logged_by(line, step))
+    if kept != text:
+        write_text_whole(log_path, kept, durable=True)
+
+
+def _logged_by(line: str, step: int) -> bool:
+    """Whether a train-log line is a complete entry of `step` or an earlier one."""
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        return False
+    logged = entry.get("step") if isinstance(entry, dict) else None
+    return isinstance(logged, int) and logged <= step
 
 
 def _progress_bar(total_steps: int, initial_step: int) -> Any:

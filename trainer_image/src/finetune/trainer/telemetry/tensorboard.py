@@ -2,9 +2,10 @@
 OUT/logs` shows a run as it does for every peer trainer: loss, learning rate and speed
 at each step; each validation's scores (per concept too) and its sample grid.
 
-A resumed run opens a new event file whose first event purges, in TensorBoard's view,
-whatever the interrupted run logged after the checkpoint it resumes from: the steps it
-trains again are not shown twice.
+Every run opens a new event file whose first event purges, in TensorBoard's view,
+whatever an interrupted run logged after the checkpoint this one resumes from (all of
+it for a run that starts over): the steps it trains again are not shown twice; the
+train log drops the same lines (`telemetry.steps`).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class Board:
         folder.mkdir(parents=True, exist_ok=True)
         self.writer: Any = SummaryWriter(
             str(folder),
-            purge_step=resumed_step + 1 if resumed_step > 0 else None,
+            purge_step=resumed_step + 1,
             flush_secs=FLUSH_SECONDS,
         )
 

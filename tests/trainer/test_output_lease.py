@@ -123,6 +123,28 @@ def test_s3_lease_is_exclusive_and_released(bucket: Moto) -> None:
         read_lease(bucket.url)
 
 
+def test_an_s3_lease_whose_object_vanished_is_made_again(
+    bucket: Moto, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lease object deleted mid-run (by hand, or a store that lost it): the next
+    heartbeat makes it again, so a second run is still refused."""
+    monkeypatch.setenv("FINETUNE_LEASE_TTL_SECONDS", "1")
+    lease = S3Lease(OUTPUT, S3Settings(bucket.url), wait_for_own_job=False)
+    lease.acquire()
+    try:
+        boto3.client("s3", endpoint_url=bucket.url).delete_object(Bucket="runs", Key=KEY)
+        deadline = time.monotonic() + 10
+        with caplog.at_level(logging.WARNING):
+            while "made it again" not in caplog.text:
+                assert time.monotonic() < deadline, caplog.text
+                threading.Event().wait(0.1)
+        assert read_lease(bucket.url)["pid"] == os.getpid()
+        with pytest.raises(OutputBusy):
+            S3Lease(OUTPUT, S3Settings(bucket.url), wait_for_own_job=False).acquire()
+    finally:
+        lease.release()
+
+
 def test_s3_lease_of_a_dead_process_on_this_host_is_taken_over(
     bucket: Moto, caplog: pytest.LogCaptureFixture
 ) -> None:

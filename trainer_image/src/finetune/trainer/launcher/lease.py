@@ -254,7 +254,15 @@ class S3Lease:
 
         while not self._done.wait(self.ttl / 4):
             try:
-                self._etag = self._put(IfMatch=self._etag or "*")
+                try:
+                    self._etag = self._put(IfMatch=self._etag or "*")
+                except Exception as exc:
+                    if not (not_found(exc) or not_found(exc.__cause__)):
+                        raise
+                    # The object is gone (deleted, or a store that lost it): made again
+                    # unless another run has made it meanwhile.
+                    self._etag = self._put(IfNoneMatch="*")
+                    log.warning("%s: the lease object was gone; made it again", self.output)
             except ClientError as exc:
                 if _precondition_failed(exc):
                     log.error("%s: the output's lease was taken over by another run", self.output)

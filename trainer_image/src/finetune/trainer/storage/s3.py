@@ -184,7 +184,7 @@ class S3Object(NamedTuple):
     etag: str  # the MD5 of the bytes for a single-part upload without KMS
 
 
-def not_found(exc: BaseException) -> bool:
+def not_found(exc: BaseException | None) -> bool:
     from botocore.exceptions import ClientError
 
     return isinstance(exc, ClientError) and exc.response.get("Error", {}).get("Code") in {

@@ -218,6 +218,21 @@ def test_a_checkpoint_from_a_different_layout_is_refused(tmp_path: Path) -> None
     assert engine.loaded is None
 
 
+def test_a_refused_checkpoint_is_named_where_the_user_keeps_it(tmp_path: Path) -> None:
+    """With an `s3://` output the user knows the checkpoint in the store, not in the
+    local cache it was fetched into."""
+    store = LocalStore(tmp_path / "store")
+    checkpoints, _, _ = start_run(tmp_path / "first", store, layout={"ranks": 2})
+    checkpoints.save(2)
+    checkpoints.finish()
+    with pytest.raises(JobInputError) as refusal:
+        start_run(tmp_path / "cache", store, layout={"ranks": 1})
+    assert str(refusal.value).startswith(
+        f"{tmp_path / 'store' / 'checkpoints' / 'step-00000002'}: this checkpoint was "
+        "written by a run laid out differently (ranks 2 -> 1)"
+    )
+
+
 def test_a_checkpoint_of_another_trainer_version_is_refused_as_such(tmp_path: Path) -> None:
     # Written in DeepSpeed's bf16 mode, before the precision plan recorded itself.
     checkpoints, _, _ = start_run(tmp_path, layout={"ranks": 1, "spec.method": "lora"})

@@ -52,9 +52,11 @@ def _user_settings(key: str) -> bool:
     return key in ("ranks", "zeroStage") or key.startswith("spec.")
 
 
-def check_layout(found: Checkpoint, layout: dict[str, Any]) -> None:
+def check_layout(found: Checkpoint, layout: dict[str, Any], where: str | None = None) -> None:
     """Refuse, naming each difference, a checkpoint written by a run laid out otherwise:
-    by other settings, or by a trainer that stored its state another way."""
+    by other settings, or by a trainer that stored its state another way. `where`: the
+    checkpoint as the user knows it (in an `s3://` output rather than the local cache)."""
+    where = where or str(found.folder)
     saved = _saved_layout(found)
     if not saved or saved == layout:
         return
@@ -63,12 +65,12 @@ def check_layout(found: Checkpoint, layout: dict[str, Any]) -> None:
     differences = ", ".join(f"{k} {saved.get(k)} -> {layout.get(k)}" for k in changed)
     if not any(_user_settings(k) for k in changed):
         raise JobInputError(
-            f"{found.folder}: this checkpoint was written by another version of the trainer, "
+            f"{where}: this checkpoint was written by another version of the trainer, "
             f"which stored its state differently ({differences}); finish the run with that "
             "version, or remove the checkpoints to start over"
         )
     raise JobInputError(
-        f"{found.folder}: this checkpoint was written by a run laid out differently ({differences}); "
+        f"{where}: this checkpoint was written by a run laid out differently ({differences}); "
         "run with the same settings, or remove the checkpoints to start over"
     )
 

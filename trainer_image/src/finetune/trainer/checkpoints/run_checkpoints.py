@@ -194,7 +194,9 @@ class RunCheckpoints:
         self._state, self.layout = state, layout
         if found is None:
             return 0
-        check_layout(found, layout)
+        check_layout(
+            found, layout, self.replica.location(found.tag) if self.replica is not None else None
+        )
         state.load(self.root, found.tag, self.rank.rank, self.device)
         if self.rank.main:
             log.info("resumed from %s (step %d)", found.folder, found.step)

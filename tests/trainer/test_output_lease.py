@@ -145,6 +145,22 @@ def test_an_s3_lease_whose_object_vanished_is_made_again(
         lease.release()
 
 
+def test_s3_lease_release_gives_up_on_s3_that_hangs(
+    bucket: Moto, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stopped run must not wait minutes on its way out: the release gives S3 seconds."""
+    lease = S3Lease(OUTPUT, S3Settings(bucket.url), wait_for_own_job=False)
+    lease.acquire()
+    with socket.create_server(("127.0.0.1", 0)) as hung:  # takes connections, never answers
+        lease.settings = S3Settings(f"http://127.0.0.1:{hung.getsockname()[1]}")
+        started = time.monotonic()
+        with caplog.at_level(logging.WARNING):
+            lease.release()
+        assert time.monotonic() - started < 10
+    assert "could not release the lease" in caplog.text
+    assert "it expires in 60 s" in caplog.text
+
+
 def test_s3_lease_of_a_dead_process_on_this_host_is_taken_over(
     bucket: Moto, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import errno
 import json
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from finetune.trainer.checkpoints.space import space_checked
 from finetune.trainer.checkpoints.state import TrainingState
 from finetune.trainer.errors import DiskFull, JobInputError
 from finetune.trainer.process.distributed import Rank
+from finetune.trainer.process.stopping import Stopped
 from finetune.trainer.storage.local import LocalStore
 from finetune.trainer.storage.store import Store
 from tests.trainer.s3faults import Moto, moto  # noqa: F401 - the fixture
@@ -332,3 +335,69 @@ def test_a_checkpoint_without_manifest_is_never_used(moto: Moto, tmp_path: Path)
     store.put_file(root / "step-00000004" / "model.pt", "checkpoints/step-00000004/model.pt")
     _, _, step = start_run(tmp_path / "x", store)
     assert step == 2
+
+
+class HungStore(LocalStore):
+    """A store whose uploads hang until `answer` is set, as an S3 endpoint that stopped."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__(folder)
+        self.answer = threading.Event()
+        self.ended = False
+
+    def end_process(self) -> None:
+        """What a run's exit does to its hung uploads: they never write (in one test
+        process, the thread would go on and race the next run's upload of the file)."""
+        self.ended = True
+        self.answer.set()
+
+    def put_file(self, path: Path, key: str) -> None:
+        self.answer.wait()
+        if self.ended:
+            raise RuntimeError("the process that made this upload has exited")
+        super().put_file(path, key)
+
+
+def leave_after(calls: int) -> Callable[[], None]:
+    """A wait's check that leaves (as a second Ctrl-C does) on its `calls`-th call."""
+    count = iter(range(calls, 0, -1))
+
+    def check() -> None:
+        if next(count) == 1:
+            raise Stopped("stopped again")
+
+    return check
+
+
+def test_a_checkpoint_whose_upload_a_stop_left_is_resumed_from_and_sent(tmp_path: Path) -> None:
+    root, store = tmp_path / "checkpoints", HungStore(tmp_path / "store")
+    checkpoints, _, _ = start_run(root, store)
+    checkpoints.save(2)
+    checkpoints.poll()
+    with pytest.raises(Stopped):
+        checkpoints.finish(leave_after(3))
+    assert checkpoints.unsent() == [2]
+    store.end_process()  # S3 answers again; the next run is a new process
+
+    reported: list[tuple[str, int]] = []
+    fresh = LocalStore(tmp_path / "store")
+    checkpoints, engine, step = start_run(root, fresh, reported=reported)
+    assert step == 2
+    assert engine.loaded == "step-00000002"
+    checkpoints.finish()
+    assert reported == [(fresh.uri_of("checkpoints/step-00000002"), 2)]
+    assert (tmp_path / "store" / "checkpoints" / "step-00000002" / "manifest.json").is_file()
+    assert not list(root.glob("*.unsent"))
+
+
+def test_a_left_checkpoint_older_than_the_stores_newest_is_not_used(tmp_path: Path) -> None:
+    root, store = tmp_path / "checkpoints", LocalStore(tmp_path / "store")
+    make_checkpoint(root, 2)
+    (root / "step-00000002.unsent").touch()
+    checkpoints, _, _ = start_run(tmp_path / "elsewhere", store)
+    checkpoints.save(4)
+    checkpoints.finish()
+    _, engine, step = start_run(root, store)
+    assert step == 4
+    assert engine.loaded == "step-00000004"
+    assert not (root / "step-00000002.unsent").exists()

@@ -61,3 +61,43 @@ def test_close_puts_the_handlers_back() -> None:
     request.close()
     assert signal.getsignal(signal.SIGINT) is before
     assert stopping.current() is None
+
+
+def test_a_second_signal_is_a_repeated_stop(stop: stopping.StopRequest) -> None:
+    os.kill(os.getpid(), signal.SIGINT)
+    assert stop.requested
+    assert not stop.repeated
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert stop.repeated
+
+
+def test_work_a_stop_waits_for_pauses_through_the_first_signal_only(
+    stop: stopping.StopRequest,
+) -> None:
+    os.kill(os.getpid(), signal.SIGINT)
+    with stopping.outlasting_a_stop():
+        stopping.pause(0.2)  # an upload's retry backoff goes on
+        signal_soon(signal.SIGINT)
+        started = time.monotonic()
+        with pytest.raises(stopping.Stopped):
+            stopping.pause(60)
+        assert time.monotonic() - started < 5
+    with pytest.raises(stopping.Stopped):
+        stopping.pause(0.1)
+
+
+def test_patience_says_what_it_waits_for_once_then_a_second_stop_leaves(
+    stop: stopping.StopRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(stopping, "ANNOUNCE_AFTER_SECONDS", 0.0)
+    said: list[str] = []
+    patience = stopping.Patience(stop, lambda: said.append("waiting"))
+    patience.check()
+    assert said == []  # no stop asked for: nothing to say
+    os.kill(os.getpid(), signal.SIGINT)
+    patience.check()
+    patience.check()
+    assert said == ["waiting"]
+    os.kill(os.getpid(), signal.SIGINT)
+    with pytest.raises(stopping.Stopped):
+        patience.check()

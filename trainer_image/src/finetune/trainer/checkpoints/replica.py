@@ -5,7 +5,8 @@ each node has its own disk); rank 0 uploads the manifest last, and only once eve
 rank has uploaded its share: the ranks agree on that with one small all-reduce per
 step while a checkpoint is pending. A checkpoint is durable once its manifest is in
 the store. Resume takes the newest one there whose manifest parses and whose every
-file matches it.
+file matches it, unless a stop left a newer one unsent (a second Ctrl-C while the stop
+waited for its uploads): that one, whole in the local folder, is resumed from and sent.
 """
 
 from __future__ import annotations
@@ -19,12 +20,15 @@ import torch
 from finetune.trainer.checkpoints import manifest
 from finetune.trainer.checkpoints.manifest import MANIFEST, Checkpoint
 from finetune.trainer.process import distributed
+from finetune.trainer.process.stopping import Stopped
 from finetune.trainer.storage.store import Store
 from finetune.trainer.storage.uploader import Task, Uploader
 
 log = logging.getLogger(__name__)
 
 PREFIX = "checkpoints/"
+# `step-NNNNNNNN.unsent` beside the checkpoint folders: a stop left its uploads.
+UNSENT = ".unsent"
 
 
 def key_for(tag: str, relative: str) -> str:
@@ -89,18 +93,46 @@ class Replica:
                     Task(
                         step,
                         [(self.root / tag / MANIFEST, key_for(tag, MANIFEST))],
-                        then=lambda step=step: self.durable(step),  # type: ignore[misc]
+                        then=lambda step=step: self._sent(step),  # type: ignore[misc]
                         urgent=True,
                     )
                 )
 
-    def finish(self) -> None:
+    def _sent(self, step: int) -> None:
+        """Rank 0's uploader thread, once `step`'s manifest is up."""
+        for marker in self.root.glob(f"step-*{UNSENT}"):  # left ones it makes obsolete
+            if marker.name.removesuffix(UNSENT) <= manifest.tag_for(step):
+                marker.unlink(missing_ok=True)
+        self.durable(step)
+
+    def finish(self, check: Callable[[], None] = lambda: None) -> None:
         """On every rank: wait until every checkpoint saved so far is durable. Every rank
-        walks the same pending list, so each makes the same collectives."""
-        while self.pending:
-            self.uploader.wait_for(self.pending[0])
-            self.poll()
-        self.uploader.wait()
+        walks the same pending list, so each makes the same collectives. `check()` runs
+        while waiting; when it raises `Stopped` (a repeated stop) the checkpoints not
+        durable yet are marked for the next run to send, and it is raised on."""
+        try:
+            while self.pending:
+                self.uploader.wait_for(self.pending[0], check)
+                self.poll()
+            self.uploader.wait(check)
+        except Stopped:
+            if self.rank.main:
+                for step in self.unsent():
+                    (self.root / (manifest.tag_for(step) + UNSENT)).touch()
+            raise
+
+    def unsent(self) -> list[int]:
+        """The checkpoints saved here whose manifest is not in the store yet."""
+        return sorted(set(self.pending) | self.uploader.waiting_steps())
+
+    def resend(self, checkpoint: Checkpoint) -> None:
+        """On every rank: upload `checkpoint`, which a stop left unsent (`restore`), as if
+        just saved. Rank 0 verified every file of it in the local folder and sends them all."""
+        names = []
+        if self.rank.main:
+            _, files = manifest.parse((checkpoint.folder / MANIFEST).read_text())
+            names = [relative for relative, _, _ in files]
+        self.upload(checkpoint.step, names)
 
     # --- retention -----------------------------------------------------------------
 
@@ -127,18 +159,39 @@ class Replica:
 
     # --- resuming ------------------------------------------------------------------
 
-    def restore(self) -> manifest.Scan:
-        """Rank 0: the newest checkpoint in the store whose manifest parses and whose
-        files all match it, fetched into the local folder (files already there with the
-        right SHA-256 are not downloaded again), and the newer durable ones that do not."""
+    def restore(self) -> tuple[manifest.Scan, bool]:
+        """Rank 0: what to resume from, and whether it is still to be sent (`resend`).
+        That is the newest checkpoint a stop left unsent, when it is newer than the
+        store's newest and verifies in the local folder; else the newest in the store
+        whose manifest parses and whose files all match it, fetched into the local folder
+        (files already there with the right SHA-256 are not downloaded again), with the
+        newer durable ones that do not."""
+        tags = durable_tags(self._keys())
+        unsent = self._left_unsent(tags[-1] if tags else "")
+        if unsent is not None:
+            log.info("checkpoint %s was never uploaded (a stop left it): sending it", unsent.tag)
+            return manifest.Scan(unsent, {}), True
         corrupt: dict[str, str] = {}
-        for tag in reversed(durable_tags(self._keys())):
+        for tag in reversed(tags):
             try:
-                return manifest.Scan(self._fetch(tag), corrupt)
+                return manifest.Scan(self._fetch(tag), corrupt), False
             except manifest.Unusable as why:
                 log.warning("checkpoint %s is not used: %s", self.location(tag), why)
                 corrupt[tag] = str(why)
-        return manifest.Scan(None, corrupt)
+        return manifest.Scan(None, corrupt), False
+
+    def _left_unsent(self, newest_stored: str) -> Checkpoint | None:
+        """The newest checkpoint a stop left unsent that is newer than `newest_stored`
+        and whole here; the marks of those that are not are dropped."""
+        for marker in sorted(self.root.glob(f"step-*{UNSENT}"), reverse=True):
+            folder = self.root / marker.name.removesuffix(UNSENT)
+            if folder.name > newest_stored:
+                step = manifest.verify(folder)
+                if step is not None:
+                    return Checkpoint(folder, step)
+                log.warning("checkpoint %s, left unsent by a stop, is not whole; not used", folder)
+            marker.unlink()
+        return None
 
     def fetch(self, tag: str) -> Checkpoint | None:
         """`tag`'s files in the local folder, each checked against the store's manifest;

@@ -131,10 +131,15 @@ class RunCheckpoints:
         if self.replica is not None:
             self.replica.poll()
 
-    def finish(self) -> None:
-        """On every rank: wait until every checkpoint saved so far counts."""
+    def finish(self, check: Callable[[], None] = lambda: None) -> None:
+        """On every rank: wait until every checkpoint saved so far counts. `check()` runs
+        while waiting; what it raises leaves the uploads (`Replica.finish`)."""
         if self.replica is not None:
-            self.replica.finish()
+            self.replica.finish(check)
+
+    def unsent(self) -> list[int]:
+        """The checkpoints saved that do not count yet, waiting for their upload."""
+        return self.replica.unsent() if self.replica is not None else []
 
     @property
     def uploads(self) -> Uploader | NoUploads:
@@ -224,10 +229,12 @@ class RunCheckpoints:
 
     def newest(self) -> Checkpoint | None:
         """Rank 0's pick, on every rank: with a replica the newest checkpoint there
-        (fetched into the local folder); else the newest local one that verifies. When
-        there are checkpoints but every one is corrupt, JobInputError on every rank."""
-        scan: manifest.Scan = distributed.broadcast(
-            (self.replica.restore() if self.replica else manifest.scan(self.root))
+        (fetched into the local folder) or a newer one a stop left unsent (sent now);
+        else the newest local one that verifies. When there are checkpoints but every one
+        is corrupt, JobInputError on every rank."""
+        scan: manifest.Scan
+        scan, unsent = distributed.broadcast(
+            (self.replica.restore() if self.replica else (manifest.scan(self.root), False))
             if self.rank.main
             else None
         )
@@ -235,8 +242,11 @@ class RunCheckpoints:
         found = scan.resumable(
             self.replica.location("") if self.replica is not None else str(self.root)
         )
+        if unsent and found is not None and self.replica is not None:
+            # Rank 0 has every rank's files of it on its disk: one every node shares.
+            self.replica.resend(found)
         # Another node has a disk of its own (on a shared one nothing is fetched again).
-        other_node = not self.rank.main and self.rank.local_rank == 0
+        other_node = not self.rank.main and self.rank.local_rank == 0 and not unsent
         fetched = (
             self.replica.fetch(found.tag)
             if found is not None and self.replica is not None and other_node

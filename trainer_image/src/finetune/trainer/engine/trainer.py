@@ -34,6 +34,11 @@ from finetune.trainer.engine.speed import (
     set_matmul_precision,
     to_channels_last,
 )
+from finetune.trainer.engine.upload_waits import (
+    checkpoints_sent,
+    left_message,
+    results_patience,
+)
 from finetune.trainer.engine.zero import ZeroChoice, choose_stage, device_memory, weight_bytes
 from finetune.trainer.errors import JobInputError, NonFiniteLoss
 from finetune.trainer.evaluation.scores import Scores
@@ -46,7 +51,7 @@ from finetune.trainer.outputs.finish import finish_run
 from finetune.trainer.outputs.generation import GenerationContext
 from finetune.trainer.outputs.samples import Sampler, Validation
 from finetune.trainer.process import distributed
-from finetune.trainer.process.stopping import StopRequest
+from finetune.trainer.process.stopping import Stopped, StopRequest
 from finetune.trainer.storage.s3 import S3Settings
 from finetune.trainer.storage.store import open_store
 from finetune.trainer.telemetry import prometheus
@@ -311,8 +316,7 @@ class Trainer:
         checkpoint_validations = self.spec.checkpointing.keep_best is not None
         if step < hp.max_steps and self._stops_early(step):  # it had stopped before a resume
             telemetry.close_progress()
-            self._finish(step, None)
-            return EXIT_OK
+            return self._finish(step, None)
         self.engine.train()
         while step < hp.max_steps:
             record = self._train_step(step)
@@ -337,11 +341,9 @@ class Trainer:
                 return self._stopped(step)
             if validation is not None and self._stops_early(step):
                 telemetry.close_progress()
-                self._finish(step, last_loss, validation)
-                return EXIT_OK
+                return self._finish(step, last_loss, validation)
         telemetry.close_progress()
-        self._finish(step, last_loss)
-        return EXIT_OK
+        return self._finish(step, last_loss)
 
     def _validate(self, step: int) -> Validation:
         """Samples of `step` on every rank together; rank 0 reports them and keeps the scores."""
@@ -394,40 +396,61 @@ class Trainer:
         )
 
     def _stopped(self, step: int) -> int:
-        """After the checkpoint of a stop: every upload done, then exit 130."""
-        self.checkpoints.finish()
+        """After the checkpoint of a stop: every upload done (or left by a second stop),
+        then exit 130."""
         self.telemetry.close_progress()
         self.telemetry.close_board()
+        sent = self._checkpoints_sent()
         if self.rank.main:
             print(
-                f"Stopped at step {step}; checkpoint saved. Run the same command to resume.",
+                f"Stopped at step {step}; checkpoint saved. Run the same command to resume."
+                if sent
+                else left_message(step, self.checkpoints),
                 flush=True,
             )
         return EXIT_INTERRUPTED
 
+    def _checkpoints_sent(self) -> bool:
+        return checkpoints_sent(self.checkpoints, self.stop, self.plan.output_uri, self.rank.main)
+
     def _finish(
         self, step: int, last_loss: float | None, validation: Validation | None = None
-    ) -> None:
+    ) -> int:
         """The results of `step` (the last, or an early stop's); `validation`: its own,
-        when the loop made it."""
-        self.checkpoints.finish()  # every checkpoint counts before the results
+        when the loop made it. Exit 0, or 130 where a second stop left an upload."""
+        if not self._checkpoints_sent():  # every checkpoint counts before the results
+            if self.rank.main:
+                print(left_message(step, self.checkpoints), flush=True)
+            return EXIT_INTERRUPTED
         self.telemetry.uploads(self.checkpoints.uploads)
         if self.ema is not None:
             self.ema.copy_to(self.module.unet.parameters())
         if validation is None and self.spec.validation.prompts:
             validation = self._validate(step)
-        finish_run(
-            self.plan,
-            self.method,
-            self.module,
-            self.telemetry,
-            self._s3(),
-            step,
-            last_loss,
-            validation or Validation(),
-            self._best_weights(step),
-        )
+        best = self._best_weights(step)
+        code = EXIT_OK
+        try:
+            finish_run(
+                self.plan,
+                self.method,
+                self.module,
+                self.telemetry,
+                self._s3(),
+                step,
+                last_loss,
+                validation or Validation(),
+                best,
+                results_patience(self.stop, self.plan.output_uri).check,
+            )
+        except Stopped:  # rank 0 alone uploads; the others wait at the barrier below
+            print(
+                f"Stopped after step {step}: the results' upload was left. Run the same "
+                "command to finish the run.",
+                flush=True,
+            )
+            code = EXIT_INTERRUPTED
         distributed.barrier()
+        return code
 
     def _best_weights(self, step: int) -> Scores | None:
         """`output.from: best`, on every rank: the best validation's scores, its

@@ -41,6 +41,8 @@ S3_LEASE = ".run/lease.json"
 # An S3 lease not refreshed for this long is expired; refreshed every quarter of it.
 TTL_ENV = "FINETUNE_LEASE_TTL_SECONDS"
 DEFAULT_TTL = 60.0
+# How long a release waits for S3, at most, for the heartbeat and for the delete each.
+RELEASE_SECONDS = 3.0
 
 
 class OutputBusy(JobInputError):  # noqa: N818 - named for what the user meets
@@ -150,6 +152,7 @@ class LocalLease:
 class S3Lease:
     def __init__(self, output: str, settings: S3Settings, wait_for_own_job: bool) -> None:
         self.output = output
+        self.settings = settings
         self.store = S3Store(output, settings)
         self.bucket = self.store.bucket
         self.key = self.store.prefix + S3_LEASE
@@ -273,16 +276,28 @@ class S3Lease:
                 log.warning("%s: lease heartbeat failed: %s", self.output, exc)
 
     def release(self) -> None:
+        """Delete the lease object, waiting for S3 at most about `RELEASE_SECONDS` twice:
+        an endpoint that hangs must not keep a stopped run from exiting, and a lease left
+        behind expires on its own (or is taken over by the next run of this host)."""
         self._done.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
-            if self._lost:
-                return
+        if self._thread is None:
+            return
+        self._thread.join(timeout=RELEASE_SECONDS)
+        beating = self._thread.is_alive()  # a heartbeat S3 does not answer
+        self._thread = None
+        if self._lost:
+            return
+        why = "S3 does not answer"
+        if not beating:
             try:
-                self.client.delete_object(Bucket=self.bucket, Key=self.key)
-            except Exception as exc:  # it expires on its own
-                log.warning("%s: could not release the lease: %s", self.output, exc)
+                client = self.settings.client(RELEASE_SECONDS)
+                client.delete_object(Bucket=self.bucket, Key=self.key)
+                return
+            except Exception as exc:
+                why = str(exc)
+        log.warning(
+            "%s: could not release the lease (%s); it expires in %.0f s", self.output, why, self.ttl
+        )
 
 
 Lease = LocalLease | S3Lease

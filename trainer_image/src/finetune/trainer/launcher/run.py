@@ -53,6 +53,10 @@ from finetune.trainer.storage.retries import RETRY_FOR_ENV, retry_budget
 from finetune.trainer.storage.s3 import S3Settings, transient
 from finetune.trainer.telemetry.termination import write_termination_message
 
+# How long the other workers have to end once one has ended in failure or stopped.
+STOP_GRACE = 30.0
+LEAVE_GRACE = 5.0
+
 
 @dataclass(frozen=True)
 class Rendezvous:
@@ -203,6 +207,7 @@ class Workers:
         self.keep_fds = keep_fds
         self.processes: list[subprocess.Popen[bytes]] = []
         self.interrupted = False
+        self.stops = 0  # signals passed on: a second one leaves uploads (`upload_waits`)
 
     def _env(self, local_rank: int) -> dict[str, str]:
         r = self.rendezvous
@@ -224,6 +229,7 @@ class Workers:
         """Ctrl-C, a pod's SIGTERM or a closed terminal's SIGHUP: ask every worker for a
         clean, checkpointed stop."""
         self.interrupted = True
+        self.stops += 1
         if signum == signal.SIGHUP:
             stopping.leave_terminal()
         for process in self.processes:
@@ -265,7 +271,9 @@ class Workers:
             codes = [p.poll() for p in self.processes]
             failed = [c for c in codes if c not in (None, 0)]
             if failed:
-                self._stop_all()
+                # After a second stop nothing is left to save: a rank still caught in a
+                # collective with one that left goes soon.
+                self._stop_all(LEAVE_GRACE if self.stops > 1 else STOP_GRACE)
                 stopped = {EXIT_INTERRUPTED} | {-s for s in STOP_SIGNALS}
                 if self.interrupted and stopped & set(failed):
                     return EXIT_INTERRUPTED
@@ -277,7 +285,7 @@ class Workers:
                 return 0
             time.sleep(0.2)
 
-    def _stop_all(self, grace: float = 30.0) -> None:
+    def _stop_all(self, grace: float) -> None:
         deadline = time.monotonic() + grace
         for process in self.processes:
             if process.poll() is None:

@@ -3,6 +3,8 @@ the results saved with their model card, moved into place, uploaded and reported
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from finetune.api.common import is_s3
 from finetune.trainer.checkpoints.space import space_checked
 from finetune.trainer.engine.plan import RunPlan
@@ -25,10 +27,12 @@ def finish_run(
     last_loss: float | None,
     validation: Validation,
     best: Scores | None = None,
+    check: Callable[[], None] = lambda: None,
 ) -> None:
     """Called on every rank once the last step is done (and every checkpoint is durable).
     `validation`: the last step's; `best`: with `output.from: best`, the validation whose
-    weights `module` holds."""
+    weights `module` holds; `check`: runs while the results upload, and what it raises
+    leaves the upload."""
     if not telemetry.main:
         return
     telemetry.close_board()
@@ -61,7 +65,7 @@ def finish_run(
         (staging / result.MODEL_CARD).write_text(card)
     result.promote(staging, work_dir)
     if is_s3(plan.output_uri):
-        result.upload_results(work_dir, open_store(plan.output_uri, s3))
+        result.upload_results(work_dir, open_store(plan.output_uri, s3), check)
     telemetry.results(artifacts.list_artifacts(work_dir, plan.output_uri))
     chosen = f" (the weights of step {best.step}, the best validation)" if best is not None else ""
     print(f"Done: {step} steps; results in {plan.output_uri}{chosen}", flush=True)

@@ -8,6 +8,7 @@ looks like a finished model.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,6 +18,7 @@ from finetune.api.training import TrainingSpec
 from finetune.trainer.evaluation.scores import ALL, PRES, Scores
 from finetune.trainer.families.base import python_string
 from finetune.trainer.storage.store import Store
+from finetune.trainer.storage.uploader import Task, Uploader
 
 if TYPE_CHECKING:
     from finetune.trainer.families import ModelFamily
@@ -257,14 +259,18 @@ def _repository(uri: str) -> str:
     return uri.removeprefix("hf://").split("@")[0]
 
 
-def upload_results(folder: Path, store: Store) -> None:
+def upload_results(folder: Path, store: Store, check: Callable[[], None] = lambda: None) -> None:
     """Put a finished run's results in `store`, the model card last so a prefix with a
     README.md is complete. Checkpoints (uploaded as they are saved) and working files
-    stay out."""
+    stay out. The files go up in the background while `check()` runs (a stop's
+    `Patience`): what it raises leaves the upload."""
     files = [
         p
         for p in folder.rglob("*")
         if p.is_file() and p.relative_to(folder).parts[0] not in NOT_RESULTS
     ]
-    for path in sorted(files, key=lambda p: (p == folder / MODEL_CARD, str(p))):
-        store.put_file(path, path.relative_to(folder).as_posix())
+    ordered = sorted(files, key=lambda p: (p == folder / MODEL_CARD, str(p)))
+    uploader = Uploader(store)
+    uploader.submit(Task(0, [(path, path.relative_to(folder).as_posix()) for path in ordered]))
+    uploader.wait(check)  # raised out of: the thread stays behind, a daemon
+    uploader.close()

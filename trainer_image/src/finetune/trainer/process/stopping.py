@@ -6,6 +6,9 @@ is remembered, not fatal. What the process does decides how fast it answers:
 
 - the training loop reads `requested` once a step (all ranks agree, then checkpoint);
 - waits (retry backoffs, polls) go through `pause`, which ends early with `Stopped`;
+- work a stop still waits for (the uploads of its checkpoint) runs `outlasting_a_stop()`
+  and is waited for with a `Patience`: it says what it waits for, and a second signal
+  (the stop `repeated`) leaves it;
 - blocking work with nothing to save (downloads, loading a model) runs inside
   `interruptible()`, where the signal raises `Stopped` in the main thread at once;
 - pipelines (class images, samples) check `raise_if_requested` between their steps;
@@ -19,8 +22,9 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
 
@@ -29,6 +33,8 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 STOPPED_BEFORE_TRAINING = "Stopped before training began; nothing was written."
 # How often a pause looks at the flag: the bound on how late a stop is noticed there.
 POLL_SECONDS = 0.1
+# A stop that waits longer than this for work it lets finish says what it waits for.
+ANNOUNCE_AFTER_SECONDS = 1.0
 
 
 class Stopped(Exception):  # noqa: N818 - it is what happened, not a failure
@@ -41,6 +47,7 @@ class StopRequest:
     def __init__(self) -> None:
         global _current
         self.requested = False
+        self.repeated = False  # asked again: leave what the first request waits for
         self.signal: int | None = None
         self._raising = 0
         self._previous = {signum: signal.signal(signum, self._handle) for signum in STOP_SIGNALS}
@@ -58,6 +65,7 @@ class StopRequest:
             _current = None
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.repeated = self.requested
         self.requested = True
         self.signal = signum
         if signum == signal.SIGHUP:
@@ -66,7 +74,7 @@ class StopRequest:
             raise Stopped(f"stopped by {signal.Signals(signum).name}")
 
     def raise_if_requested(self) -> None:
-        if self.requested:
+        if self.repeated or (self.requested and not getattr(_outlasting, "on", False)):
             raise Stopped("stopped on request")
 
     def pause(self, seconds: float) -> None:
@@ -118,6 +126,42 @@ def held_for_children() -> Iterator[None]:
 
 
 _current: StopRequest | None = None
+_outlasting = threading.local()
+
+
+@contextmanager
+def outlasting_a_stop() -> Iterator[None]:
+    """On this thread, pauses and checks in this block go on through a stop request and
+    end only once it is repeated: for work the stop itself waits for (uploads)."""
+    before = getattr(_outlasting, "on", False)
+    _outlasting.on = True
+    try:
+        yield
+    finally:
+        _outlasting.on = before
+
+
+class Patience:
+    """A wait for work a stop lets finish. `check()`, called while waiting, runs
+    `announce` once a stop has been asked for and the wait has lasted
+    `ANNOUNCE_AFTER_SECONDS` (to say what it waits for and how to leave it), and raises
+    `Stopped` once the stop is repeated."""
+
+    def __init__(self, stop: StopRequest | None, announce: Callable[[], None]) -> None:
+        self.stop = stop
+        self.announce = announce
+        self.started = time.monotonic()
+        self.announced = False
+
+    def check(self) -> None:
+        stop = self.stop
+        if stop is None or not stop.requested:
+            return
+        if stop.repeated:
+            raise Stopped("stopped again: what the stop waited for is left")
+        if not self.announced and time.monotonic() - self.started >= ANNOUNCE_AFTER_SECONDS:
+            self.announced = True
+            self.announce()
 
 
 def leave_terminal() -> None:

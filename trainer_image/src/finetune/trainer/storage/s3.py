@@ -86,13 +86,22 @@ class S3Settings:
         """The settings a job's spec gives for every S3 URI it names."""
         return cls(output.s3_endpoint_url, output.s3_region)
 
-    def client(self) -> Any:
-        """A boto3 S3 client (safe to share between threads)."""
+    def client(self, patience: float | None = None) -> Any:
+        """A boto3 S3 client (safe to share between threads); with `patience`, one for a
+        call that may fail: a single try that waits at most that many seconds to connect
+        and for each read."""
         import boto3
         from botocore.config import Config
         from botocore.exceptions import PartialCredentialsError, ProfileNotFound
 
-        config = Config(retries={"max_attempts": CLIENT_ATTEMPTS, "mode": "adaptive"})
+        if patience is None:
+            config = Config(retries={"max_attempts": CLIENT_ATTEMPTS, "mode": "adaptive"})
+        else:
+            config = Config(
+                retries={"total_max_attempts": 1, "mode": "standard"},
+                connect_timeout=patience,
+                read_timeout=patience,
+            )
         try:
             return boto3.client(
                 "s3", endpoint_url=self.endpoint_url, region_name=self.region, config=config

@@ -5,7 +5,9 @@ Each task belongs to a checkpoint step; `uploaded_through()` is the newest step 
 tasks (and all earlier ones) are done. Manifests are urgent: they pass files that
 still wait, so a checkpoint becomes durable as soon as its own files are up. Transient failures are retried inside the store
 (see `retries.with_retries`); a permanent one stops the thread and is raised on the
-training thread at its next `check()`.
+training thread at its next `check()`. A stop request does not cut the uploads short
+(`stopping.outlasting_a_stop`): a stop waits for its checkpoint's; the waits take a
+`check` that may raise to leave them (`stopping.Patience.check`).
 """
 
 from __future__ import annotations
@@ -21,10 +23,17 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from finetune.trainer.process import stopping
 from finetune.trainer.storage.store import Store
 
 log = logging.getLogger(__name__)
 UPLOAD_NICENESS = 10
+# How often a wait looks at the uploads (and at its `check`).
+WAIT_POLL_SECONDS = 0.05
+
+
+def _no_check() -> None:
+    pass
 
 
 @dataclass
@@ -74,15 +83,23 @@ class Uploader:
         if self.error is not None:
             raise self.error
 
-    def wait(self) -> None:
-        """Block until every task handed over so far is done (or one failed)."""
-        self._queue.join()
-        self.check()
+    def waiting_steps(self) -> set[int]:
+        """The steps with tasks not done yet."""
+        with self._lock:
+            return {step for step, count in self._outstanding.items() if count > 0}
 
-    def wait_for(self, step: int) -> None:
-        """Block until everything handed over for `step` and before is done."""
+    def wait(self, check: Callable[[], None] = _no_check) -> None:
+        """Block until every task handed over so far is done (or one failed)."""
+        with self._lock:
+            newest = self._newest
+        self.wait_for(newest, check)
+
+    def wait_for(self, step: int, check: Callable[[], None] = _no_check) -> None:
+        """Block until everything handed over for `step` and before is done; `check()`
+        runs meanwhile, and what it raises ends the wait (the uploads go on)."""
         while self.uploaded_through() < step and self.error is None:
-            time.sleep(0.05)
+            check()
+            time.sleep(WAIT_POLL_SECONDS)
         self.check()
 
     def close(self) -> None:
@@ -96,19 +113,21 @@ class Uploader:
         # threads boto3 starts from here inherit it): uploads use what training leaves.
         with suppress(OSError, AttributeError):
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), UPLOAD_NICENESS)
+        with stopping.outlasting_a_stop():
+            self._serve()
+
+    def _serve(self) -> None:
         while True:
             _, _, task = self._queue.get()
+            if task is None:
+                return
             try:
-                if task is None:
-                    return
                 if self.error is None:
                     self._do(task)
             except BaseException as exc:  # handed to the training thread
-                step = task.step if task is not None else -1
-                log.error("upload of checkpoint step %d failed: %s", step, exc)
+                if not isinstance(exc, stopping.Stopped):  # left on purpose: no failure
+                    log.error("upload of checkpoint step %d failed: %s", task.step, exc)
                 self.error = exc
-            finally:
-                self._queue.task_done()
 
     def _do(self, task: Task) -> None:
         started = time.perf_counter()

@@ -258,8 +258,10 @@ def test_a_max_steps_below_the_newest_checkpoint_is_refused(tmp_path: Path) -> N
         match=r"^spec.training.maxSteps: 3 is below step 8 of the newest checkpoint "
         r"\(.*step-00000008\); raise it to at least 8, or remove the checkpoints",
     ):
-        check_max_steps(found, 3)
-    check_max_steps(found, 8)  # a finished run run again: it resumes at its last step
+        check_max_steps(found, 3, str(found.folder))
+    check_max_steps(
+        found, 8, str(found.folder)
+    )  # a finished run run again: it resumes at its last step
 
 
 def test_disk_full_while_saving_is_named(tmp_path: Path) -> None:

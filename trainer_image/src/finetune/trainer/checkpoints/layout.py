@@ -52,11 +52,10 @@ def _user_settings(key: str) -> bool:
     return key in ("ranks", "zeroStage") or key.startswith("spec.")
 
 
-def check_layout(found: Checkpoint, layout: dict[str, Any], where: str | None = None) -> None:
+def check_layout(found: Checkpoint, layout: dict[str, Any], where: str) -> None:
     """Refuse, naming each difference, a checkpoint written by a run laid out otherwise:
     by other settings, or by a trainer that stored its state another way. `where`: the
-    checkpoint as the user knows it (in an `s3://` output rather than the local cache)."""
-    where = where or str(found.folder)
+    checkpoint as the user knows it (`RunCheckpoints.location`)."""
     saved = _saved_layout(found)
     if not saved or saved == layout:
         return
@@ -75,12 +74,13 @@ def check_layout(found: Checkpoint, layout: dict[str, Any], where: str | None = 
     )
 
 
-def check_max_steps(found: Checkpoint, max_steps: int) -> None:
+def check_max_steps(found: Checkpoint, max_steps: int, where: str) -> None:
     """Refuse a `training.maxSteps` below the step of the checkpoint resumed from: the run
-    cannot go back, and its results would be a later step's weights."""
+    cannot go back, and its results would be a later step's weights. `where`: the
+    checkpoint as the user knows it (`RunCheckpoints.location`)."""
     if max_steps < found.step:
         raise JobInputError(
             f"spec.training.maxSteps: {max_steps} is below step {found.step} of the newest "
-            f"checkpoint ({found.folder}); raise it to at least {found.step}, or remove the "
+            f"checkpoint ({where}); raise it to at least {found.step}, or remove the "
             "checkpoints to start over"
         )

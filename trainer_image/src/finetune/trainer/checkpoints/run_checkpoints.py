@@ -199,9 +199,7 @@ class RunCheckpoints:
         self._state, self.layout = state, layout
         if found is None:
             return 0
-        check_layout(
-            found, layout, self.replica.location(found.tag) if self.replica is not None else None
-        )
+        check_layout(found, layout, self.location(found.tag))
         state.load(self.root, found.tag, self.rank.rank, self.device)
         if self.rank.main:
             log.info("resumed from %s (step %d)", found.folder, found.step)
@@ -227,6 +225,11 @@ class RunCheckpoints:
         self.state.load(self.root, tag, self.rank.rank, self.device)
         return True
 
+    def location(self, tag: str) -> str:
+        """Checkpoint `tag` (or with "" the folder of them all) where the user keeps it: in
+        the store for an `s3://` output, not the local cache it is fetched into."""
+        return self.replica.location(tag) if self.replica is not None else str(self.root / tag)
+
     def newest(self) -> Checkpoint | None:
         """Rank 0's pick, on every rank: with a replica the newest checkpoint there
         (fetched into the local folder) or a newer one a stop left unsent (sent now);
@@ -239,9 +242,7 @@ class RunCheckpoints:
             else None
         )
         self.corrupt = frozenset(scan.corrupt)
-        found = scan.resumable(
-            self.replica.location("") if self.replica is not None else str(self.root)
-        )
+        found = scan.resumable(self.location(""))
         if unsent and found is not None and self.replica is not None:
             # Rank 0 has every rank's files of it on its disk: one every node shares.
             self.replica.resend(found)

@@ -155,7 +155,7 @@ class Trainer:
         )
         self.found = self.checkpoints.newest()
         if self.found is not None:
-            check_max_steps(self.found, hp.max_steps)
+            check_max_steps(self.found, hp.max_steps, self.checkpoints.location(self.found.tag))
         # Rank 0's validations so far: those the resumed checkpoint carries.
         self.selection = Selection(
             spec,

@@ -16,9 +16,18 @@ from tests.support import CRD_PATH, EXAMPLES, lora_job
 FINETUNE = Path(sys.executable).parent / "finetune"
 
 
-def run(*args: str) -> subprocess.CompletedProcess[str]:
+def run(*args: str, timeout: float | None = None) -> subprocess.CompletedProcess[str]:
     assert FINETUNE.exists(), "the finetune console script is not installed (make setup)"
-    return subprocess.run([str(FINETUNE), *args], capture_output=True, text=True, check=False)
+    return subprocess.run(
+        [str(FINETUNE), *args], capture_output=True, text=True, check=False, timeout=timeout
+    )
+
+
+def refusal(path: str, timeout: float | None = None) -> str:
+    """What `finetune validate` says of a file it must refuse (exit 2)."""
+    result = run("validate", path, timeout=timeout)
+    assert result.returncode == 2, result.stderr
+    return result.stderr.strip()
 
 
 def write(tmp_path: Path, name: str, text: str) -> str:
@@ -183,9 +192,7 @@ def test_an_unquoted_no_read_as_false_is_explained(tmp_path: Path) -> None:
     """The README writes `mixedPrecision: no`; YAML 1.1 reads it as a boolean."""
     text = yaml.safe_dump(lora_job(training={"mixedPrecision": "fp16"}))
     path = write(tmp_path, "job.yaml", text.replace("mixedPrecision: fp16", "mixedPrecision: no"))
-    result = run("validate", path)
-    assert result.returncode == 2
-    assert result.stderr.strip() == (
+    assert refusal(path) == (
         f"{path}: spec.training.mixedPrecision: must be 'no', 'fp16' or 'bf16'; YAML read "
         'false (an unquoted no or off): quote the word, as in "no"'
     )
@@ -195,9 +202,7 @@ def test_a_quoted_number_is_refused_with_a_hint(tmp_path: Path) -> None:
     """kubectl apply refuses `maxSteps: "200"`; so does finetune, saying what to change."""
     text = yaml.safe_dump(lora_job(training={"maxSteps": 200}))
     path = write(tmp_path, "job.yaml", text.replace("maxSteps: 200", 'maxSteps: "200"'))
-    result = run("validate", path)
-    assert result.returncode == 2
-    assert result.stderr.strip() == (
+    assert refusal(path) == (
         f"{path}: spec.training.maxSteps: must be a valid integer; "
         "got the text '200': write it without quotes"
     )
@@ -211,9 +216,7 @@ def test_a_date_is_text_and_a_binary_value_is_refused(tmp_path: Path) -> None:
         "2026-01-01"
     )
     path = write(tmp_path, "binary.yaml", text.replace("2026-01-01", "!!binary aGk="))
-    result = run("validate", path)
-    assert result.returncode == 2
-    assert result.stderr.strip() == (
+    assert refusal(path) == (
         f"{path}: spec.data.concepts[0].instancePrompt: "
         "a !!binary value has no place in a job; write it as plain text"
     )
@@ -236,13 +239,9 @@ BOMB = "l0: &a0 [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
 def test_hostile_yaml_is_refused_quickly(tmp_path: Path, text: str, message: str) -> None:
     """A self-referencing alias, a billion-laughs bomb (10^8 values from 300 bytes) and
     deep nesting each end in an exit 2 with a reason, in seconds."""
-    path = write(tmp_path, "job.yaml", text)
-    result = subprocess.run(
-        [str(FINETUNE), "validate", path], capture_output=True, text=True, timeout=60
-    )
-    assert result.returncode == 2, result.stderr
-    assert message in result.stderr
-    assert "Traceback" not in result.stderr
+    said = refusal(write(tmp_path, "job.yaml", text), timeout=60)
+    assert message in said
+    assert "Traceback" not in said
 
 
 def test_the_assets_builder_explains_itself_instead_of_building_a_folder_named_help(

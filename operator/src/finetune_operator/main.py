@@ -98,9 +98,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     kopf.configure(verbose=args.verbose, log_format=log_format)
     from . import handlers  # noqa: F401  (registers the handlers)
 
+    namespaces = namespaces_of(args)
     kopf.run(
-        clusterwide=not namespaces_of(args),
-        namespaces=namespaces_of(args),
+        clusterwide=not namespaces,
+        namespaces=namespaces,
         standalone=True,
         liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz",
     )

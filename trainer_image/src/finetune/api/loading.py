@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from .errors import FieldProblem, problems_from
+from .errors import FieldProblem, format_path, problems_from
 from .job import FineTuneJob
 
 
@@ -146,8 +146,8 @@ def _validate(
 class _NotJsonError(ValueError):
     """A value no JSON document, and so no Kubernetes object, can hold."""
 
-    def __init__(self, path: str, message: str) -> None:
-        self.path = path
+    def __init__(self, loc: tuple[int | str, ...], message: str) -> None:
+        self.path = format_path(loc)
         super().__init__(message)
 
 
@@ -161,18 +161,18 @@ def _as_json(document: dict[str, Any]) -> Any:
     with no fraction (`200.0`) an integer, an explicit !!timestamp its ISO text."""
     count = 0
 
-    def convert(value: Any, path: str, within: frozenset[int]) -> Any:
+    def convert(value: Any, loc: tuple[int | str, ...], within: frozenset[int]) -> Any:
         nonlocal count
         count += 1
         if count > MAX_VALUES:
-            raise _NotJsonError(path, f"more than {MAX_VALUES} values: YAML aliases expand too far")
+            raise _NotJsonError(loc, f"more than {MAX_VALUES} values: YAML aliases expand too far")
         if isinstance(value, dict | list):
             if id(value) in within:
-                raise _NotJsonError(path, "a YAML alias refers to a value that holds it")
+                raise _NotJsonError(loc, "a YAML alias refers to a value that holds it")
             within = within | {id(value)}
             if isinstance(value, dict):
-                return {str(k): convert(v, _join(path, str(k)), within) for k, v in value.items()}
-            return [convert(v, f"{path}[{i}]", within) for i, v in enumerate(value)]
+                return {str(k): convert(v, (*loc, str(k)), within) for k, v in value.items()}
+            return [convert(v, (*loc, i), within) for i, v in enumerate(value)]
         if isinstance(value, float) and value.is_integer():
             return int(value)
         if isinstance(value, datetime.date):
@@ -181,13 +181,9 @@ def _as_json(document: dict[str, Any]) -> Any:
             return value
         tags: dict[type, str] = {bytes: "!!binary", set: "!!set"}
         tag = tags.get(type(value), type(value).__name__)
-        raise _NotJsonError(path, f"a {tag} value has no place in a job; write it as plain text")
+        raise _NotJsonError(loc, f"a {tag} value has no place in a job; write it as plain text")
 
-    return convert(document, "", frozenset())
-
-
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
+    return convert(document, (), frozenset())
 
 
 def load_file(path: str | Path) -> LoadResult:

@@ -36,8 +36,11 @@ from finetune.trainer.storage.s3 import S3Settings, S3Store, not_found
 
 log = logging.getLogger(__name__)
 
-LOCAL_LEASE = ".run/lease"
-S3_LEASE = ".run/lease.json"
+# What every run keeps in its output (the lease, the plans): the mark of a folder runs
+# write into.
+RUN_FOLDER = ".run"
+LOCAL_LEASE = f"{RUN_FOLDER}/lease"
+S3_LEASE = f"{RUN_FOLDER}/lease.json"
 # An S3 lease not refreshed for this long is expired; refreshed every quarter of it.
 TTL_ENV = "FINETUNE_LEASE_TTL_SECONDS"
 DEFAULT_TTL = 60.0

@@ -2,8 +2,8 @@
 the folders class images are generated into.
 
 Each failure names what to fix: `--nproc`, `spec.output.uri` (a file, a folder that
-holds files no run wrote, cannot be written, an S3 prefix that refuses a small write-and-delete probe), or a
-concept's `classImages.uri`.
+cannot be written or holds files no run wrote, an S3 prefix that refuses a small
+write-and-delete probe), or a concept's `classImages.uri`.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 
 from finetune.api.common import is_s3
 from finetune.trainer.errors import DiskFull, JobInputError
+from finetune.trainer.launcher.lease import LOCAL_LEASE, RUN_FOLDER
 from finetune.trainer.storage.s3 import S3Settings, S3Store
 
 FIELD = "spec.output.uri"
@@ -32,10 +33,6 @@ def checked_nproc(nproc: int | None, gpus: int) -> int:
             f"--nproc {nproc}: must be between 1 and {limit} (this machine has {limit} {what})"
         )
     return nproc
-
-
-# What every run leaves in its output (the lease): the mark of a folder runs write into.
-RUN_FOLDER = ".run"
 
 
 def make_folder(folder: Path, field: str) -> None:
@@ -67,7 +64,7 @@ def check_s3_output(uri: str, settings: S3Settings) -> None:
     """The credentials are there and accepted, and the prefix takes a write and a delete.
     S3's refusals raise `JobInputError`/`AccessDenied` naming the field; an endpoint that
     stays unreachable past the retries raises what boto3 raised (exit 1)."""
-    key = f".run/probe-{uuid.uuid4().hex}"
+    key = f"{RUN_FOLDER}/probe-{uuid.uuid4().hex}"
     try:
         store = S3Store(uri, settings)  # credentials that cannot be complete fail here
         store.write_text(key, "probe")
@@ -79,7 +76,7 @@ def check_s3_output(uri: str, settings: S3Settings) -> None:
 
 # What runs keep in their output: a name taken by something else would fail a run midway.
 RUN_FOLDERS = (RUN_FOLDER, "checkpoints", "samples", "class_images", "logs")
-RUN_FILES = (f"{RUN_FOLDER}/lease", "train_log.jsonl")
+RUN_FILES = (LOCAL_LEASE, "train_log.jsonl")
 
 
 def check_run_layout(folder: Path) -> None:

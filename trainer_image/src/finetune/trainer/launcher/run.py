@@ -35,7 +35,7 @@ from finetune.trainer.engine.plan import RunPlan
 from finetune.trainer.errors import JobInputError, Unreachable, exit_code_for
 from finetune.trainer.evaluation.sources import resolve_evaluators
 from finetune.trainer.families import check_same_family, resolve_family
-from finetune.trainer.launcher.lease import OutputClaim
+from finetune.trainer.launcher.lease import RUN_FOLDER, OutputClaim
 from finetune.trainer.launcher.overlap import check_output_apart
 from finetune.trainer.launcher.preflight import check_output, checked_nproc, make_folder
 from finetune.trainer.models.sources import resolve_model, resolve_vae
@@ -302,7 +302,7 @@ def new_plan_file(work_dir: Path, node_rank: int) -> Path:
     """A name of its own, so no run reads (or overwrites) another run's plan. The plans an
     earlier launcher of this node left behind (killed by SIGKILL, which skips `finally`)
     are removed: with the output leased, none of them has a reader any more."""
-    folder = work_dir / ".run"
+    folder = work_dir / RUN_FOLDER
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob(f"plan-*-node{node_rank}.json"):
         stale.unlink(missing_ok=True)

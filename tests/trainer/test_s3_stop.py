@@ -71,7 +71,10 @@ def wait_until(condition: Callable[[], bool], run: subprocess.Popen[bytes], seco
         time.sleep(0.1)
 
 
+# With two ranks, one waits for the other in a collective when the second stop comes.
+@pytest.mark.parametrize("nproc", [1, 2])
 def test_a_second_ctrl_c_leaves_a_hung_upload_and_a_rerun_sends_it(
+    nproc: int,
     tmp_path: Path,
     moto_process: tuple[subprocess.Popen[bytes], str],
     tiny_model: Path,
@@ -91,7 +94,7 @@ def test_a_second_ctrl_c_leaves_a_hung_upload_and_a_rerun_sends_it(
     stdout, stderr = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
     with stdout.open("w") as out, stderr.open("w") as err:
         run = subprocess.Popen(
-            [str(FINETUNE), "run", str(job), "--nproc", "1"], env=env, stdout=out, stderr=err
+            [str(FINETUNE), "run", str(job), "--nproc", str(nproc)], env=env, stdout=out, stderr=err
         )
     try:
         log = work_dir(job) / "train_log.jsonl"
@@ -112,6 +115,7 @@ def test_a_second_ctrl_c_leaves_a_hung_upload_and_a_rerun_sends_it(
     assert code == 130, output[-3000:]
     assert took < 15, f"exited {took:.1f} s after the second Ctrl-C:\n{output[-3000:]}"
     assert "(the local checkpoint is kept and a rerun uploads it)" in output
+    assert "Traceback" not in output, output[-3000:]  # leaving was asked for: no failure
     stopped = re.search(r"Stopped at step (\d+); checkpoint (\S+) is kept but not uploaded", output)
     assert stopped is not None, output[-3000:]
     step = int(stopped.group(1))
@@ -131,7 +135,7 @@ def test_a_second_ctrl_c_leaves_a_hung_upload_and_a_rerun_sends_it(
         training={"maxSteps": step},
         checkpointing={"everyNSteps": step},
     )
-    rerun = finetune_run(job, nproc=1, env=CREDENTIALS)
+    rerun = finetune_run(job, nproc=nproc, env=CREDENTIALS)
     assert f"resumed from {folder} (step {step})" in rerun.stderr
     assert manifests(client) == [manifest.tag_for(step)]
     assert "job/README.md" in {o["Key"] for o in client.list_objects_v2(Bucket="runs")["Contents"]}

@@ -101,3 +101,29 @@ def test_patience_says_what_it_waits_for_once_then_a_second_stop_leaves(
     os.kill(os.getpid(), signal.SIGINT)
     with pytest.raises(stopping.Stopped):
         patience.check()
+
+
+@pytest.mark.parametrize(
+    ("in_pod", "how"), [(False, "press Ctrl-C again to leave it"), (True, "a second SIGTERM")]
+)
+def test_the_wait_for_uploads_says_how_to_leave_where_the_run_is(
+    stop: stopping.StopRequest,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    in_pod: bool,
+    how: str,
+) -> None:
+    from finetune.api.pod import JOB_NAME_ENV
+    from finetune.trainer.engine.upload_waits import results_patience
+
+    monkeypatch.delenv(JOB_NAME_ENV, raising=False)
+    if in_pod:  # the operator names the job in every training pod; no terminal there
+        monkeypatch.setenv(JOB_NAME_ENV, "sks-dog")
+    monkeypatch.setattr(stopping, "ANNOUNCE_AFTER_SECONDS", 0.0)
+    patience = results_patience(stop, "s3://bucket/run")
+    os.kill(os.getpid(), signal.SIGTERM)
+    patience.check()
+    said = capsys.readouterr().out
+    assert "waiting for the results' upload to s3://bucket/run" in said
+    assert how in said
+    assert ("Ctrl-C" in said) is not in_pod

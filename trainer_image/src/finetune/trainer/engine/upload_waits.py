@@ -8,11 +8,20 @@ sends it before anything else (`Replica.restore`).
 
 from __future__ import annotations
 
+import os
+
+from finetune.api.pod import JOB_NAME_ENV
 from finetune.trainer.checkpoints import manifest
 from finetune.trainer.checkpoints.run_checkpoints import RunCheckpoints
 from finetune.trainer.process.stopping import Patience, Stopped, StopRequest
 
-AGAIN = "press Ctrl-C again to leave"
+
+def again() -> str:
+    """How to leave the uploads: at a terminal Ctrl-C; in a pod (no terminal, stopped by
+    the kubelet's SIGTERM) another SIGTERM, before the grace period's SIGKILL ends it."""
+    return (
+        "a second SIGTERM leaves" if JOB_NAME_ENV in os.environ else "press Ctrl-C again to leave"
+    )
 
 
 def checkpoints_sent(
@@ -25,7 +34,7 @@ def checkpoints_sent(
         if main:
             count = len(checkpoints.unsent())
             print(
-                f"Stopping: waiting for {count} checkpoint upload(s) to {output_uri}; {AGAIN} "
+                f"Stopping: waiting for {count} checkpoint upload(s) to {output_uri}; {again()} "
                 "them (the local checkpoint is kept and a rerun uploads it)",
                 flush=True,
             )
@@ -42,7 +51,7 @@ def results_patience(stop: StopRequest, output_uri: str) -> Patience:
 
     def announce() -> None:
         print(
-            f"Stopping: waiting for the results' upload to {output_uri}; {AGAIN} it "
+            f"Stopping: waiting for the results' upload to {output_uri}; {again()} it "
             "(every checkpoint is there: a rerun finishes the run)",
             flush=True,
         )

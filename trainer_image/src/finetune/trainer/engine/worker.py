@@ -67,6 +67,13 @@ def main(argv: list[str]) -> int:
         return EXIT_INTERRUPTED
     except Exception as exc:
         code = exit_code_for(exc)
+        if code == EXIT_FAILED and stop.repeated:
+            # Stopped twice, the peers left what they waited for, as asked, and this rank,
+            # waiting for them in a collective, lost them: the stop, not a failure.
+            logging.getLogger("finetune").info(
+                "rank %d: its peers left after a second stop (%s)", rank.rank, type(exc).__name__
+            )
+            return EXIT_INTERRUPTED
         if code == EXIT_FAILED:  # unexpected: the traceback is worth having
             logging.getLogger("finetune").exception("rank %d failed", rank.rank)
             message = f"rank {rank.rank} failed: {type(exc).__name__}: {exc}"

@@ -6,7 +6,14 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pytest
+
+from finetune.api.job import FineTuneJob
+from finetune.assets import build_model, write_captioned_images
+from finetune.trainer.checkpoints.layout import run_layout
+from finetune.trainer.launcher.run import prepare
 from finetune.trainer.models.fingerprint import CHUNK, WHOLE, fingerprint, sampled_regions
+from tests.support import lcm_job
 
 LARGE = 8 * CHUNK
 
@@ -67,3 +74,30 @@ def test_a_large_file_is_sampled_not_read_whole(tmp_path: Path) -> None:
     before = fingerprint(folder)
     poke(folder / "unet" / "diffusion_pytorch_model.safetensors", 2 * CHUNK)
     assert fingerprint(folder) == before
+
+
+def test_the_launcher_fingerprints_each_model_input_by_the_field_naming_it(
+    tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path / "cache"))
+    teacher = build_model(tmp_path / "teacher", seed=1)
+    job = lcm_job(
+        baseModel={"uri": str(tiny_model), "vaeUri": str(tiny_model / "vae")},
+        lcm={"teacherModel": {"uri": str(teacher)}},
+        data={"dataset": {"uri": str(write_captioned_images(tmp_path / "data", ("red",), 2))}},
+        output={"uri": str(tmp_path / "out")},
+    )
+    spec = FineTuneJob.model_validate(job).spec.training_spec()
+    fingerprints = prepare(spec, "tiny").model_fingerprints
+    assert fingerprints == {
+        "spec.baseModel.uri": fingerprint(tiny_model),
+        "spec.baseModel.vaeUri": fingerprint(tiny_model / "vae"),
+        "spec.lcm.teacherModel.uri": fingerprint(teacher),
+    }
+    assert len(set(fingerprints.values())) == 3
+    layout = run_layout(spec, 1, fingerprints)
+    assert {field: layout[field] for field in fingerprints} == {
+        "spec.baseModel.uri": str(tiny_model),
+        "spec.baseModel.vaeUri": str(tiny_model / "vae"),
+        "spec.lcm.teacherModel.uri": str(teacher),
+    }, "a refusal names the URI of the field"

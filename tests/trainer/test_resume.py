@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -15,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from finetune.assets import build_model
 from finetune.trainer.engine.trainer import CRASH_AFTER_STEP_ENV
 from finetune.trainer.engine.zero import device_memory
 from tests.trainer.jobs import FINETUNE, finetune_run, job_file, refused, train_log
@@ -294,3 +296,77 @@ def test_a_run_left_to_choose_its_zero_stage_resumes_under_its_checkpoints_stage
     assert "ZeRO stage 2: the checkpoint being resumed was written under ZeRO-2" in resumed.stderr
     assert "step-00000002 (step 2)" in resumed.stderr
     assert lora_weights(tmp_path / "out"), "the run finished with its weights"
+
+
+UNET_WEIGHTS = Path("unet") / "diffusion_pytorch_model.safetensors"
+
+
+def two_step_job(folder: Path, model: Path, images: Path, **training: Any) -> Path:
+    """A job checkpointing at step 2: trains to 2 steps, or resumes from that checkpoint."""
+    return job_file(
+        folder,
+        model,
+        images,
+        training={"maxSteps": 2, **training},
+        checkpointing={"everyNSteps": 2},
+    )
+
+
+def test_a_model_replaced_at_the_same_uri_is_refused_until_it_is_restored(
+    tmp_path: Path, tiny_model: Path, disc_images: Path
+) -> None:
+    model = shutil.copytree(tiny_model, tmp_path / "model")
+    finetune_run(two_step_job(tmp_path, model, disc_images))
+    # Another model of the same architecture: the same files, sizes and config.
+    other = build_model(tmp_path / "other", seed=1)
+    assert (other / UNET_WEIGHTS).stat().st_size == (model / UNET_WEIGHTS).stat().st_size
+    shutil.copyfile(other / UNET_WEIGHTS, model / UNET_WEIGHTS)
+
+    longer = two_step_job(tmp_path, model, disc_images, maxSteps=4)
+    checkpoint = tmp_path / "out" / "checkpoints" / "step-00000002"
+    message = refused(
+        longer,
+        f"spec.baseModel.uri ({model}): the files there are not those of the model "
+        f"checkpoint {checkpoint} was trained on",
+        "restore that model, or remove the checkpoints to start over",
+    )
+    assert "another version of the trainer" not in message
+
+    shutil.copyfile(tiny_model / UNET_WEIGHTS, model / UNET_WEIGHTS)
+    resumed = finetune_run(longer)
+    assert "step-00000002 (step 2)" in resumed.stderr
+
+
+def test_a_changed_spec_is_refused_before_the_model_loads(
+    tmp_path: Path, tiny_model: Path, disc_images: Path
+) -> None:
+    model = shutil.copytree(tiny_model, tmp_path / "model")
+    finetune_run(two_step_job(tmp_path, model, disc_images))
+    # Loading the model would fail now: the refusal comes before it is tried.
+    (model / UNET_WEIGHTS).unlink()
+    refused(
+        two_step_job(tmp_path, model, disc_images, maxSteps=4, learningRate=2e-3),
+        "step-00000002: this checkpoint was written by a run laid out differently "
+        "(spec.training.learningRate 0.001 -> 0.002); run with the same settings",
+    )
+
+
+def test_a_checkpoint_that_records_no_model_fingerprint_resumes(
+    tmp_path: Path, tiny_model: Path, disc_images: Path
+) -> None:
+    finetune_run(two_step_job(tmp_path, tiny_model, disc_images), nproc=1)
+    root = tmp_path / "out" / "checkpoints"
+    # As a trainer before the fingerprints wrote it.
+    path = root / "step-00000002" / "manifest.json"
+    document = json.loads(path.read_text())
+    assert list(document["layout"].pop("models")) == ["spec.baseModel.uri"]
+    path.write_text(json.dumps(document))
+
+    resumed = finetune_run(two_step_job(tmp_path, tiny_model, disc_images, maxSteps=4), nproc=1)
+    assert (
+        f"{root / 'step-00000002'} records no fingerprint of the models it was trained on "
+        "(an earlier trainer wrote it): the model could not be checked against it"
+    ) in resumed.stderr
+    assert "step-00000002 (step 2)" in resumed.stderr
+    newer = json.loads((root / "step-00000004" / "manifest.json").read_text())
+    assert list(newer["layout"]["models"]) == ["spec.baseModel.uri"], "recorded from now on"

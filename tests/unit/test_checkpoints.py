@@ -15,7 +15,7 @@ import torch
 
 from finetune.api.selection import KeepBest
 from finetune.trainer.checkpoints import manifest
-from finetune.trainer.checkpoints.layout import check_max_steps
+from finetune.trainer.checkpoints.layout import check_max_steps, check_run
 from finetune.trainer.checkpoints.replica import durable_tags
 from finetune.trainer.checkpoints.run_checkpoints import RunCheckpoints
 from finetune.trainer.checkpoints.space import space_checked
@@ -249,6 +249,45 @@ def test_a_checkpoint_of_another_trainer_version_is_refused_as_such(tmp_path: Pa
     ):
         start_run(tmp_path, layout=layout, engine=engine)
     assert engine.loaded is None
+
+
+def test_a_checkpoint_of_another_model_is_refused_before_the_model_loads(
+    tmp_path: Path,
+) -> None:
+    """`check_run`: the run's settings and models, before the model loads; the ZeRO
+    stage and precision plan are left to `check_layout`, once the engine is set up."""
+    uri = "s3://models/sd"
+    run = {"ranks": 1, "spec.baseModel.uri": uri, "models": {"spec.baseModel.uri": "a1"}}
+    checkpoints, _, _ = start_run(tmp_path, layout={**run, "zeroStage": 2})
+    checkpoints.save(2)
+    found = manifest.latest(tmp_path)
+    assert found is not None
+    where = str(found.folder)
+    assert check_run(found, run, where) is True
+
+    with pytest.raises(JobInputError) as refusal:
+        check_run(found, {**run, "models": {"spec.baseModel.uri": "b2"}}, where)
+    assert str(refusal.value) == (
+        f"spec.baseModel.uri ({uri}): the files there are not those of the model checkpoint "
+        f"{where} was trained on (the model was replaced since); restore that model, or "
+        "remove the checkpoints to start over"
+    )
+    # Another URI is another spec: named as such, not as another model.
+    moved = {"ranks": 1, "spec.baseModel.uri": "/models/sd", "models": {"spec.baseModel.uri": "b2"}}
+    with pytest.raises(JobInputError, match=rf"laid out differently \(spec.baseModel.uri {uri} ->"):
+        check_run(found, moved, where)
+
+
+def test_a_checkpoint_that_records_no_models_still_resumes(tmp_path: Path) -> None:
+    before = {"ranks": 1, "spec.method": "lora"}  # written before checkpoints named models
+    checkpoints, _, _ = start_run(tmp_path, layout=before)
+    checkpoints.save(2)
+    found = manifest.latest(tmp_path)
+    assert found is not None
+    now = {**before, "models": {"spec.baseModel.uri": "a1"}}
+    assert check_run(found, now, str(found.folder)) is False, "not checked, not refused"
+    _, engine, step = start_run(tmp_path, layout=now)
+    assert (step, engine.loaded) == (2, "step-00000002")
 
 
 def test_a_max_steps_below_the_newest_checkpoint_is_refused(tmp_path: Path) -> None:

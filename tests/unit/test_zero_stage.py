@@ -90,10 +90,10 @@ def test_zero_2_is_tuned_for_the_device_and_zero_0_carries_no_zero_settings() ->
 
 
 def test_the_layout_records_the_stage_trained_under_whoever_chose_it() -> None:
-    chosen = layout_for(spec_with(), world=2, zero_stage=0)
+    chosen = layout_for(spec_with(), world=2, zero_stage=0, models={})
     assert chosen["zeroStage"] == 0
     assert "spec.deepspeed.zeroStage" not in chosen
-    assert layout_for(spec_with(zeroStage=0), world=2, zero_stage=0) == chosen
+    assert layout_for(spec_with(zeroStage=0), world=2, zero_stage=0, models={}) == chosen
 
 
 def test_a_checkpoint_written_before_the_choice_resumes_under_its_stage(tmp_path: Path) -> None:

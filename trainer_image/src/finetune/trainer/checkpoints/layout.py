@@ -1,5 +1,12 @@
-"""What must be the same for a checkpoint to continue a run: the ranks and the spec,
-except what may change between runs (more steps, checkpoints, samples, the output)."""
+"""What must be the same for a checkpoint to continue a run: the ranks, the spec except
+what may change between runs (more steps, checkpoints, samples, the output), the models
+it was trained on (their fingerprints, `models.fingerprint`), and how the engine stores
+its state (the ZeRO stage, the precision plan).
+
+The ranks, the spec and the models are known before the model loads: `check_run` refuses
+a checkpoint that differs in them as soon as it is found, in seconds. The rest is known
+once the engine is set up, and checked then (`check_layout`).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +17,8 @@ from finetune.trainer.checkpoints.manifest import Checkpoint, layout_of
 from finetune.trainer.errors import JobInputError
 
 CHANGEABLE = ("checkpointing", "validation", "output")
+# The layout's fingerprint of each model input, by the spec field naming it.
+MODELS = "models"
 
 
 def _flatten(value: Any, prefix: str) -> dict[str, Any]:
@@ -25,14 +34,22 @@ def _flatten(value: Any, prefix: str) -> dict[str, Any]:
 _SPEC_ZERO_STAGE = "spec.deepspeed.zeroStage"
 
 
-def layout_for(spec: TrainingSpec, world: int, zero_stage: int) -> dict[str, Any]:
-    """`zero_stage`: the stage the run trains under, whether the job set it or not."""
+def run_layout(spec: TrainingSpec, world: int, models: dict[str, str]) -> dict[str, Any]:
+    """What a run is before its model loads: its ranks, its spec but for what may change,
+    and `models` (`RunPlan.model_fingerprints`)."""
     fields = spec.model_dump(mode="json", by_alias=True, exclude_none=True)
     fields["training"].pop("maxSteps", None)
     fields["deepspeed"].pop("zeroStage", None)
     for changeable in CHANGEABLE:
         fields.pop(changeable, None)
-    return {"ranks": world, "zeroStage": zero_stage, **_flatten(fields, "spec")}
+    return {"ranks": world, MODELS: models, **_flatten(fields, "spec")}
+
+
+def layout_for(
+    spec: TrainingSpec, world: int, zero_stage: int, models: dict[str, str]
+) -> dict[str, Any]:
+    """`zero_stage`: the stage the run trains under, whether the job set it or not."""
+    return {**run_layout(spec, world, models), "zeroStage": zero_stage}
 
 
 def _saved_layout(found: Checkpoint) -> dict[str, Any]:
@@ -52,11 +69,52 @@ def _user_settings(key: str) -> bool:
     return key in ("ranks", "zeroStage") or key.startswith("spec.")
 
 
-def check_layout(found: Checkpoint, layout: dict[str, Any], where: str) -> None:
-    """Refuse, naming each difference, a checkpoint written by a run laid out otherwise:
-    by other settings, or by a trainer that stored its state another way. `where`: the
+def _run_settings(key: str) -> bool:
+    """Known before the model loads (`run_layout`)."""
+    return key == "ranks" or key.startswith("spec.")
+
+
+def check_run(found: Checkpoint, layout: dict[str, Any], where: str) -> bool:
+    """Before the model loads: refuse a checkpoint of a run with other ranks, another spec
+    or other models than this one's `run_layout`. False when the checkpoint records no
+    models (an earlier trainer wrote it): they could not be checked. `where`: the
     checkpoint as the user knows it (`RunCheckpoints.location`)."""
     saved = _saved_layout(found)
+    trained_on: dict[str, str] | None = saved.pop(MODELS, None)
+    settings = {k: v for k, v in saved.items() if _run_settings(k)}
+    _refuse_differences(settings, _without_models(layout), where)
+    if trained_on is None:
+        return False
+    changed = [
+        field
+        for field, digest in layout[MODELS].items()
+        if field in trained_on and trained_on[field] != digest
+    ]
+    if changed:
+        named = " and ".join(f"{field} ({layout.get(field)})" for field in changed)
+        raise JobInputError(
+            f"{named}: the files there are not those of the model checkpoint {where} was "
+            "trained on (the model was replaced since); restore that model, or remove the "
+            "checkpoints to start over"
+        )
+    return True
+
+
+def check_layout(found: Checkpoint, layout: dict[str, Any], where: str) -> None:
+    """Once the engine is set up: refuse, naming each difference, a checkpoint written by
+    a run laid out otherwise: by other settings (a ZeRO stage), or by a trainer that
+    stored its state another way. `where`: as for `check_run`, which checks the models."""
+    saved = _without_models(_saved_layout(found))
+    _refuse_differences(saved, _without_models(layout), where)
+
+
+def _without_models(layout: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in layout.items() if k != MODELS}
+
+
+def _refuse_differences(saved: dict[str, Any], layout: dict[str, Any], where: str) -> None:
+    """Refuse, naming each difference, a checkpoint whose `saved` layout is not `layout`:
+    by the user's settings, or by how an earlier trainer stored its state."""
     if not saved or saved == layout:
         return
     changed = [k for k in layout if saved.get(k) != layout[k]]

@@ -56,8 +56,9 @@ class NoUploads:
 
 
 class RunCheckpoints:
-    """Made before the engine: the newest checkpoint's layout decides how the engine is
-    set up (its ZeRO stage). From `resume` on, the checkpoints of `state`."""
+    """Made before the model loads: the newest checkpoint is checked against the run
+    (`layout.check_run`) and decides how the engine is set up (its ZeRO stage). From
+    `resume` on, the checkpoints of `state`."""
 
     def __init__(
         self,

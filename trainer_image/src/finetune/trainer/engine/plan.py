@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from finetune.api.training import TrainingSpec
@@ -26,6 +26,9 @@ class RunPlan:
     # The evaluator models of `validation.metrics`, where the job needs them.
     clip_folder: Path | None = None
     dino_folder: Path | None = None
+    # The fingerprint (`models.fingerprint`) of each model input's folder, by the spec
+    # field naming it: a checkpoint records them, and resume refuses another model.
+    model_fingerprints: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(
@@ -42,6 +45,7 @@ class RunPlan:
                 "vaeFolder": _text(self.vae_folder),
                 "clipFolder": _text(self.clip_folder),
                 "dinoFolder": _text(self.dino_folder),
+                "modelFingerprints": self.model_fingerprints,
             }
         )
 
@@ -61,6 +65,7 @@ class RunPlan:
             vae_folder=_path(raw.get("vaeFolder")),
             clip_folder=_path(raw.get("clipFolder")),
             dino_folder=_path(raw.get("dinoFolder")),
+            model_fingerprints=raw.get("modelFingerprints", {}),
         )
 
 

@@ -19,7 +19,13 @@ import torch
 from finetune.api.common import is_s3
 from finetune.api.pod import EXIT_INTERRUPTED, EXIT_OK
 from finetune.api.selection import OutputFrom
-from finetune.trainer.checkpoints.layout import check_max_steps, layout_for, zero_stage_of
+from finetune.trainer.checkpoints.layout import (
+    check_max_steps,
+    check_run,
+    layout_for,
+    run_layout,
+    zero_stage_of,
+)
 from finetune.trainer.checkpoints.manifest import validations_of
 from finetune.trainer.checkpoints.run_checkpoints import RunCheckpoints
 from finetune.trainer.checkpoints.state import TrainingState
@@ -100,6 +106,18 @@ class Trainer:
             self.device = distributed.init(self.rank)
         self.precision = PrecisionPlan.of(spec)
         self.dtype = self.precision.compute
+        self.checkpoints = RunCheckpoints(
+            self.plan.work_dir / "checkpoints",
+            self.rank,
+            self.device,
+            spec.checkpointing.keep_last,
+            # A local output is the local folder itself: nothing to copy there.
+            open_store(self.plan.output_uri, self._s3()) if is_s3(self.plan.output_uri) else None,
+            self.reporter.checkpoint if self.reporter is not None else None,
+            spec.checkpointing.keep_best,
+        )
+        self.found = self.checkpoints.newest()
+        self._check_resumable()
         # Same seed on every rank while models are built, so adapters start equal.
         torch.manual_seed(hp.seed)
         self.components: Components = load_components(
@@ -143,19 +161,6 @@ class Trainer:
         self.precision.store_frozen(self.module)
         compile_unet(hp, self.module)
         set_matmul_precision(hp, self.device)
-        self.checkpoints = RunCheckpoints(
-            self.plan.work_dir / "checkpoints",
-            self.rank,
-            self.device,
-            spec.checkpointing.keep_last,
-            # A local output is the local folder itself: nothing to copy there.
-            open_store(self.plan.output_uri, self._s3()) if is_s3(self.plan.output_uri) else None,
-            self.reporter.checkpoint if self.reporter is not None else None,
-            spec.checkpointing.keep_best,
-        )
-        self.found = self.checkpoints.newest()
-        if self.found is not None:
-            check_max_steps(self.found, hp.max_steps, self.checkpoints.location(self.found.tag))
         # Rank 0's validations so far: those the resumed checkpoint carries.
         self.selection = Selection(
             spec,
@@ -207,6 +212,22 @@ class Trainer:
         np.random.seed((hp.seed + self.rank.rank) % 2**32)
         torch.manual_seed(hp.seed + self.rank.rank)
 
+    def _check_resumable(self) -> None:
+        """Before the model loads (and class images are made): refuse the newest checkpoint
+        when this run cannot continue it, for its step, settings or models. What only the
+        engine knows (its ZeRO stage, its precision) is checked in `_resume`."""
+        if self.found is None:
+            return
+        where = self.checkpoints.location(self.found.tag)
+        check_max_steps(self.found, self.spec.training.max_steps, where)
+        layout = run_layout(self.spec, self.rank.world, self.plan.model_fingerprints)
+        if not check_run(self.found, layout, where) and self.rank.main:
+            log.warning(
+                "%s records no fingerprint of the models it was trained on (an earlier "
+                "trainer wrote it): the model could not be checked against it",
+                where,
+            )
+
     def _zero_stage(self) -> ZeroChoice:
         """Rank 0's choice, on every rank: nodes may differ in memory, the engines may not."""
         state_bytes, frozen_bytes = weight_bytes(self.module, self._frozen_models().values())
@@ -230,7 +251,9 @@ class Trainer:
             self.found,
             TrainingState(self.engine, self.batches, self.method, self.ema),
             {
-                **layout_for(self.spec, self.rank.world, self.zero.stage),
+                **layout_for(
+                    self.spec, self.rank.world, self.zero.stage, self.plan.model_fingerprints
+                ),
                 **self.precision.layout(),
             },
         )

@@ -38,7 +38,8 @@ from finetune.trainer.families import check_same_family, resolve_family
 from finetune.trainer.launcher.lease import RUN_FOLDER, OutputClaim
 from finetune.trainer.launcher.overlap import check_output_apart
 from finetune.trainer.launcher.preflight import check_output, checked_nproc, make_folder
-from finetune.trainer.models.sources import resolve_model, resolve_vae
+from finetune.trainer.models.fingerprint import fingerprint
+from finetune.trainer.models.sources import VAE_FIELD, resolve_model, resolve_vae
 from finetune.trainer.process import stopping
 from finetune.trainer.process.stopping import (
     STOP_SIGNALS,
@@ -138,6 +139,9 @@ def prepare(
         uri = spec.lcm.teacher_model.uri
         teacher = resolve_model(uri, cache, s3).resolve()
         check_same_family(family, teacher, uri, "spec.lcm.teacherModel.uri")
+    # Once here, not in every worker: a checkpoint records them (`checkpoints.layout`).
+    models = {"spec.baseModel.uri": model, VAE_FIELD: vae, "spec.lcm.teacherModel.uri": teacher}
+    fingerprints = {f: fingerprint(folder) for f, folder in models.items() if folder is not None}
     if spec.data.dataset is not None:
         dataset = spec.data.dataset
         if not is_s3(dataset.uri):  # workers may start elsewhere: hand them an absolute path
@@ -186,6 +190,7 @@ def prepare(
         vae_folder=vae,
         clip_folder=clip,
         dino_folder=dino,
+        model_fingerprints=fingerprints,
     )
 
 

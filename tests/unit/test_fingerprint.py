@@ -39,9 +39,10 @@ def test_the_same_files_give_the_same_fingerprint_wherever_they_are(tmp_path: Pa
     folder = model_folder(tmp_path / "model")
     moved = shutil.copytree(folder, tmp_path / "elsewhere")
     assert fingerprint(folder) == fingerprint(folder) == fingerprint(moved)
-    # What is not the model: a hidden file, an unfinished download.
+    # What is not the model: a hidden file, an unfinished download, the model card.
     (folder / ".gitattributes").write_text("*.safetensors filter=lfs")
     (folder / "unet" / "extra.bin.partial").write_bytes(b"half")
+    (folder / "README.md").write_text("# A model card, edited")
     assert fingerprint(folder) == fingerprint(moved)
 
 

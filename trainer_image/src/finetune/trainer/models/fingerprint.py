@@ -27,16 +27,21 @@ def sampled_regions(size: int) -> list[tuple[int, int]]:
     return [(0, CHUNK), ((size - CHUNK) // 2, CHUNK), (size - CHUNK, CHUNK)]
 
 
+# At the top of a model folder only these are the model (`model_index.json`, a VAE's
+# `config.json` and weights); a model card, licence or preview image there is not.
+MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".bin", ".ckpt", ".pt", ".pth")
+
+
+def _is_model_file(path: Path, folder: Path) -> bool:
+    parts = path.relative_to(folder).parts
+    if any(part.startswith(".") for part in parts) or is_partial(path.name):
+        return False  # `.gitattributes`, `.cache/`, an unfinished download
+    return len(parts) > 1 or path.suffix in MODEL_FILE_SUFFIXES
+
+
 def _files(folder: Path) -> list[Path]:
-    """The folder's files (links followed, as in a hub snapshot), sorted; hidden ones
-    (`.gitattributes`, `.cache/`) and unfinished downloads are not the model."""
-    return sorted(
-        path
-        for path in folder.rglob("*")
-        if path.is_file()
-        and not is_partial(path.name)
-        and not any(part.startswith(".") for part in path.relative_to(folder).parts)
-    )
+    """The folder's model files (links followed, as in a hub snapshot), sorted."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and _is_model_file(p, folder))
 
 
 def fingerprint(folder: Path) -> str:

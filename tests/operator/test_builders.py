@@ -47,6 +47,16 @@ def test_indexed_job_rendezvous_for_a_multi_node_gang() -> None:
     assert manifest["metadata"]["name"] == "dog-lora-a3"
     assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 4, 4)
     assert spec["backoffLimit"] == 0  # the operator restarts the whole gang instead
+    # A pod the cluster takes away fails the Job with the cause on the Job itself.
+    assert spec["podFailurePolicy"] == {
+        "rules": [
+            {
+                "action": "FailJob",
+                "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+            }
+        ]
+    }
+    assert pod_of(manifest)["restartPolicy"] == "Never"  # which a pod failure policy needs
     pod = pod_of(manifest)
     assert pod["subdomain"] == "dog-lora-gang"
     env = env_of(manifest)

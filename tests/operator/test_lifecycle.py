@@ -24,6 +24,7 @@ from tests.operator.conftest import (
     VERSION,
     Kube,
     OperatorProcess,
+    failed,
     now,
     pulling,
     running,
@@ -225,10 +226,26 @@ def test_preemption_restarts_without_counting_against_the_backoff_limit(
     kube: Kube, namespace: str
 ) -> None:
     start(kube, namespace, runPolicy={"backoffLimit": 0})
-    run_gang(kube, namespace)
-    preempted = [{"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler"}]
-    kube.failed_pod(NAME, 0, 1, namespace, exit_code=143, conditions=preempted)
-    kube.failed_pod(NAME, 0, 0, namespace, exit_code=1, message="gloo: connection closed")
+    pods = kube.gang_running(NAME, 0, namespace, nodes=2)
+    kube.wait_phase(NAME, namespace, "Running")
+    # The scheduler marks rank 1 for preemption and deletes it. The Job controller counts
+    # a deleted pod as failed and lets it go before it marks the Job Failed: by then the
+    # victim is gone and only its peer's error is left to read.
+    preempted = {"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler"}
+    victim = running()
+    victim["conditions"].append(preempted)
+    kube.set_pod_status(pods[1], namespace, victim)
+    wait_for(
+        lambda: (
+            "finetune.dev/disruption"
+            in (
+                (kube.batch_job(f"{NAME}-a0", namespace) or {})["metadata"].get("annotations") or {}
+            )
+        ),
+        what="the disruption noted on the attempt's Job",
+    )
+    kube.core.delete_namespaced_pod(pods[1], namespace)
+    kube.set_pod_status(pods[0], namespace, failed(1, "gloo: connection closed"))
     kube.job_condition(f"{NAME}-a0", namespace, "Failed", "BackoffLimitExceeded")
     kube.wait_batch_job(f"{NAME}-a1", namespace)
     status = kube.wait_status(NAME, namespace, lambda s: s.get("attempt") == 1, "attempt 1")

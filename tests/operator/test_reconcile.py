@@ -120,9 +120,41 @@ def test_the_cause_of_a_gang_failure_is_its_root() -> None:
     assert failures.classify([collateral, preempted, oom]).reason == "OOMKilled"
     assert failures.classify([collateral]).reason == "TrainerError"
     assert "signal 9" in failures.classify([pod(0, **exited(137))]).message
-    nothing = failures.classify([], "Job has reached the specified backoff limit")
+    backoff = {
+        "reason": "BackoffLimitExceeded",
+        "message": "Job has reached the specified backoff limit",
+    }
+    nothing = failures.classify([], backoff)
     assert (nothing.reason, nothing.counted) == ("JobFailed", True)
     assert "backoff limit" in nothing.message
+
+
+def test_a_disruption_is_not_counted_when_its_pod_is_gone() -> None:
+    """The cluster deletes the pod it takes away, and the Job controller lets it go
+    before it fails the Job: the cause comes from the Job, not from the pods left."""
+    collateral = pod(0, **exited(1))
+    by_policy = {
+        "reason": "PodFailurePolicy",
+        "message": "Pod ml/dog-lora-a0-1-x7k2p has condition DisruptionTarget matching "
+        "FailJob rule at index 0",
+    }
+    found = failures.classify([collateral], by_policy)
+    assert (found.reason, found.counted) == ("Disrupted", False)
+    assert "dog-lora-a0-1-x7k2p" in found.message
+    preempted = pod(
+        1,
+        conditions=[
+            {"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler"}
+        ],
+    )
+    seen = failures.disruption_of(preempted)
+    assert seen is not None
+    job = {"metadata": {"annotations": failures.remember(seen)}}
+    kept = failures.classify([collateral], {"reason": "BackoffLimitExceeded"}, job)
+    assert (kept.reason, kept.message, kept.counted) == ("Preempted", "pod p1: Preempted", False)
+    # A permanent failure still explains everything.
+    oom = pod(0, **exited(137, "OOMKilled"))
+    assert failures.classify([oom], by_policy, job).reason == "OOMKilled"
 
 
 def test_a_finished_job_waits_out_its_ttl() -> None:

@@ -7,6 +7,7 @@ runs `finetune train` on the job file mounted from the ConfigMap.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,7 @@ from finetune.api.common import is_hub
 from finetune.api.training import model_uris
 
 from .config import OperatorConfig
+from .failures import POD_FAILURE_POLICY
 
 Manifest = dict[str, Any]
 
@@ -281,8 +283,9 @@ def batch_job(
     """One attempt of the gang: an Indexed Job with a pod per node.
 
     Its own backoffLimit is 0: DeepSpeed ranks cannot rejoin a running gang, so
-    the operator restarts the whole gang as a new attempt instead. A restarted
-    attempt gets what is left of `activeDeadlineSeconds` (`deadline_seconds`).
+    the operator restarts the whole gang as a new attempt instead. Its pod failure
+    policy fails it at once, naming the cause, when the cluster takes a pod away.
+    A restarted attempt gets what is left of `activeDeadlineSeconds` (`deadline_seconds`).
     """
     settings = settings or OperatorConfig()
     spec, names = job.spec, Names(job.metadata.name)
@@ -295,6 +298,7 @@ def batch_job(
         "completions": spec.resources.nodes,
         "parallelism": spec.resources.nodes,
         "backoffLimit": 0,
+        "podFailurePolicy": copy.deepcopy(POD_FAILURE_POLICY),
         # With a Kueue queue the Job starts suspended and Kueue admits it.
         "suspend": policy.suspend or policy.queue_name is not None,
         "template": {

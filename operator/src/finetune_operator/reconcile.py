@@ -283,7 +283,7 @@ def _after_failed_job(o: Observed, out: Outcome, job_failed: dict[str, Any]) -> 
             "DeadlineExceeded",
             f"ran longer than runPolicy.activeDeadlineSeconds ({o.policy.active_deadline_seconds}s)",
         )
-    failure = failures.classify(o.pods, job_failed.get("message", ""))
+    failure = failures.classify(o.pods, job_failed, o.batch_job)
     if failure.permanent:
         _keep_failed_attempt(o, out, failure.reason)
         return _fail(o, out, failure.reason, failure.message, stop=False)

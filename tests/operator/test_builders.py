@@ -57,6 +57,8 @@ def test_indexed_job_rendezvous_for_a_multi_node_gang() -> None:
         ]
     }
     assert pod_of(manifest)["restartPolicy"] == "Never"  # which a pod failure policy needs
+    # What its deadline was made from, so a changed limit can move it.
+    assert manifest["metadata"]["annotations"] == {"finetune.dev/active-deadline-seconds": ""}
     pod = pod_of(manifest)
     assert pod["subdomain"] == "dog-lora-gang"
     env = env_of(manifest)

@@ -429,6 +429,26 @@ def test_the_deadline_fails_the_job(kube: Kube, namespace: str) -> None:
 
 
 @pytest.mark.usefixtures("operator")
+def test_a_changed_deadline_reaches_the_running_attempt(kube: Kube, namespace: str) -> None:
+    """The Job controller enforces the deadline its Job has: a new one must reach it, or
+    the job fails at the old one."""
+    start(kube, namespace, runPolicy={"activeDeadlineSeconds": 3600})
+    run_gang(kube, namespace)
+
+    def deadline() -> Any:
+        return (kube.batch_job(f"{NAME}-a0", namespace) or {})["spec"].get("activeDeadlineSeconds")
+
+    kube.patch_spec(NAME, namespace, {"runPolicy": {"activeDeadlineSeconds": 7200}})
+    wait_for(lambda: deadline() == 7200, what="the running Job's deadline raised to 7200 s")
+    kube.wait_event(namespace, NAME, "RunPolicyUpdated")
+    kube.patch_spec(NAME, namespace, {"runPolicy": {"activeDeadlineSeconds": None}})
+    wait_for(lambda: deadline() is None, what="the running Job's deadline removed")
+    status = kube.hold_status(NAME, namespace, lambda s: s["phase"] == "Running", "Running")
+    assert status.get("restarts", 0) == 0  # the same attempt goes on
+    assert deadline() is None
+
+
+@pytest.mark.usefixtures("operator")
 def test_a_running_job_deleted_by_its_user_is_gone_within_seconds(
     kube: Kube, namespace: str
 ) -> None:

@@ -8,8 +8,8 @@ from typing import Any
 
 from finetune.api.cluster import RunPolicy
 from finetune.api.status import ConditionType, FineTuneJobStatus, Phase, Progress
-from finetune_operator import failures, gang, reconcile, spec_changes
-from finetune_operator.reconcile import Observed, StartAttempt, StopAttempt
+from finetune_operator import builders, failures, gang, reconcile, spec_changes
+from finetune_operator.reconcile import Observed, SetDeadline, StartAttempt, StopAttempt
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 
@@ -105,6 +105,39 @@ def test_the_deadline_counts_from_the_first_start_across_attempts() -> None:
     assert outcome.status.phase == Phase.FAILED
     assert outcome.status.failure_reason == "DeadlineExceeded"
     assert outcome.actions == [StopAttempt(2)]
+
+
+def test_a_changed_deadline_moves_the_running_attempts_job() -> None:
+    started = NOW - timedelta(seconds=3000)
+    status = FineTuneJobStatus(phase=Phase.RUNNING, attempt=2, start_time=started)
+    gang = [pod(0, **RUNNING), pod(1, **RUNNING)]
+
+    def attempt_job(made_from: str, live: int | None) -> dict[str, Any]:
+        """Attempt 2's Job, made 3000 s into the job's run."""
+        job = running_job(started=NOW - timedelta(seconds=60))
+        job["metadata"] = {
+            "creationTimestamp": stamp(NOW - timedelta(seconds=60)),
+            "annotations": {builders.DEADLINE_ANNOTATION: made_from} if made_from != "-" else {},
+        }
+        job["spec"] = {} if live is None else {"activeDeadlineSeconds": live}
+        return job
+
+    def updates(job: dict[str, Any], **policy: Any) -> list[Any]:
+        outcome = reconcile.reconcile(observed(status, job, gang, **policy))
+        assert outcome.status.phase == Phase.RUNNING
+        return [a for a in outcome.actions if isinstance(a, SetDeadline)]
+
+    # Made with the 600 s left of 3600: a limit of 7200 leaves 4200.
+    made = attempt_job("3600", 600)
+    assert updates(made, activeDeadlineSeconds=3600) == []
+    assert updates(made, activeDeadlineSeconds=7200) == [SetDeadline(2, 4200, 7200)]
+    assert updates(made) == [SetDeadline(2, None, None)]
+    # Made without a deadline: the limit less the 2940 s used before the Job was made.
+    assert updates(attempt_job("", None), activeDeadlineSeconds=7200) == [
+        SetDeadline(2, 4260, 7200)
+    ]
+    # A Job not made by these builders is left alone.
+    assert updates(attempt_job("-", 600), activeDeadlineSeconds=7200) == []
 
 
 def test_the_cause_of_a_gang_failure_is_its_root() -> None:

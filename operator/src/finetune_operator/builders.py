@@ -25,6 +25,9 @@ Manifest = dict[str, Any]
 LABEL_JOB = "finetune.dev/job"
 LABEL_ATTEMPT = "finetune.dev/attempt"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+# The runPolicy.activeDeadlineSeconds an attempt's Job deadline was made from ("" for
+# none): a changed policy moves the live Job's deadline by the difference.
+DEADLINE_ANNOTATION = "finetune.dev/active-deadline-seconds"
 TRAINER_UID = 1000
 
 
@@ -309,12 +312,9 @@ def batch_job(
     deadline = deadline_seconds or policy.active_deadline_seconds
     if deadline:
         job_spec["activeDeadlineSeconds"] = max(1, deadline)
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": _meta(job, names.batch_job(attempt), **labels),
-        "spec": job_spec,
-    }
+    meta = _meta(job, names.batch_job(attempt), **labels)
+    meta["annotations"] = {DEADLINE_ANNOTATION: str(policy.active_deadline_seconds or "")}
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}
 
 
 def children(

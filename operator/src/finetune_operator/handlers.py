@@ -76,18 +76,18 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
 def attempts(
     namespace: str | None, labels: Mapping[str, str], body: kopf.Body, **_: Any
 ) -> dict[Any, Any]:
-    kept = {
-        key: value
-        for key, value in body.meta.annotations.items()
-        if key == failures.DISRUPTION_ANNOTATION
-    }
+    ours = (failures.DISRUPTION_ANNOTATION, builders.DEADLINE_ANNOTATION)
+    kept = {key: value for key, value in body.meta.annotations.items() if key in ours}
     slim = {
         "metadata": {
             "name": body.meta.name,
             "creationTimestamp": body.meta.get("creationTimestamp"),
             "annotations": kept,
         },
-        "spec": {"suspend": body.spec.get("suspend")},
+        "spec": {
+            "suspend": body.spec.get("suspend"),
+            "activeDeadlineSeconds": body.spec.get("activeDeadlineSeconds"),
+        },
         "status": dict(body.status),
     }
     return {(namespace, labels[LABEL_JOB], labels.get(LABEL_ATTEMPT)): slim}
@@ -271,6 +271,11 @@ async def _act(
             memo.started = max(getattr(memo, "started", 0), attempt)
         case reconcile.SuspendAttempt(attempt=attempt, suspend=suspend):
             await in_thread(cluster.suspend_job, namespace, names.batch_job(attempt), suspend)
+        case reconcile.SetDeadline(attempt=attempt, seconds=seconds, limit=limit):
+            annotations = {builders.DEADLINE_ANNOTATION: str(limit or "")}
+            await in_thread(
+                cluster.set_job_deadline, namespace, names.batch_job(attempt), seconds, annotations
+            )
         case reconcile.DeleteFineTuneJob():
             await in_thread(cluster.delete_finetunejob, namespace, name)
 

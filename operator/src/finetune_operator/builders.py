@@ -185,18 +185,18 @@ def _environment(job: FineTuneJob, attempt: int, settings: OperatorConfig) -> li
         # The trainer image is offline by default; a job naming a hub model (the
         # evaluators' defaults among them) allows it.
         env.append({"name": pod.HF_HUB_OFFLINE_ENV, "value": "0"})
-    # Secrets by reference only: their values never pass through the operator.
-    models = [spec.base_model, spec.lcm.teacher_model if spec.lcm else None]
-    for source in models:
+    # Secrets by reference only: their values never pass through the operator. Each
+    # model's token reaches that model's download.
+    tokens = [
+        (pod.HF_TOKEN_ENV, spec.base_model),
+        (pod.TEACHER_HF_TOKEN_ENV, spec.lcm.teacher_model if spec.lcm else None),
+    ]
+    for name, source in tokens:
         if source is not None and source.hub_token_secret_ref is not None:
             ref = source.hub_token_secret_ref
             env.append(
-                {
-                    "name": pod.HF_TOKEN_ENV,
-                    "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}},
-                }
+                {"name": name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
             )
-            break
     return env
 
 

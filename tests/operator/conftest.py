@@ -261,12 +261,7 @@ class Kube:
         message: str = "",
         conditions: list[dict[str, Any]] | None = None,
     ) -> str:
-        terminated = {"exitCode": exit_code, "reason": reason, "message": message}
-        status = {
-            "phase": "Failed",
-            "conditions": conditions or [],
-            "containerStatuses": [container({"terminated": terminated})],
-        }
+        status = failed(exit_code, message, reason, conditions)
         return self.pod(job, attempt, index, namespace, status)
 
 
@@ -307,6 +302,21 @@ def pulling(reason: str, message: str) -> dict[str, Any]:
     scheduled = {"type": "PodScheduled", "status": "True"}
     waiting = container({"waiting": {"reason": reason, "message": message}})
     return {"phase": "Pending", "conditions": [scheduled], "containerStatuses": [waiting]}
+
+
+def failed(
+    exit_code: int = 1,
+    message: str = "",
+    reason: str = "Error",
+    conditions: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """A pod's status once its trainer container exited with `exit_code`."""
+    terminated = {"exitCode": exit_code, "reason": reason, "message": message}
+    return {
+        "phase": "Failed",
+        "conditions": conditions or [],
+        "containerStatuses": [container({"terminated": terminated})],
+    }
 
 
 def succeeded() -> dict[str, Any]:

@@ -12,7 +12,7 @@ from finetune.api import FineTuneJob
 from finetune.api.loading import load_job
 from finetune_operator import builders
 from finetune_operator.config import OperatorConfig
-from tests.support import EXAMPLES, lora_job
+from tests.support import EXAMPLES, lcm_job, lora_job
 
 KUBERNETES_VERSION = "1.31.0"
 
@@ -47,6 +47,18 @@ def test_indexed_job_rendezvous_for_a_multi_node_gang() -> None:
     assert manifest["metadata"]["name"] == "dog-lora-a3"
     assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 4, 4)
     assert spec["backoffLimit"] == 0  # the operator restarts the whole gang instead
+    # A pod the cluster takes away fails the Job with the cause on the Job itself.
+    assert spec["podFailurePolicy"] == {
+        "rules": [
+            {
+                "action": "FailJob",
+                "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+            }
+        ]
+    }
+    assert pod_of(manifest)["restartPolicy"] == "Never"  # which a pod failure policy needs
+    # What its deadline was made from, so a changed limit can move it.
+    assert manifest["metadata"]["annotations"] == {"finetune.dev/active-deadline-seconds": ""}
     pod = pod_of(manifest)
     assert pod["subdomain"] == "dog-lora-gang"
     env = env_of(manifest)
@@ -126,6 +138,25 @@ def test_credentials_come_from_secrets_by_reference() -> None:
     container = pod_of(manifest)["containers"][0]
     assert env_of(manifest)["HF_TOKEN"] == {"secretKeyRef": {"name": "hf", "key": "token"}}
     assert container["envFrom"] == [{"secretRef": {"name": "s3-creds"}}]
+
+
+def test_the_base_model_and_the_teacher_each_get_their_own_hub_token() -> None:
+    document = lcm_job(
+        baseModel={"uri": "hf://org/base@v1", "hubTokenSecretRef": {"name": "base-hf"}},
+        lcm={
+            "teacherModel": {
+                "uri": "hf://org/gated-teacher@v2",
+                "hubTokenSecretRef": {"name": "teacher-hf", "key": "hf"},
+            }
+        },
+    )
+    document["metadata"]["namespace"] = "ml"
+    manifest = builders.batch_job(FineTuneJob.model_validate(document), attempt=0)
+    env = env_of(manifest)
+    assert env["HF_TOKEN"] == {"secretKeyRef": {"name": "base-hf", "key": "token"}}
+    assert env["FINETUNE_TEACHER_HF_TOKEN"] == {"secretKeyRef": {"name": "teacher-hf", "key": "hf"}}
+    names = [e["name"] for e in pod_of(manifest)["containers"][0]["env"]]
+    assert len(names) == len(set(names))
 
 
 def test_scheduling_fields_are_copied_into_the_pods() -> None:

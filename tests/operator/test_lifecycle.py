@@ -24,6 +24,7 @@ from tests.operator.conftest import (
     VERSION,
     Kube,
     OperatorProcess,
+    failed,
     now,
     pulling,
     running,
@@ -225,10 +226,26 @@ def test_preemption_restarts_without_counting_against_the_backoff_limit(
     kube: Kube, namespace: str
 ) -> None:
     start(kube, namespace, runPolicy={"backoffLimit": 0})
-    run_gang(kube, namespace)
-    preempted = [{"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler"}]
-    kube.failed_pod(NAME, 0, 1, namespace, exit_code=143, conditions=preempted)
-    kube.failed_pod(NAME, 0, 0, namespace, exit_code=1, message="gloo: connection closed")
+    pods = kube.gang_running(NAME, 0, namespace, nodes=2)
+    kube.wait_phase(NAME, namespace, "Running")
+    # The scheduler marks rank 1 for preemption and deletes it. The Job controller counts
+    # a deleted pod as failed and lets it go before it marks the Job Failed: by then the
+    # victim is gone and only its peer's error is left to read.
+    preempted = {"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler"}
+    victim = running()
+    victim["conditions"].append(preempted)
+    kube.set_pod_status(pods[1], namespace, victim)
+    wait_for(
+        lambda: (
+            "finetune.dev/disruption"
+            in (
+                (kube.batch_job(f"{NAME}-a0", namespace) or {})["metadata"].get("annotations") or {}
+            )
+        ),
+        what="the disruption noted on the attempt's Job",
+    )
+    kube.core.delete_namespaced_pod(pods[1], namespace)
+    kube.set_pod_status(pods[0], namespace, failed(1, "gloo: connection closed"))
     kube.job_condition(f"{NAME}-a0", namespace, "Failed", "BackoffLimitExceeded")
     kube.wait_batch_job(f"{NAME}-a1", namespace)
     status = kube.wait_status(NAME, namespace, lambda s: s.get("attempt") == 1, "attempt 1")
@@ -409,6 +426,26 @@ def test_the_deadline_fails_the_job(kube: Kube, namespace: str) -> None:
     assert status["failureReason"] == "DeadlineExceeded"
     assert "3600s" in status["failureMessage"]
     assert kube.batch_job(f"{NAME}-a1", namespace) is None
+
+
+@pytest.mark.usefixtures("operator")
+def test_a_changed_deadline_reaches_the_running_attempt(kube: Kube, namespace: str) -> None:
+    """The Job controller enforces the deadline its Job has: a new one must reach it, or
+    the job fails at the old one."""
+    start(kube, namespace, runPolicy={"activeDeadlineSeconds": 3600})
+    run_gang(kube, namespace)
+
+    def deadline() -> Any:
+        return (kube.batch_job(f"{NAME}-a0", namespace) or {})["spec"].get("activeDeadlineSeconds")
+
+    kube.patch_spec(NAME, namespace, {"runPolicy": {"activeDeadlineSeconds": 7200}})
+    wait_for(lambda: deadline() == 7200, what="the running Job's deadline raised to 7200 s")
+    kube.wait_event(namespace, NAME, "RunPolicyUpdated")
+    kube.patch_spec(NAME, namespace, {"runPolicy": {"activeDeadlineSeconds": None}})
+    wait_for(lambda: deadline() is None, what="the running Job's deadline removed")
+    status = kube.hold_status(NAME, namespace, lambda s: s["phase"] == "Running", "Running")
+    assert status.get("restarts", 0) == 0  # the same attempt goes on
+    assert deadline() is None
 
 
 @pytest.mark.usefixtures("operator")

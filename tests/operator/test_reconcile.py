@@ -8,8 +8,8 @@ from typing import Any
 
 from finetune.api.cluster import RunPolicy
 from finetune.api.status import ConditionType, FineTuneJobStatus, Phase, Progress
-from finetune_operator import failures, gang, reconcile, spec_changes
-from finetune_operator.reconcile import Observed, StartAttempt, StopAttempt
+from finetune_operator import builders, failures, gang, reconcile, spec_changes
+from finetune_operator.reconcile import Observed, SetDeadline, StartAttempt, StopAttempt
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 
@@ -107,6 +107,39 @@ def test_the_deadline_counts_from_the_first_start_across_attempts() -> None:
     assert outcome.actions == [StopAttempt(2)]
 
 
+def test_a_changed_deadline_moves_the_running_attempts_job() -> None:
+    started = NOW - timedelta(seconds=3000)
+    status = FineTuneJobStatus(phase=Phase.RUNNING, attempt=2, start_time=started)
+    gang = [pod(0, **RUNNING), pod(1, **RUNNING)]
+
+    def attempt_job(made_from: str, live: int | None) -> dict[str, Any]:
+        """Attempt 2's Job, made 3000 s into the job's run."""
+        job = running_job(started=NOW - timedelta(seconds=60))
+        job["metadata"] = {
+            "creationTimestamp": stamp(NOW - timedelta(seconds=60)),
+            "annotations": {builders.DEADLINE_ANNOTATION: made_from} if made_from != "-" else {},
+        }
+        job["spec"] = {} if live is None else {"activeDeadlineSeconds": live}
+        return job
+
+    def updates(job: dict[str, Any], **policy: Any) -> list[Any]:
+        outcome = reconcile.reconcile(observed(status, job, gang, **policy))
+        assert outcome.status.phase == Phase.RUNNING
+        return [a for a in outcome.actions if isinstance(a, SetDeadline)]
+
+    # Made with the 600 s left of 3600: a limit of 7200 leaves 4200.
+    made = attempt_job("3600", 600)
+    assert updates(made, activeDeadlineSeconds=3600) == []
+    assert updates(made, activeDeadlineSeconds=7200) == [SetDeadline(2, 4200, 7200)]
+    assert updates(made) == [SetDeadline(2, None, None)]
+    # Made without a deadline: the limit less the 2940 s used before the Job was made.
+    assert updates(attempt_job("", None), activeDeadlineSeconds=7200) == [
+        SetDeadline(2, 4260, 7200)
+    ]
+    # A Job not made by these builders is left alone.
+    assert updates(attempt_job("-", 600), activeDeadlineSeconds=7200) == []
+
+
 def test_the_cause_of_a_gang_failure_is_its_root() -> None:
     preempted = pod(
         1,
@@ -120,9 +153,41 @@ def test_the_cause_of_a_gang_failure_is_its_root() -> None:
     assert failures.classify([collateral, preempted, oom]).reason == "OOMKilled"
     assert failures.classify([collateral]).reason == "TrainerError"
     assert "signal 9" in failures.classify([pod(0, **exited(137))]).message
-    nothing = failures.classify([], "Job has reached the specified backoff limit")
+    backoff = {
+        "reason": "BackoffLimitExceeded",
+        "message": "Job has reached the specified backoff limit",
+    }
+    nothing = failures.classify([], backoff)
     assert (nothing.reason, nothing.counted) == ("JobFailed", True)
     assert "backoff limit" in nothing.message
+
+
+def test_a_disruption_is_not_counted_when_its_pod_is_gone() -> None:
+    """The cluster deletes the pod it takes away, and the Job controller lets it go
+    before it fails the Job: the cause comes from the Job, not from the pods left."""
+    collateral = pod(0, **exited(1))
+    by_policy = {
+        "reason": "PodFailurePolicy",
+        "message": "Pod ml/dog-lora-a0-1-x7k2p has condition DisruptionTarget matching "
+        "FailJob rule at index 0",
+    }
+    found = failures.classify([collateral], by_policy)
+    assert (found.reason, found.counted) == ("Disrupted", False)
+    assert "dog-lora-a0-1-x7k2p" in found.message
+    preempted = pod(
+        1,
+        conditions=[
+            {"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler"}
+        ],
+    )
+    seen = failures.disruption_of(preempted)
+    assert seen is not None
+    job = {"metadata": {"annotations": failures.remember(seen)}}
+    kept = failures.classify([collateral], {"reason": "BackoffLimitExceeded"}, job)
+    assert (kept.reason, kept.message, kept.counted) == ("Preempted", "pod p1: Preempted", False)
+    # A permanent failure still explains everything.
+    oom = pod(0, **exited(137, "OOMKilled"))
+    assert failures.classify([oom], by_policy, job).reason == "OOMKilled"
 
 
 def test_a_finished_job_waits_out_its_ttl() -> None:

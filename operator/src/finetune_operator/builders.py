@@ -7,6 +7,7 @@ runs `finetune train` on the job file mounted from the ConfigMap.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,12 +18,16 @@ from finetune.api.common import is_hub
 from finetune.api.training import model_uris
 
 from .config import OperatorConfig
+from .failures import POD_FAILURE_POLICY
 
 Manifest = dict[str, Any]
 
 LABEL_JOB = "finetune.dev/job"
 LABEL_ATTEMPT = "finetune.dev/attempt"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+# The runPolicy.activeDeadlineSeconds an attempt's Job deadline was made from ("" for
+# none): a changed policy moves the live Job's deadline by the difference.
+DEADLINE_ANNOTATION = "finetune.dev/active-deadline-seconds"
 TRAINER_UID = 1000
 
 
@@ -180,18 +185,18 @@ def _environment(job: FineTuneJob, attempt: int, settings: OperatorConfig) -> li
         # The trainer image is offline by default; a job naming a hub model (the
         # evaluators' defaults among them) allows it.
         env.append({"name": pod.HF_HUB_OFFLINE_ENV, "value": "0"})
-    # Secrets by reference only: their values never pass through the operator.
-    models = [spec.base_model, spec.lcm.teacher_model if spec.lcm else None]
-    for source in models:
+    # Secrets by reference only: their values never pass through the operator. Each
+    # model's token reaches that model's download.
+    tokens = [
+        (pod.HF_TOKEN_ENV, spec.base_model),
+        (pod.TEACHER_HF_TOKEN_ENV, spec.lcm.teacher_model if spec.lcm else None),
+    ]
+    for name, source in tokens:
         if source is not None and source.hub_token_secret_ref is not None:
             ref = source.hub_token_secret_ref
             env.append(
-                {
-                    "name": pod.HF_TOKEN_ENV,
-                    "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}},
-                }
+                {"name": name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
             )
-            break
     return env
 
 
@@ -281,8 +286,9 @@ def batch_job(
     """One attempt of the gang: an Indexed Job with a pod per node.
 
     Its own backoffLimit is 0: DeepSpeed ranks cannot rejoin a running gang, so
-    the operator restarts the whole gang as a new attempt instead. A restarted
-    attempt gets what is left of `activeDeadlineSeconds` (`deadline_seconds`).
+    the operator restarts the whole gang as a new attempt instead. Its pod failure
+    policy fails it at once, naming the cause, when the cluster takes a pod away.
+    A restarted attempt gets what is left of `activeDeadlineSeconds` (`deadline_seconds`).
     """
     settings = settings or OperatorConfig()
     spec, names = job.spec, Names(job.metadata.name)
@@ -295,6 +301,7 @@ def batch_job(
         "completions": spec.resources.nodes,
         "parallelism": spec.resources.nodes,
         "backoffLimit": 0,
+        "podFailurePolicy": copy.deepcopy(POD_FAILURE_POLICY),
         # With a Kueue queue the Job starts suspended and Kueue admits it.
         "suspend": policy.suspend or policy.queue_name is not None,
         "template": {
@@ -305,12 +312,9 @@ def batch_job(
     deadline = deadline_seconds or policy.active_deadline_seconds
     if deadline:
         job_spec["activeDeadlineSeconds"] = max(1, deadline)
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": _meta(job, names.batch_job(attempt), **labels),
-        "spec": job_spec,
-    }
+    meta = _meta(job, names.batch_job(attempt), **labels)
+    meta["annotations"] = {DEADLINE_ANNOTATION: str(policy.active_deadline_seconds or "")}
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}
 
 
 def children(

@@ -10,10 +10,18 @@ own reasons (preemption, node loss, eviction).
 - disruption: the cluster took the pod away. Retried, not counted against
   backoffLimit.
 - error: anything else. Retried, counted.
+
+A pod the cluster takes away is deleted, and the Job controller lets it go before
+it marks the Job Failed: when the operator reads the failed attempt, the victim
+may be gone and only its peers' broken collectives left. So a disruption is
+remembered on the attempt's Job (an annotation, `remember`) when it is first seen,
+and the Job's pod failure policy fails it on a DisruptionTarget pod with that
+cause in its own condition; `classify` reads both.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -92,11 +100,20 @@ def _disruption(pod: dict[str, Any]) -> str | None:
     return POD_REASONS.get(status.get("reason", ""))
 
 
+def disruption_of(pod: dict[str, Any]) -> Failure | None:
+    """The cluster's taking the pod away, whatever its phase (a preempted pod is
+    marked before it stops), or None."""
+    if (disruption := _disruption(pod)) is None:
+        return None
+    name = pod.get("metadata", {}).get("name", "?")
+    return Failure(Kind.DISRUPTION, disruption, f"pod {name}: {disruption}")
+
+
 def of_pod(pod: dict[str, Any]) -> Failure | None:
     """What a failed pod tells, or None when it did not fail."""
     name = pod.get("metadata", {}).get("name", "?")
-    if (disruption := _disruption(pod)) is not None:
-        return Failure(Kind.DISRUPTION, disruption, f"pod {name}: {disruption}")
+    if (disruption := disruption_of(pod)) is not None:
+        return disruption
     if pod.get("status", {}).get("phase") != "Failed":
         return None
     terminated = _terminated(pod)
@@ -123,16 +140,58 @@ def of_pod(pod: dict[str, Any]) -> Failure | None:
     )
 
 
-def classify(pods: list[dict[str, Any]], job_message: str = "") -> Failure:
-    """The cause of a failed attempt. In a gang one rank's loss breaks the others'
-    collectives, so a disruption anywhere explains errors elsewhere; a permanent
-    failure anywhere explains everything."""
+# The attempt's Job carries the disruption seen on one of its pods, as JSON.
+DISRUPTION_ANNOTATION = "finetune.dev/disruption"
+# The Job's own rule: a pod the cluster takes away fails the Job with this reason and
+# a message naming the condition, whether or not the pod is still there to read.
+POD_FAILURE_POLICY = {
+    "rules": [
+        {
+            "action": "FailJob",
+            "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+        }
+    ]
+}
+_POLICY_REASON = "PodFailurePolicy"
+
+
+def remember(failure: Failure) -> dict[str, str]:
+    """The annotation that keeps a disruption on the attempt's Job."""
+    value = json.dumps({"reason": failure.reason, "message": failure.message})
+    return {DISRUPTION_ANNOTATION: value}
+
+
+def remembered(job: dict[str, Any] | None) -> Failure | None:
+    """The disruption kept on the attempt's Job, if any."""
+    annotations = (job or {}).get("metadata", {}).get("annotations") or {}
+    try:
+        kept = json.loads(annotations[DISRUPTION_ANNOTATION])
+        return Failure(Kind.DISRUPTION, str(kept["reason"]), str(kept["message"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def classify(
+    pods: list[dict[str, Any]],
+    job_failed: dict[str, Any] | None = None,
+    job: dict[str, Any] | None = None,
+) -> Failure:
+    """The cause of a failed attempt, from its pods, the Job's Failed condition
+    (`job_failed`) and the disruption remembered on the Job. In a gang one rank's loss
+    breaks the others' collectives, so a disruption anywhere explains errors
+    elsewhere; a permanent failure anywhere explains everything."""
+    condition = job_failed or {}
+    message = str(condition.get("message") or "")
     failures = [f for f in map(of_pod, sorted(pods, key=_index)) if f is not None]
+    if (kept := remembered(job)) is not None:
+        failures.append(kept)
+    if condition.get("reason") == _POLICY_REASON and "DisruptionTarget" in message:
+        failures.append(Failure(Kind.DISRUPTION, "Disrupted", message))
     for kind in (Kind.PERMANENT, Kind.DISRUPTION, Kind.ERROR):
         for failure in failures:
             if failure.kind is kind:
                 return failure
-    return Failure(Kind.ERROR, "JobFailed", job_message or "the Job failed with no failed pod left")
+    return Failure(Kind.ERROR, "JobFailed", message or "the Job failed with no failed pod left")
 
 
 def _index(pod: dict[str, Any]) -> int:

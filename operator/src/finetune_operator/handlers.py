@@ -4,6 +4,7 @@
 - a timer per job: observe its current attempt (from in-memory indexes of the
   operator's Jobs and pods, fed by watches), reconcile, act, patch status;
 - on a spec change: apply run-policy changes, warn about the rest;
+- on a pod the cluster takes away: remember it on its attempt's Job;
 - on every event: count jobs by phase for /metrics.
 """
 
@@ -27,7 +28,7 @@ from finetune.api.job import PLURAL
 from finetune.api.pod import OPERATOR_FIELDS
 from finetune.api.status import FineTuneJobStatus
 
-from . import builders, metrics, reconcile, spec_changes
+from . import builders, failures, metrics, reconcile, spec_changes
 from .builders import LABEL_ATTEMPT, LABEL_JOB, Names
 from .config import OperatorConfig
 from .kube import Cluster, connect, in_thread
@@ -75,12 +76,18 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
 def attempts(
     namespace: str | None, labels: Mapping[str, str], body: kopf.Body, **_: Any
 ) -> dict[Any, Any]:
+    ours = (failures.DISRUPTION_ANNOTATION, builders.DEADLINE_ANNOTATION)
+    kept = {key: value for key, value in body.meta.annotations.items() if key in ours}
     slim = {
         "metadata": {
             "name": body.meta.name,
             "creationTimestamp": body.meta.get("creationTimestamp"),
+            "annotations": kept,
         },
-        "spec": {"suspend": body.spec.get("suspend")},
+        "spec": {
+            "suspend": body.spec.get("suspend"),
+            "activeDeadlineSeconds": body.spec.get("activeDeadlineSeconds"),
+        },
         "status": dict(body.status),
     }
     return {(namespace, labels[LABEL_JOB], labels.get(LABEL_ATTEMPT)): slim}
@@ -97,6 +104,35 @@ def gang_pods(
             "status": dict(body.status),
         }
     }
+
+
+@kopf.on.event("", "v1", "pods", labels=OURS)
+async def remember_disruption(
+    body: kopf.Body,
+    namespace: str | None,
+    labels: Mapping[str, str],
+    memo: kopf.Memo,
+    **kwargs: Any,  # kopf passes the indexes by their names
+) -> None:
+    """Keep a disruption on the attempt's Job while its pod can still be seen: the pod
+    is deleted, and may be gone by the time the Job fails."""
+    disruption = failures.disruption_of(dict(body))
+    if disruption is None:
+        return
+    attempts: kopf.Index[Any, Any] = kwargs["attempts"]
+    key = (namespace, labels[LABEL_JOB], labels.get(LABEL_ATTEMPT))
+    job = next(iter(attempts.get(key, [])), None)
+    if job is None or failures.remembered(job) is not None:
+        return
+    ended = {
+        c.get("type") for c in job["status"].get("conditions") or [] if c.get("status") == "True"
+    }
+    if ended & {"Complete", "Failed"}:
+        return  # already decided by what failed first
+    name = job["metadata"]["name"]
+    await in_thread(
+        memo.cluster.annotate_job, namespace or "default", name, failures.remember(disruption)
+    )
 
 
 def _document(name: str, namespace: str, spec: Any) -> dict[str, Any]:
@@ -235,6 +271,11 @@ async def _act(
             memo.started = max(getattr(memo, "started", 0), attempt)
         case reconcile.SuspendAttempt(attempt=attempt, suspend=suspend):
             await in_thread(cluster.suspend_job, namespace, names.batch_job(attempt), suspend)
+        case reconcile.SetDeadline(attempt=attempt, seconds=seconds, limit=limit):
+            annotations = {builders.DEADLINE_ANNOTATION: str(limit or "")}
+            await in_thread(
+                cluster.set_job_deadline, namespace, names.batch_job(attempt), seconds, annotations
+            )
         case reconcile.DeleteFineTuneJob():
             await in_thread(cluster.delete_finetunejob, namespace, name)
 

@@ -61,6 +61,31 @@ class Cluster:
             if exc.status != 404:
                 raise
 
+    def annotate_job(self, namespace: str, name: str, annotations: dict[str, str]) -> None:
+        """Add `annotations` to a Job; nothing when it is gone."""
+        try:
+            self.batch.patch_namespaced_job(
+                name, namespace, {"metadata": {"annotations": annotations}}
+            )
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    def set_job_deadline(
+        self, namespace: str, name: str, seconds: int | None, annotations: dict[str, str]
+    ) -> None:
+        """Set (None: remove) a Job's activeDeadlineSeconds, which stays mutable while
+        it runs, with `annotations` saying what it was made from."""
+        body = {
+            "metadata": {"annotations": annotations},
+            "spec": {"activeDeadlineSeconds": seconds},
+        }
+        try:
+            self.batch.patch_namespaced_job(name, namespace, body)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
     def suspend_job(self, namespace: str, name: str, suspend: bool) -> None:
         self.batch.patch_namespaced_job(name, namespace, {"spec": {"suspend": suspend}})
 

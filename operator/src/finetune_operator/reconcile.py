@@ -30,6 +30,7 @@ from finetune.api.status import (
 )
 
 from . import failures, gang
+from .builders import DEADLINE_ANNOTATION
 from .failures import Failure
 
 FINISHED = (Phase.SUCCEEDED, Phase.FAILED)
@@ -56,11 +57,20 @@ class SuspendAttempt:
 
 
 @dataclass(frozen=True)
+class SetDeadline:
+    """The running attempt's Job deadline, after runPolicy.activeDeadlineSeconds changed."""
+
+    attempt: int
+    seconds: int | None  # the Job's activeDeadlineSeconds; None removes it
+    limit: int | None  # the runPolicy value it is made from
+
+
+@dataclass(frozen=True)
 class DeleteFineTuneJob:
     pass
 
 
-Action = StartAttempt | StopAttempt | SuspendAttempt | DeleteFineTuneJob
+Action = StartAttempt | StopAttempt | SuspendAttempt | SetDeadline | DeleteFineTuneJob
 
 
 @dataclass(frozen=True)
@@ -235,6 +245,33 @@ def _remaining_deadline(o: Observed) -> int | None:
     return int(limit - (o.now - started).total_seconds())
 
 
+def _deadline_update(o: Observed, job: dict[str, Any]) -> SetDeadline | None:
+    """A changed runPolicy.activeDeadlineSeconds, carried to the attempt's Job: the Job
+    controller enforces the deadline the Job has. The Job's deadline moves by the
+    change (a restarted attempt's is what was left of the limit); a Job made without
+    one gets the limit less the time used before the Job was made."""
+    annotations = job.get("metadata", {}).get("annotations") or {}
+    try:
+        text = annotations[DEADLINE_ANNOTATION]
+        made_from = int(text) if text else None
+    except (KeyError, ValueError):
+        return None  # not made by this operator's builders: leave it
+    limit = o.policy.active_deadline_seconds
+    if made_from == limit:
+        return None
+    if limit is None:
+        return SetDeadline(o.status.attempt, None, None)
+    live = job.get("spec", {}).get("activeDeadlineSeconds")
+    if made_from is not None and live is not None:
+        seconds = int(live) + limit - made_from
+    else:
+        created = parse_time(job.get("metadata", {}).get("creationTimestamp"))
+        started = o.status.start_time
+        used = (created - started).total_seconds() if created and started else 0
+        seconds = limit - int(max(0.0, used))
+    return SetDeadline(o.status.attempt, max(1, seconds), limit)
+
+
 def _restart(o: Observed, out: Outcome, failure: Failure, job_failed: bool) -> Outcome:
     """Start a new attempt, which resumes from the last checkpoint. An attempt whose
     Job failed is kept for its logs; one that still runs (a hang) is torn down."""
@@ -283,7 +320,7 @@ def _after_failed_job(o: Observed, out: Outcome, job_failed: dict[str, Any]) -> 
             "DeadlineExceeded",
             f"ran longer than runPolicy.activeDeadlineSeconds ({o.policy.active_deadline_seconds}s)",
         )
-    failure = failures.classify(o.pods, job_failed.get("message", ""))
+    failure = failures.classify(o.pods, job_failed, o.batch_job)
     if failure.permanent:
         _keep_failed_attempt(o, out, failure.reason)
         return _fail(o, out, failure.reason, failure.message, stop=False)
@@ -492,6 +529,8 @@ def reconcile(o: Observed) -> Outcome:
             "DeadlineExceeded",
             f"ran longer than runPolicy.activeDeadlineSeconds ({o.policy.active_deadline_seconds}s)",
         )
+    if (deadline := _deadline_update(o, job)) is not None:
+        out.actions.append(deadline)
     if (suspended := _suspension(o, out, job)) is not None:
         return suspended
     return _running(o, out, job)

@@ -26,7 +26,9 @@ NAMESPACE_ENV = "FINETUNE_NAMESPACE"
 ATTEMPT_ENV = "FINETUNE_ATTEMPT"
 PUSHGATEWAY_URL_ENV = "FINETUNE_PUSHGATEWAY_URL"
 HF_HUB_OFFLINE_ENV = "HF_HUB_OFFLINE"
-HF_TOKEN_ENV = "HF_TOKEN"
+HF_TOKEN_ENV = "HF_TOKEN"  # spec.baseModel.hubTokenSecretRef's: the base model, its VAE, evaluators
+# spec.lcm.teacherModel.hubTokenSecretRef's: the teacher's download (HF_TOKEN's without it)
+TEACHER_HF_TOKEN_ENV = "FINETUNE_TEACHER_HF_TOKEN"
 
 # --- environment the trainer reads whose defaults are the pod's -----------------------
 # Tests and workstations set these; in a pod the defaults below apply.

@@ -137,7 +137,7 @@ def prepare(
     teacher = None
     if spec.lcm is not None and spec.lcm.teacher_model is not None:
         uri = spec.lcm.teacher_model.uri
-        teacher = resolve_model(uri, cache, s3).resolve()
+        teacher = resolve_model(uri, cache, s3, pod.TEACHER_HF_TOKEN_ENV).resolve()
         check_same_family(family, teacher, uri, "spec.lcm.teacherModel.uri")
     # Once here, not in every worker: a checkpoint records them (`checkpoints.layout`).
     models = {"spec.baseModel.uri": model, VAE_FIELD: vae, "spec.lcm.teacherModel.uri": teacher}

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from finetune.api import pod
 from finetune.trainer.errors import JobInputError
 from finetune.trainer.storage.inputs import local_folder
 from finetune.trainer.storage.s3 import S3Settings
@@ -15,10 +16,12 @@ from finetune.trainer.storage.s3 import S3Settings
 REQUIRED_PARTS = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
-def resolve_model(uri: str, cache_dir: Path, s3: S3Settings) -> Path:
+def resolve_model(
+    uri: str, cache_dir: Path, s3: S3Settings, token_env: str = pod.HF_TOKEN_ENV
+) -> Path:
     """A local diffusers folder for `uri` (a local folder, s3:// or hf://), downloading it
-    into `cache_dir` when remote."""
-    folder = local_folder(uri, cache_dir, s3, "models")
+    into `cache_dir` when remote (from the hub with the token in `token_env`)."""
+    folder = local_folder(uri, cache_dir, s3, "models", token_env)
     check_model_folder(folder, uri)
     return folder
 

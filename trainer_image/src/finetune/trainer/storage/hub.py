@@ -6,17 +6,32 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from finetune.api.pod import HF_TOKEN_ENV, TEACHER_HF_TOKEN_ENV
 from finetune.trainer.errors import AccessDenied, JobInputError, Unreachable
 from finetune.trainer.storage.retries import RETRY_FOR_ENV, retry_budget, with_retries
 
 # Hub files the trainer never reads: other frameworks' weights and pickles.
 IGNORED = ["*.ckpt", "*.bin", "*.msgpack", "*.onnx", "*.h5", "*.pb", "*.xml", "*.png", "*.jpg"]
 
+# The field whose secret a pod gets in each token's variable, for refusals.
+TOKEN_FIELDS = {
+    HF_TOKEN_ENV: "spec.baseModel.hubTokenSecretRef",
+    TEACHER_HF_TOKEN_ENV: "spec.lcm.teacherModel.hubTokenSecretRef",
+}
 
-def snapshot(uri: str, cache_dir: Path, ignore: list[str] | None = None) -> Path:
+
+def token(env: str = HF_TOKEN_ENV) -> str | None:
+    """The hub token in `env`, else HF_TOKEN's (a teacher without a token of its own
+    downloads with the base model's)."""
+    return os.environ.get(env) or os.environ.get(HF_TOKEN_ENV) or None
+
+
+def snapshot(
+    uri: str, cache_dir: Path, ignore: list[str] | None = None, token_env: str = HF_TOKEN_ENV
+) -> Path:
     """A local folder with the files of the repository (and revision) `uri` names, in
     huggingface_hub's cache layout under `cache_dir`, but for those `ignore` matches
-    (default `IGNORED`)."""
+    (default `IGNORED`), downloaded with the token in `token_env`."""
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -43,7 +58,7 @@ def snapshot(uri: str, cache_dir: Path, ignore: list[str] | None = None) -> Path
                 repo,
                 revision=revision or None,
                 cache_dir=cache_dir,
-                token=os.environ.get("HF_TOKEN") or None,
+                token=token(token_env),
                 ignore_patterns=IGNORED if ignore is None else ignore,
             )
         )
@@ -52,7 +67,8 @@ def snapshot(uri: str, cache_dir: Path, ignore: list[str] | None = None) -> Path
         path = with_retries(uri, download, transient)
     except GatedRepoError as exc:
         raise AccessDenied(
-            f"{uri}: the repository is gated; set a token with access (baseModel.hubTokenSecretRef)"
+            f"{uri}: the repository is gated; set a token with access "
+            f"({TOKEN_FIELDS.get(token_env, token_env)})"
         ) from exc
     except RepositoryNotFoundError as exc:
         raise JobInputError(f"{uri}: no such repository on the hub, or no access to it") from exc

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from finetune.api.common import is_hub, is_s3
+from finetune.api.pod import HF_TOKEN_ENV
 from finetune.trainer.errors import JobInputError
 from finetune.trainer.process import stopping
 from finetune.trainer.storage import hub
@@ -22,11 +23,18 @@ from finetune.trainer.storage.s3 import S3Settings, S3Store
 InputKind = Literal["models", "data"]
 
 
-def local_folder(uri: str, cache_dir: Path, settings: S3Settings, kind: InputKind) -> Path:
+def local_folder(
+    uri: str,
+    cache_dir: Path,
+    settings: S3Settings,
+    kind: InputKind,
+    token_env: str = HF_TOKEN_ENV,
+) -> Path:
     """A local folder holding the files of `uri`, downloaded into `cache_dir` when remote.
-    Only models come from the hub (an `hf://` data URI is taken as a local path)."""
+    Only models come from the hub (an `hf://` data URI is taken as a local path), with
+    the token in `token_env`."""
     if is_hub(uri) and kind == "models":
-        return hub.snapshot(uri, cache_dir / "hub")
+        return hub.snapshot(uri, cache_dir / "hub", token_env=token_env)
     if is_s3(uri):
         return download_prefix(uri, cache_dir / f"s3-{kind}" / cache_key(uri), settings)
     return Path(uri).expanduser()

@@ -20,7 +20,7 @@ from finetune.api.common import is_s3
 from finetune.api.pod import EXIT_INTERRUPTED, EXIT_OK
 from finetune.api.selection import OutputFrom
 from finetune.trainer.checkpoints.layout import check_max_steps, layout_for, zero_stage_of
-from finetune.trainer.checkpoints.manifest import validations_of
+from finetune.trainer.checkpoints.manifest import loss_of, validations_of
 from finetune.trainer.checkpoints.run_checkpoints import RunCheckpoints
 from finetune.trainer.checkpoints.state import TrainingState
 from finetune.trainer.data.batches import open_batches
@@ -311,12 +311,13 @@ class Trainer:
             Board(logs_folder(self.plan.work_dir), step) if self.rank.main else None,
         )
         compiling = CompileReport(hp.compile, self.rank.main)
-        last_loss: float | None = None
+        # The checkpoint's: a run that trains no step (run again after it finished) reports it.
+        last_loss = self._checkpoint_loss(step)
         # keepBest: every validation's weights are in a checkpoint, to be kept if best.
         checkpoint_validations = self.spec.checkpointing.keep_best is not None
         if step < hp.max_steps and self._stops_early(step):  # it had stopped before a resume
             telemetry.close_progress()
-            return self._finish(step, None)
+            return self._finish(step, last_loss)
         self.engine.train()
         while step < hp.max_steps:
             record = self._train_step(step)
@@ -331,7 +332,7 @@ class Trainer:
             validation = self._validate(step) if not stopping and self.sampler.due(step) else None
             if step % interval == 0 or stopping or (validation and checkpoint_validations):
                 saving = time.perf_counter()
-                folder = self.checkpoints.save(step, self.selection.manifest_entries())
+                folder = self.checkpoints.save(step, self.selection.manifest_entries(), last_loss)
                 telemetry.checkpoint_saved(time.perf_counter() - saving, folder)
             self.checkpoints.poll()
             telemetry.uploads(self.checkpoints.uploads)
@@ -344,6 +345,16 @@ class Trainer:
                 return self._finish(step, last_loss, validation)
         telemetry.close_progress()
         return self._finish(step, last_loss)
+
+    def _checkpoint_loss(self, step: int) -> float | None:
+        """On every rank: the loss of the resumed checkpoint's step, as its manifest records
+        it (rank 0 reads it); None when the run starts at step 0 or the manifest has none."""
+        if step == 0 or self.found is None:
+            return None
+        loss: float | None = distributed.broadcast(
+            loss_of(self.found.folder) if self.rank.main else None
+        )
+        return loss
 
     def _validate(self, step: int) -> Validation:
         """Samples of `step` on every rank together; rank 0 reports them and keeps the scores."""

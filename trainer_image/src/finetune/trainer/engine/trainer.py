@@ -41,7 +41,7 @@ from finetune.trainer.engine.upload_waits import (
 )
 from finetune.trainer.engine.zero import ZeroChoice, choose_stage, device_memory, weight_bytes
 from finetune.trainer.errors import JobInputError, NonFiniteLoss
-from finetune.trainer.evaluation.scores import Scores
+from finetune.trainer.evaluation.scores import Scores, history
 from finetune.trainer.evaluation.selection import Selection, Stall, from_manifest
 from finetune.trainer.evaluation.validation import Evaluation
 from finetune.trainer.families import family_named
@@ -311,6 +311,7 @@ class Trainer:
             Board(logs_folder(self.plan.work_dir), step) if self.rank.main else None,
         )
         compiling = CompileReport(hp.compile, self.rank.main)
+        self.resumed_step = step
         # The checkpoint's: a run that trains no step (run again after it finished) reports it.
         last_loss = self._checkpoint_loss(step)
         # keepBest: every validation's weights are in a checkpoint, to be kept if best.
@@ -355,6 +356,23 @@ class Trainer:
             loss_of(self.found.folder) if self.rank.main else None
         )
         return loss
+
+    def _validation_made(self, step: int) -> Validation | None:
+        """On every rank, in a run that trains no step (the same command run again after
+        the run finished or stopped early): the validation of `step` the earlier run made
+        and logged, reused as it is, not made and logged again; None where that run ended
+        before it (it is then made as usual)."""
+        made = None
+        if self.rank.main:
+            logged = [s for s in history(self.log_path) if s.step == step]
+            made = self.sampler.made(step, logged[-1] if logged else None)
+        if not distributed.broadcast(made is not None):
+            return None
+        if made is None:  # another rank: rank 0 holds the grid and scores
+            return Validation()
+        if made.scores is not None:  # `output.from: best` weighs it as the first run did
+            self.selection.add(made.scores)
+        return made
 
     def _validate(self, step: int) -> Validation:
         """Samples of `step` on every rank together; rank 0 reports them and keeps the scores."""
@@ -437,7 +455,10 @@ class Trainer:
         if self.ema is not None:
             self.ema.copy_to(self.module.unet.parameters())
         if validation is None and self.spec.validation.prompts:
-            validation = self._validate(step)
+            if step == self.resumed_step:
+                validation = self._validation_made(step)
+            if validation is None:
+                validation = self._validate(step)
         best = self._best_weights(step)
         code = EXIT_OK
         try:

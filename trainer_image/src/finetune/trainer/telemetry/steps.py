@@ -6,7 +6,8 @@ from rank 0, and its sample grid to TensorBoard.
 The step's time is measured once, in seconds; the speed is derived from it here.
 A run that starts at step N first drops the train log's lines of later steps (those an
 interrupted run logged after its checkpoint), as TensorBoard's purge does: each step
-is logged once.
+is logged once; a finished run run again (it trains nothing) adds no line for what the
+log already has.
 """
 
 from __future__ import annotations
@@ -128,7 +129,8 @@ class StepTelemetry:
 
     def early_stop(self, step: int, stall: Stall, rule: EarlyStopping) -> None:
         """Rank 0: `training.earlyStopping` ends the run after `step`: said in the log, the
-        train log and the job's status (`status.earlyStop`, the operator's reason)."""
+        train log (unless it says so already: the run had stopped before it was run
+        again) and the job's status (`status.earlyStop`, the operator's reason)."""
         if not self.main:
             return
         best = stall.best.overall[rule.metric]
@@ -149,8 +151,9 @@ class StepTelemetry:
             },
             "time": time.time(),
         }
-        with self.log_path.open("a") as handle:
-            handle.write(json.dumps(entry) + "\n")
+        if not logged(self.log_path, "earlyStopped", step):
+            with self.log_path.open("a") as handle:
+                handle.write(json.dumps(entry) + "\n")
         if self.reporter is not None:
             self.reporter.early_stop(
                 EarlyStop(
@@ -225,6 +228,20 @@ def trim_train_log(log_path: Path, step: int) -> None:
     kept = "".join(f"{line}\n" for line in text.splitlines() if _logged_by(line, step))
     if kept != text:
         write_text_whole(log_path, kept, durable=True)
+
+
+def logged(log_path: Path, kind: str, step: int) -> bool:
+    """Whether the train log has a line of `kind` (`earlyStopped`) at `step`."""
+    if not log_path.is_file():
+        return False
+    for line in log_path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and entry.get("step") == step and kind in entry:
+            return True
+    return False
 
 
 def _logged_by(line: str, step: int) -> bool:

@@ -314,6 +314,8 @@ class Trainer:
         self.resumed_step = step
         # The checkpoint's: a run that trains no step (run again after it finished) reports it.
         last_loss = self._checkpoint_loss(step)
+        if step > 0:
+            telemetry.resumed(step, last_loss, self._latest_scores(step))
         # keepBest: every validation's weights are in a checkpoint, to be kept if best.
         checkpoint_validations = self.spec.checkpointing.keep_best is not None
         if step < hp.max_steps and self._stops_early(step):  # it had stopped before a resume
@@ -356,6 +358,14 @@ class Trainer:
             loss_of(self.found.folder) if self.rank.main else None
         )
         return loss
+
+    def _latest_scores(self, step: int) -> Scores | None:
+        """Rank 0: the scores of the run's last validation up to `step`, from the checkpoint
+        or the train log (a finished run's last validation comes after its checkpoint)."""
+        if not self.rank.main:
+            return None
+        known = [*self.selection.history, *history(self.log_path)]
+        return max((s for s in known if s.step <= step), key=lambda s: s.step, default=None)
 
     def _validation_made(self, step: int) -> Validation | None:
         """On every rank, in a run that trains no step (the same command run again after

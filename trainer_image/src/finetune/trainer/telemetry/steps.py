@@ -6,8 +6,8 @@ from rank 0, and its sample grid to TensorBoard.
 The step's time is measured once, in seconds; the speed is derived from it here.
 A run that starts at step N first drops the train log's lines of later steps (those an
 interrupted run logged after its checkpoint), as TensorBoard's purge does: each step
-is logged once; a finished run run again (it trains nothing) adds no line for what the
-log already has.
+is logged once. It then reports where it stands (`resumed`); a finished run run again
+(it trains nothing) adds no line for what the log already has.
 """
 
 from __future__ import annotations
@@ -73,6 +73,7 @@ class StepTelemetry:
         self.log_path = log_path
         self.device = device
         self.main = main
+        self.total_steps = total_steps
         self.progress = _progress_bar(total_steps, initial_step) if main else None
         if main:
             trim_train_log(log_path, initial_step)
@@ -102,6 +103,24 @@ class StepTelemetry:
             self.progress.update(1)
         if self.reporter is not None:
             self.reporter.progress(record.step, record.total_steps, record.loss, speed, eta)
+
+    def resumed(self, step: int, loss: float | None, latest: Scores | None) -> None:
+        """Where a resumed run stands before its next step: `step` done with `loss` (its
+        checkpoint's), `latest` the last validation's scores (rank 0). To Prometheus (every
+        rank) and the job's status, whose progress, loss and scores a finished run run
+        again (which trains no step) would otherwise never report."""
+        self.metrics.record_position(step, self.total_steps, loss)
+        if not self.main:
+            return
+        if latest is not None:
+            self.metrics.record_validation(
+                latest.step, latest.labelled(), latest.seconds, latest.by_steps()
+            )
+        if self.reporter is not None:
+            if latest is not None:  # before the progress, which carries them
+                self.reporter.metrics(latest.status())
+            done = step >= self.total_steps
+            self.reporter.progress(step, self.total_steps, loss, None, 0 if done else None)
 
     def validation(
         self,

@@ -67,9 +67,11 @@ def write_manifest(
     layout: dict[str, Any],
     entries: list[dict[str, Any]],
     validations: list[dict[str, Any]] | None = None,
+    loss: float | None = None,
 ) -> None:
     """`layout`: what a resuming run must share with this one (method, ZeRO stage, ranks);
-    `validations`: the run's validation scores up to `step` (`evaluation.selection`)."""
+    `validations`: the run's validation scores up to `step` (`evaluation.selection`);
+    `loss`: the training loss of `step`, what a run resumed at its end reports."""
     manifest: dict[str, Any] = {
         "step": step,
         "layout": layout,
@@ -77,6 +79,8 @@ def write_manifest(
     }
     if validations:
         manifest["validations"] = validations
+    if loss is not None:
+        manifest["loss"] = loss
     write_text(folder, json.dumps(manifest, indent=1))
 
 
@@ -184,6 +188,16 @@ def validations_of(folder: Path) -> list[dict[str, Any]]:
     except (OSError, ValueError, AttributeError):
         return []
     return found if isinstance(found, list) else []
+
+
+def loss_of(folder: Path) -> float | None:
+    """The training loss of the checkpoint's step; None when its manifest has none (one
+    written before losses were recorded) or cannot be read."""
+    try:
+        loss = json.loads((folder / MANIFEST).read_text()).get("loss")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return float(loss) if isinstance(loss, int | float) else None
 
 
 def layout_of(checkpoint: Checkpoint) -> dict[str, Any]:

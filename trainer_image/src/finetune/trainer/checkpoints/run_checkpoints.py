@@ -94,9 +94,14 @@ class RunCheckpoints:
 
     # --- saving --------------------------------------------------------------------
 
-    def save(self, step: int, validations: list[dict[str, Any]] | None = None) -> Path:
+    def save(
+        self,
+        step: int,
+        validations: list[dict[str, Any]] | None = None,
+        loss: float | None = None,
+    ) -> Path:
         """On every rank: `step`'s checkpoint, in the local folder it returns.
-        `validations`: rank 0's scores so far, for the manifest."""
+        `validations`: rank 0's scores so far, and `loss`, `step`'s, for the manifest."""
         tag = manifest.tag_for(step)
         folder = self.root / tag
         if self.rank.main:  # a manifest left by an earlier run must not vouch for new files
@@ -107,7 +112,7 @@ class RunCheckpoints:
             self.state.save(self.root, tag, step, self.rank.rank)
         distributed.barrier()
         with space_checked(folder, step):
-            mine = self._write_manifest(step, validations)
+            mine = self._write_manifest(step, validations, loss)
         if self.replica is not None:  # it counts once every rank's files are up: `poll`
             self.replica.upload(step, mine)
         elif self.rank.main:
@@ -115,7 +120,9 @@ class RunCheckpoints:
         distributed.barrier()
         return folder
 
-    def _write_manifest(self, step: int, validations: list[dict[str, Any]] | None) -> list[str]:
+    def _write_manifest(
+        self, step: int, validations: list[dict[str, Any]] | None, loss: float | None
+    ) -> list[str]:
         """Each rank describes the files it owns; rank 0 writes them all in the manifest.
         This rank's files."""
         folder = self.root / manifest.tag_for(step)
@@ -124,7 +131,7 @@ class RunCheckpoints:
         entries = manifest.describe(folder, mine)
         everything = [e for part in distributed.all_gather(entries) for e in part]
         if self.rank.main:
-            manifest.write_manifest(folder, step, self.layout, everything, validations)
+            manifest.write_manifest(folder, step, self.layout, everything, validations, loss)
         return mine
 
     def poll(self) -> None:

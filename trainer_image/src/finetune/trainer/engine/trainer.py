@@ -26,7 +26,7 @@ from finetune.trainer.checkpoints.layout import (
     run_layout,
     zero_stage_of,
 )
-from finetune.trainer.checkpoints.manifest import validations_of
+from finetune.trainer.checkpoints.manifest import loss_of, validations_of
 from finetune.trainer.checkpoints.run_checkpoints import RunCheckpoints
 from finetune.trainer.checkpoints.state import TrainingState
 from finetune.trainer.data.batches import open_batches
@@ -47,7 +47,7 @@ from finetune.trainer.engine.upload_waits import (
 )
 from finetune.trainer.engine.zero import ZeroChoice, choose_stage, device_memory, weight_bytes
 from finetune.trainer.errors import JobInputError, NonFiniteLoss
-from finetune.trainer.evaluation.scores import Scores
+from finetune.trainer.evaluation.scores import Scores, history
 from finetune.trainer.evaluation.selection import Selection, Stall, from_manifest
 from finetune.trainer.evaluation.validation import Evaluation
 from finetune.trainer.families import family_named
@@ -334,12 +334,16 @@ class Trainer:
             Board(logs_folder(self.plan.work_dir), step) if self.rank.main else None,
         )
         compiling = CompileReport(hp.compile, self.rank.main)
-        last_loss: float | None = None
+        self.resumed_step = step
+        # The checkpoint's: a run that trains no step (run again after it finished) reports it.
+        last_loss = self._checkpoint_loss(step)
+        if step > 0:
+            telemetry.resumed(step, last_loss, self._latest_scores(step))
         # keepBest: every validation's weights are in a checkpoint, to be kept if best.
         checkpoint_validations = self.spec.checkpointing.keep_best is not None
         if step < hp.max_steps and self._stops_early(step):  # it had stopped before a resume
             telemetry.close_progress()
-            return self._finish(step, None)
+            return self._finish(step, last_loss)
         self.engine.train()
         while step < hp.max_steps:
             record = self._train_step(step)
@@ -354,7 +358,7 @@ class Trainer:
             validation = self._validate(step) if not stopping and self.sampler.due(step) else None
             if step % interval == 0 or stopping or (validation and checkpoint_validations):
                 saving = time.perf_counter()
-                folder = self.checkpoints.save(step, self.selection.manifest_entries())
+                folder = self.checkpoints.save(step, self.selection.manifest_entries(), last_loss)
                 telemetry.checkpoint_saved(time.perf_counter() - saving, folder)
             self.checkpoints.poll()
             telemetry.uploads(self.checkpoints.uploads)
@@ -367,6 +371,41 @@ class Trainer:
                 return self._finish(step, last_loss, validation)
         telemetry.close_progress()
         return self._finish(step, last_loss)
+
+    def _checkpoint_loss(self, step: int) -> float | None:
+        """On every rank: the loss of the resumed checkpoint's step, as its manifest records
+        it (rank 0 reads it); None when the run starts at step 0 or the manifest has none."""
+        if step == 0 or self.found is None:
+            return None
+        loss: float | None = distributed.broadcast(
+            loss_of(self.found.folder) if self.rank.main else None
+        )
+        return loss
+
+    def _latest_scores(self, step: int) -> Scores | None:
+        """Rank 0: the scores of the run's last validation up to `step`, from the checkpoint
+        or the train log (a finished run's last validation comes after its checkpoint)."""
+        if not self.rank.main:
+            return None
+        known = [*self.selection.history, *history(self.log_path)]
+        return max((s for s in known if s.step <= step), key=lambda s: s.step, default=None)
+
+    def _validation_made(self, step: int) -> Validation | None:
+        """On every rank, in a run that trains no step (the same command run again after
+        the run finished or stopped early): the validation of `step` the earlier run made
+        and logged, reused as it is, not made and logged again; None where that run ended
+        before it (it is then made as usual)."""
+        made = None
+        if self.rank.main:
+            logged = [s for s in history(self.log_path) if s.step == step]
+            made = self.sampler.made(step, logged[-1] if logged else None)
+        if not distributed.broadcast(made is not None):
+            return None
+        if made is None:  # another rank: rank 0 holds the grid and scores
+            return Validation()
+        if made.scores is not None:  # `output.from: best` weighs it as the first run did
+            self.selection.add(made.scores)
+        return made
 
     def _validate(self, step: int) -> Validation:
         """Samples of `step` on every rank together; rank 0 reports them and keeps the scores."""
@@ -449,7 +488,10 @@ class Trainer:
         if self.ema is not None:
             self.ema.copy_to(self.module.unet.parameters())
         if validation is None and self.spec.validation.prompts:
-            validation = self._validate(step)
+            if step == self.resumed_step:
+                validation = self._validation_made(step)
+            if validation is None:
+                validation = self._validate(step)
         best = self._best_weights(step)
         code = EXIT_OK
         try:

@@ -16,6 +16,7 @@ from finetune.api.training import TrainingSpec
 from finetune.trainer.methods import TrainedModules, TrainingMethod
 from finetune.trainer.models.components import Components, inference_pipeline
 from finetune.trainer.process.stopping import StopRequest
+from finetune.trainer.storage.files import written_whole
 
 PREFIX = "prompt"  # of the validation prompts' images
 
@@ -122,7 +123,9 @@ class GenerationContext:
                 images.append(result)
             path = folder / ("grid.png" if prefix == PREFIX else f"{prefix}-grid.png")
             every = [image for per_prompt in images for image in per_prompt]
-            grid(every, validation.images_per_prompt).save(path)
+            # Written last and whole: a grid there says the step's samples are all there.
+            with written_whole(path) as partial:
+                grid(every, validation.images_per_prompt).save(partial, format="PNG")
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise

@@ -55,6 +55,15 @@ class Sampler:
             and step < spec.training.max_steps
         )
 
+    def made(self, step: int, scores: Scores | None) -> Validation | None:
+        """Rank 0: the validation of `step` an earlier run made, its grid there and, with
+        `validation.metrics`, `scores` (its train-log line: written once everything was);
+        None where that run ended before."""
+        grid = sample_folder(self.context.work_dir, step) / "grid.png"
+        if not grid.is_file() or (self.evaluation is not None and scores is None):
+            return None
+        return Validation(grid, scores)
+
     def at(self, step: int) -> Validation:
         """Samples of the model as it is at `step`, on every rank together; the grid and
         the scores on rank 0."""

@@ -172,6 +172,15 @@ class TrainerMetrics:
             self.gpu_allocated.labels(**labels).set(gpu[0])
             self.gpu_peak.labels(**labels).set(gpu[1])
 
+    def record_position(self, step: int, total_steps: int, loss: float | None) -> None:
+        """Where a resumed run stands before it trains (a finished run run again trains
+        nothing): the steps done and the loss of the last, so the final push has them."""
+        labels = self.identity.labels()
+        self.step.labels(**labels).set(step)
+        self.total_steps.labels(**labels).set(total_steps)
+        if loss is not None:
+            self.loss.labels(**labels).set(loss)
+
     def record_validation(
         self,
         step: int,

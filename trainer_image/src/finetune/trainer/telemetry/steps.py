@@ -6,7 +6,8 @@ from rank 0, and its sample grid to TensorBoard.
 The step's time is measured once, in seconds; the speed is derived from it here.
 A run that starts at step N first drops the train log's lines of later steps (those an
 interrupted run logged after its checkpoint), as TensorBoard's purge does: each step
-is logged once.
+is logged once. It then reports where it stands (`resumed`); a finished run run again
+(it trains nothing) adds no line for what the log already has.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ class StepTelemetry:
         self.log_path = log_path
         self.device = device
         self.main = main
+        self.total_steps = total_steps
         self.progress = _progress_bar(total_steps, initial_step) if main else None
         if main:
             trim_train_log(log_path, initial_step)
@@ -102,6 +104,24 @@ class StepTelemetry:
         if self.reporter is not None:
             self.reporter.progress(record.step, record.total_steps, record.loss, speed, eta)
 
+    def resumed(self, step: int, loss: float | None, latest: Scores | None) -> None:
+        """Where a resumed run stands before its next step: `step` done with `loss` (its
+        checkpoint's), `latest` the last validation's scores (rank 0). To Prometheus (every
+        rank) and the job's status, whose progress, loss and scores a finished run run
+        again (which trains no step) would otherwise never report."""
+        self.metrics.record_position(step, self.total_steps, loss)
+        if not self.main:
+            return
+        if latest is not None:
+            self.metrics.record_validation(
+                latest.step, latest.labelled(), latest.seconds, latest.by_steps()
+            )
+        if self.reporter is not None:
+            if latest is not None:  # before the progress, which carries them
+                self.reporter.metrics(latest.status())
+            done = step >= self.total_steps
+            self.reporter.progress(step, self.total_steps, loss, None, 0 if done else None)
+
     def validation(
         self,
         step: int,
@@ -128,7 +148,8 @@ class StepTelemetry:
 
     def early_stop(self, step: int, stall: Stall, rule: EarlyStopping) -> None:
         """Rank 0: `training.earlyStopping` ends the run after `step`: said in the log, the
-        train log and the job's status (`status.earlyStop`, the operator's reason)."""
+        train log (unless it says so already: the run had stopped before it was run
+        again) and the job's status (`status.earlyStop`, the operator's reason)."""
         if not self.main:
             return
         best = stall.best.overall[rule.metric]
@@ -149,8 +170,9 @@ class StepTelemetry:
             },
             "time": time.time(),
         }
-        with self.log_path.open("a") as handle:
-            handle.write(json.dumps(entry) + "\n")
+        if not logged(self.log_path, "earlyStopped", step):
+            with self.log_path.open("a") as handle:
+                handle.write(json.dumps(entry) + "\n")
         if self.reporter is not None:
             self.reporter.early_stop(
                 EarlyStop(
@@ -225,6 +247,20 @@ def trim_train_log(log_path: Path, step: int) -> None:
     kept = "".join(f"{line}\n" for line in text.splitlines() if _logged_by(line, step))
     if kept != text:
         write_text_whole(log_path, kept, durable=True)
+
+
+def logged(log_path: Path, kind: str, step: int) -> bool:
+    """Whether the train log has a line of `kind` (`earlyStopped`) at `step`."""
+    if not log_path.is_file():
+        return False
+    for line in log_path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and entry.get("step") == step and kind in entry:
+            return True
+    return False
 
 
 def _logged_by(line: str, step: int) -> bool:

@@ -2,10 +2,11 @@
 OUT/logs` shows a run as it does for every peer trainer: loss, learning rate and speed
 at each step; each validation's scores (per concept too) and its sample grid.
 
-Every run opens a new event file whose first event purges, in TensorBoard's view,
-whatever an interrupted run logged after the checkpoint this one resumes from (all of
-it for a run that starts over): the steps it trains again are not shown twice; the
-train log drops the same lines (`telemetry.steps`).
+Every run that logs something opens a new event file whose first event purges, in
+TensorBoard's view, whatever an interrupted run logged after the checkpoint this one
+resumes from (all of it for a run that starts over): the steps it trains again are not
+shown twice; the train log drops the same lines (`telemetry.steps`). A finished run run
+again logs nothing, and leaves no event file.
 """
 
 from __future__ import annotations
@@ -35,17 +36,26 @@ def scalar_tags(scores: Scores) -> dict[str, float]:
 
 
 class Board:
-    """One run's event file; every call is cheap (the writer has its own thread)."""
+    """One run's event file, opened by the first thing logged; every call is cheap (the
+    writer has its own thread)."""
 
     def __init__(self, folder: Path, resumed_step: int) -> None:
-        from torch.utils.tensorboard import SummaryWriter
+        self.folder = folder
+        self.resumed_step = resumed_step
+        self._writer: Any = None
 
-        folder.mkdir(parents=True, exist_ok=True)
-        self.writer: Any = SummaryWriter(
-            str(folder),
-            purge_step=resumed_step + 1,
-            flush_secs=FLUSH_SECONDS,
-        )
+    @property
+    def writer(self) -> Any:
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._writer = SummaryWriter(
+                str(self.folder),
+                purge_step=self.resumed_step + 1,
+                flush_secs=FLUSH_SECONDS,
+            )
+        return self._writer
 
     def step(self, step: int, loss: float, learning_rate: float | None, speed: float) -> None:
         self.writer.add_scalar("train/loss", loss, step)
@@ -61,7 +71,8 @@ class Board:
                 self.writer.add_scalar(tag, value, step)
         self._image("validation/samples", grid, step)
         self._image("validation/distillation", distillation_grid, step)  # lcm: teacher first
-        self.writer.flush()
+        if self._writer is not None:
+            self._writer.flush()
 
     def _image(self, tag: str, path: Path | None, step: int) -> None:
         if path is None or not path.is_file():
@@ -74,4 +85,5 @@ class Board:
         self.writer.add_image(tag, pixels, step, dataformats="HWC")
 
     def close(self) -> None:
-        self.writer.close()
+        if self._writer is not None:
+            self._writer.close()

@@ -1,7 +1,7 @@
 """The training loop every method shares, driven through DeepSpeed on every rank.
 
-The Trainer sets a run up (models, data, engine), resumes it, and steps it to the
-end; what each step reports lives in `telemetry.steps`, the end of a run in
+The Trainer sets a run up (`engine.setup`: models, data, engine), resumes it, and steps
+it to the end; what each step reports lives in `telemetry.steps`, the end of a run in
 `outputs.finish`.
 """
 
@@ -10,56 +10,26 @@ from __future__ import annotations
 import logging
 import math
 import os
-import random
 import time
 
-import numpy as np
 import torch
 
-from finetune.api.common import is_s3
 from finetune.api.pod import EXIT_INTERRUPTED, EXIT_OK
 from finetune.api.selection import OutputFrom
-from finetune.trainer.checkpoints.layout import (
-    check_max_steps,
-    check_run,
-    layout_for,
-    run_layout,
-    zero_stage_of,
-)
-from finetune.trainer.checkpoints.manifest import loss_of, validations_of
-from finetune.trainer.checkpoints.run_checkpoints import RunCheckpoints
-from finetune.trainer.checkpoints.state import TrainingState
-from finetune.trainer.data.batches import open_batches
-from finetune.trainer.data.encoding import Encoder
-from finetune.trainer.engine.deepspeed_setup import start_engine, trainer_clips
-from finetune.trainer.engine.plan import RunPlan
-from finetune.trainer.engine.precision import PrecisionPlan
-from finetune.trainer.engine.speed import (
-    CompileReport,
-    compile_unet,
-    set_matmul_precision,
-    to_channels_last,
-)
+from finetune.trainer.engine.setup import RunSetup
+from finetune.trainer.engine.speed import CompileReport
 from finetune.trainer.engine.upload_waits import (
     checkpoints_sent,
     left_message,
     results_patience,
 )
-from finetune.trainer.engine.zero import ZeroChoice, choose_stage, device_memory, weight_bytes
-from finetune.trainer.errors import JobInputError, NonFiniteLoss
+from finetune.trainer.errors import NonFiniteLoss
 from finetune.trainer.evaluation.scores import Scores, history
-from finetune.trainer.evaluation.selection import Selection, Stall, from_manifest
-from finetune.trainer.evaluation.validation import Evaluation
-from finetune.trainer.families import family_named
-from finetune.trainer.methods import TrainedModules, TrainingMethod, method_for
-from finetune.trainer.models.components import Components, load_components
+from finetune.trainer.evaluation.selection import Stall
 from finetune.trainer.outputs.finish import finish_run
-from finetune.trainer.outputs.generation import GenerationContext
-from finetune.trainer.outputs.samples import Sampler, Validation
+from finetune.trainer.outputs.samples import Validation
 from finetune.trainer.process import distributed
-from finetune.trainer.process.stopping import Stopped, StopRequest
-from finetune.trainer.storage.s3 import S3Settings
-from finetune.trainer.storage.store import open_store
+from finetune.trainer.process.stopping import Stopped
 from finetune.trainer.telemetry import prometheus
 from finetune.trainer.telemetry.status import StatusReporter
 from finetune.trainer.telemetry.steps import StepRecord, StepTelemetry
@@ -81,224 +51,8 @@ def check_loss(loss: float, step: int) -> float:
     return loss
 
 
-class Trainer:
-    def __init__(
-        self, plan: RunPlan, rank: distributed.Rank, stop: StopRequest | None = None
-    ) -> None:
-        self.plan = plan
-        self.spec = plan.spec
-        self.rank = rank
-        self.stop = stop or StopRequest()
-        self.log_path = plan.work_dir / "train_log.jsonl"
-        self.reporter: StatusReporter | None = None
-
-    # --- setup ---------------------------------------------------------------
-
-    def _setup(self) -> None:
-        spec, hp = self.spec, self.spec.training
-        if spec.deepspeed.zero_stage == 3:
-            raise JobInputError(
-                "spec.deepspeed.zeroStage: 3 is not supported by the trainer yet; use 2"
-            )
-        # The rendezvous waits in C for every rank, maybe for a peer that never comes: a
-        # stop there must not wait for it.
-        with self.stop.ends_process():
-            self.device = distributed.init(self.rank)
-        self.precision = PrecisionPlan.of(spec)
-        self.dtype = self.precision.compute
-        self.checkpoints = RunCheckpoints(
-            self.plan.work_dir / "checkpoints",
-            self.rank,
-            self.device,
-            spec.checkpointing.keep_last,
-            # A local output is the local folder itself: nothing to copy there.
-            open_store(self.plan.output_uri, self._s3()) if is_s3(self.plan.output_uri) else None,
-            self.reporter.checkpoint if self.reporter is not None else None,
-            spec.checkpointing.keep_best,
-        )
-        self.found = self.checkpoints.newest()
-        self._check_resumable()
-        # Same seed on every rank while models are built, so adapters start equal.
-        torch.manual_seed(hp.seed)
-        self.components: Components = load_components(
-            self.plan.model_folder, family_named(self.plan.family), self.plan.vae_folder
-        )
-        self.method: TrainingMethod = method_for(spec, self.components, self.plan.teacher_folder)
-        self.module: TrainedModules = self.method.build()
-        self.precision.store_models(
-            self._frozen_models(),
-            self.device,
-            # SDXL's own VAE overflows in fp16: kept in float32 where its family says so,
-            # unless the job brings a VAE of its own (such as SDXL's fp16-fix VAE).
-            full_precision=(
-                {"vae"}
-                if self.components.family.vae_in_float32 and self.plan.vae_folder is None
-                else set()
-            ),
-        )
-        c = self.components
-        self.encoder = Encoder(
-            c,
-            self.device,
-            self.dtype,
-            text_encoder_trains=bool(self.module.text_encoders),
-            cache=spec.data.dataset is None,
-            # Concept prompts are the same on every rank; dataset captions are not.
-            announce=self.rank.main or spec.data.dataset is not None,
-        )
-        self.batches = open_batches(
-            spec,
-            self.plan.concept_folders,
-            self.plan.class_folders,
-            self.method,
-            self.encoder,
-            self.rank,
-            self._s3(),
-            self._ensure_class_images,
-        )
-        self.method.attach(self.encoder)
-        # Only now: class images (above) are generated with the UNet as it was built.
-        self.precision.store_frozen(self.module)
-        compile_unet(hp, self.module)
-        set_matmul_precision(hp, self.device)
-        # Rank 0's validations so far: those the resumed checkpoint carries.
-        self.selection = Selection(
-            spec,
-            from_manifest(validations_of(self.found.folder))
-            if self.found is not None and self.rank.main
-            else [],
-        )
-        self.zero = self._zero_stage()
-        groups = self.method.parameter_groups(self.module)
-        self.engine, self.scheduler = start_engine(
-            spec, self.module, groups, self.rank.world, self.zero.stage, self.device
-        )
-        # What the trainer clips where DeepSpeed does not (`trainer_clips`).
-        self.clipped = (
-            [p for group in groups for p in group["params"]]
-            if trainer_clips(spec, self.zero.stage)
-            else None
-        )
-        if hp.channels_last:
-            layout = to_channels_last(self.module.unet, trained_too=self.zero.stage == 0)
-            if self.rank.main:
-                log.info(layout)
-        if self.rank.main:  # read back from the engine: what it trains is what is logged
-            log.info(self.precision.describe(self.engine.module, self._frozen_models()))
-            log.info(self.zero.describe())
-            prediction = self.components.noise_scheduler.config.prediction_type
-            log.info("the UNet predicts %s (its scheduler's config): the loss's target", prediction)
-        generation = GenerationContext(
-            spec,
-            self.plan.work_dir,
-            self.components,
-            self.method,
-            self.module,
-            self.device,
-            self.dtype,
-            self.stop,
-        )
-        self.sampler = Sampler(generation, self.metrics, self.rank.main, self._evaluation())
-        self.ema = None
-        if hp.ema.enabled:
-            from diffusers.training_utils import EMAModel
-
-            # Shadow weights in float32: in bf16 an EMA update rounds away to nothing.
-            shadow = [p.detach().float().clone() for p in self.module.unet.parameters()]
-            self.ema = EMAModel(shadow, decay=hp.ema.decay)
-            self.ema.to(self.device)
-        # Each rank draws its own noise from here on.
-        random.seed(hp.seed + self.rank.rank)
-        np.random.seed((hp.seed + self.rank.rank) % 2**32)
-        torch.manual_seed(hp.seed + self.rank.rank)
-
-    def _check_resumable(self) -> None:
-        """Before the model loads (and class images are made): refuse the newest checkpoint
-        when this run cannot continue it, for its step, settings or models. What only the
-        engine knows (its ZeRO stage, its precision) is checked in `_resume`."""
-        if self.found is None:
-            return
-        where = self.checkpoints.location(self.found.tag)
-        check_max_steps(self.found, self.spec.training.max_steps, where)
-        layout = run_layout(self.spec, self.rank.world, self.plan.model_fingerprints)
-        if not check_run(self.found, layout, where) and self.rank.main:
-            log.warning(
-                "%s records no fingerprint of the models it was trained on (an earlier "
-                "trainer wrote it): the model could not be checked against it",
-                where,
-            )
-
-    def _zero_stage(self) -> ZeroChoice:
-        """Rank 0's choice, on every rank: nodes may differ in memory, the engines may not."""
-        state_bytes, frozen_bytes = weight_bytes(self.module, self._frozen_models().values())
-        ranks_on_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        choice = choose_stage(
-            self.spec.deepspeed.zero_stage,
-            resumed=zero_stage_of(self.found) if self.found is not None else None,
-            offload_optimizer=self.spec.deepspeed.offload_optimizer,
-            state_bytes=state_bytes,
-            frozen_bytes=frozen_bytes,
-            memory=device_memory(self.device, ranks_on_node),
-            world=self.rank.world,
-            where="the GPU" if self.device.type == "cuda" else "this rank's share of host memory",
-        )
-        chosen: ZeroChoice = distributed.broadcast(choice)
-        return chosen
-
-    def _resume(self) -> int:
-        """The step to go on from: the newest checkpoint loaded, or 0."""
-        return self.checkpoints.resume(
-            self.found,
-            TrainingState(self.engine, self.batches, self.method, self.ema),
-            {
-                **layout_for(
-                    self.spec, self.rank.world, self.zero.stage, self.plan.model_fingerprints
-                ),
-                **self.precision.layout(),
-            },
-        )
-
-    def _evaluation(self) -> Evaluation | None:
-        """Rank 0 scores the validation samples, when the job asks for metrics."""
-        if not (self.rank.main and self.spec.validation.metrics):
-            return None
-        plan = self.plan
-        return Evaluation(
-            self.spec,
-            plan.concept_folders,
-            plan.clip_folder,
-            plan.dino_folder,
-            self.device,
-            plan.class_folders,
-        )
-
-    def _frozen_models(self) -> dict[str, torch.nn.Module]:
-        c = self.components
-        text_encoders = {
-            name.replace("_", " "): encoder
-            for name, encoder in c.text_encoders.items()
-            if name not in self.module.text_encoders
-        }
-        return {"vae": c.vae, **text_encoders, **self.method.frozen_models()}
-
-    def _s3(self) -> S3Settings:
-        return S3Settings.of(self.spec.output)
-
-    def _ensure_class_images(self) -> None:
-        """Generate the class images a concept lacks with the base model (rank 0), once."""
-        if self.rank.main:
-            from finetune.trainer.data.class_images import generate_missing
-
-            # DeepSpeed moves the trained modules later; generation needs them now.
-            self.components.unet.to(self.device)
-            for encoder in self.components.text_encoders.values():
-                encoder.to(self.device)
-            generate_missing(
-                self.spec, self.components, self.plan.class_folders, self.device, self.dtype
-            )
-        distributed.barrier()
-
-    # --- the loop -------------------------------------------------------------
+class Trainer(RunSetup):
+    """Steps a run `RunSetup` made to its end: a stop, an early stop or `maxSteps`."""
 
     def run(self) -> int:
         # Rank 0 alone reports (in a pod); whatever way the run ends, what is
@@ -371,24 +125,6 @@ class Trainer:
                 return self._finish(step, last_loss, validation)
         telemetry.close_progress()
         return self._finish(step, last_loss)
-
-    def _checkpoint_loss(self, step: int) -> float | None:
-        """On every rank: the loss of the resumed checkpoint's step, as its manifest records
-        it (rank 0 reads it); None when the run starts at step 0 or the manifest has none."""
-        if step == 0 or self.found is None:
-            return None
-        loss: float | None = distributed.broadcast(
-            loss_of(self.found.folder) if self.rank.main else None
-        )
-        return loss
-
-    def _latest_scores(self, step: int) -> Scores | None:
-        """Rank 0: the scores of the run's last validation up to `step`, from the checkpoint
-        or the train log (a finished run's last validation comes after its checkpoint)."""
-        if not self.rank.main:
-            return None
-        known = [*self.selection.history, *history(self.log_path)]
-        return max((s for s in known if s.step <= step), key=lambda s: s.step, default=None)
 
     def _validation_made(self, step: int) -> Validation | None:
         """On every rank, in a run that trains no step (the same command run again after

@@ -232,7 +232,9 @@ def test_a_hub_evaluator_with_pickled_weights_only_is_fetched_with_them(
     shutil.copytree(dino, bare, ignore=shutil.ignore_patterns("*.safetensors"))
     calls: list[list[str] | None] = []
 
-    def snapshot(uri: str, cache_dir: Path, ignore: list[str] | None = None) -> Path:
+    def snapshot(
+        uri: str, cache_dir: Path, ignore: list[str] | None = None, token_env: str = ""
+    ) -> Path:
         calls.append(ignore)
         if ignore is not None and "*.bin" not in ignore:
             (bare / "pytorch_model.bin").write_bytes(b"weights")

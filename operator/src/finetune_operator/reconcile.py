@@ -151,6 +151,16 @@ def created(status: FineTuneJobStatus, generation: int, job_name: str, now: date
     )
 
 
+def waiting_for_names(
+    status: FineTuneJobStatus, generation: int, reason: str, message: str, now: datetime
+) -> None:
+    """Objects of another owner hold some of the children's names (a previous job of
+    this name whose children the garbage collector has not removed yet)."""
+    status.phase = Phase.PENDING
+    status.observed_generation = generation
+    set_condition(status, ConditionType.CREATED, False, reason, message, generation, now)
+
+
 def invalid(status: FineTuneJobStatus, generation: int, message: str, now: datetime) -> None:
     status.observed_generation = generation
     _finish(status, generation, now, Phase.FAILED, "InvalidSpec", message)

@@ -14,11 +14,15 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.emulator import EmulatedCluster
 from tests.operator.conftest import (
     GROUP,
     PLURAL,
+    RECONCILE_SECONDS,
     VERSION,
     Kube,
+    running,
+    unschedulable,
     wait_for,
 )
 from tests.operator.test_lifecycle import NAME, condition, document, reason, run_gang, start
@@ -134,3 +138,37 @@ def test_a_later_attempt_waits_for_the_previous_jobs_job_of_its_name(
     assert (
         len([e for e in kube.events(namespace, NAME) if e.reason == "WaitingForPreviousJob"]) == 1
     )
+
+
+@pytest.mark.usefixtures("operator")
+def test_a_job_failed_by_the_operator_never_gets_its_attempt_back(
+    kube: Kube, namespace: str, cluster: EmulatedCluster
+) -> None:
+    job = start(kube, namespace, runPolicy={"schedulingTimeoutSeconds": 2})
+    no_gpus = "0/4 nodes are available: 4 Insufficient nvidia.com/gpu."
+    kube.pod(NAME, 0, 0, namespace, running())
+    kube.pod(NAME, 0, 1, namespace, unschedulable(no_gpus))
+    kube.wait_status(NAME, namespace, lambda s: reason(s, "Running") == "Unschedulable", "waiting")
+    # From here the operator's watch of FineTuneJobs lags behind its own writes: the
+    # ticks after the one that fails the job still read it Pending, its Job gone.
+    lag = 10 * RECONCILE_SECONDS
+    cluster.handler.lag(PLURAL, namespace, lag)
+    try:
+        status = kube.wait_phase(NAME, namespace, "Failed")
+        assert status["failureReason"] == "SchedulingTimeout"
+        wait_for(lambda: kube.batch_job(f"{NAME}-a0", namespace) is None, what="attempt 0 deleted")
+        kube.hold_status(
+            NAME,
+            namespace,
+            lambda s: s["phase"] == "Failed" and kube.batch_job(f"{NAME}-a0", namespace) is None,
+            "Failed with no attempt running",
+            ticks=int(2 * lag / RECONCILE_SECONDS),
+        )
+    finally:
+        cluster.handler.lag(PLURAL, namespace, 0)
+    # An attempt running for a finished job (as an older operator's stale tick left one)
+    # is deleted: its pods would hold GPUs for nothing.
+    job["metadata"] = {key: job["metadata"][key] for key in ("name", "labels", "ownerReferences")}
+    job.pop("status", None)
+    kube.batch.create_namespaced_job(namespace, job)
+    wait_for(lambda: kube.batch_job(f"{NAME}-a0", namespace) is None, what="attempt 0 deleted")

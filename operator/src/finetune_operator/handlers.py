@@ -294,7 +294,6 @@ async def _act(
             if held and getattr(memo, "held", None) != message:
                 memo.held = message  # one event, not one per tick
                 kopf.event(body, type="Warning", reason=reason, message=message)
-            memo.started = max(getattr(memo, "started", 0), attempt)
         case reconcile.SuspendAttempt(attempt=attempt, suspend=suspend):
             await in_thread(cluster.suspend_job, namespace, names.batch_job(attempt), suspend)
         case reconcile.DeleteFineTuneJob():
@@ -318,6 +317,14 @@ def _announce_checkpoint(body: kopf.Body, status: FineTuneJobStatus, memo: kopf.
         )
 
 
+def _behind(current: FineTuneJobStatus, decided: FineTuneJobStatus) -> bool:
+    """Whether `current` predates `decided`, the status of this process's last tick
+    that acted (finished the job, or started a new attempt)."""
+    if decided.phase in reconcile.FINISHED:
+        return current.phase not in reconcile.FINISHED
+    return current.attempt < decided.attempt
+
+
 @kopf.timer(*RESOURCE, interval=CONFIG.reconcile_seconds)
 async def reconcile_job(
     body: kopf.Body,
@@ -339,8 +346,18 @@ async def reconcile_job(
     current = FineTuneJobStatus.model_validate(dict(status))
     generation = int(meta.get("generation") or 1)
     uid = body.meta.uid
+    decided: FineTuneJobStatus | None = getattr(memo, "decided", None)
+    if decided is not None and _behind(current, decided):
+        # The watch has not shown what the last acting tick wrote yet (or the write was
+        # lost): acting on this copy would undo that tick, e.g. start the Job it stopped.
+        patch.status.update(_status_patch(dict(status), decided))
+        return
     if current.phase in reconcile.FINISHED:
-        # Only the TTL is left to watch: no job file to read, no Job to look at.
+        # Only the TTL is left to watch, and no attempt may go on running.
+        for attempt in range(current.attempt + 1):
+            for job in ownership.owned(attempts.get((namespace, name, str(attempt)), []), uid):
+                if reconcile.job_active(job):
+                    await in_thread(memo.cluster.delete_job, namespace, job["metadata"]["name"])
         finished = reconcile.Observed(
             generation=generation,
             nodes=0,
@@ -356,8 +373,6 @@ async def reconcile_job(
                 await in_thread(memo.cluster.delete_finetunejob, namespace, name)
         patch.status.update(_status_patch(dict(status), outcome.status))
         return
-    if current.attempt < getattr(memo, "started", 0):
-        return  # a status older than our last restart: wait for the watch to catch up
     if not reconcile.condition_is(current, ConditionType.CREATED):
         await _create(body, status, patch, memo)  # its names were held: try again
         return
@@ -383,6 +398,8 @@ async def reconcile_job(
     _announce_checkpoint(body, current, memo)
     for action in outcome.actions:
         await _act(action, body, accepted, policy, memo)
+    if outcome.actions:
+        memo.decided = outcome.status
     patch.status.update(_status_patch(dict(status), outcome.status))
     _post(body, outcome.events)
     if outcome.status.start_time is not None and current.start_time is None:

@@ -176,6 +176,12 @@ def _job_condition(job: dict[str, Any], type_: str) -> dict[str, Any] | None:
     return None
 
 
+def job_active(job: dict[str, Any]) -> bool:
+    """The Job neither completed nor failed, nor is it being deleted: its pods may run."""
+    finished = _job_condition(job, "Complete") or _job_condition(job, "Failed")
+    return finished is None and not job.get("metadata", {}).get("deletionTimestamp")
+
+
 def parse_time(value: Any) -> datetime | None:
     if isinstance(value, datetime):
         return value

@@ -172,3 +172,37 @@ def test_a_job_failed_by_the_operator_never_gets_its_attempt_back(
     job.pop("status", None)
     kube.batch.create_namespaced_job(namespace, job)
     wait_for(lambda: kube.batch_job(f"{NAME}-a0", namespace) is None, what="attempt 0 deleted")
+
+
+@pytest.mark.usefixtures("operator")
+def test_a_job_deleted_by_hand_is_created_again_and_its_old_pods_do_not_count(
+    kube: Kube, namespace: str
+) -> None:
+    start(kube, namespace)
+    old_pods = kube.gang_running(NAME, 0, namespace, nodes=2)
+    kube.wait_phase(NAME, namespace, "Running")
+    previous = uid(kube.batch_job(f"{NAME}-a0", namespace))
+    # `kubectl delete job`: the Job goes, its pods terminate for their grace period.
+    kube.batch.delete_namespaced_job(f"{NAME}-a0", namespace)
+    for pod in old_pods:
+        kube.terminating(pod, namespace)
+    wait_for(lambda: replaced(kube, namespace, previous), what="attempt 0's Job created again")
+    event = kube.wait_event(namespace, NAME, "JobRecreated")
+    assert event.type == "Warning"
+    assert f"Job {NAME}-a0 was deleted" in event.message
+    # The old pods, terminating, are no members of the new Job's gang.
+    waiting = kube.wait_status(
+        NAME, namespace, lambda s: s["phase"] == "Pending", "Pending for the new Job's pods"
+    )
+    assert condition(waiting, "Running")["reason"] == "CreatingPods"
+    kube.hold_status(NAME, namespace, lambda s: s["phase"] == "Pending", "Pending")
+
+    # A rank's pod being deleted (preempted, drained, deleted by hand) no longer runs.
+    pods = kube.gang_running(NAME, 0, namespace, nodes=2)
+    kube.wait_phase(NAME, namespace, "Running")
+    kube.terminating(pods[1], namespace)
+    status = kube.wait_status(
+        NAME, namespace, lambda s: reason(s, "Running") == "Terminating", "rank 1 terminating"
+    )
+    assert status["phase"] == "Pending"
+    assert f"pod {pods[1]} is being deleted" in condition(status, "Running")["message"]

@@ -284,16 +284,25 @@ async def _act(
     match action:
         case reconcile.StopAttempt(attempt=attempt):
             await in_thread(cluster.delete_job, namespace, names.batch_job(attempt))
-        case reconcile.StartAttempt(attempt=attempt, deadline_seconds=deadline):
+        case reconcile.StartAttempt(attempt=attempt, deadline_seconds=deadline, missing=missing):
             spec = accepted.spec.model_copy(update={"run_policy": policy})
             job = builders.batch_job(
                 accepted.model_copy(update={"spec": spec}), attempt, memo.config, deadline
             )
-            _, held = await _create_own(body, namespace, [job], cluster)
+            created, held = await _create_own(body, namespace, [job], cluster)
             reason, message = _held_message(name, held) if held else ("", "")
             if held and getattr(memo, "held", None) != message:
                 memo.held = message  # one event, not one per tick
                 kopf.event(body, type="Warning", reason=reason, message=message)
+            elif created and missing:
+                kopf.event(
+                    body,
+                    type="Warning",
+                    reason="JobRecreated",
+                    message=f"Job {names.batch_job(attempt)} was deleted; created it again "
+                    f"(attempt {attempt}, not counted as a restart): its gang starts over "
+                    "from the last checkpoint",
+                )
         case reconcile.SuspendAttempt(attempt=attempt, suspend=suspend):
             await in_thread(cluster.suspend_job, namespace, names.batch_job(attempt), suspend)
         case reconcile.DeleteFineTuneJob():

@@ -42,6 +42,7 @@ FINISHED = (Phase.SUCCEEDED, Phase.FAILED)
 class StartAttempt:
     attempt: int
     deadline_seconds: int | None = None  # what is left of activeDeadlineSeconds
+    missing: bool = False  # the attempt's Job was there and is gone (deleted by hand)
 
 
 @dataclass(frozen=True)
@@ -493,8 +494,8 @@ def reconcile(o: Observed) -> Outcome:
             out.actions.append(DeleteFineTuneJob())
         return out
     job = o.batch_job
-    if job is None:  # not created yet, or removed behind our back: (re)create it
-        out.actions.append(StartAttempt(status.attempt, _remaining_deadline(o)))
+    if job is None:  # not in the index yet (creating it again is a no-op), or deleted
+        out.actions.append(StartAttempt(status.attempt, _remaining_deadline(o), missing=True))
         return out
     if _job_condition(job, "Complete") is not None:
         return _succeeded(o, out)

@@ -9,9 +9,11 @@ keeps every request for assertions (none here use them) and matches each new one
 against that whole log, which grows quadratic over a benchmark's thousands of
 requests. And it serves the namespace list itself, which kmock 0.8 cannot parse
 (`/api/v1/namespaces` fails in its path parser); kopf lists and watches
-namespaces when an operator watches a given set. That is all;
+namespaces when an operator watches a given set. A test may also make a watch
+lag behind the writes (`lag`), as a loaded API server's does. That is all;
 patches stay plain recursive merges and nothing is garbage-collected, so tests
-assert ownerReferences rather than cascading deletion.
+assert ownerReferences rather than cascading deletion (and a deleted object's
+children stay, as in the moments before a cluster's garbage collector comes).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import collections
 import itertools
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -46,6 +48,13 @@ class StampingEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
         super().__attrs_post_init__()
         # Requests per namespace, for tests that count what an operator costs the API.
         self.requests_in: collections.Counter[str] = collections.Counter()
+        # Seconds by which watch events of (plural, namespace) arrive late.
+        self.lags: dict[tuple[str, str], float] = {}
+
+    def lag(self, plural: str, namespace: str, seconds: float) -> None:
+        """Deliver each watch event of `plural` objects in `namespace` `seconds` after
+        the write (0: on time); later events of the same watch wait behind it."""
+        self.lags[(plural, namespace)] = seconds
 
     def _forget_old_requests(self) -> None:
         if len(self._requests) > 2 * self.REQUESTS_KEPT:
@@ -57,6 +66,37 @@ class StampingEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
         if raw.path == NAMESPACES:
             return await self._namespaces(raw)
         return await super().__call__(raw)
+
+    async def _serve_watch(self, request: kmock.Request) -> AsyncIterator[Any]:
+        source = super()._serve_watch(request)
+        plural = getattr(request.resource, "plural", None) or ""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[float, Any]] = asyncio.Queue()
+        done = object()
+
+        async def pump() -> None:
+            try:
+                async for item in source:
+                    namespace = (
+                        item.get("object", {}).get("metadata", {}).get("namespace", "")
+                        if isinstance(item, dict)
+                        else ""
+                    )
+                    lag = self.lags.get((plural, namespace), 0.0)
+                    queue.put_nowait((loop.time() + lag, item))
+            finally:
+                queue.put_nowait((loop.time(), done))
+
+        task = asyncio.create_task(pump())
+        try:
+            while True:
+                due, item = await queue.get()
+                if item is done:
+                    return
+                await asyncio.sleep(max(0.0, due - loop.time()))
+                yield item
+        finally:
+            task.cancel()
 
     async def _namespaces(self, raw: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
         """Every namespace an object lives in; a watch that never reports a change."""

@@ -24,6 +24,7 @@ from tests.emulator import EmulatedCluster, emulated_cluster
 
 GROUP, VERSION, PLURAL = "finetune.dev", "v1alpha1", "finetunejobs"
 RECONCILE_SECONDS = 0.3
+JOB_TRACKING = "batch.kubernetes.io/job-tracking"  # the Job controller's finalizer on pods
 T = TypeVar("T")
 
 
@@ -230,7 +231,8 @@ class Kube:
         namespace: str,
         status: dict[str, Any],
     ) -> str:
-        """A pod of the gang in a given state, labelled as the Job controller would."""
+        """A pod of the gang in a given state, labelled and owned as the Job controller
+        would (its Job must exist)."""
         labels = {
             "finetune.dev/job": job,
             "finetune.dev/attempt": str(attempt),
@@ -243,12 +245,31 @@ class Kube:
                 "name": f"{job}-a{attempt}-{index}-{uuid.uuid4().hex[:5]}",
                 "labels": labels,
                 "annotations": {"batch.kubernetes.io/job-completion-index": str(index)},
+                "ownerReferences": [self.pod_owner(f"{job}-a{attempt}", namespace)],
+                "finalizers": [JOB_TRACKING],
             },
             "spec": {"containers": [{"name": "trainer", "image": "trainer"}]},
             "status": status,
         }
         self.core.create_namespaced_pod(namespace, body)
         return str(body["metadata"]["name"])
+
+    def pod_owner(self, job_name: str, namespace: str) -> dict[str, Any]:
+        """The ownerReference the Job controller puts on the pods of Job `job_name`."""
+        job = self.batch.read_namespaced_job(job_name, namespace)
+        return {
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "name": job_name,
+            "uid": job.metadata.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+
+    def terminating(self, pod: str, namespace: str) -> None:
+        """`kubectl delete pod`: the Job controller's finalizer keeps it, marked for
+        deletion, as a cluster shows a pod in its grace period."""
+        self.core.delete_namespaced_pod(pod, namespace)
 
     def failed_pod(
         self,

@@ -131,6 +131,7 @@ class Kubelet:
                 "name": name,
                 "labels": labels,
                 "annotations": {"batch.kubernetes.io/job-completion-index": str(index)},
+                "ownerReferences": [self.kube.pod_owner(job_name, self.namespace)],
             },
             "spec": {"containers": [{"name": "trainer", "image": "local"}]},
             "status": {"phase": "Running"},

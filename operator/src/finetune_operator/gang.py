@@ -3,7 +3,7 @@
 `Job.status.active` counts pods that are still Pending (unschedulable, pulling
 their image), so it cannot tell a gang that trains from one that waits for GPUs.
 This reads each rank's pod instead: scheduled or not, its container started or
-waiting (and why), finished or failed. Pure: the pods come from the operator's
+waiting (and why), finished or failed, or being deleted (no member then). Pure: the pods come from the operator's
 index, in the shape the API returns them.
 """
 
@@ -117,6 +117,10 @@ def read_rank(pod: dict[str, Any], index: int) -> Rank:
     scheduled = phase == "Running" or (
         scheduled_condition is not None and scheduled_condition.get("status") == "True"
     )
+    if pod.get("metadata", {}).get("deletionTimestamp"):
+        # Stopping for its grace period (preempted, drained, its Job deleted): no member.
+        message = f"pod {name} is being deleted"
+        return Rank(index, RankState.WAITING, scheduled, "Terminating", message, name)
     if not scheduled:
         if scheduled_condition is not None and scheduled_condition.get("reason"):
             reason = _reason(scheduled_condition.get("reason"), "Unschedulable")

@@ -26,9 +26,9 @@ from finetune.api.cluster import RunPolicy
 from finetune.api.errors import problems_from
 from finetune.api.job import PLURAL
 from finetune.api.pod import OPERATOR_FIELDS
-from finetune.api.status import FineTuneJobStatus
+from finetune.api.status import ConditionType, FineTuneJobStatus
 
-from . import builders, failures, metrics, reconcile, spec_changes
+from . import builders, failures, metrics, ownership, reconcile, spec_changes
 from .builders import LABEL_ATTEMPT, LABEL_JOB, Names
 from .config import OperatorConfig
 from .kube import Cluster, connect, in_thread
@@ -72,6 +72,15 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     start_http_server(CONFIG.metrics_port)
 
 
+def _identity(body: kopf.Body) -> dict[str, Any]:
+    """What tells an indexed object's owner, and whether it is going away."""
+    return {
+        "uid": body.meta.uid,
+        "ownerReferences": [dict(r) for r in body.meta.get("ownerReferences") or []],
+        "deletionTimestamp": body.meta.get("deletionTimestamp"),
+    }
+
+
 @kopf.index("batch", "v1", "jobs", labels=OURS)
 def attempts(
     namespace: str | None, labels: Mapping[str, str], body: kopf.Body, **_: Any
@@ -83,6 +92,7 @@ def attempts(
             "name": body.meta.name,
             "creationTimestamp": body.meta.get("creationTimestamp"),
             "annotations": kept,
+            **_identity(body),
         },
         "spec": {
             "suspend": body.spec.get("suspend"),
@@ -97,7 +107,7 @@ def attempts(
 def gang_pods(
     namespace: str | None, labels: Mapping[str, str], body: kopf.Body, **_: Any
 ) -> dict[Any, Any]:
-    meta = {"name": body.meta.name, "annotations": dict(body.meta.annotations)}
+    meta = {"name": body.meta.name, "annotations": dict(body.meta.annotations), **_identity(body)}
     return {
         (namespace, labels[LABEL_JOB], labels.get(LABEL_ATTEMPT)): {
             "metadata": meta,
@@ -165,18 +175,17 @@ def _post(body: kopf.Body, events: list[reconcile.Event]) -> None:
 
 @kopf.on.create(*RESOURCE)
 async def create_children(
-    body: kopf.Body,
-    name: str,
-    namespace: str | None,
-    meta: kopf.Meta,
-    status: kopf.Status,
-    patch: kopf.Patch,
-    memo: kopf.Memo,
-    **_: Any,
+    body: kopf.Body, status: kopf.Status, patch: kopf.Patch, memo: kopf.Memo, **_: Any
 ) -> None:
-    namespace = namespace or "default"  # FineTuneJobs are namespaced
+    await _create(body, status, patch, memo)
+
+
+async def _create(body: kopf.Body, status: kopf.Status, patch: kopf.Patch, memo: kopf.Memo) -> None:
+    """Check the spec and create the children; the reconcile timer calls it again while
+    names the children need are held by objects of another owner."""
+    name, namespace = body.meta.name or "", body.meta.namespace or "default"
     current = FineTuneJobStatus.model_validate(dict(status))
-    generation = int(meta.get("generation") or 1)
+    generation = int(body.meta.get("generation") or 1)
     try:
         job = FineTuneJob.model_validate(_document(name, namespace, body.spec))
     except ValidationError as exc:
@@ -186,16 +195,65 @@ async def create_children(
         kopf.event(body, type="Warning", reason="InvalidSpec", message=message)
         metrics.FAILURES.labels("InvalidSpec").inc()
         return
-    cluster: Cluster = memo.cluster
     children = builders.children(job, current.attempt, memo.config)
-    for child in children:
-        kopf.adopt(child, owner=body)
-        await in_thread(cluster.create, namespace, child)
+    _, held = await _create_own(body, namespace, children, memo.cluster)
+    if held:
+        before = reconcile.find_condition(current, ConditionType.CREATED)
+        reason, message = _held_message(name, held)
+        reconcile.waiting_for_names(current, generation, reason, message, _now())
+        patch.status.update(_status_patch(dict(status), current))
+        if before is None or (before.reason, before.message) != (reason, message):
+            kopf.event(body, type="Warning", reason=reason, message=message)
+        return
     memo.accepted = job
     batch_job = children[-1]["metadata"]["name"]
     reconcile.created(current, generation, batch_job, _now())
     patch.status.update(_status_patch(dict(status), current))
     kopf.event(body, type="Normal", reason="Created", message=f"created Job {batch_job}")
+
+
+Held = list[tuple[dict[str, Any], dict[str, Any]]]  # a child, and the object holding its name
+
+
+async def _create_own(
+    body: kopf.Body, namespace: str, children: list[dict[str, Any]], cluster: Cluster
+) -> tuple[int, Held]:
+    """Create the children, adopted: how many were created now (not there already),
+    and those whose name an object of another owner holds. The Job (last) only once
+    all the others are this job's: its pods would mount another job's job file."""
+    created = 0
+    held: Held = []
+    for child in children:
+        if child["kind"] == "Job" and held:
+            break
+        kopf.adopt(child, owner=body)
+        existing = await in_thread(cluster.create, namespace, child)
+        if existing is None:
+            created += 1
+        elif not ownership.owned([{"metadata": existing}], body.meta.uid):
+            held.append((child, existing))
+    return created, held
+
+
+def _held_message(name: str, held: Held) -> tuple[str, str]:
+    """The Created condition's reason and message while names are held."""
+    previous, others = [], []
+    for child, existing in held:
+        what = f"{child['kind']} {child['metadata']['name']}"
+        of_previous, owner = ownership.holder(existing, KIND, name)
+        if of_previous:
+            previous.append(what)
+        else:
+            others.append(f"{what} exists and is not this job's (its owner: {owner})")
+    parts = []
+    if previous:
+        parts.append(
+            f"waiting for the previous FineTuneJob {name}'s {', '.join(previous)} to be "
+            "deleted (the garbage collector removes them); this job creates its own then"
+        )
+    if others:
+        parts.append("; ".join(others) + ": delete it, or give this job another name")
+    return ("NameTaken" if others else "WaitingForPreviousJob"), "; ".join(parts)
 
 
 @kopf.on.update(*RESOURCE, field="spec")
@@ -213,11 +271,12 @@ def spec_changed(body: kopf.Body, old: Any, new: Any, **_: Any) -> None:
         kopf.event(body, type="Normal", reason="RunPolicyUpdated", message=", ".join(applied))
 
 
-async def _accepted(memo: kopf.Memo, name: str, namespace: str) -> FineTuneJob | None:
+async def _accepted(memo: kopf.Memo, body: kopf.Body, namespace: str) -> FineTuneJob | None:
     """The spec the job was created with, from its job file (the ConfigMap)."""
     accepted: FineTuneJob | None = getattr(memo, "accepted", None)
     if accepted is None:
-        text = await in_thread(memo.cluster.job_file, namespace, Names(name).config_map)
+        config_map = Names(body.meta.name or "").config_map
+        text = await in_thread(memo.cluster.job_file, namespace, config_map, body.meta.uid)
         if text is None:
             return None
         accepted = FineTuneJob.model_validate(yaml.safe_load(text))
@@ -261,14 +320,25 @@ async def _act(
     match action:
         case reconcile.StopAttempt(attempt=attempt):
             await in_thread(cluster.delete_job, namespace, names.batch_job(attempt))
-        case reconcile.StartAttempt(attempt=attempt, deadline_seconds=deadline):
+        case reconcile.StartAttempt(attempt=attempt, deadline_seconds=deadline, missing=missing):
             spec = accepted.spec.model_copy(update={"run_policy": policy})
             job = builders.batch_job(
                 accepted.model_copy(update={"spec": spec}), attempt, memo.config, deadline
             )
-            kopf.adopt(job, owner=body)
-            await in_thread(cluster.create, namespace, job)
-            memo.started = max(getattr(memo, "started", 0), attempt)
+            created, held = await _create_own(body, namespace, [job], cluster)
+            reason, message = _held_message(name, held) if held else ("", "")
+            if held and getattr(memo, "held", None) != message:
+                memo.held = message  # one event, not one per tick
+                kopf.event(body, type="Warning", reason=reason, message=message)
+            elif created and missing:
+                kopf.event(
+                    body,
+                    type="Warning",
+                    reason="JobRecreated",
+                    message=f"Job {names.batch_job(attempt)} was deleted; created it again "
+                    f"(attempt {attempt}, not counted as a restart): its gang starts over "
+                    "from the last checkpoint",
+                )
         case reconcile.SuspendAttempt(attempt=attempt, suspend=suspend):
             await in_thread(cluster.suspend_job, namespace, names.batch_job(attempt), suspend)
         case reconcile.SetDeadline(attempt=attempt, seconds=seconds, limit=limit):
@@ -297,6 +367,14 @@ def _announce_checkpoint(body: kopf.Body, status: FineTuneJobStatus, memo: kopf.
         )
 
 
+def _behind(current: FineTuneJobStatus, decided: FineTuneJobStatus) -> bool:
+    """Whether `current` predates `decided`, the status of this process's last tick
+    that acted (finished the job, or started a new attempt)."""
+    if decided.phase in reconcile.FINISHED:
+        return current.phase not in reconcile.FINISHED
+    return current.attempt < decided.attempt
+
+
 @kopf.timer(*RESOURCE, interval=CONFIG.reconcile_seconds)
 async def reconcile_job(
     body: kopf.Body,
@@ -317,8 +395,19 @@ async def reconcile_job(
     started = time.perf_counter()
     current = FineTuneJobStatus.model_validate(dict(status))
     generation = int(meta.get("generation") or 1)
+    uid = body.meta.uid
+    decided: FineTuneJobStatus | None = getattr(memo, "decided", None)
+    if decided is not None and _behind(current, decided):
+        # The watch has not shown what the last acting tick wrote yet (or the write was
+        # lost): acting on this copy would undo that tick, e.g. start the Job it stopped.
+        patch.status.update(_status_patch(dict(status), decided))
+        return
     if current.phase in reconcile.FINISHED:
-        # Only the TTL is left to watch: no job file to read, no Job to look at.
+        # Only the TTL is left to watch, and no attempt may go on running.
+        for attempt in range(current.attempt + 1):
+            for job in ownership.owned(attempts.get((namespace, name, str(attempt)), []), uid):
+                if reconcile.job_active(job):
+                    await in_thread(memo.cluster.delete_job, namespace, job["metadata"]["name"])
         finished = reconcile.Observed(
             generation=generation,
             nodes=0,
@@ -334,26 +423,33 @@ async def reconcile_job(
                 await in_thread(memo.cluster.delete_finetunejob, namespace, name)
         patch.status.update(_status_patch(dict(status), outcome.status))
         return
-    if current.attempt < getattr(memo, "started", 0):
-        return  # a status older than our last restart: wait for the watch to catch up
-    accepted = await _accepted(memo, name, namespace)
+    if not reconcile.condition_is(current, ConditionType.CREATED):
+        await _create(body, status, patch, memo)  # its names were held: try again
+        return
+    accepted = await _accepted(memo, body, namespace)
     if accepted is None:
         return
     policy = _policy(accepted, spec)
+    # Only this job's Job, and only that Job's pods: a previous job of this name, or a
+    # Job deleted by hand, leaves objects with the same labels for a while.
     key = (namespace, name, str(current.attempt))
+    batch_job = next(iter(ownership.owned(attempts.get(key, []), uid)), None)
+    job_uid = batch_job["metadata"]["uid"] if batch_job is not None else None
     observed = reconcile.Observed(
         generation=generation,
         nodes=accepted.spec.resources.nodes,
         policy=policy,
         status=current,
-        batch_job=next(iter(attempts.get(key, [])), None),
-        pods=list(gang_pods.get(key, [])),
+        batch_job=batch_job,
+        pods=ownership.owned(gang_pods.get(key, []), job_uid),
         now=_now(),
     )
     outcome = reconcile.reconcile(observed)
     _announce_checkpoint(body, current, memo)
     for action in outcome.actions:
         await _act(action, body, accepted, policy, memo)
+    if outcome.actions:
+        memo.decided = outcome.status
     patch.status.update(_status_patch(dict(status), outcome.status))
     _post(body, outcome.events)
     if outcome.status.start_time is not None and current.start_time is None:

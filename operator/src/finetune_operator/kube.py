@@ -1,8 +1,9 @@
 """The few Kubernetes API calls the operator makes, through the official client.
 
-Creation is idempotent (a child that already exists is left as it is), so a
-handler retried after an operator restart never makes duplicates: children have
-names derived from the job's, and the API refuses a second object of a name.
+Creation is idempotent (a child that already exists is left as it is, and its
+metadata returned so the caller can tell whose it is), so a handler retried after
+an operator restart never makes duplicates: children have names derived from the
+job's, and the API refuses a second object of a name.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from kubernetes.client.exceptions import ApiException
 from finetune.api import GROUP, VERSION
 from finetune.api.job import PLURAL
 
+from . import ownership
 from .connection import connect as connect  # where the handlers have always found it
 
 Manifest = dict[str, Any]
@@ -27,6 +29,7 @@ BACKGROUND = {"propagationPolicy": "Background"}
 
 class Cluster:
     def __init__(self, client: ApiClient) -> None:
+        self.client = client
         self.core = kubernetes.client.CoreV1Api(client)
         self.rbac = kubernetes.client.RbacAuthorizationV1Api(client)
         self.batch = kubernetes.client.BatchV1Api(client)
@@ -43,15 +46,37 @@ class Cluster:
         }
         return creators[kind]
 
-    def create(self, namespace: str, manifest: Manifest) -> bool:
-        """Create `manifest`; False when it already exists."""
-        try:
-            self._creator(manifest["kind"])(namespace, manifest)
-        except ApiException as exc:
-            if exc.status == 409:
-                return False
-            raise
-        return True
+    def _reader(self, kind: str) -> Callable[..., Any]:
+        readers: dict[str, Callable[..., Any]] = {
+            "ConfigMap": self.core.read_namespaced_config_map,
+            "Service": self.core.read_namespaced_service,
+            "ServiceAccount": self.core.read_namespaced_service_account,
+            "Role": self.rbac.read_namespaced_role,
+            "RoleBinding": self.rbac.read_namespaced_role_binding,
+            "Job": self.batch.read_namespaced_job,
+        }
+        return readers[kind]
+
+    def create(self, namespace: str, manifest: Manifest) -> Manifest | None:
+        """Create `manifest`; None when created, else the metadata of the object that
+        already has its name (read back: it may not be ours)."""
+        kind, name = manifest["kind"], manifest["metadata"]["name"]
+        while True:
+            try:
+                self._creator(kind)(namespace, manifest)
+            except ApiException as exc:
+                if exc.status != 409:
+                    raise
+            else:
+                return None
+            try:
+                existing = self._reader(kind)(name, namespace)
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+                continue  # deleted in between: the name is free now
+            meta: Manifest = self.client.sanitize_for_serialization(existing.metadata)
+            return meta
 
     def delete_job(self, namespace: str, name: str) -> None:
         """Delete an attempt's Job and, through the garbage collector, its pods."""
@@ -89,13 +114,17 @@ class Cluster:
     def suspend_job(self, namespace: str, name: str, suspend: bool) -> None:
         self.batch.patch_namespaced_job(name, namespace, {"spec": {"suspend": suspend}})
 
-    def job_file(self, namespace: str, config_map: str) -> str | None:
+    def job_file(self, namespace: str, config_map: str, owner_uid: str) -> str | None:
+        """The job file in `config_map`; None when it is missing or not the owner's."""
         try:
             found = self.core.read_namespaced_config_map(config_map, namespace)
         except ApiException as exc:
             if exc.status == 404:
                 return None
             raise
+        meta = self.client.sanitize_for_serialization(found.metadata)
+        if not ownership.owned([{"metadata": meta}], owner_uid):
+            return None
         data: dict[str, str] = found.data or {}
         return next(iter(data.values()), None)
 

@@ -43,6 +43,7 @@ FINISHED = (Phase.SUCCEEDED, Phase.FAILED)
 class StartAttempt:
     attempt: int
     deadline_seconds: int | None = None  # what is left of activeDeadlineSeconds
+    missing: bool = False  # the attempt's Job was there and is gone (deleted by hand)
 
 
 @dataclass(frozen=True)
@@ -161,6 +162,16 @@ def created(status: FineTuneJobStatus, generation: int, job_name: str, now: date
     )
 
 
+def waiting_for_names(
+    status: FineTuneJobStatus, generation: int, reason: str, message: str, now: datetime
+) -> None:
+    """Objects of another owner hold some of the children's names (a previous job of
+    this name whose children the garbage collector has not removed yet)."""
+    status.phase = Phase.PENDING
+    status.observed_generation = generation
+    set_condition(status, ConditionType.CREATED, False, reason, message, generation, now)
+
+
 def invalid(status: FineTuneJobStatus, generation: int, message: str, now: datetime) -> None:
     status.observed_generation = generation
     _finish(status, generation, now, Phase.FAILED, "InvalidSpec", message)
@@ -174,6 +185,12 @@ def _job_condition(job: dict[str, Any], type_: str) -> dict[str, Any] | None:
         if condition.get("type") == type_ and condition.get("status") == "True":
             return dict(condition)
     return None
+
+
+def job_active(job: dict[str, Any]) -> bool:
+    """The Job neither completed nor failed, nor is it being deleted: its pods may run."""
+    finished = _job_condition(job, "Complete") or _job_condition(job, "Failed")
+    return finished is None and not job.get("metadata", {}).get("deletionTimestamp")
 
 
 def parse_time(value: Any) -> datetime | None:
@@ -514,8 +531,8 @@ def reconcile(o: Observed) -> Outcome:
             out.actions.append(DeleteFineTuneJob())
         return out
     job = o.batch_job
-    if job is None:  # not created yet, or removed behind our back: (re)create it
-        out.actions.append(StartAttempt(status.attempt, _remaining_deadline(o)))
+    if job is None:  # not in the index yet (creating it again is a no-op), or deleted
+        out.actions.append(StartAttempt(status.attempt, _remaining_deadline(o), missing=True))
         return out
     if _job_condition(job, "Complete") is not None:
         return _succeeded(o, out)

@@ -213,6 +213,7 @@ class Workers:
         self.processes: list[subprocess.Popen[bytes]] = []
         self.interrupted = False
         self.stops = 0  # signals passed on: a second one leaves uploads (`upload_waits`)
+        self.last_stop = signal.SIGINT
 
     def _env(self, local_rank: int) -> dict[str, str]:
         r = self.rendezvous
@@ -235,6 +236,7 @@ class Workers:
         clean, checkpointed stop."""
         self.interrupted = True
         self.stops += 1
+        self.last_stop = signal.Signals(signum)
         if signum == signal.SIGHUP:
             stopping.leave_terminal()
         for process in self.processes:
@@ -255,14 +257,19 @@ class Workers:
                 # we pass it on exactly once. They keep the output's lease fd open, so
                 # the output stays locked until the last of them is gone.
                 with stopping.held_for_children():  # a stop forwarded now waits for them
-                    self.processes.append(
-                        subprocess.Popen(
-                            command,
-                            env=self._env(local_rank),
-                            start_new_session=True,
-                            pass_fds=self.keep_fds,
-                        )
+                    process = subprocess.Popen(
+                        command,
+                        env=self._env(local_rank),
+                        start_new_session=True,
+                        pass_fds=self.keep_fds,
                     )
+                    self.processes.append(process)
+                if self.stops:
+                    # The signal is held on this thread only: another (torch's) may take it,
+                    # and `_forward` then runs in the middle of Popen, before the process is
+                    # in the list. It starts with the signals held, so a second one sent now
+                    # is the same pending stop, not a repeated one.
+                    process.send_signal(self.last_stop)
             stop = stopping.current()
             if stop is not None and stop.requested:  # asked just before our handler was in
                 self._forward(signal.SIGINT, None)

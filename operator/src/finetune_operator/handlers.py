@@ -26,8 +26,8 @@ from finetune.api import API_VERSION, GROUP, KIND, VERSION, FineTuneJob
 from finetune.api.cluster import RunPolicy
 from finetune.api.errors import problems_from
 from finetune.api.job import PLURAL
-from finetune.api.pod import OPERATOR_FIELDS
-from finetune.api.status import ConditionType, FineTuneJobStatus
+from finetune.api.pod import OPERATOR_FIELDS, RUNNING_PROGRESS_FIELDS
+from finetune.api.status import ConditionType, FineTuneJobStatus, Phase
 
 from . import builders, failures, metrics, ownership, reconcile, spec_changes
 from .builders import LABEL_ATTEMPT, LABEL_JOB, Names
@@ -167,6 +167,18 @@ def _status_patch(before: dict[str, Any], after: FineTuneJobStatus) -> dict[str,
         for key in OPERATOR_FIELDS
         if new.get(key) != before.get(key) and not (key not in new and key not in before)
     }
+
+
+def _stale_progress(before: dict[str, Any], after: FineTuneJobStatus) -> dict[str, Any]:
+    """Clear the trainer's ETA and throughput once the job stops running: on the tick it
+    leaves Running, and on any tick of a finished job (a late report may bring them
+    back). Not on every tick of a waiting job: a rank still training reports them."""
+    leaving = before.get("phase") == Phase.RUNNING and after.phase != Phase.RUNNING
+    if not (leaving or after.phase in reconcile.FINISHED):
+        return {}
+    progress = before.get("progress") or {}
+    stale = {key: None for key in RUNNING_PROGRESS_FIELDS if progress.get(key) is not None}
+    return {"progress": stale} if stale else {}
 
 
 def _post(body: kopf.Body, events: list[reconcile.Event]) -> None:
@@ -482,7 +494,8 @@ async def reconcile_job(
         for action in outcome.actions:
             if isinstance(action, reconcile.DeleteFineTuneJob):
                 await in_thread(memo.cluster.delete_finetunejob, namespace, name)
-        await _write_status(memo, body, _status_patch(dict(status), outcome.status))
+        changes = _status_patch(dict(status), outcome.status)
+        await _write_status(memo, body, changes | _stale_progress(dict(status), outcome.status))
         return
     if not reconcile.condition_is(current, ConditionType.CREATED):
         # Its names were held: try again.
@@ -541,7 +554,8 @@ async def reconcile_job(
     if outcome.failed:
         metrics.FAILURES.labels(outcome.failed).inc()
     metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
-    await _write_status(memo, body, _status_patch(dict(status), outcome.status))
+    changes = _status_patch(dict(status), outcome.status)
+    await _write_status(memo, body, changes | _stale_progress(dict(status), outcome.status))
 
 
 @kopf.on.event(*RESOURCE)

@@ -10,7 +10,9 @@ against that whole log, which grows quadratic over a benchmark's thousands of
 requests. And it serves the namespace list itself, which kmock 0.8 cannot parse
 (`/api/v1/namespaces` fails in its path parser); kopf lists and watches
 namespaces when an operator watches a given set. A test may also make a watch
-lag behind the writes (`lag`), as a loaded API server's does. That is all;
+lag behind the writes (`lag`), as a loaded API server's does, or refuse the next
+requests of a kind with an error (`refuse`), as a real one does a write its
+validation or admission rejects, or a conflict. That is all;
 patches stay plain recursive merges and nothing is garbage-collected, so tests
 assert ownerReferences rather than cascading deletion (and a deleted object's
 children stay, as in the moments before a cluster's garbage collector comes).
@@ -50,11 +52,50 @@ class StampingEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
         self.requests_in: collections.Counter[str] = collections.Counter()
         # Seconds by which watch events of (plural, namespace) arrive late.
         self.lags: dict[tuple[str, str], float] = {}
+        # Errors to answer the next requests of (action, plural, subresource, namespace)
+        # with: [code, reason, message, how many times more].
+        self.refusals: dict[tuple[str, str, str | None, str], list[Any]] = {}
 
     def lag(self, plural: str, namespace: str, seconds: float) -> None:
         """Deliver each watch event of `plural` objects in `namespace` `seconds` after
         the write (0: on time); later events of the same watch wait behind it."""
         self.lags[(plural, namespace)] = seconds
+
+    def refuse(
+        self,
+        action: kmock.action,
+        plural: str,
+        namespace: str,
+        code: int,
+        message: str,
+        reason: str = "Invalid",
+        subresource: str | None = None,
+        times: int = 1,
+    ) -> None:
+        """Answer the next `times` `action` requests on `plural` (its `subresource`) in
+        `namespace` with the API's error `code`, as a Status carrying `message`."""
+        key = (action.value, plural, subresource, namespace)
+        self.refusals[key] = [code, reason, message, times]
+
+    def _refusal(self, request: kmock.Request) -> aiohttp.web.StreamResponse | None:
+        plural = getattr(request.resource, "plural", None) or ""
+        action = request.action.value if request.action is not None else ""
+        key = (action, plural, request.subresource, request.namespace or "")
+        refusal = self.refusals.get(key)
+        if refusal is None or refusal[3] <= 0:
+            return None
+        refusal[3] -= 1
+        code, reason, message, _ = refusal
+        status = {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": message,
+            "reason": reason,
+            "code": code,
+        }
+        return aiohttp.web.json_response(status, status=code)
 
     def _forget_old_requests(self) -> None:
         if len(self._requests) > 2 * self.REQUESTS_KEPT:
@@ -118,6 +159,8 @@ class StampingEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
         self._forget_old_requests()
         if request.namespace:
             self.requests_in[request.namespace] += 1
+        if (refused := self._refusal(request)) is not None:
+            return refused
         body = request.data if isinstance(request.data, dict) else None
         if request.resource is not None and body is not None:
             meta = body.setdefault("metadata", {})

@@ -123,9 +123,12 @@ def test_running_then_succeeded_keeps_what_the_trainer_wrote(kube: Kube, namespa
     assert condition(status, "Running")["reason"] == "PodsRunning"
     assert status["startTime"]
     kube.wait_event(namespace, NAME, "Started")
-    progress = {"step": 40, "totalSteps": 40, "percent": 100, "loss": 0.12, "eta": "0s"}
+    progress = {"step": 40, "totalSteps": 40, "percent": 100, "loss": 0.12}
+    running_only = {"eta": "0s", "etaSeconds": 0, "imagesPerSecond": 3.5}
     checkpoint = {"uri": "s3://bucket/out/checkpoints/step-000040", "step": 40}
-    kube.patch_status(NAME, namespace, {"progress": progress, "lastCheckpoint": checkpoint})
+    kube.patch_status(
+        NAME, namespace, {"progress": progress | running_only, "lastCheckpoint": checkpoint}
+    )
     saved = kube.wait_event(namespace, NAME, "CheckpointSaved")
     assert saved.message == "step 40: s3://bucket/out/checkpoints/step-000040"
     kube.job_condition(f"{NAME}-a0", namespace, "Complete")
@@ -133,6 +136,7 @@ def test_running_then_succeeded_keeps_what_the_trainer_wrote(kube: Kube, namespa
     assert condition(status, "Succeeded")["status"] == "True"
     assert condition(status, "Running")["status"] == "False"
     assert status["completionTime"]
+    # What only a running gang has (kubectl's ETA and Img/s columns) is cleared.
     assert status["progress"] == progress
     assert status["lastCheckpoint"] == checkpoint
     kube.wait_event(namespace, NAME, "Succeeded")
@@ -187,6 +191,23 @@ def test_a_failed_pod_restarts_the_whole_gang_up_to_the_backoff_limit(
     assert status["lastFailedAttempt"]["pods"] == [again]
     assert kube.batch_job(f"{NAME}-a1", namespace) is not None
     wait_for(lambda: kube.batch_job(f"{NAME}-a0", namespace) is None, what="attempt 0 deleted")
+
+
+@pytest.mark.usefixtures("operator")
+def test_a_job_that_stops_running_shows_no_eta(kube: Kube, namespace: str) -> None:
+    start(kube, namespace)
+    run_gang(kube, namespace)
+    progress = {"step": 7, "totalSteps": 40, "loss": 0.2, "etaSeconds": 7800, "eta": "2h10m"}
+    kube.patch_status(NAME, namespace, {"progress": progress | {"imagesPerSecond": 3.5}})
+    kube.failed_pod(NAME, 0, 0, namespace, exit_code=3)
+    kube.job_condition(f"{NAME}-a0", namespace, "Failed", "BackoffLimitExceeded")
+    status = kube.wait_status(
+        NAME, namespace, lambda s: s["phase"] == "Failed" and "eta" not in s["progress"], "no ETA"
+    )
+    assert status["progress"] == {"step": 7, "totalSteps": 40, "loss": 0.2}
+    # A report the trainer sent late is cleared too.
+    kube.patch_status(NAME, namespace, {"progress": {"eta": "2h9m", "etaSeconds": 7740}})
+    kube.wait_status(NAME, namespace, lambda s: "eta" not in s["progress"], "no late ETA")
 
 
 @pytest.mark.usefixtures("operator")

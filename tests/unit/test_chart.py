@@ -132,6 +132,34 @@ def test_the_operator_holds_every_permission_it_grants_trainers(chart: Any) -> N
                     assert _allows(operator_rules, group, resource, verb), (resource, verb)
 
 
+# What the operator watches (its timer, handlers and indexes, `handlers.py`): the only
+# resources it may list and watch in the namespaces it serves.
+WATCHED = {("finetune.dev", "finetunejobs"), ("batch", "jobs"), ("", "pods")}
+
+
+@pytest.mark.parametrize("values", ["default", "namespaced"])
+def test_the_operator_holds_no_permission_it_never_uses(chart: Any, values: str) -> None:
+    """It patches (never updates), lists and watches only what it watches, and posts
+    core v1 events."""
+    objects = render(chart, VALUE_SETS[values])
+    roles = of_kind(objects, "Role") + [
+        r for r in of_kind(objects, "ClusterRole") if not r["metadata"]["name"].endswith("observer")
+    ]
+    assert roles
+    for role in roles:
+        for rule in role["rules"]:
+            assert "update" not in rule["verbs"], rule
+            assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"], rule
+            assert "events.k8s.io" not in rule["apiGroups"], rule
+            for group in rule["apiGroups"]:
+                for resource in rule["resources"]:
+                    if {"list", "watch"} & set(rule["verbs"]):
+                        assert (group, resource) in WATCHED, (group, resource, rule["verbs"])
+    rules = [r for role in roles for r in role["rules"]]
+    assert _allows(rules, "", "events", "create")
+    assert _allows(rules, "finetune.dev", "finetunejobs/status", "patch")
+
+
 def test_the_deployment_configures_the_operator(chart: Any) -> None:
     values = {
         "trainer": {

@@ -42,27 +42,31 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 
 {{/* What the operator does with the API, cluster-wide or in one namespace. */}}
 {{- define "finetune-operator.rules" -}}
+{{- /* What the operator and kopf call, nothing more: list/watch only on what it watches
+(FineTuneJobs, its Jobs and pods); patch, never update; get on FineTuneJobs and their
+status because the per-job trainer Role grants it (Kubernetes lets the operator grant
+only what it holds). */}}
 - apiGroups: ["finetune.dev"]
   resources: ["finetunejobs"]
-  verbs: ["get", "list", "watch", "patch", "update", "delete"]
+  verbs: ["get", "list", "watch", "patch", "delete"]
 - apiGroups: ["finetune.dev"]
   resources: ["finetunejobs/status"]
-  verbs: ["get", "patch", "update"]
+  verbs: ["get", "patch"]
 - apiGroups: [""]
   resources: ["configmaps", "services", "serviceaccounts"]
-  verbs: ["get", "list", "watch", "create"]
+  verbs: ["get", "create"]
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: ["roles", "rolebindings"]
-  verbs: ["get", "list", "watch", "create"]
+  verbs: ["get", "create"]
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list", "watch"]
-- apiGroups: ["", "events.k8s.io"]
+  verbs: ["list", "watch"]
+- apiGroups: [""]
   resources: ["events"]
-  verbs: ["create", "patch"]
+  verbs: ["create"]
 {{- end }}
 
 {{- define "finetune-operator.monitoringApi" -}}

@@ -18,6 +18,7 @@ from typing import Any
 
 import kopf
 import yaml
+from kubernetes.client.exceptions import ApiException
 from prometheus_client import start_http_server
 from pydantic import ValidationError
 
@@ -25,13 +26,13 @@ from finetune.api import API_VERSION, GROUP, KIND, VERSION, FineTuneJob
 from finetune.api.cluster import RunPolicy
 from finetune.api.errors import problems_from
 from finetune.api.job import PLURAL
-from finetune.api.pod import OPERATOR_FIELDS
-from finetune.api.status import ConditionType, FineTuneJobStatus
+from finetune.api.pod import OPERATOR_FIELDS, RUNNING_PROGRESS_FIELDS
+from finetune.api.status import ConditionType, FineTuneJobStatus, Phase
 
 from . import builders, failures, metrics, ownership, reconcile, spec_changes
 from .builders import LABEL_ATTEMPT, LABEL_JOB, Names
 from .config import OperatorConfig
-from .kube import Cluster, connect, in_thread
+from .kube import Cluster, RefusedError, connect, in_thread
 
 CONFIG = OperatorConfig.from_env()
 RESOURCE = (GROUP, VERSION, PLURAL)
@@ -168,21 +169,54 @@ def _status_patch(before: dict[str, Any], after: FineTuneJobStatus) -> dict[str,
     }
 
 
+def _stale_progress(before: dict[str, Any], after: FineTuneJobStatus) -> dict[str, Any]:
+    """Clear the trainer's ETA and throughput once the job stops running: on the tick it
+    leaves Running, and on any tick of a finished job (a late report may bring them
+    back). Not on every tick of a waiting job: a rank still training reports them."""
+    leaving = before.get("phase") == Phase.RUNNING and after.phase != Phase.RUNNING
+    if not (leaving or after.phase in reconcile.FINISHED):
+        return {}
+    progress = before.get("progress") or {}
+    stale = {key: None for key in RUNNING_PROGRESS_FIELDS if progress.get(key) is not None}
+    return {"progress": stale} if stale else {}
+
+
 def _post(body: kopf.Body, events: list[reconcile.Event]) -> None:
     for event in events:
         kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+
+
+async def _write_status(memo: kopf.Memo, body: kopf.Body, changes: dict[str, Any]) -> None:
+    """The timer's status write, made here rather than left to kopf: kopf patches what
+    a timer leaves in `patch` after the handler, outside its error handling, and an
+    error there (a 409, a 422, a 5xx past its retries) ends the job's timer for the
+    operator's lifetime. Here it is a handler error, which kopf retries, and the next
+    tick works out the status again."""
+    if not changes:
+        return
+    name, namespace = body.meta.name or "", body.meta.namespace or "default"
+    try:
+        await in_thread(memo.cluster.patch_finetunejob_status, namespace, name, changes)
+    except ApiException as exc:
+        if exc.status == 404:
+            return  # deleted meanwhile
+        raise kopf.TemporaryError(
+            f"writing the status was refused ({exc.status} {exc.reason}): {exc.body}; trying again",
+            delay=memo.config.reconcile_seconds,
+        ) from exc
 
 
 @kopf.on.create(*RESOURCE)
 async def create_children(
     body: kopf.Body, status: kopf.Status, patch: kopf.Patch, memo: kopf.Memo, **_: Any
 ) -> None:
-    await _create(body, status, patch, memo)
+    patch.status.update(await _create(body, status, memo))
 
 
-async def _create(body: kopf.Body, status: kopf.Status, patch: kopf.Patch, memo: kopf.Memo) -> None:
-    """Check the spec and create the children; the reconcile timer calls it again while
-    names the children need are held by objects of another owner."""
+async def _create(body: kopf.Body, status: kopf.Status, memo: kopf.Memo) -> dict[str, Any]:
+    """Check the spec and create the children; the status changes to write. The
+    reconcile timer calls it again while names the children need are held by objects
+    of another owner."""
     name, namespace = body.meta.name or "", body.meta.namespace or "default"
     current = FineTuneJobStatus.model_validate(dict(status))
     generation = int(body.meta.get("generation") or 1)
@@ -191,25 +225,36 @@ async def _create(body: kopf.Body, status: kopf.Status, patch: kopf.Patch, memo:
     except ValidationError as exc:
         message = "; ".join(str(p) for p in problems_from(exc))
         reconcile.invalid(current, generation, message, _now())
-        patch.status.update(_status_patch(dict(status), current))
         kopf.event(body, type="Warning", reason="InvalidSpec", message=message)
         metrics.FAILURES.labels("InvalidSpec").inc()
-        return
+        return _status_patch(dict(status), current)
     children = builders.children(job, current.attempt, memo.config)
-    _, held = await _create_own(body, namespace, children, memo.cluster)
+    try:
+        _, held = await _create_own(body, namespace, children, memo.cluster)
+    except RefusedError as refused:
+        _rejected(body, current, generation, refused)
+        return _status_patch(dict(status), current)
     if held:
         before = reconcile.find_condition(current, ConditionType.CREATED)
         reason, message = _held_message(name, held)
         reconcile.waiting_for_names(current, generation, reason, message, _now())
-        patch.status.update(_status_patch(dict(status), current))
         if before is None or (before.reason, before.message) != (reason, message):
             kopf.event(body, type="Warning", reason=reason, message=message)
-        return
+        return _status_patch(dict(status), current)
     memo.accepted = job
     batch_job = children[-1]["metadata"]["name"]
     reconcile.created(current, generation, batch_job, _now())
-    patch.status.update(_status_patch(dict(status), current))
     kopf.event(body, type="Normal", reason="Created", message=f"created Job {batch_job}")
+    return _status_patch(dict(status), current)
+
+
+def _rejected(
+    body: kopf.Body, status: FineTuneJobStatus, generation: int, refused: RefusedError
+) -> None:
+    """Fail the job whose child the API refused, with the API's message."""
+    reconcile.rejected(status, generation, str(refused), _now())
+    kopf.event(body, type="Warning", reason="Rejected", message=str(refused))
+    metrics.FAILURES.labels("Rejected").inc()
 
 
 Held = list[tuple[dict[str, Any], dict[str, Any]]]  # a child, and the object holding its name
@@ -282,6 +327,33 @@ async def _accepted(memo: kopf.Memo, body: kopf.Body, namespace: str) -> FineTun
         accepted = FineTuneJob.model_validate(yaml.safe_load(text))
         memo.accepted = accepted
     return accepted
+
+
+async def _restore_job_file(
+    body: kopf.Body, generation: int, memo: kopf.Memo, namespace: str
+) -> FineTuneJob | None:
+    """The job file is gone (deleted by hand) or not this job's, and this process does
+    not know the spec the job was created with (it restarted). A spec unchanged since
+    (generation 1) is that spec: write the job file again from it. None otherwise."""
+    name = body.meta.name or ""
+    if generation != 1:
+        return None
+    try:
+        job = FineTuneJob.model_validate(_document(name, namespace, body.spec))
+    except ValidationError:
+        return None
+    _, held = await _create_own(body, namespace, [builders.config_map(job)], memo.cluster)
+    if held:
+        return None
+    memo.accepted = job
+    kopf.event(
+        body,
+        type="Warning",
+        reason="JobFileRecreated",
+        message=f"ConfigMap {Names(name).config_map}, the job file, was missing (deleted "
+        "by hand?): wrote it again from the spec, unchanged since the job was created",
+    )
+    return job
 
 
 def _live_policy(live_spec: Any) -> RunPolicy:
@@ -383,10 +455,11 @@ async def reconcile_job(
     meta: kopf.Meta,
     spec: kopf.Spec,
     status: kopf.Status,
-    patch: kopf.Patch,
     memo: kopf.Memo,
     **kwargs: Any,  # kopf passes the indexes by their names
 ) -> None:
+    """One tick. It writes the status itself (`_write_status`), never through kopf's
+    `patch`."""
     attempts: kopf.Index[Any, Any] = kwargs["attempts"]
     gang_pods: kopf.Index[Any, Any] = kwargs["gang_pods"]
     if not status.get("phase"):
@@ -400,7 +473,7 @@ async def reconcile_job(
     if decided is not None and _behind(current, decided):
         # The watch has not shown what the last acting tick wrote yet (or the write was
         # lost): acting on this copy would undo that tick, e.g. start the Job it stopped.
-        patch.status.update(_status_patch(dict(status), decided))
+        await _write_status(memo, body, _status_patch(dict(status), decided))
         return
     if current.phase in reconcile.FINISHED:
         # Only the TTL is left to watch, and no attempt may go on running.
@@ -421,13 +494,28 @@ async def reconcile_job(
         for action in outcome.actions:
             if isinstance(action, reconcile.DeleteFineTuneJob):
                 await in_thread(memo.cluster.delete_finetunejob, namespace, name)
-        patch.status.update(_status_patch(dict(status), outcome.status))
+        changes = _status_patch(dict(status), outcome.status)
+        await _write_status(memo, body, changes | _stale_progress(dict(status), outcome.status))
         return
     if not reconcile.condition_is(current, ConditionType.CREATED):
-        await _create(body, status, patch, memo)  # its names were held: try again
+        # Its names were held: try again.
+        await _write_status(memo, body, await _create(body, status, memo))
         return
-    accepted = await _accepted(memo, body, namespace)
+    accepted = await _accepted(memo, body, namespace) or await _restore_job_file(
+        body, generation, memo, namespace
+    )
     if accepted is None:
+        message = (
+            f"ConfigMap {Names(name).config_map}, the job file this job was created with, is "
+            f"missing or not this job's, and the spec has changed since (generation "
+            f"{generation}): new attempts could not be built from it. Delete the job and "
+            "create it again"
+        )
+        reconcile.job_file_missing(current, generation, message, _now())
+        memo.decided = current
+        kopf.event(body, type="Warning", reason="Failed", message=f"JobFileMissing: {message}")
+        metrics.FAILURES.labels("JobFileMissing").inc()
+        await _write_status(memo, body, _status_patch(dict(status), current))
         return
     policy = _policy(accepted, spec)
     # Only this job's Job, and only that Job's pods: a previous job of this name, or a
@@ -446,11 +534,15 @@ async def reconcile_job(
     )
     outcome = reconcile.reconcile(observed)
     _announce_checkpoint(body, current, memo)
-    for action in outcome.actions:
-        await _act(action, body, accepted, policy, memo)
+    try:
+        for action in outcome.actions:
+            await _act(action, body, accepted, policy, memo)
+    except RefusedError as refused:  # a new attempt's Job
+        _rejected(body, outcome.status, generation, refused)
     if outcome.actions:
         memo.decided = outcome.status
-    patch.status.update(_status_patch(dict(status), outcome.status))
+    # Events and metrics first: once the status is written, whoever reads it may look
+    # for them (and a refused write is retried from `decided`, which repeats neither).
     _post(body, outcome.events)
     if outcome.status.start_time is not None and current.start_time is None:
         created = reconcile.parse_time(meta.get("creationTimestamp"))
@@ -462,6 +554,8 @@ async def reconcile_job(
     if outcome.failed:
         metrics.FAILURES.labels(outcome.failed).inc()
     metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
+    changes = _status_patch(dict(status), outcome.status)
+    await _write_status(memo, body, changes | _stale_progress(dict(status), outcome.status))
 
 
 @kopf.on.event(*RESOURCE)

@@ -9,6 +9,7 @@ job's, and the API refuses a second object of a name.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +26,22 @@ from .connection import connect as connect  # where the handlers have always fou
 Manifest = dict[str, Any]
 
 BACKGROUND = {"propagationPolicy": "Background"}
+
+
+class RefusedError(Exception):
+    """The API refused to create a child as invalid (422): the same spec gets the same
+    answer every time, so trying again cannot help."""
+
+    def __init__(self, kind: str, name: str, message: str) -> None:
+        super().__init__(f"the API refused {kind} {name}: {message}")
+
+
+def api_message(exc: ApiException) -> str:
+    """The message of the API's Status in `exc` (it names the field), or its reason."""
+    try:
+        return str(json.loads(exc.body)["message"])
+    except (TypeError, ValueError, KeyError):
+        return str(exc.body or exc.reason)
 
 
 class Cluster:
@@ -59,12 +76,15 @@ class Cluster:
 
     def create(self, namespace: str, manifest: Manifest) -> Manifest | None:
         """Create `manifest`; None when created, else the metadata of the object that
-        already has its name (read back: it may not be ours)."""
+        already has its name (read back: it may not be ours). Raises `RefusedError` when the
+        API finds it invalid."""
         kind, name = manifest["kind"], manifest["metadata"]["name"]
         while True:
             try:
                 self._creator(kind)(namespace, manifest)
             except ApiException as exc:
+                if exc.status == 422:
+                    raise RefusedError(kind, name, api_message(exc)) from exc
                 if exc.status != 409:
                     raise
             else:
@@ -127,6 +147,12 @@ class Cluster:
             return None
         data: dict[str, str] = found.data or {}
         return next(iter(data.values()), None)
+
+    def patch_finetunejob_status(self, namespace: str, name: str, status: Manifest) -> None:
+        """Merge `status` into the FineTuneJob's status (None clears a field)."""
+        self.custom.patch_namespaced_custom_object_status(
+            GROUP, VERSION, namespace, PLURAL, name, {"status": status}
+        )
 
     def delete_finetunejob(self, namespace: str, name: str) -> None:
         try:

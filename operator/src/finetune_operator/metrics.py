@@ -43,6 +43,8 @@ FAILURE_REASONS = (
     "DeadlineExceeded",
     "SchedulingTimeout",
     "InvalidSpec",
+    "Rejected",
+    "JobFileMissing",
 )
 # Every reason's series exists from the start, at zero: rate() and the dashboard see
 # a count go from 0 to 1 rather than a series appear.

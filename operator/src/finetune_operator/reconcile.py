@@ -177,6 +177,21 @@ def invalid(status: FineTuneJobStatus, generation: int, message: str, now: datet
     _finish(status, generation, now, Phase.FAILED, "InvalidSpec", message)
 
 
+def rejected(status: FineTuneJobStatus, generation: int, message: str, now: datetime) -> None:
+    """The API refused a child as invalid: the spec passed the CRD's schema but not the
+    API's checks of what the operator built from it (an affinity, a toleration)."""
+    status.observed_generation = generation
+    _finish(status, generation, now, Phase.FAILED, "Rejected", message)
+
+
+def job_file_missing(
+    status: FineTuneJobStatus, generation: int, message: str, now: datetime
+) -> None:
+    """The job file is gone and the spec it held cannot be known again."""
+    status.observed_generation = generation
+    _finish(status, generation, now, Phase.FAILED, "JobFileMissing", message)
+
+
 # --- the Job ---------------------------------------------------------------------
 
 

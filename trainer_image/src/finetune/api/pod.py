@@ -80,7 +80,11 @@ EXIT_DISK_FULL = 5
 EXIT_INTERRUPTED = 130
 
 # --- who writes which status field ----------------------------------------------------
-# Each side patches only its own fields, so neither overwrites the other's.
+# Each side patches only its own fields, so neither overwrites the other's. One
+# exception: the progress fields that describe a running gang (what kubectl's ETA and
+# Img/s columns show) the operator clears when the job stops running (it leaves
+# Running, or is finished), since no trainer is left to update them; the trainer
+# writes them again when it next reports.
 
 TRAINER_FIELDS = ("progress", "lastCheckpoint", "artifacts", "earlyStop")
 OPERATOR_FIELDS = tuple(
@@ -88,3 +92,4 @@ OPERATOR_FIELDS = tuple(
     for field in FineTuneJobStatus.model_fields.values()
     if (alias := field.alias) is not None and alias not in TRAINER_FIELDS
 )
+RUNNING_PROGRESS_FIELDS = ("eta", "etaSeconds", "imagesPerSecond")

@@ -1,0 +1,128 @@
+"""The API refusing what the operator writes: a job keeps being reconciled, or fails
+with the API's word, and never freezes silently.
+
+The emulator refuses chosen requests (`refuse`), as a real API server's validation,
+admission or conflict checks do.
+"""
+
+from __future__ import annotations
+
+import kmock
+import kubernetes
+import pytest
+
+from tests.emulator import EmulatedCluster
+from tests.operator.conftest import PLURAL, Kube, OperatorProcess, wait_for
+from tests.operator.test_lifecycle import NAME, condition, document, run_gang, start
+
+
+@pytest.mark.usefixtures("operator")
+def test_a_refused_status_write_does_not_stop_the_reconciling(
+    kube: Kube, namespace: str, cluster: EmulatedCluster
+) -> None:
+    start(kube, namespace)
+    kube.wait_phase(NAME, namespace, "Pending")
+    # The operator's next status write (Running) is refused once, as a conflict or an
+    # admission webhook may: the job goes on being reconciled all the same.
+    cluster.handler.refuse(
+        kmock.action.UPDATE, PLURAL, namespace, 422, "refused", subresource="status"
+    )
+    run_gang(kube, namespace)
+    kube.job_condition(f"{NAME}-a0", namespace, "Complete")
+    kube.wait_phase(NAME, namespace, "Succeeded")
+
+
+AFFINITY_REFUSED = (
+    'Job.batch "dog-lora-a{attempt}" is invalid: spec.template.spec.affinity.nodeAffinity.'
+    "requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0].matchExpressions[0]"
+    '.operator: Invalid value: "Within": not a valid selector operator'
+)
+
+
+def refuse_jobs(cluster: EmulatedCluster, namespace: str, attempt: int) -> None:
+    """The API refuses the next Job created in `namespace`, naming the field."""
+    message = AFFINITY_REFUSED.format(attempt=attempt)
+    cluster.handler.refuse(kmock.action.CREATE, "jobs", namespace, 422, message)
+
+
+@pytest.mark.usefixtures("operator")
+def test_a_job_the_api_refuses_fails_the_job_naming_the_field(
+    kube: Kube, namespace: str, cluster: EmulatedCluster
+) -> None:
+    refuse_jobs(cluster, namespace, attempt=0)
+    kube.create_job(document(), namespace)
+    status = kube.wait_phase(NAME, namespace, "Failed")
+    assert status["failureReason"] == "Rejected"
+    assert "the API refused Job dog-lora-a0" in status["failureMessage"]
+    assert "spec.template.spec.affinity.nodeAffinity" in status["failureMessage"]
+    assert condition(status, "Failed")["reason"] == "Rejected"
+    event = kube.wait_event(namespace, NAME, "Rejected")
+    assert event.type == "Warning"
+    assert "spec.template.spec.affinity.nodeAffinity" in event.message
+    assert kube.batch_job(f"{NAME}-a0", namespace) is None
+
+
+@pytest.mark.usefixtures("operator")
+def test_a_new_attempt_the_api_refuses_fails_the_job(
+    kube: Kube, namespace: str, cluster: EmulatedCluster
+) -> None:
+    start(kube, namespace, runPolicy={"backoffLimit": 2})
+    run_gang(kube, namespace)
+    refuse_jobs(cluster, namespace, attempt=1)
+    kube.failed_pod(NAME, 0, 0, namespace, exit_code=1)
+    kube.job_condition(f"{NAME}-a0", namespace, "Failed", "BackoffLimitExceeded")
+    status = kube.wait_phase(NAME, namespace, "Failed")
+    assert status["failureReason"] == "Rejected"
+    assert "the API refused Job dog-lora-a1" in status["failureMessage"]
+    assert "spec.template.spec.affinity.nodeAffinity" in status["failureMessage"]
+    assert condition(status, "Restarting")["status"] == "False"
+    kube.wait_event(namespace, NAME, "Rejected")
+
+
+def job_file(kube: Kube, namespace: str) -> str | None:
+    try:
+        found = kube.core.read_namespaced_config_map(f"{NAME}-config", namespace)
+    except kubernetes.client.exceptions.ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    return str(found.data["job.yaml"])
+
+
+def test_a_job_file_deleted_by_hand_is_written_again_from_the_unchanged_spec(
+    kube: Kube, namespace: str, operator: OperatorProcess
+) -> None:
+    start(kube, namespace)
+    run_gang(kube, namespace)
+    before = job_file(kube, namespace)
+    kube.core.delete_namespaced_config_map(f"{NAME}-config", namespace)
+    operator.kill()
+    operator.start()
+    event = kube.wait_event(namespace, NAME, "JobFileRecreated")
+    assert event.type == "Warning"
+    assert f"ConfigMap {NAME}-config" in event.message
+    assert job_file(kube, namespace) == before
+    owner = kube.core.read_namespaced_config_map(f"{NAME}-config", namespace).metadata
+    assert owner.owner_references[0].uid == kube.job(NAME, namespace)["metadata"]["uid"]
+    # The job goes on being reconciled.
+    kube.job_condition(f"{NAME}-a0", namespace, "Complete")
+    kube.wait_phase(NAME, namespace, "Succeeded")
+
+
+def test_a_job_file_deleted_by_hand_after_a_spec_change_fails_the_job_saying_so(
+    kube: Kube, namespace: str, operator: OperatorProcess
+) -> None:
+    start(kube, namespace)
+    run_gang(kube, namespace)
+    kube.patch_spec(NAME, namespace, {"runPolicy": {"backoffLimit": 5}})
+    wait_for(lambda: kube.job(NAME, namespace)["metadata"]["generation"] == 2, what="gen 2")
+    kube.core.delete_namespaced_config_map(f"{NAME}-config", namespace)
+    operator.kill()
+    operator.start()
+    status = kube.wait_phase(NAME, namespace, "Failed")
+    assert status["failureReason"] == "JobFileMissing"
+    assert f"ConfigMap {NAME}-config" in status["failureMessage"]
+    event = kube.wait_event(namespace, NAME, "Failed")
+    assert "JobFileMissing" in event.message
+    # A failed job keeps no attempt running.
+    wait_for(lambda: kube.batch_job(f"{NAME}-a0", namespace) is None, what="attempt 0 deleted")

@@ -128,6 +128,25 @@ def test_a_run_that_starts_over_hides_the_earlier_runs_events(tmp_path: Path) ->
     assert tensorboard_scalars(tmp_path)["train/loss"] == [(1, 0.5)]
 
 
+def test_event_files_are_ended_at_each_checkpoint_and_continue_one_another(
+    tmp_path: Path,
+) -> None:
+    earlier = Board(tmp_path, 0)  # an interrupted run, resumed from step 2
+    for step in (1, 2, 3, 4):
+        earlier.step(step, 0.9, None, 1.0)
+    earlier.close()
+    board = Board(tmp_path, 2)
+    board.step(3, 0.5, None, 1.0)
+    board.roll()  # a checkpoint
+    board.step(4, 0.4, None, 1.0)
+    board.close()
+    assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 3
+    # The earlier run's steps after 2 purged by the first file; the second purges nothing.
+    shown = tensorboard_scalars(tmp_path)["train/loss"]
+    assert [step for step, _ in shown] == [1, 2, 3, 4]
+    assert [value for _, value in shown] == pytest.approx([0.9, 0.9, 0.5, 0.4])
+
+
 @pytest.mark.parametrize(
     ("device", "offload", "fused"),
     [("cuda", False, True), ("cuda", True, None), ("cpu", False, None)],

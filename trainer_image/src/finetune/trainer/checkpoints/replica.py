@@ -12,7 +12,7 @@ waited for its uploads): that one, whole in the local folder, is resumed from an
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -70,11 +70,13 @@ class Replica:
 
     # --- saving --------------------------------------------------------------------
 
-    def upload(self, step: int, names: list[str]) -> None:
-        """On every rank: upload its files `names` of `step`'s checkpoint."""
+    def upload(self, step: int, names: list[str], beside: Sequence[tuple[Path, str]] = ()) -> None:
+        """On every rank: upload its files `names` of `step`'s checkpoint, and `beside`
+        ((local path, key) elsewhere in the store: the run's record) before its manifest."""
         tag = manifest.tag_for(step)
         folder = self.root / tag
-        self.uploader.submit(Task(step, [(folder / name, key_for(tag, name)) for name in names]))
+        files = [(folder / name, key_for(tag, name)) for name in names]
+        self.uploader.submit(Task(step, files + list(beside)))
         self.pending.append(step)
 
     def poll(self) -> None:
@@ -125,14 +127,15 @@ class Replica:
         """The checkpoints saved here whose manifest is not in the store yet."""
         return sorted(set(self.pending) | self.uploader.waiting_steps())
 
-    def resend(self, checkpoint: Checkpoint) -> None:
+    def resend(self, checkpoint: Checkpoint, beside: Sequence[tuple[Path, str]] = ()) -> None:
         """On every rank: upload `checkpoint`, which a stop left unsent (`restore`), as if
-        just saved. Rank 0 verified every file of it in the local folder and sends them all."""
+        just saved (with `beside`, as `upload`). Rank 0 verified every file of it in the
+        local folder and sends them all."""
         names = []
         if self.rank.main:
             _, files = manifest.parse((checkpoint.folder / MANIFEST).read_text())
             names = [relative for relative, _, _ in files]
-        self.upload(checkpoint.step, names)
+        self.upload(checkpoint.step, names, beside)
 
     # --- retention -----------------------------------------------------------------
 

@@ -5,6 +5,10 @@ checkpoint is also copied to the store, and only counts once its manifest is the
 keep-last-N retention applies and it is reported. Resume takes the newest valid
 checkpoint, from the store when there is one, and refuses one laid out otherwise.
 
+With a replica and `record_of` (the run's folder), the run's record (train log, samples,
+TensorBoard files) goes up with each checkpoint and comes back on resume
+(`checkpoints.record`), so a resume on another machine continues it.
+
 With `checkpointing.keepBest` retention also keeps the checkpoint of the best validation,
 as the manifest of the checkpoint that just counted says (each carries the run's
 validations so far), and `load` brings a kept checkpoint's weights back at the end.
@@ -17,7 +21,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -25,6 +29,7 @@ from finetune.api.selection import KeepBest
 from finetune.trainer.checkpoints import manifest
 from finetune.trainer.checkpoints.layout import check_layout
 from finetune.trainer.checkpoints.manifest import MANIFEST, Checkpoint
+from finetune.trainer.checkpoints.record import RunRecord
 from finetune.trainer.checkpoints.replica import Replica
 from finetune.trainer.checkpoints.space import space_checked
 from finetune.trainer.checkpoints.state import TrainingState
@@ -33,6 +38,9 @@ from finetune.trainer.evaluation.selection import best_of, from_manifest
 from finetune.trainer.process import distributed
 from finetune.trainer.storage.store import Store
 from finetune.trainer.storage.uploader import Uploader
+
+if TYPE_CHECKING:
+    from finetune.trainer.telemetry.tensorboard import Board
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +77,11 @@ class RunCheckpoints:
         replica: Store | None = None,
         report: Callable[[str, int], None] | None = None,
         keep_best: KeepBest | None = None,
+        record_of: Path | None = None,
     ) -> None:
         """`replica`: the remote output's store; `report(where, step)`: a checkpoint counts;
-        `keep_best`: the metric whose best checkpoint outlives `keep_last`."""
+        `keep_best`: the metric whose best checkpoint outlives `keep_last`; `record_of`:
+        the run's folder, whose record goes to the replica with each checkpoint."""
         self.root = root
         self.rank = rank
         self.device = device
@@ -80,6 +90,12 @@ class RunCheckpoints:
         self.report = report
         self.replica = (
             Replica(replica, root, rank, device, self._durable) if replica is not None else None
+        )
+        # Rank 0's, with a replica.
+        self.record = (
+            RunRecord(record_of, replica, root)
+            if replica is not None and record_of is not None and rank.main
+            else None
         )
         self._state: TrainingState | None = None
         self.layout: dict[str, Any] = {}
@@ -113,12 +129,22 @@ class RunCheckpoints:
         distributed.barrier()
         with space_checked(folder, step):
             mine = self._write_manifest(step, validations, loss)
+            record = self._record_files(step)
         if self.replica is not None:  # it counts once every rank's files are up: `poll`
-            self.replica.upload(step, mine)
+            self.replica.upload(step, mine, record)
         elif self.rank.main:
             self._durable(step)
         distributed.barrier()
         return folder
+
+    def carry_board(self, board: Board | None) -> None:
+        """Rank 0's TensorBoard writer: with a record, its event file is ended at each
+        checkpoint and goes up with it."""
+        if self.record is not None:
+            self.record.board = board
+
+    def _record_files(self, step: int) -> list[tuple[Path, str]]:
+        return self.record.files(step) if self.record is not None else []
 
     def _write_manifest(
         self, step: int, validations: list[dict[str, Any]] | None, loss: float | None
@@ -208,6 +234,8 @@ class RunCheckpoints:
         if found is None:
             return 0
         check_layout(found, layout, self.location(found.tag))
+        if self.record is not None:  # before the train log is trimmed to its step
+            self.record.restore(found.step)
         state.load(self.root, found.tag, self.rank.rank, self.device)
         if self.rank.main:
             log.info("resumed from %s (step %d)", found.folder, found.step)
@@ -253,7 +281,7 @@ class RunCheckpoints:
         found = scan.resumable(self.location(""))
         if unsent and found is not None and self.replica is not None:
             # Rank 0 has every rank's files of it on its disk: one every node shares.
-            self.replica.resend(found)
+            self.replica.resend(found, self._record_files(found.step))
         # Another node has a disk of its own (on a shared one nothing is fetched again).
         other_node = not self.rank.main and self.rank.local_rank == 0 and not unsent
         fetched = (

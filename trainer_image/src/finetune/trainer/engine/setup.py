@@ -88,6 +88,7 @@ class RunSetup:
             open_store(self.plan.output_uri, self._s3()) if is_s3(self.plan.output_uri) else None,
             self.reporter.checkpoint if self.reporter is not None else None,
             spec.checkpointing.keep_best,
+            record_of=self.plan.work_dir,
         )
         self.found = self.checkpoints.newest()
         self._check_resumable()

@@ -87,6 +87,7 @@ class Trainer(RunSetup):
             step,
             Board(logs_folder(self.plan.work_dir), step) if self.rank.main else None,
         )
+        self.checkpoints.carry_board(telemetry.board)  # its event files go with checkpoints
         compiling = CompileReport(hp.compile, self.rank.main)
         self.resumed_step = step
         # The checkpoint's: a run that trains no step (run again after it finished) reports it.
@@ -242,6 +243,7 @@ class Trainer(RunSetup):
                 validation or Validation(),
                 best,
                 results_patience(self.stop, self.plan.output_uri).check,
+                self.checkpoints.record,
             )
         except Stopped:  # rank 0 alone uploads; the others wait at the barrier below
             print(

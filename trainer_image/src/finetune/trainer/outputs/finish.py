@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from finetune.api.common import is_s3
+from finetune.trainer.checkpoints.record import RunRecord
 from finetune.trainer.checkpoints.space import space_checked
 from finetune.trainer.engine.plan import RunPlan
 from finetune.trainer.evaluation.scores import Scores, history
@@ -28,11 +29,13 @@ def finish_run(
     validation: Validation,
     best: Scores | None = None,
     check: Callable[[], None] = lambda: None,
+    record: RunRecord | None = None,
 ) -> None:
     """Called on every rank once the last step is done (and every checkpoint is durable).
     `validation`: the last step's; `best`: with `output.from: best`, the validation whose
     weights `module` holds; `check`: runs while the results upload, and what it raises
-    leaves the upload."""
+    leaves the upload; `record`: the run's record, whose files the output holds already
+    are not uploaded again."""
     if not telemetry.main:
         return
     telemetry.close_board()
@@ -65,7 +68,8 @@ def finish_run(
         (staging / result.MODEL_CARD).write_text(card)
     result.promote(staging, work_dir)
     if is_s3(plan.output_uri):
-        result.upload_results(work_dir, open_store(plan.output_uri, s3), check)
+        store = open_store(plan.output_uri, s3)
+        result.upload_results(work_dir, store, check, record.holds if record else None)
     telemetry.results(artifacts.list_artifacts(work_dir, plan.output_uri))
     chosen = f" (the weights of step {best.step}, the best validation)" if best is not None else ""
     print(f"Done: {step} steps; results in {plan.output_uri}{chosen}", flush=True)

@@ -259,15 +259,23 @@ def _repository(uri: str) -> str:
     return uri.removeprefix("hf://").split("@")[0]
 
 
-def upload_results(folder: Path, store: Store, check: Callable[[], None] = lambda: None) -> None:
+def upload_results(
+    folder: Path,
+    store: Store,
+    check: Callable[[], None] = lambda: None,
+    there: Callable[[Path, str], bool] | None = None,
+) -> None:
     """Put a finished run's results in `store`, the model card last so a prefix with a
     README.md is complete. Checkpoints (uploaded as they are saved) and working files
-    stay out. The files go up in the background while `check()` runs (a stop's
-    `Patience`): what it raises leaves the upload."""
+    stay out, and so do files `there(path, key)` says the store holds already (the run's
+    record, sent with its checkpoints). The files go up in the background while `check()`
+    runs (a stop's `Patience`): what it raises leaves the upload."""
     files = [
         p
         for p in folder.rglob("*")
-        if p.is_file() and p.relative_to(folder).parts[0] not in NOT_RESULTS
+        if p.is_file()
+        and p.relative_to(folder).parts[0] not in NOT_RESULTS
+        and not (there is not None and there(p, p.relative_to(folder).as_posix()))
     ]
     ordered = sorted(files, key=lambda p: (p == folder / MODEL_CARD, str(p)))
     uploader = Uploader(store)

@@ -102,7 +102,7 @@ class TrainerMetrics:
         )
         self.checkpoint_uploaded_bytes = Counter(
             "finetune_checkpoint_uploaded_bytes_total",
-            "Bytes of checkpoints uploaded.",
+            "Bytes of checkpoints uploaded, with the run's record each carries.",
             labels,
             registry=r,
         )

@@ -6,11 +6,14 @@ Every run that logs something opens a new event file whose first event purges, i
 TensorBoard's view, whatever an interrupted run logged after the checkpoint this one
 resumes from (all of it for a run that starts over): the steps it trains again are not
 shown twice; the train log drops the same lines (`telemetry.steps`). A finished run run
-again logs nothing, and leaves no event file.
+again logs nothing, and leaves no event file. With an `s3://` output the event file is
+ended at each checkpoint and the next one opened by what is logged next
+(`checkpoints.record`), so each goes to the output once, whole.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +44,11 @@ class Board:
 
     def __init__(self, folder: Path, resumed_step: int) -> None:
         self.folder = folder
-        self.resumed_step = resumed_step
         self._writer: Any = None
+        # The first event file's first event purges later steps; the files after it
+        # (`roll`) continue it.
+        self._purge_step: int | None = resumed_step + 1
+        self._opened = 0  # the second the last event file was opened in
 
     @property
     def writer(self) -> Any:
@@ -50,11 +56,16 @@ class Board:
             from torch.utils.tensorboard import SummaryWriter
 
             self.folder.mkdir(parents=True, exist_ok=True)
+            # TensorBoard reads event files in name order: by the second each was opened,
+            # then a counter without padding (`.10` before `.9`). So never two in a second.
+            time.sleep(max(0.0, self._opened + 1 - time.time()))
             self._writer = SummaryWriter(
                 str(self.folder),
-                purge_step=self.resumed_step + 1,
+                purge_step=self._purge_step,
                 flush_secs=FLUSH_SECONDS,
             )
+            self._opened = int(time.time())  # its file's second, or a later one
+            self._purge_step = None
         return self._writer
 
     def step(self, step: int, loss: float, learning_rate: float | None, speed: float) -> None:
@@ -84,6 +95,11 @@ class Board:
             pixels = np.asarray(image.convert("RGB"))
         self.writer.add_image(tag, pixels, step, dataformats="HWC")
 
+    def roll(self) -> None:
+        """End the event file, whole on disk; what is logged next opens another."""
+        self.close()
+
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+            self._writer = None

@@ -19,7 +19,6 @@ A local output is the run's own folder: it needs none of this.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Iterator
@@ -30,6 +29,7 @@ from typing import TYPE_CHECKING
 from finetune.trainer.storage.files import is_partial, write_text_whole
 from finetune.trainer.storage.store import Store
 from finetune.trainer.telemetry.tensorboard import LOGS
+from finetune.trainer.telemetry.train_log import entries
 
 if TYPE_CHECKING:
     from finetune.trainer.telemetry.tensorboard import Board
@@ -54,15 +54,7 @@ def sample_step(key: str) -> int:
 
 def last_step(text: str) -> int:
     """The newest step a train log's complete lines record; 0 for none."""
-    steps = [0]
-    for line in text.splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(entry, dict) and isinstance(entry.get("step"), int):
-            steps.append(entry["step"])
-    return max(steps)
+    return max((e["step"] for e in entries(text) if isinstance(e.get("step"), int)), default=0)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,6 @@ validations before the resume too)."""
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Any
 
 from finetune.api.metrics import Metric
 from finetune.api.status import ConceptMetrics, DistillationMetrics, ValidationMetrics
+from finetune.trainer.telemetry.train_log import entries
 
 ALL = "all"  # the concept label of scores over every sample
 # Prior-preservation drift: DINO of class-prompt samples to the class images (with
@@ -91,12 +91,8 @@ def history(log_path: Path) -> list[Scores]:
     if not log_path.is_file():
         return []
     newest: dict[int, Scores] = {}
-    for line in log_path.read_text().splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:  # a line cut short by a crash
-            continue
-        if isinstance(entry, dict) and "validation" in entry:
+    for entry in entries(log_path.read_text()):
+        if "validation" in entry:
             scores = Scores.from_log_entry(entry)
             newest[scores.step] = scores
     return [newest[step] for step in sorted(newest)]

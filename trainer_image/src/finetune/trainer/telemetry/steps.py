@@ -30,6 +30,7 @@ from finetune.trainer.telemetry.pace import Pace
 from finetune.trainer.telemetry.prometheus import TrainerMetrics, folder_bytes
 from finetune.trainer.telemetry.status import StatusReporter
 from finetune.trainer.telemetry.tensorboard import Board
+from finetune.trainer.telemetry.train_log import entries
 
 
 class UploadTotals(Protocol):
@@ -253,14 +254,7 @@ def logged(log_path: Path, kind: str, step: int) -> bool:
     """Whether the train log has a line of `kind` (`earlyStopped`) at `step`."""
     if not log_path.is_file():
         return False
-    for line in log_path.read_text().splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(entry, dict) and entry.get("step") == step and kind in entry:
-            return True
-    return False
+    return any(e.get("step") == step and kind in e for e in entries(log_path.read_text()))
 
 
 def _logged_by(line: str, step: int) -> bool:

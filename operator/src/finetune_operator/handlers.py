@@ -135,11 +135,8 @@ async def remember_disruption(
     job = next(iter(attempts.get(key, [])), None)
     if job is None or failures.remembered(job) is not None:
         return
-    ended = {
-        c.get("type") for c in job["status"].get("conditions") or [] if c.get("status") == "True"
-    }
-    if ended & {"Complete", "Failed"}:
-        return  # already decided by what failed first
+    if not reconcile.job_active(job):
+        return  # already decided by what failed first (or being stopped)
     name = job["metadata"]["name"]
     await in_thread(
         memo.cluster.annotate_job, namespace or "default", name, failures.remember(disruption)
@@ -224,7 +221,7 @@ async def _create(body: kopf.Body, status: kopf.Status, memo: kopf.Memo) -> dict
         job = FineTuneJob.model_validate(_document(name, namespace, body.spec))
     except ValidationError as exc:
         message = "; ".join(str(p) for p in problems_from(exc))
-        reconcile.invalid(current, generation, message, _now())
+        reconcile.unbuildable(current, generation, "InvalidSpec", message, _now())
         kopf.event(body, type="Warning", reason="InvalidSpec", message=message)
         metrics.FAILURES.labels("InvalidSpec").inc()
         return _status_patch(dict(status), current)
@@ -252,7 +249,7 @@ def _rejected(
     body: kopf.Body, status: FineTuneJobStatus, generation: int, refused: RefusedError
 ) -> None:
     """Fail the job whose child the API refused, with the API's message."""
-    reconcile.rejected(status, generation, str(refused), _now())
+    reconcile.unbuildable(status, generation, "Rejected", str(refused), _now())
     kopf.event(body, type="Warning", reason="Rejected", message=str(refused))
     metrics.FAILURES.labels("Rejected").inc()
 
@@ -511,7 +508,7 @@ async def reconcile_job(
             f"{generation}): new attempts could not be built from it. Delete the job and "
             "create it again"
         )
-        reconcile.job_file_missing(current, generation, message, _now())
+        reconcile.unbuildable(current, generation, "JobFileMissing", message, _now())
         memo.decided = current
         kopf.event(body, type="Warning", reason="Failed", message=f"JobFileMissing: {message}")
         metrics.FAILURES.labels("JobFileMissing").inc()

@@ -108,23 +108,20 @@ class Cluster:
 
     def annotate_job(self, namespace: str, name: str, annotations: dict[str, str]) -> None:
         """Add `annotations` to a Job; nothing when it is gone."""
-        try:
-            self.batch.patch_namespaced_job(
-                name, namespace, {"metadata": {"annotations": annotations}}
-            )
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
+        self._patch_job(namespace, name, {"metadata": {"annotations": annotations}})
 
     def set_job_deadline(
         self, namespace: str, name: str, seconds: int | None, annotations: dict[str, str]
     ) -> None:
         """Set (None: remove) a Job's activeDeadlineSeconds, which stays mutable while
-        it runs, with `annotations` saying what it was made from."""
+        it runs, with `annotations` saying what it was made from; nothing when it is gone."""
         body = {
             "metadata": {"annotations": annotations},
             "spec": {"activeDeadlineSeconds": seconds},
         }
+        self._patch_job(namespace, name, body)
+
+    def _patch_job(self, namespace: str, name: str, body: Manifest) -> None:
         try:
             self.batch.patch_namespaced_job(name, namespace, body)
         except ApiException as exc:

@@ -172,24 +172,16 @@ def waiting_for_names(
     set_condition(status, ConditionType.CREATED, False, reason, message, generation, now)
 
 
-def invalid(status: FineTuneJobStatus, generation: int, message: str, now: datetime) -> None:
-    status.observed_generation = generation
-    _finish(status, generation, now, Phase.FAILED, "InvalidSpec", message)
-
-
-def rejected(status: FineTuneJobStatus, generation: int, message: str, now: datetime) -> None:
-    """The API refused a child as invalid: the spec passed the CRD's schema but not the
-    API's checks of what the operator built from it (an affinity, a toleration)."""
-    status.observed_generation = generation
-    _finish(status, generation, now, Phase.FAILED, "Rejected", message)
-
-
-def job_file_missing(
-    status: FineTuneJobStatus, generation: int, message: str, now: datetime
+def unbuildable(
+    status: FineTuneJobStatus, generation: int, reason: str, message: str, now: datetime
 ) -> None:
-    """The job file is gone and the spec it held cannot be known again."""
+    """Fail a job whose children cannot be built from `generation` of its spec: it does
+    not validate (`InvalidSpec`), the API refused what the operator built from it, which
+    passed the CRD's schema but not the API's own checks (`Rejected`: an affinity, a
+    toleration), or its job file is gone and the spec it held cannot be known again
+    (`JobFileMissing`)."""
     status.observed_generation = generation
-    _finish(status, generation, now, Phase.FAILED, "JobFileMissing", message)
+    _finish(status, generation, now, Phase.FAILED, reason, message)
 
 
 # --- the Job ---------------------------------------------------------------------

@@ -266,6 +266,31 @@ class Kube:
             "blockOwnerDeletion": True,
         }
 
+    def job_event(
+        self, job_name: str, namespace: str, reason: str, message: str, uid: str | None = None
+    ) -> None:
+        """A Warning event on Job `job_name` (of `uid`, by default the Job's now), as the
+        Job controller records one when the API refuses to create a pod."""
+        uid = uid or self.batch.read_namespaced_job(job_name, namespace).metadata.uid
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{job_name}."},
+            "involvedObject": {
+                "apiVersion": "batch/v1",
+                "kind": "Job",
+                "name": job_name,
+                "namespace": namespace,
+                "uid": uid,
+            },
+            "reason": reason,
+            "message": message,
+            "type": "Warning",
+            "source": {"component": "job-controller"},
+            "lastTimestamp": now(),
+        }
+        self.core.create_namespaced_event(namespace, body)
+
     def terminating(self, pod: str, namespace: str) -> None:
         """`kubectl delete pod`: the Job controller's finalizer keeps it, marked for
         deletion, as a cluster shows a pod in its grace period."""

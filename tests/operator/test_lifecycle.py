@@ -370,6 +370,34 @@ def test_a_gang_waiting_for_gpus_stays_pending_with_the_reason(kube: Kube, names
 
 
 @pytest.mark.usefixtures("operator")
+def test_pods_the_api_refuses_to_create_are_named_in_the_status(kube: Kube, namespace: str) -> None:
+    """A namespace's GPU quota is used up: the Job controller cannot create the pods
+    and says so only in events on the Job. The job stays Pending with that reason."""
+    start(kube, namespace)
+    job = f"{NAME}-a0"
+    # An earlier Job of this name was refused for another reason: not this Job's word.
+    kube.job_event(job, namespace, "FailedCreate", "Error creating: an old refusal", "old-uid")
+    quota = (
+        f'Error creating: pods "{job}-0-x7k2p" is forbidden: exceeded quota: gpus, '
+        "requested: requests.nvidia.com/gpu=4, used: requests.nvidia.com/gpu=4, "
+        "limited: requests.nvidia.com/gpu=4"
+    )
+    kube.job_event(job, namespace, "FailedCreate", quota)
+    status = kube.wait_status(
+        NAME, namespace, lambda s: reason(s, "Running") == "FailedCreate", "FailedCreate"
+    )
+    message = f"2 of 2 pods cannot be created: {quota}"
+    assert condition(status, "Running")["message"] == message
+    assert status["phase"] == "Pending"
+    (event,) = events(kube, namespace, "FailedCreate")
+    assert (event.type, event.message) == ("Warning", message)
+
+    # The quota is freed: the pods are created and run.
+    run_gang(kube, namespace)
+    assert len(events(kube, namespace, "FailedCreate")) == 1
+
+
+@pytest.mark.usefixtures("operator")
 def test_a_gang_never_scheduled_fails_after_the_scheduling_timeout(
     kube: Kube, namespace: str
 ) -> None:

@@ -133,14 +133,16 @@ def test_the_operator_holds_every_permission_it_grants_trainers(chart: Any) -> N
 
 
 # What the operator watches (its timer, handlers and indexes, `handlers.py`): the only
-# resources it may list and watch in the namespaces it serves.
+# resources it may watch in the namespaces it serves; it also lists the events of a Job
+# whose pods are missing (`Cluster.creation_refused`).
 WATCHED = {("finetune.dev", "finetunejobs"), ("batch", "jobs"), ("", "pods")}
+LISTED = WATCHED | {("", "events")}
 
 
 @pytest.mark.parametrize("values", ["default", "namespaced"])
 def test_the_operator_holds_no_permission_it_never_uses(chart: Any, values: str) -> None:
-    """It patches (never updates), lists and watches only what it watches, and posts
-    core v1 events."""
+    """It patches (never updates), watches only what it watches, lists only that and the
+    events of a Job, and posts core v1 events."""
     objects = render(chart, VALUE_SETS[values])
     roles = of_kind(objects, "Role") + [
         r for r in of_kind(objects, "ClusterRole") if not r["metadata"]["name"].endswith("observer")
@@ -153,10 +155,13 @@ def test_the_operator_holds_no_permission_it_never_uses(chart: Any, values: str)
             assert "events.k8s.io" not in rule["apiGroups"], rule
             for group in rule["apiGroups"]:
                 for resource in rule["resources"]:
-                    if {"list", "watch"} & set(rule["verbs"]):
+                    if "watch" in rule["verbs"]:
                         assert (group, resource) in WATCHED, (group, resource, rule["verbs"])
+                    if "list" in rule["verbs"]:
+                        assert (group, resource) in LISTED, (group, resource, rule["verbs"])
     rules = [r for role in roles for r in role["rules"]]
     assert _allows(rules, "", "events", "create")
+    assert _allows(rules, "", "events", "list")
     assert _allows(rules, "finetune.dev", "finetunejobs/status", "patch")
 
 

@@ -43,9 +43,10 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{/* What the operator does with the API, cluster-wide or in one namespace. */}}
 {{- define "finetune-operator.rules" -}}
 {{- /* What the operator and kopf call, nothing more: list/watch only on what it watches
-(FineTuneJobs, its Jobs and pods); patch, never update; get on FineTuneJobs and their
-status because the per-job trainer Role grants it (Kubernetes lets the operator grant
-only what it holds). */}}
+(FineTuneJobs, its Jobs and pods); list on events to read why the Job controller cannot
+create a gang's pods; patch, never update; get on FineTuneJobs and their status because
+the per-job trainer Role grants it (Kubernetes lets the operator grant only what it
+holds). */}}
 - apiGroups: ["finetune.dev"]
   resources: ["finetunejobs"]
   verbs: ["get", "list", "watch", "patch", "delete"]
@@ -66,7 +67,7 @@ only what it holds). */}}
   verbs: ["list", "watch"]
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create"]
+  verbs: ["create", "list"]
 {{- end }}
 
 {{- define "finetune-operator.monitoringApi" -}}

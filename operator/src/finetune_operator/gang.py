@@ -67,11 +67,23 @@ class Gang:
     def failed(self) -> list[Rank]:
         return [r for r in self.ranks.values() if r.state == RankState.FAILED]
 
-    def waiting(self) -> tuple[str, str]:
+    @property
+    def missing(self) -> int:
+        """Ranks without a pod: not created yet, or refused (`creation_refused`)."""
+        return self.nodes - len(self.ranks)
+
+    def waiting(self, creation_refused: str | None = None) -> tuple[str, str]:
         """Why a gang that does not run waits: the reason of its rank furthest from
-        running, a problem (Unschedulable first, then e.g. ImagePullBackOff) before
-        a normal step, and pods not created yet before the steps of created ones."""
-        missing = self.nodes - len(self.ranks)
+        running. Pods the API refuses to create (`creation_refused`: the Job
+        controller's last FailedCreate message) come first, then a problem
+        (Unschedulable, then e.g. ImagePullBackOff) before a normal step, and pods not
+        created yet before the steps of created ones."""
+        missing = self.missing
+        if missing and creation_refused:
+            return (
+                "FailedCreate",
+                f"{missing} of {self.nodes} pods cannot be created: {creation_refused}",
+            )
         waiting = [r for r in self.ranks.values() if r.state == RankState.WAITING]
         if missing and all(r.reason in STARTING for r in waiting):
             return "CreatingPods", f"{missing} of {self.nodes} pods not created yet"

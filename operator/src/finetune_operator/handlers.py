@@ -29,7 +29,7 @@ from finetune.api.job import PLURAL
 from finetune.api.pod import OPERATOR_FIELDS, RUNNING_PROGRESS_FIELDS
 from finetune.api.status import ConditionType, FineTuneJobStatus, Phase
 
-from . import builders, failures, metrics, ownership, reconcile, spec_changes
+from . import builders, failures, gang, metrics, ownership, reconcile, spec_changes
 from .builders import LABEL_ATTEMPT, LABEL_JOB, Names
 from .config import OperatorConfig
 from .kube import Cluster, RefusedError, connect, in_thread
@@ -520,14 +520,23 @@ async def reconcile_job(
     key = (namespace, name, str(current.attempt))
     batch_job = next(iter(ownership.owned(attempts.get(key, []), uid)), None)
     job_uid = batch_job["metadata"]["uid"] if batch_job is not None else None
+    pods = ownership.owned(gang_pods.get(key, []), job_uid)
+    nodes = accepted.spec.resources.nodes
+    refused = None
+    if batch_job is not None and reconcile.job_active(batch_job) and gang.read(pods, nodes).missing:
+        # Pods the Job controller has not made: it may be refused (a quota, an admission
+        # policy), which it tells only in events on the Job.
+        job_name = batch_job["metadata"]["name"]
+        refused = await in_thread(memo.cluster.creation_refused, namespace, job_name, job_uid)
     observed = reconcile.Observed(
         generation=generation,
-        nodes=accepted.spec.resources.nodes,
+        nodes=nodes,
         policy=policy,
         status=current,
         batch_job=batch_job,
-        pods=ownership.owned(gang_pods.get(key, []), job_uid),
+        pods=pods,
         now=_now(),
+        creation_refused=refused,
     )
     outcome = reconcile.reconcile(observed)
     _announce_checkpoint(body, current, memo)

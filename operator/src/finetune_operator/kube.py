@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import kubernetes
@@ -131,6 +132,24 @@ class Cluster:
     def suspend_job(self, namespace: str, name: str, suspend: bool) -> None:
         self.batch.patch_namespaced_job(name, namespace, {"spec": {"suspend": suspend}})
 
+    def creation_refused(self, namespace: str, job_name: str, job_uid: str) -> str | None:
+        """Why the Job controller cannot create the pods of Job `job_name` (of `job_uid`),
+        in its newest FailedCreate event: "exceeded quota: ...", "violates PodSecurity
+        ...", a missing ServiceAccount. None when it has said nothing."""
+        selector = f"involvedObject.kind=Job,involvedObject.name={job_name},reason=FailedCreate"
+        found = self.core.list_namespaced_event(namespace, field_selector=selector).items
+        # The selector narrows the list on a real API server; the uid tells this Job's
+        # events from those of an earlier Job of its name.
+        refusals = [
+            e
+            for e in found
+            if e.reason == "FailedCreate" and e.involved_object.uid == job_uid and e.message
+        ]
+        if not refusals:
+            return None
+        newest = max(refusals, key=_event_time)
+        return str(newest.message)
+
     def job_file(self, namespace: str, config_map: str, owner_uid: str) -> str | None:
         """The job file in `config_map`; None when it is missing or not the owner's."""
         try:
@@ -157,6 +176,13 @@ class Cluster:
         except ApiException as exc:
             if exc.status != 404:
                 raise
+
+
+def _event_time(event: Any) -> datetime:
+    """When an event last happened: the Job controller's recorder updates lastTimestamp
+    as the same refusal repeats; newer recorders may set only eventTime."""
+    moment = event.last_timestamp or event.event_time or event.metadata.creation_timestamp
+    return moment or datetime.min.replace(tzinfo=UTC)
 
 
 async def in_thread(call: Callable[..., Any], *args: Any) -> Any:

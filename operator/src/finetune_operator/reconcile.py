@@ -90,6 +90,9 @@ class Observed:
     batch_job: dict[str, Any] | None  # the Job of status.attempt, if it exists
     pods: list[dict[str, Any]]  # that attempt's pods
     now: datetime
+    # Why the Job controller cannot create that attempt's missing pods (its newest
+    # FailedCreate event: a ResourceQuota, Pod Security admission), if it said.
+    creation_refused: str | None = None
 
 
 @dataclass
@@ -442,7 +445,7 @@ def _waiting(o: Observed, out: Outcome, job: dict[str, Any], pods: gang.Gang) ->
     status = out.status
     if status.phase != Phase.RESTARTING:
         status.phase = Phase.PENDING
-    reason, message = pods.waiting()
+    reason, message = pods.waiting(o.creation_refused)
     before = find_condition(status, ConditionType.RUNNING)
     changed = before is None or before.status == ConditionStatus.TRUE or before.reason != reason
     if changed and reason not in gang.STARTING:

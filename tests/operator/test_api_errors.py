@@ -109,6 +109,31 @@ def test_a_job_file_deleted_by_hand_is_written_again_from_the_unchanged_spec(
     kube.wait_phase(NAME, namespace, "Succeeded")
 
 
+@pytest.mark.usefixtures("operator")
+def test_children_deleted_by_hand_are_created_again_for_the_next_attempt(
+    kube: Kube, namespace: str
+) -> None:
+    """The running pods keep their mounted job file; a new attempt's pods need it, and
+    the Service their ranks find each other by."""
+    start(kube, namespace, runPolicy={"backoffLimit": 2})
+    run_gang(kube, namespace)
+    before = job_file(kube, namespace)
+    kube.core.delete_namespaced_config_map(f"{NAME}-config", namespace)
+    kube.core.delete_namespaced_service(f"{NAME}-gang", namespace)
+    kube.failed_pod(NAME, 0, 0, namespace, exit_code=1)
+    kube.job_condition(f"{NAME}-a0", namespace, "Failed", "BackoffLimitExceeded")
+    kube.wait_batch_job(f"{NAME}-a1", namespace)
+    assert job_file(kube, namespace) == before
+    owner = kube.job(NAME, namespace)["metadata"]["uid"]
+    service = kube.core.read_namespaced_service(f"{NAME}-gang", namespace).metadata
+    assert service.owner_references[0].uid == owner
+    event = kube.wait_event(namespace, NAME, "ChildrenRecreated")
+    assert event.type == "Warning"
+    assert f"ConfigMap {NAME}-config, Service {NAME}-gang missing" in event.message
+    assert "attempt 1" in event.message
+    run_gang(kube, namespace, attempt=1)
+
+
 def test_a_job_file_deleted_by_hand_after_a_spec_change_fails_the_job_saying_so(
     kube: Kube, namespace: str, operator: OperatorProcess
 ) -> None:

@@ -259,11 +259,11 @@ Held = list[tuple[dict[str, Any], dict[str, Any]]]  # a child, and the object ho
 
 async def _create_own(
     body: kopf.Body, namespace: str, children: list[dict[str, Any]], cluster: Cluster
-) -> tuple[int, Held]:
-    """Create the children, adopted: how many were created now (not there already),
-    and those whose name an object of another owner holds. The Job (last) only once
-    all the others are this job's: its pods would mount another job's job file."""
-    created = 0
+) -> tuple[list[dict[str, Any]], Held]:
+    """Create the children, adopted: those created now (not there already), and those
+    whose name an object of another owner holds. The Job (last) only once all the
+    others are this job's: its pods would mount another job's job file."""
+    created: list[dict[str, Any]] = []
     held: Held = []
     for child in children:
         if child["kind"] == "Job" and held:
@@ -271,7 +271,7 @@ async def _create_own(
         kopf.adopt(child, owner=body)
         existing = await in_thread(cluster.create, namespace, child)
         if existing is None:
-            created += 1
+            created.append(child)
         elif not ownership.owned([{"metadata": existing}], body.meta.uid):
             held.append((child, existing))
     return created, held
@@ -394,12 +394,25 @@ async def _act(
             job = builders.batch_job(
                 accepted.model_copy(update={"spec": spec}), attempt, memo.config, deadline
             )
-            created, held = await _create_own(body, namespace, [job], cluster)
+            # Every child, not the Job alone: without one deleted by hand (the job file
+            # its pods mount, the Service its ranks find each other by) the new attempt
+            # would wait forever. Those still there cost a request each.
+            children = [*builders.children(accepted, attempt, memo.config)[:-1], job]
+            created, held = await _create_own(body, namespace, children, cluster)
             reason, message = _held_message(name, held) if held else ("", "")
+            made_again = [f"{c['kind']} {c['metadata']['name']}" for c in created if c is not job]
             if held and getattr(memo, "held", None) != message:
                 memo.held = message  # one event, not one per tick
                 kopf.event(body, type="Warning", reason=reason, message=message)
-            elif created and missing:
+            if made_again:
+                kopf.event(
+                    body,
+                    type="Warning",
+                    reason="ChildrenRecreated",
+                    message=f"{', '.join(made_again)} missing (deleted by hand?): created "
+                    f"again from the spec the job was created with, for attempt {attempt}",
+                )
+            if missing and any(c is job for c in created):
                 kopf.event(
                     body,
                     type="Warning",

@@ -151,3 +151,63 @@ def test_a_job_file_deleted_by_hand_after_a_spec_change_fails_the_job_saying_so(
     assert "JobFileMissing" in event.message
     # A failed job keeps no attempt running.
     wait_for(lambda: kube.batch_job(f"{NAME}-a0", namespace) is None, what="attempt 0 deleted")
+
+
+FORBIDDEN = (
+    'admission webhook "validation.gatekeeper.sh" denied the request: [gpu-jobs-need-a-team] '
+    "label team is required"
+)
+
+
+@pytest.mark.usefixtures("operator")
+def test_a_forbidden_job_waits_with_the_apis_word_and_is_created_once_allowed(
+    kube: Kube, namespace: str, cluster: EmulatedCluster
+) -> None:
+    """An admission policy (or a quota on Jobs, or missing RBAC) forbids the Job: the
+    cluster's admins may change that, so the job waits, saying why, and tries again."""
+    cluster.handler.refuse(
+        kmock.action.CREATE, "jobs", namespace, 403, FORBIDDEN, reason="Forbidden", times=3
+    )
+    kube.create_job(document(), namespace)
+    status = kube.wait_status(
+        NAME,
+        namespace,
+        lambda s: any(c.get("reason") == "Forbidden" for c in s.get("conditions", [])),
+        "Created=False Forbidden",
+    )
+    assert status["phase"] == "Pending"
+    assert condition(status, "Created")["status"] == "False"
+    assert FORBIDDEN in condition(status, "Created")["message"]
+    event = kube.wait_event(namespace, NAME, "Forbidden")
+    assert event.type == "Warning"
+    assert FORBIDDEN in event.message
+    # Allowed again (the refusals used up): the Job is made and the job goes on.
+    kube.wait_batch_job(f"{NAME}-a0", namespace)
+    run_gang(kube, namespace)
+
+
+@pytest.mark.usefixtures("operator")
+def test_a_forbidden_new_attempt_waits_with_the_apis_word(
+    kube: Kube, namespace: str, cluster: EmulatedCluster
+) -> None:
+    start(kube, namespace, runPolicy={"backoffLimit": 2})
+    run_gang(kube, namespace)
+    cluster.handler.refuse(
+        kmock.action.CREATE, "jobs", namespace, 403, FORBIDDEN, reason="Forbidden", times=3
+    )
+    kube.failed_pod(NAME, 0, 0, namespace, exit_code=1)
+    kube.job_condition(f"{NAME}-a0", namespace, "Failed", "BackoffLimitExceeded")
+    status = kube.wait_status(
+        NAME,
+        namespace,
+        lambda s: any(c.get("reason") == "Forbidden" for c in s.get("conditions", [])),
+        "Running=False Forbidden",
+    )
+    assert status["phase"] == "Restarting"
+    assert status["attempt"] == 1
+    assert FORBIDDEN in condition(status, "Running")["message"]
+    assert FORBIDDEN in kube.wait_event(namespace, NAME, "Forbidden").message
+    kube.wait_batch_job(f"{NAME}-a1", namespace)
+    status = run_gang(kube, namespace, attempt=1)
+    assert status["restarts"] == 1
+    assert not [e for e in kube.events(namespace, NAME) if e.reason == "JobRecreated"]

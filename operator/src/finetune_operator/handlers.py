@@ -32,7 +32,7 @@ from finetune.api.status import ConditionType, FineTuneJobStatus, Phase
 from . import builders, failures, gang, metrics, ownership, reconcile, spec_changes
 from .builders import LABEL_ATTEMPT, LABEL_JOB, Names
 from .config import OperatorConfig
-from .kube import Cluster, RefusedError, connect, in_thread
+from .kube import Cluster, ForbiddenError, RefusedError, connect, in_thread
 
 CONFIG = OperatorConfig.from_env()
 RESOURCE = (GROUP, VERSION, PLURAL)
@@ -231,18 +231,29 @@ async def _create(body: kopf.Body, status: kopf.Status, memo: kopf.Memo) -> dict
     except RefusedError as refused:
         _rejected(body, current, generation, refused)
         return _status_patch(dict(status), current)
+    except ForbiddenError as forbidden:
+        message = f"{forbidden}; trying again"
+        _waiting_to_create(body, current, generation, "Forbidden", message)
+        return _status_patch(dict(status), current)
     if held:
-        before = reconcile.find_condition(current, ConditionType.CREATED)
         reason, message = _held_message(name, held)
-        reconcile.waiting_for_names(current, generation, reason, message, _now())
-        if before is None or (before.reason, before.message) != (reason, message):
-            kopf.event(body, type="Warning", reason=reason, message=message)
+        _waiting_to_create(body, current, generation, reason, message)
         return _status_patch(dict(status), current)
     memo.accepted = job
     batch_job = children[-1]["metadata"]["name"]
     reconcile.created(current, generation, batch_job, _now())
     kopf.event(body, type="Normal", reason="Created", message=f"created Job {batch_job}")
     return _status_patch(dict(status), current)
+
+
+def _waiting_to_create(
+    body: kopf.Body, status: FineTuneJobStatus, generation: int, reason: str, message: str
+) -> None:
+    """Pending with Created=False, and one Warning event each time the reason changes."""
+    before = reconcile.find_condition(status, ConditionType.CREATED)
+    reconcile.waiting_to_create(status, generation, reason, message, _now())
+    if before is None or (before.reason, before.message) != (reason, message):
+        kopf.event(body, type="Warning", reason=reason, message=message)
 
 
 def _rejected(
@@ -398,7 +409,17 @@ async def _act(
             # its pods mount, the Service its ranks find each other by) the new attempt
             # would wait forever. Those still there cost a request each.
             children = [*builders.children(accepted, attempt, memo.config)[:-1], job]
-            created, held = await _create_own(body, namespace, children, cluster)
+            try:
+                created, held = await _create_own(body, namespace, children, cluster)
+            except ForbiddenError as forbidden:
+                if getattr(memo, "forbidden", None) != str(forbidden):
+                    message = f"{forbidden}; trying again"
+                    kopf.event(body, type="Warning", reason="Forbidden", message=message)
+                memo.forbidden = str(forbidden)
+                raise
+            # The Job of an attempt first forbidden is no Job deleted by hand.
+            missing = missing and getattr(memo, "forbidden", None) is None
+            memo.forbidden = None
             reason, message = _held_message(name, held) if held else ("", "")
             made_again = [f"{c['kind']} {c['metadata']['name']}" for c in created if c is not job]
             if held and getattr(memo, "held", None) != message:
@@ -558,6 +579,11 @@ async def reconcile_job(
             await _act(action, body, accepted, policy, memo)
     except RefusedError as refused:  # a new attempt's Job
         _rejected(body, outcome.status, generation, refused)
+    except ForbiddenError as forbidden:  # tried again next tick: the Job is still missing
+        message = f"{forbidden}; trying again"
+        reconcile.set_condition(
+            outcome.status, ConditionType.RUNNING, False, "Forbidden", message, generation, _now()
+        )
     if outcome.actions:
         memo.decided = outcome.status
     # Events and metrics first: once the status is written, whoever reads it may look

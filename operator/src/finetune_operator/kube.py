@@ -37,6 +37,15 @@ class RefusedError(Exception):
         super().__init__(f"the API refused {kind} {name}: {message}")
 
 
+class ForbiddenError(Exception):
+    """The API forbade creating a child (403): an admission policy, a quota on the
+    number of objects, the operator's RBAC. The cluster's admins may change that, so
+    it is tried again."""
+
+    def __init__(self, kind: str, name: str, message: str) -> None:
+        super().__init__(f"the API forbade {kind} {name}: {message}")
+
+
 def api_message(exc: ApiException) -> str:
     """The message of the API's Status in `exc` (it names the field), or its reason."""
     try:
@@ -78,7 +87,7 @@ class Cluster:
     def create(self, namespace: str, manifest: Manifest) -> Manifest | None:
         """Create `manifest`; None when created, else the metadata of the object that
         already has its name (read back: it may not be ours). Raises `RefusedError` when the
-        API finds it invalid."""
+        API finds it invalid, `ForbiddenError` when it forbids it."""
         kind, name = manifest["kind"], manifest["metadata"]["name"]
         while True:
             try:
@@ -86,6 +95,8 @@ class Cluster:
             except ApiException as exc:
                 if exc.status == 422:
                     raise RefusedError(kind, name, api_message(exc)) from exc
+                if exc.status == 403:
+                    raise ForbiddenError(kind, name, api_message(exc)) from exc
                 if exc.status != 409:
                     raise
             else:

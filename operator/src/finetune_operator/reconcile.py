@@ -165,11 +165,12 @@ def created(status: FineTuneJobStatus, generation: int, job_name: str, now: date
     )
 
 
-def waiting_for_names(
+def waiting_to_create(
     status: FineTuneJobStatus, generation: int, reason: str, message: str, now: datetime
 ) -> None:
-    """Objects of another owner hold some of the children's names (a previous job of
-    this name whose children the garbage collector has not removed yet)."""
+    """The children cannot be created yet: objects of another owner hold some of their
+    names (a previous job of this name whose children the garbage collector has not
+    removed yet), or the API forbids one (an admission policy, a quota)."""
     status.phase = Phase.PENDING
     status.observed_generation = generation
     set_condition(status, ConditionType.CREATED, False, reason, message, generation, now)

@@ -28,6 +28,8 @@ def test_a_run_reports_progress_checkpoints_and_artifacts(
         disc_images,
         training={"maxSteps": 4},
         checkpointing={"everyNSteps": 2},
+        # Its denoising steps move lastHeartbeat (rank 0's reporter).
+        validation={"prompts": ["a photo of sks disc"], "everyNSteps": 4, "inferenceSteps": 2},
     )
     with emulated_cluster() as cluster:
         Kube(cluster.url).create_job(yaml.safe_load(job.read_text()), "team-a")
@@ -46,10 +48,11 @@ def test_a_run_reports_progress_checkpoints_and_artifacts(
     out = tmp_path / "out"
     (final,) = [s.artifacts for s in statuses if s.artifacts]
     weights = out / "pytorch_lora_weights.safetensors"
-    assert [(a.uri, a.kind) for a in final] == [
+    assert [(a.uri, a.kind) for a in final if a.kind != "samples"] == [
         (str(weights), "lora"),
         (str(out / "README.md"), "modelCard"),
     ]
+    assert str(out / "samples" / "step-00000004" / "grid.png") in [a.uri for a in final]
     assert final[0].sha256 == hashlib.sha256(weights.read_bytes()).hexdigest()
 
 

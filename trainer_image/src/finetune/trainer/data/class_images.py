@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import torch
 from finetune.api.training import TrainingSpec
 from finetune.trainer.data.concepts import is_image_file
 from finetune.trainer.models.components import Components, inference_pipeline
+from finetune.trainer.outputs.generation import step_callback
 from finetune.trainer.storage.files import written_whole
 
 
@@ -20,8 +22,10 @@ def generate_missing(
     folders: list[Path],
     device: torch.device,
     dtype: torch.dtype,
+    alive: Callable[[], None] = lambda: None,
 ) -> None:
-    """Top each concept's class folder up to `classImages.count` images, kept for reuse."""
+    """Top each concept's class folder up to `classImages.count` images, kept for reuse;
+    `alive` is called at each denoising step (hundreds of images take a while)."""
     pipeline: Any = None
     for concept, folder in zip(spec.data.concepts, folders, strict=True):
         folder.mkdir(parents=True, exist_ok=True)
@@ -48,6 +52,7 @@ def generate_missing(
                     height=spec.data.resolution,
                     width=spec.data.resolution,
                     generator=generator,
+                    callback_on_step_end=step_callback(None, alive),
                 ).images
             for image in images:
                 target = folder / f"class-{tag}-{len(have) + made:05d}.png"

@@ -171,6 +171,7 @@ class RunSetup:
             self.device,
             self.dtype,
             self.stop,
+            self._alive,
         )
         self.sampler = Sampler(generation, self.metrics, self.rank.main, self._evaluation())
         self.ema = None
@@ -255,6 +256,12 @@ class RunSetup:
         }
         return {"vae": c.vae, **text_encoders, **self.method.frozen_models()}
 
+    def _alive(self) -> None:
+        """Rank 0, in work between two steps that moves (a denoising step): the job's
+        `lastHeartbeat` moves too."""
+        if self.reporter is not None:
+            self.reporter.heartbeat()
+
     def _s3(self) -> S3Settings:
         return S3Settings.of(self.spec.output)
 
@@ -268,7 +275,12 @@ class RunSetup:
             for encoder in self.components.text_encoders.values():
                 encoder.to(self.device)
             generate_missing(
-                self.spec, self.components, self.plan.class_folders, self.device, self.dtype
+                self.spec,
+                self.components,
+                self.plan.class_folders,
+                self.device,
+                self.dtype,
+                self._alive,
             )
         distributed.barrier()
 

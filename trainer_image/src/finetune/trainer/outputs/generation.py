@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,9 @@ class Samples:
 class GenerationContext:
     """What generating images for a run needs: its spec (prompts, seed, resolution), its
     output folder, the model being trained and its method, where and in which precision
-    to run, and the stop request that cuts a generation short."""
+    to run, the stop request that cuts a generation short, and what to call at each
+    denoising step to show the run is alive (a validation may outlast the heartbeat
+    timeout)."""
 
     spec: TrainingSpec
     work_dir: Path
@@ -52,6 +54,7 @@ class GenerationContext:
     device: torch.device
     dtype: torch.dtype
     stop: StopRequest
+    alive: Callable[[], None] = lambda: None
 
     def trained_samples(
         self,
@@ -116,7 +119,7 @@ class GenerationContext:
                         height=spec.data.resolution,
                         width=spec.data.resolution,
                         generator=generator,
-                        callback_on_step_end=self._stop_check(),
+                        callback_on_step_end=step_callback(self.stop, self.alive),
                     ).images
                 for number, image in enumerate(result):
                     image.save(folder / f"{prefix}-{index:02d}-{number:02d}.png")
@@ -134,13 +137,15 @@ class GenerationContext:
                 module.train(modes[name])
         return Samples(path, images)
 
-    def _stop_check(self) -> Any:
-        """A pipeline callback that raises `Stopped` once a stop is requested."""
 
-        def check(
-            pipeline: Any, step: int, timestep: Any, tensors: dict[str, Any]
-        ) -> dict[str, Any]:
-            self.stop.raise_if_requested()
-            return tensors
+def step_callback(stop: StopRequest | None, alive: Callable[[], None]) -> Any:
+    """A pipeline's `callback_on_step_end`: at each denoising step, `alive()`, and
+    `Stopped` raised once a stop is requested (with `stop`)."""
 
-        return check
+    def each_step(pipeline: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> Any:
+        alive()
+        if stop is not None:
+            stop.raise_if_requested()
+        return tensors
+
+    return each_step

@@ -149,7 +149,8 @@ class StatusReporter:
         eta_seconds: int | None,
     ) -> None:
         """Record the newest step; the thread sends it when the interval allows. Only
-        these calls refresh `lastHeartbeat`: a stuck loop must look stuck."""
+        these calls and `heartbeat` (from work that moves: a denoising step) refresh
+        `lastHeartbeat`: a stuck loop must look stuck."""
         loss = _finite(loss)
         speed = _finite(images_per_second)
         progress = Progress(
@@ -165,6 +166,23 @@ class StatusReporter:
         with self._lock:
             self._last_progress = progress
             self._progress = _wire(progress)
+            self._lock.notify()
+
+    def heartbeat(self) -> None:
+        """Long work between two steps goes on (a validation's samples, class images):
+        `lastHeartbeat` moves, the rest stays as last reported, so the operator does not
+        take a validation longer than `heartbeatTimeoutSeconds` for a hang. Cheap enough
+        for every denoising step: the thread sends it when the interval allows."""
+        beat = self._wall_clock().astimezone(UTC).replace(microsecond=0)
+        with self._lock:
+            if self._last_progress is None:  # before the first step: the heartbeat alone
+                alone = _wire(Progress(last_heartbeat=beat))
+                self._progress = {"lastHeartbeat": alone["lastHeartbeat"]}
+            else:
+                self._last_progress = self._last_progress.model_copy(
+                    update={"last_heartbeat": beat}
+                )
+                self._progress = _wire(self._last_progress)
             self._lock.notify()
 
     def metrics(self, metrics: ValidationMetrics) -> None:

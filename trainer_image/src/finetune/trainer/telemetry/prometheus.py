@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 LABELS = ("job", "namespace", "method", "rank")
 STEP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
 TRANSFER_BUCKETS = (0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800)
+_USERINFO = re.compile(r"//[^/@\s]*@")
 
 
 @dataclass(frozen=True)
@@ -223,7 +225,8 @@ class TrainerMetrics:
         return port
 
     def push(self, env: Mapping[str, str] | None = None) -> bool:
-        """Push the final values to the Pushgateway, if one is configured."""
+        """Push the final values to the Pushgateway, if one is configured; whether they
+        went. A failure of any kind is a warning: the run's results are in place by now."""
         env = os.environ if env is None else env
         gateway = env.get(pod.PUSHGATEWAY_URL_ENV)
         if not gateway:
@@ -233,9 +236,13 @@ class TrainerMetrics:
             push_to_gateway(
                 gateway, job=self.identity.job, registry=self.registry, grouping_key=grouping
             )
-        except OSError as exc:
+        except Exception as exc:  # refused, unreachable or a malformed URL: never the run's end
             log.warning(
-                "metrics: the Pushgateway at %s refused the final values (%s)", gateway, exc
+                "metrics: cannot push the final values to the Pushgateway at %r (%s: %s); "
+                "training is not affected",
+                _without_credentials(gateway),
+                type(exc).__name__,
+                _without_credentials(str(exc)),
             )
             return False
         return True
@@ -251,6 +258,12 @@ def start(
     if local_rank == 0:
         metrics.serve(env)
     return metrics
+
+
+def _without_credentials(text: str) -> str:
+    """`text` with the user and password of any URL in it left out (`http://u:p@gw` ->
+    `http://gw`); by pattern, since a URL that cannot be parsed must be named too."""
+    return _USERINFO.sub("//", text)
 
 
 def folder_bytes(folder: Path) -> int:

@@ -4,11 +4,19 @@ pushes to a Pushgateway at the end."""
 from __future__ import annotations
 
 import logging
+import re
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+import torch
+from prometheus_client import generate_latest
 
 from finetune.trainer.telemetry import prometheus
+from finetune.trainer.telemetry.pace import Pace
 from finetune.trainer.telemetry.prometheus import Identity, TrainerMetrics
+from finetune.trainer.telemetry.steps import StepRecord, StepTelemetry
+from tests.fake_pushgateway import FakePushgateway
 
 
 def metrics() -> TrainerMetrics:
@@ -34,3 +42,47 @@ def test_a_malformed_pushgateway_url_is_a_warning_not_a_failure(
     assert f"Pushgateway at {named!r} (" in warning.getMessage()  # quoted: spaces show
     assert "hunter2" not in caplog.text
     assert "user:" not in caplog.text
+
+
+@pytest.fixture
+def gateway() -> Iterator[FakePushgateway]:
+    server = FakePushgateway()
+    yield server
+    server.close()
+
+
+def sample(text: str, name: str) -> float:
+    """The value of `name` for rank 0 of disc-lora in an exposition text."""
+    found = re.search(rf'^{name}{{[^}}]*job="disc-lora"[^}}]*}} (\S+)$', text, re.MULTILINE)
+    assert found is not None, f"no {name} in:\n{text}"
+    return float(found.group(1))
+
+
+def test_a_finished_run_pushes_and_serves_no_eta_and_no_speed(
+    tmp_path: Path, gateway: FakePushgateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An early stop at step 5 of 10: the last step's ETA and images per second would
+    stay on the dashboard for good (the Pushgateway keeps the final push)."""
+    monkeypatch.setenv("FINETUNE_PUSHGATEWAY_URL", gateway.url)
+    served = metrics()
+    telemetry = StepTelemetry(
+        served, None, tmp_path / "train_log.jsonl", torch.device("cpu"), True, 10, 0
+    )
+    now = [0.0]
+    telemetry.pace = Pace(clock=lambda: now[0])
+    for step in range(1, 6):
+        now[0] += 1.0
+        telemetry.step(StepRecord(step, 10, 0.5, 1e-4, seconds=0.5, images=4))
+    running = generate_latest(served.registry).decode()
+    assert (
+        sample(running, "finetune_eta_seconds"),
+        sample(running, "finetune_images_per_second"),
+    ) == (5, 8)
+    telemetry.close_progress()
+    telemetry.finished()
+    telemetry.results([])
+    (pushed,) = gateway.pushes
+    for text in (pushed, generate_latest(served.registry).decode()):
+        assert sample(text, "finetune_eta_seconds") == 0
+        assert sample(text, "finetune_images_per_second") == 0
+        assert sample(text, "finetune_step") == 5

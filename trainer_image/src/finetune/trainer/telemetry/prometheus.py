@@ -183,6 +183,14 @@ class TrainerMetrics:
         if loss is not None:
             self.loss.labels(**labels).set(loss)
 
+    def record_finished(self) -> None:
+        """The run is over (its last step, or an early stop): nothing left to wait for and
+        nothing training, so the final push and /metrics say so rather than the last
+        step's ETA and speed."""
+        labels = self.identity.labels()
+        self.eta.labels(**labels).set(0)
+        self.images_per_second.labels(**labels).set(0)
+
     def record_validation(
         self,
         step: int,

@@ -159,6 +159,48 @@ def test_close_flushes_what_is_pending(api: FakeApi, account: Path) -> None:
     sender.close()  # a second close does nothing
 
 
+ARTIFACT = {"uri": "s3://b/out/lora.safetensors", "sha256": "0" * 64, "bytes": 3, "kind": "lora"}
+
+
+def test_the_final_flush_outlasts_an_api_server_restarting(api: FakeApi, account: Path) -> None:
+    """A control-plane upgrade as the run ends: 503s, more than the thread and one last
+    try at close use up; the artifacts and the last progress still arrive."""
+    api.codes = [503, 503, 503]
+    sender = reporter(api, account)
+    sender.progress(10, 10, 0.1, 1.0, 0)
+    sender.artifacts([ARTIFACT])
+    sender.close()
+    status = api.accepted()
+    assert status["artifacts"] == [ARTIFACT]
+    assert status["progress"]["step"] == 10
+
+
+def test_the_final_flush_gives_up_at_its_deadline_and_says_so(
+    api: FakeApi, account: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    api.code = 503
+    sender = reporter(api, account)
+    with caplog.at_level(logging.WARNING, logger=status_report.__name__):
+        sender.progress(10, 10, 0.1, 1.0, 0)
+        sender.artifacts([ARTIFACT])
+        sender.close(timeout=2)
+    assert len(api.requests) >= 2
+    assert "gave up sending the job's final status (artifacts, progress)" in caplog.text
+    assert TOKEN not in caplog.text
+
+
+@pytest.mark.parametrize("code", [403, 404, 422])
+def test_the_final_flush_does_not_retry_a_refusal(
+    api: FakeApi, account: Path, caplog: pytest.LogCaptureFixture, code: int
+) -> None:
+    api.code = code
+    sender = reporter(api, account)
+    sender.artifacts([ARTIFACT])
+    sender.close()
+    assert len(api.requests) == 1  # the same patch would be refused again
+    assert "gave up" not in caplog.text
+
+
 def test_the_token_is_read_anew_for_every_request(api: FakeApi, account: Path) -> None:
     sender = reporter(api, account, interval=0)
     try:
@@ -191,9 +233,9 @@ def test_a_failing_api_server_is_logged_once_and_never_raises(
             sender.progress(step, 10, 0.5, 1.0, None)
             api.wait_for(step)
         sender.checkpoint("/work/checkpoints/step-00000003", 3)
-        sender.close()
+        sender.close(timeout=1)
     assert len(api.requests) >= 4
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    warnings = [r for r in caplog.records if "cannot update the job's status" in r.getMessage()]
     assert len(warnings) == 1, caplog.text
     assert f"HTTP {code}" in caplog.text
     assert TOKEN not in caplog.text  # the server echoed it; the log must not
@@ -212,8 +254,8 @@ def test_an_unreachable_api_server_is_logged_once(
         for step in range(1, 4):
             sender.progress(step, 10, 0.5, 1.0, None)
         sender.checkpoint("/work/checkpoints/step-00000003", 3)
-        sender.close(timeout=5)
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+        sender.close(timeout=1)
+    warnings = [r for r in caplog.records if "cannot update the job's status" in r.getMessage()]
     assert len(warnings) == 1, caplog.text
     assert "ConnectionRefusedError" in caplog.text or "refused" in caplog.text
     assert TOKEN not in caplog.text

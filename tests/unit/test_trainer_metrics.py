@@ -3,8 +3,11 @@ pushes to a Pushgateway at the end."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import re
+import socket
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -86,3 +89,54 @@ def test_a_finished_run_pushes_and_serves_no_eta_and_no_speed(
         assert sample(text, "finetune_eta_seconds") == 0
         assert sample(text, "finetune_images_per_second") == 0
         assert sample(text, "finetune_step") == 5
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def scrape(host: str, port: int) -> str:
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as response:
+        return str(response.read().decode())
+
+
+def served(port: int) -> TrainerMetrics:
+    found = metrics()
+    found.record_position(3, 10, 0.5)
+    assert found.serve({"FINETUNE_TRAINER_METRICS_PORT": str(port)}) == port
+    return found
+
+
+@pytest.mark.skipif(not socket.has_ipv6, reason="no IPv6 in this Python")
+def test_metrics_are_served_on_ipv6_and_ipv4() -> None:
+    """An IPv6-only cluster scrapes the pod at its IPv6 address."""
+    port = free_port()
+    served(port)
+    for host in ("[::1]", "127.0.0.1"):
+        assert sample(scrape(host, port), "finetune_step") == 3
+
+
+def test_metrics_are_served_on_ipv4_where_the_kernel_has_no_ipv6(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    class NoIPv6:
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+
+    monkeypatch.setattr(prometheus, "_DualStackServer", NoIPv6)
+    port = free_port()
+    served(port)
+    assert sample(scrape("127.0.0.1", port), "finetune_step") == 3
+
+
+@pytest.mark.skipif(not socket.has_ipv6, reason="no IPv6 in this Python")
+def test_a_taken_port_is_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    with socket.socket(socket.AF_INET6) as taken:
+        taken.bind(("::", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with caplog.at_level(logging.WARNING, logger=prometheus.__name__):
+            assert metrics().serve({"FINETUNE_TRAINER_METRICS_PORT": str(port)}) is None
+    assert f"port {port} unavailable" in caplog.text

@@ -9,11 +9,13 @@ from typing import Any
 
 
 class FakeApi:
-    """Records every request; answers `code` (with the request's Authorization header
-    echoed in the body of an error, to prove it never reaches the logs)."""
+    """Records every request and the code it answered; answers the codes in `codes`
+    first, one each, then `code` (with the request's Authorization header echoed in the
+    body of an error, to prove it never reaches the logs)."""
 
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
+        self.codes: list[int] = []
         self.code = 200
         self.changed = threading.Condition()
         api = self
@@ -22,12 +24,18 @@ class FakeApi:
             def do_PATCH(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with api.changed:
+                    code = api.codes.pop(0) if api.codes else api.code
                     api.requests.append(
-                        {"path": self.path, "headers": dict(self.headers), "body": body}
+                        {
+                            "path": self.path,
+                            "headers": dict(self.headers),
+                            "body": body,
+                            "code": code,
+                        }
                     )
                     api.changed.notify_all()
-                reply = b"{}" if api.code < 400 else f"no: {self.headers['Authorization']}".encode()
-                self.send_response(api.code)
+                reply = b"{}" if code < 400 else f"no: {self.headers['Authorization']}".encode()
+                self.send_response(code)
                 self.send_header("Content-Length", str(len(reply)))
                 self.end_headers()
                 self.wfile.write(reply)
@@ -48,6 +56,15 @@ class FakeApi:
 
     def statuses(self) -> list[dict[str, Any]]:
         return [r["body"]["status"] for r in self.requests]
+
+    def accepted(self) -> dict[str, Any]:
+        """The status as the requests it accepted left it (each a merge patch of the
+        trainer's top-level fields)."""
+        merged: dict[str, Any] = {}
+        for request in self.requests:
+            if request["code"] < 400:
+                merged.update(request["body"]["status"])
+        return merged
 
     def close(self) -> None:
         self.server.shutdown()

@@ -122,7 +122,12 @@ def query(server: Server, expression: str) -> list[dict[str, Any]]:
 
 def dashboard_queries() -> list[tuple[str, str]]:
     dashboard = json.loads(DASHBOARD.read_text())
-    variables = {"$namespace": NAMESPACE, "$job": JOB, "$__range": "10m"}
+    variables = {
+        "$namespace": NAMESPACE,
+        "$job": JOB,
+        "$__range": "10m",
+        "$__rate_interval": "5m",
+    }
     found = []
     for panel in dashboard["panels"]:
         for target in panel.get("targets", []):

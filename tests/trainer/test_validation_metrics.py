@@ -6,16 +6,14 @@ gauges, the job's status and the model card."""
 from __future__ import annotations
 
 import re
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import pytest
 from PIL import Image
 
 from finetune.assets import write_images
+from tests.fake_pushgateway import FakePushgateway
 from tests.fake_status_api import FakeApi
 from tests.fidelity import direct_scores
 from tests.trainer.jobs import PROMPT, finetune_run, job_file, refused, status_env, train_log
@@ -23,32 +21,6 @@ from tests.trainer.jobs import PROMPT, finetune_run, job_file, refused, status_e
 pytestmark = pytest.mark.slow
 
 METRICS = ["clipText", "clipImage", "dino"]
-
-
-class FakePushgateway:
-    """Keeps the text of every metrics push (what Prometheus would scrape from it)."""
-
-    def __init__(self) -> None:
-        self.pushes: list[str] = []
-        pushes = self.pushes
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_PUT(self) -> None:
-                pushes.append(self.rfile.read(int(self.headers["Content-Length"])).decode())
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ object checked against the Kubernetes schemas, bad values refused by its schema.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -234,3 +235,29 @@ def test_the_dashboard_has_a_stable_uid_and_its_variables() -> None:
     targets = [t for p in dashboard["panels"] for t in p.get("targets", [])]
     assert targets
     assert {t["datasource"]["uid"] for t in targets} == {"${datasource}"}
+
+
+def unit_of(panel: dict[str, Any], ref_id: str) -> str | None:
+    """The unit Grafana draws a query's series in: its own override, else the panel's."""
+    unit = panel.get("fieldConfig", {}).get("defaults", {}).get("unit")
+    for override in panel.get("fieldConfig", {}).get("overrides", []):
+        if override["matcher"] == {"id": "byFrameRefID", "options": ref_id}:
+            for prop in override["properties"]:
+                if prop["id"] == "unit":
+                    unit = prop["value"]
+    return str(unit) if unit is not None else None
+
+
+def test_dashboard_bytes_are_drawn_as_bytes_and_counters_as_increases() -> None:
+    """A byte count on a seconds axis reads as hours; a raw counter summed over the
+    ranks drops at every resume (each process counts from 0)."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            where = f"{panel['title']} / {target['legendFormat']}"
+            expression = target["expr"]
+            if re.search(r"finetune_\w*_bytes(_total)?\b", expression):
+                assert unit_of(panel, target["refId"]) == "bytes", where
+            for counter in re.finditer(r"\bfinetune_\w+_total\b", expression):
+                before = expression[: counter.start()]
+                assert before.endswith(("increase(", "rate(")), where

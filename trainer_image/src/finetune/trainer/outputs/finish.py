@@ -36,6 +36,7 @@ def finish_run(
     weights `module` holds; `check`: runs while the results upload, and what it raises
     leaves the upload; `record`: the run's record, whose files the output holds already
     are not uploaded again."""
+    telemetry.finished()
     if not telemetry.main:
         return
     telemetry.close_board()

@@ -1,5 +1,5 @@
-"""How fast a run goes: smoothed averages, and the one ETA that both the job's status
-and Prometheus report."""
+"""How fast a run goes: smoothed averages (the loss the status reports), and the one ETA
+that both the job's status and Prometheus report."""
 
 from __future__ import annotations
 
@@ -30,24 +30,28 @@ class Smoothed:
 
 
 class Pace:
-    """The smoothed wall time between finished steps, and the seconds left at it.
+    """The seconds left at the mean wall time per step since the first step this process
+    finished.
 
-    Wall time, not the steps' own: checkpoint saves and samples between steps take
-    time the run's end waits for too.
+    Wall time, not the steps' own: checkpoint saves and validations between steps take
+    time the run's end waits for too. A mean over the whole run (a resumed one: since its
+    resume) spreads their cost over the steps; a moving average jumped after each (7x for
+    a 60 s checkpoint between 1 s steps), then underestimated until the next. The first
+    step is left out: it holds the warm-up (and torch.compile's compilation).
     """
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
-        self._step_time = Smoothed()
-        self._previous: tuple[int, float] | None = None  # (step, clock) of the last call
+        self._start: tuple[int, float] | None = None  # (step, clock) of the first call
 
     def step_done(self, step: int, total_steps: int) -> int | None:
         """Note that `step` is done; the estimated seconds until `total_steps`, or None
         before a second step gives a step time."""
         now = self._clock()
-        if self._previous is not None and step > self._previous[0]:
-            last_step, last_time = self._previous
-            self._step_time.add((now - last_time) / (step - last_step))
-        self._previous = (step, now)
-        step_time = self._step_time.value
-        return round(step_time * max(0, total_steps - step)) if step_time is not None else None
+        if self._start is None:
+            self._start = (step, now)
+        first_step, started = self._start
+        if step <= first_step:
+            return None
+        step_time = (now - started) / (step - first_step)
+        return round(step_time * max(0, total_steps - step))

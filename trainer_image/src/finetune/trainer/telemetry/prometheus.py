@@ -13,19 +13,25 @@ The `job` and `namespace` labels name the FineTuneJob: scrape with honor_labels
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import re
+import socket
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
+    make_wsgi_app,
     push_to_gateway,
-    start_http_server,
 )
 
 from finetune.api import pod
@@ -35,6 +41,7 @@ log = logging.getLogger(__name__)
 LABELS = ("job", "namespace", "method", "rank")
 STEP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
 TRANSFER_BUCKETS = (0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800)
+_USERINFO = re.compile(r"//[^/@\s]*@")
 
 
 @dataclass(frozen=True)
@@ -181,6 +188,14 @@ class TrainerMetrics:
         if loss is not None:
             self.loss.labels(**labels).set(loss)
 
+    def record_finished(self) -> None:
+        """The run is over (its last step, or an early stop): nothing left to wait for and
+        nothing training, so the final push and /metrics say so rather than the last
+        step's ETA and speed."""
+        labels = self.identity.labels()
+        self.eta.labels(**labels).set(0)
+        self.images_per_second.labels(**labels).set(0)
+
     def record_validation(
         self,
         step: int,
@@ -212,18 +227,20 @@ class TrainerMetrics:
         self.samples.labels(**self.identity.labels()).inc(count)
 
     def serve(self, env: Mapping[str, str] | None = None) -> int | None:
-        """Serve /metrics on the configured port; None (and a warning) when it is taken."""
+        """Serve /metrics on the configured port, on IPv6 and IPv4 alike; None (and a
+        warning) when it is taken."""
         env = os.environ if env is None else env
         port = int(env.get(pod.TRAINER_METRICS_PORT_ENV, pod.TRAINER_METRICS_PORT))
         try:
-            start_http_server(port, registry=self.registry)
+            _serve(self.registry, port)
         except OSError as exc:
             log.warning("metrics: port %d unavailable (%s); not serving /metrics", port, exc)
             return None
         return port
 
     def push(self, env: Mapping[str, str] | None = None) -> bool:
-        """Push the final values to the Pushgateway, if one is configured."""
+        """Push the final values to the Pushgateway, if one is configured; whether they
+        went. A failure of any kind is a warning: the run's results are in place by now."""
         env = os.environ if env is None else env
         gateway = env.get(pod.PUSHGATEWAY_URL_ENV)
         if not gateway:
@@ -233,9 +250,13 @@ class TrainerMetrics:
             push_to_gateway(
                 gateway, job=self.identity.job, registry=self.registry, grouping_key=grouping
             )
-        except OSError as exc:
+        except Exception as exc:  # refused, unreachable or a malformed URL: never the run's end
             log.warning(
-                "metrics: the Pushgateway at %s refused the final values (%s)", gateway, exc
+                "metrics: cannot push the final values to the Pushgateway at %r (%s: %s); "
+                "training is not affected",
+                _without_credentials(gateway),
+                type(exc).__name__,
+                _without_credentials(str(exc)),
             )
             return False
         return True
@@ -251,6 +272,46 @@ def start(
     if local_rank == 0:
         metrics.serve(env)
     return metrics
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _DualStackServer(_Server):
+    """On `::`, and on IPv4 too (mapped addresses), whatever the node's
+    `net.ipv6.bindv6only`: a pod of an IPv6-only, IPv4-only or dual-stack cluster is
+    scraped at its pod IP."""
+
+    address_family = socket.AF_INET6
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass  # a scrape every few seconds is not worth a log line
+
+
+def _serve(registry: CollectorRegistry, port: int) -> None:
+    """/metrics of `registry` on `port`, on every address: IPv6 and IPv4, or IPv4 alone
+    where the kernel has no IPv6."""
+    app = make_wsgi_app(registry)
+    try:
+        server: WSGIServer = make_server("::", port, app, _DualStackServer, _Quiet)
+    except OSError as exc:
+        if exc.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+            raise  # the port is taken: IPv4 alone would not get it either
+        server = make_server("0.0.0.0", port, app, _Server, _Quiet)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+
+
+def _without_credentials(text: str) -> str:
+    """`text` with the user and password of any URL in it left out (`http://u:p@gw` ->
+    `http://gw`); by pattern, since a URL that cannot be parsed must be named too."""
+    return _USERINFO.sub("//", text)
 
 
 def folder_bytes(folder: Path) -> int:

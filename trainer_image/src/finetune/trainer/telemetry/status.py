@@ -54,6 +54,11 @@ log = logging.getLogger(__name__)
 
 DEFAULT_INTERVAL = 5.0
 MIN_RETRY_DELAY = 1.0  # seconds: even with interval 0, a dead API server is not hammered
+# At the end, what is pending (the artifacts, the last progress) is worth waiting for: an
+# API server upgrade or a control-plane restart answers 503 for some seconds.
+FINAL_FLUSH_SECONDS = 45.0
+FINAL_RETRY_DELAY = 0.5  # doubled after each failure, up to the next
+MAX_FINAL_RETRY_DELAY = 8.0
 
 # The trainer's fields that must reach the API even if progress updates follow at once.
 _URGENT = tuple(field for field in pod.TRAINER_FIELDS if field != "progress")
@@ -81,7 +86,8 @@ class StatusReporter:
     checkpoints and artifacts are queued apart from it, so no progress update can
     replace them, and go out at the thread's next wake-up. What fails in a way a
     retry may fix (no connection, 5xx, 429) is tried again an interval (at least a
-    second) later; other answers (403, 404, 422) are not retried.
+    second) later; other answers (403, 404, 422) are not retried. `close` sends what is
+    left, retrying such failures until its deadline (`FINAL_FLUSH_SECONDS`).
     """
 
     def __init__(
@@ -209,8 +215,10 @@ class StatusReporter:
         listed = [_wire(Artifact.model_validate(a)) for a in artifacts[:MAX_ARTIFACTS]]
         self._queue("artifacts", listed)
 
-    def close(self, timeout: float = 10.0) -> None:
-        """Stop the thread and send what is pending, waiting at most `timeout` seconds."""
+    def close(self, timeout: float = FINAL_FLUSH_SECONDS) -> None:
+        """Stop the thread and send what is pending, waiting at most `timeout` seconds:
+        what fails in a way a retry may fix (an API server restarting answers 503 for a
+        while) is tried again with a growing delay until then; giving up is logged."""
         deadline = time.monotonic() + timeout
         with self._lock:
             if self._closing:
@@ -218,11 +226,28 @@ class StatusReporter:
             self._closing = True
             self._lock.notify()
         self._thread.join(timeout)
-        with self._lock:
-            body = self._take(flush=True)
-        remaining = deadline - time.monotonic()
-        if body and remaining > 0:
-            self._send(body, min(remaining, self._request_timeout))
+        delay = FINAL_RETRY_DELAY
+        while True:
+            with self._lock:
+                body = self._take(flush=True)
+            if not body:
+                return
+            remaining = deadline - time.monotonic()
+            if remaining > 0 and not self._patch(body, min(remaining, self._request_timeout)):
+                return  # sent, or refused in a way no retry fixes (warned)
+            if deadline - time.monotonic() <= delay:
+                break
+            with self._lock:
+                self._requeue(body)
+            time.sleep(delay)
+            delay = min(2 * delay, MAX_FINAL_RETRY_DELAY)
+        log.warning(
+            "gave up sending the job's final status (%s) to %s after %.0f s; the job's "
+            "status lacks it",
+            ", ".join(sorted(body)),
+            self.url,
+            timeout,
+        )
 
     # --- the thread ----------------------------------------------------------------
 

@@ -196,6 +196,11 @@ class StepTelemetry:
             self.metrics.record_checkpoint_uploaded(seconds - done_seconds, sent - done_bytes)
             self._uploads_recorded = (sent, seconds)
 
+    def finished(self) -> None:
+        """Every rank, once the run is over (its last step, or an early stop): an ETA of 0
+        and no throughput in Prometheus, on /metrics and in the final push."""
+        self.metrics.record_finished()
+
     def results(self, artifacts: list[dict[str, Any]]) -> None:
         """Rank 0, at the end: the results into the status, and the final metrics pushed
         (a job shorter than a scrape interval is still seen)."""

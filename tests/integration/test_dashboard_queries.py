@@ -83,7 +83,12 @@ class Server:
 def pushgateway(tmp_path: Path) -> Iterator[Server]:
     port = free_port()
     server = Server(
-        [binary("prometheus-pushgateway"), f"--web.listen-address=127.0.0.1:{port}"],
+        [
+            binary("prometheus-pushgateway"),
+            f"--web.listen-address=127.0.0.1:{port}",
+            # In memory: Debian's default file would carry groups from one run to the next.
+            "--persistence.file=",
+        ],
         port,
         tmp_path / "pushgateway.log",
     )

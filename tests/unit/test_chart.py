@@ -14,7 +14,7 @@ import yaml
 
 from finetune.api import FineTuneJob
 from finetune_operator import builders
-from finetune_operator.config import OperatorConfig
+from finetune_operator.config import OperatorConfig, pushgateway_problem
 from tests.support import ROOT, lora_job
 
 CHART = ROOT / "charts" / "finetune-operator"
@@ -206,6 +206,34 @@ def test_bad_values_are_refused_naming_the_key(
 ) -> None:
     with pytest.raises(helm_python.HelmValuesError, match=named):
         chart.validate_schema(values)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://gateway:9091",
+        "https://pushgateway.monitoring.svc.cluster.local:9091/",
+        "http://[::1]:9091/prefix",
+        "http://10.0.0.5",
+        "http://gw:notaport",
+        "http://[bad",
+        "http://gw:70000",
+        "http://gw:0",
+        "gw:9091",
+        "http://:9091",
+        "http://gw:9091?x=1",
+        "http://gw:9091/a b",
+        "http://user:secret@gw:9091",
+    ],
+)
+def test_the_schema_takes_the_pushgateway_urls_the_operator_takes(chart: Any, url: str) -> None:
+    """Refused at `helm install`, not by an operator that then never starts."""
+    values = {"trainer": {"pushgatewayUrl": url}}
+    if pushgateway_problem(url) is None:
+        chart.validate_schema(values)
+    else:
+        with pytest.raises(helm_python.HelmValuesError, match="pushgatewayUrl"):
+            chart.validate_schema(values)
 
 
 DASHBOARD = CHART / "dashboards" / "finetune-jobs.json"

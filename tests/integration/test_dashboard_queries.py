@@ -12,6 +12,10 @@ Before the LoRA run, a tiny `lcmLora` run of the same job scores its student aga
 its teacher, for the distillation panel. The LoRA run's final push replaces that job's
 group on the Pushgateway, and Prometheus marks the vanished series stale: the panel
 must still show the figures, as it must for a user looking back at a finished job.
+
+A job's groups on the Pushgateway go when the job is deleted, and a group a previous
+job of the same name left goes when the new one is created: neither stays in the
+dashboard's job list, nor mixes into a new run's panels.
 """
 
 from __future__ import annotations
@@ -30,8 +34,9 @@ import yaml
 
 from finetune.assets import write_captioned_images
 from finetune.trainer.launcher.run import free_port
+from finetune.trainer.telemetry.prometheus import Identity, TrainerMetrics
 from tests.emulator import emulated_cluster
-from tests.operator.conftest import Kube, OperatorProcess, wait_for
+from tests.operator.conftest import GROUP, PLURAL, VERSION, Kube, OperatorProcess, wait_for
 from tests.support import ROOT, lora_job
 from tests.trainer.jobs import PROMPT, finetune_run, job_file
 
@@ -83,7 +88,12 @@ class Server:
 def pushgateway(tmp_path: Path) -> Iterator[Server]:
     port = free_port()
     server = Server(
-        [binary("prometheus-pushgateway"), f"--web.listen-address=127.0.0.1:{port}"],
+        [
+            binary("prometheus-pushgateway"),
+            f"--web.listen-address=127.0.0.1:{port}",
+            # In memory: Debian's default file would carry groups from one run to the next.
+            "--persistence.file=",
+        ],
         port,
         tmp_path / "pushgateway.log",
     )
@@ -265,4 +275,48 @@ def test_every_dashboard_query_returns_data(
             assert shown == {(m, s) for m in ("clipText", "clipImage") for s in ("1", "2")}
         finally:
             server.stop()
+            operator.stop()
+
+
+def groups(gateway: Server) -> set[tuple[str, str, str]]:
+    """(job, namespace, rank) of each group on the Pushgateway."""
+    with urllib.request.urlopen(f"{gateway.url}/api/v1/metrics", timeout=10) as response:
+        answer = json.loads(response.read())
+    assert answer["status"] == "success", answer
+    return {
+        (g["labels"]["job"], g["labels"].get("namespace", ""), g["labels"].get("rank", ""))
+        for g in answer["data"]
+    }
+
+
+def push_final_values(gateway: Server, name: str) -> None:
+    """What a job's trainer (rank 0) pushes when its run ends."""
+    metrics = TrainerMetrics(Identity(name, NAMESPACE, "lora", 0))
+    metrics.record_step(20, 20, 0.05, 1e-4, 9.0, 0.5, 0)
+    metrics.push({"FINETUNE_PUSHGATEWAY_URL": gateway.url})
+    assert (name, NAMESPACE, "0") in groups(gateway)
+
+
+def test_a_jobs_pushed_metrics_go_with_it(tmp_path: Path, pushgateway: Server) -> None:
+    document = lora_job()
+    name = document["metadata"]["name"]
+    push_final_values(pushgateway, name)  # a previous job of this name's, left behind
+    push_final_values(pushgateway, "other")
+    with emulated_cluster() as cluster:
+        operator = OperatorProcess(cluster, tmp_path, pushgateway_url=pushgateway.url)
+        operator.start()
+        try:
+            kube = Kube(cluster.url)
+            kube.create_job(document, NAMESPACE)
+            wait_for(
+                lambda: groups(pushgateway) == {("other", NAMESPACE, "0")},
+                what="the previous job's group deleted when a job of its name is created",
+            )
+            kube.wait_batch_job(f"{name}-a0", NAMESPACE)
+            push_final_values(pushgateway, name)  # this job's run ends
+            kube.custom.delete_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, name)
+            wait_for(lambda: kube.job(name, NAMESPACE) is None, what="the deleted job gone")
+            # Deleted before kopf lifted its finalizer; another job's group stays.
+            assert groups(pushgateway) == {("other", NAMESPACE, "0")}
+        finally:
             operator.stop()

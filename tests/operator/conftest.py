@@ -44,9 +44,14 @@ class OperatorProcess:
     """`finetune-operator` as users start it, pointed at the emulator by a kubeconfig."""
 
     def __init__(
-        self, cluster: EmulatedCluster, folder: Path, namespaces: list[str] | None = None
+        self,
+        cluster: EmulatedCluster,
+        folder: Path,
+        namespaces: list[str] | None = None,
+        pushgateway_url: str = "",
     ) -> None:
         self.namespaces = namespaces or []
+        self.pushgateway_url = pushgateway_url
         self.kubeconfig = cluster.write_kubeconfig(folder / "kubeconfig")
         self.log = folder / "operator.log"
         self.metrics_port = free_port()
@@ -61,6 +66,7 @@ class OperatorProcess:
             f"--metrics-port={self.metrics_port}",
             f"--health-port={self.health_port}",
             *(f"--namespace={namespace}" for namespace in self.namespaces),
+            *([f"--pushgateway-url={self.pushgateway_url}"] if self.pushgateway_url else []),
         ]
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -15,7 +15,7 @@ import yaml
 
 from finetune.api import FineTuneJob
 from finetune_operator import builders
-from finetune_operator.config import OperatorConfig
+from finetune_operator.config import OperatorConfig, pushgateway_problem
 from tests.support import ROOT, lora_job
 
 CHART = ROOT / "charts" / "finetune-operator"
@@ -207,6 +207,91 @@ def test_bad_values_are_refused_naming_the_key(
 ) -> None:
     with pytest.raises(helm_python.HelmValuesError, match=named):
         chart.validate_schema(values)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://gateway:9091",
+        "https://pushgateway.monitoring.svc.cluster.local:9091/",
+        "http://[::1]:9091/prefix",
+        "http://10.0.0.5",
+        "http://gw:notaport",
+        "http://[bad",
+        "http://gw:70000",
+        "http://gw:0",
+        "gw:9091",
+        "http://:9091",
+        "http://gw:9091?x=1",
+        "http://gw:9091/a b",
+        "http://user:secret@gw:9091",
+    ],
+)
+def test_the_schema_takes_the_pushgateway_urls_the_operator_takes(chart: Any, url: str) -> None:
+    """Refused at `helm install`, not by an operator that then never starts."""
+    values = {"trainer": {"pushgatewayUrl": url}}
+    if pushgateway_problem(url) is None:
+        chart.validate_schema(values)
+    else:
+        with pytest.raises(helm_python.HelmValuesError, match="pushgatewayUrl"):
+            chart.validate_schema(values)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"metrics": {"port": 8080}}, "metrics.port and health.port are both 8080"),
+        (
+            {"metrics": {"service": {"enabled": False}, "serviceMonitor": {"enabled": True}}},
+            "metrics.serviceMonitor.enabled needs metrics.service.enabled",
+        ),
+        ({"serviceAccount": {"create": False}}, "serviceAccount.name: with serviceAccount.create"),
+    ],
+)
+def test_values_that_cannot_work_together_fail_the_render(
+    chart: Any, values: dict[str, Any], message: str
+) -> None:
+    chart.validate_schema(values)  # each value is fine alone
+    with pytest.raises(helm_python.HelmError, match=message):
+        chart.render(values=values, name="ft", namespace="finetune-system")
+
+
+def test_an_existing_service_account_is_bound_by_its_name(chart: Any) -> None:
+    objects = render(chart, {"serviceAccount": {"create": False, "name": "operator"}})
+    assert not of_kind(objects, "ServiceAccount")
+    (deployment,) = of_kind(objects, "Deployment")
+    assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == "operator"
+    bindings = of_kind(objects, "ClusterRoleBinding")
+    assert bindings
+    assert {s["name"] for b in bindings for s in b["subjects"]} == {"operator"}
+
+
+@pytest.mark.parametrize("label", ["app.kubernetes.io/name", "app.kubernetes.io/instance"])
+def test_pod_labels_may_not_replace_the_selectors(chart: Any, label: str) -> None:
+    """The Deployment's selector must match its pods: the API refuses it otherwise."""
+    values = {"podLabels": {label: "other"}}
+    chart.validate_schema(values)
+    with pytest.raises(helm_python.HelmError, match=f"podLabels: {label} is the label"):
+        chart.render(values=values, name="ft", namespace="finetune-system")
+
+
+def test_pod_labels_are_added_to_the_selectors(chart: Any) -> None:
+    (deployment,) = of_kind(render(chart, {"podLabels": {"team": "ml"}}), "Deployment")
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert labels["team"] == "ml"
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+
+
+def test_pull_secrets_are_named_like_secrets(chart: Any) -> None:
+    """Secret names are DNS subdomains: dots are fine."""
+    values = {"imagePullSecrets": ["regcred.docker"], "trainer": {"imagePullSecrets": ["a.b"]}}
+    (deployment,) = of_kind(render(chart, values), "Deployment")
+    assert deployment["spec"]["template"]["spec"]["imagePullSecrets"] == [
+        {"name": "regcred.docker"}
+    ]
+    for bad in ("Regcred", "-regcred", "regcred.", "a" * 254):
+        with pytest.raises(helm_python.HelmValuesError, match="imagePullSecrets"):
+            chart.validate_schema({"imagePullSecrets": [bad]})
 
 
 DASHBOARD = CHART / "dashboards" / "finetune-jobs.json"

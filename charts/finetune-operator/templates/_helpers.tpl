@@ -28,7 +28,22 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if .Values.serviceAccount.create }}
 {{- default (include "finetune-operator.fullname" .) .Values.serviceAccount.name }}
 {{- else }}
-{{- default "default" .Values.serviceAccount.name }}
+{{- required "serviceAccount.name: with serviceAccount.create false, name the existing ServiceAccount the operator runs as (not the namespace's default: every pod using it would get the operator's rights)" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* Combinations of values the schema cannot refuse: the render fails, naming them. */}}
+{{- define "finetune-operator.validate" -}}
+{{- if eq (int .Values.metrics.port) (int .Values.health.port) }}
+{{- fail (printf "metrics.port and health.port are both %d: the operator serves /metrics and /healthz on separate ports; give them different ones" (int .Values.metrics.port)) }}
+{{- end }}
+{{- range $label, $_ := include "finetune-operator.selectorLabels" . | fromYaml }}
+{{- if hasKey $.Values.podLabels $label }}
+{{- fail (printf "podLabels: %s is the label the Deployment selects its pod by; the chart sets it (to the release's), give the pod another label" $label) }}
+{{- end }}
+{{- end }}
+{{- if and .Values.metrics.serviceMonitor.enabled (not .Values.metrics.service.enabled) }}
+{{- fail "metrics.serviceMonitor.enabled needs metrics.service.enabled: the ServiceMonitor selects the operator's metrics Service" }}
 {{- end }}
 {{- end }}
 

@@ -5,8 +5,30 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 DEFAULT_TRAINER_IMAGE = "ghcr.io/finetune-dev/trainer:0.1.0"
+
+
+def pushgateway_problem(url: str) -> str | None:
+    """What is wrong with a Pushgateway URL, or None. Caught at the operator's start:
+    each job's trainer would otherwise find out only at its final push."""
+    if not url:
+        return None
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (raises on a port that is not a number in range)
+    except ValueError as exc:
+        return f"{url!r} is not a URL ({exc})"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return f"{url!r} is not an http:// or https:// URL with a host"
+    if parts.port == 0:
+        return f"{url!r} has port 0"
+    if parts.username is not None:
+        return f"{url!r} holds credentials, which the pushes would not send"
+    if parts.query or parts.fragment or any(c.isspace() for c in url):
+        return f"{url!r} has a query, a fragment or a space; the metric paths follow it"
+    return None
 
 
 @dataclass(frozen=True)
@@ -22,6 +44,14 @@ class OperatorConfig:
     reconcile_seconds: float = 5.0
     metrics_port: int = 9090
     health_port: int = 8080
+
+    def __post_init__(self) -> None:
+        problem = pushgateway_problem(self.pushgateway_url)
+        if problem is not None:
+            raise ValueError(
+                f"--pushgateway-url (env FINETUNE_PUSHGATEWAY_URL): {problem}; e.g. "
+                "http://prometheus-pushgateway.monitoring:9091"
+            )
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> OperatorConfig:

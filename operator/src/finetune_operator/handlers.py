@@ -5,6 +5,7 @@
   operator's Jobs and pods, fed by watches), reconcile, act, patch status;
 - on a spec change: apply run-policy changes, warn about the rest;
 - on a pod the cluster takes away: remember it on its attempt's Job;
+- on create and on delete: delete the job's groups on the Pushgateway;
 - on every event: count jobs by phase for /metrics.
 """
 
@@ -29,7 +30,16 @@ from finetune.api.job import PLURAL
 from finetune.api.pod import OPERATOR_FIELDS, RUNNING_PROGRESS_FIELDS
 from finetune.api.status import ConditionType, FineTuneJobStatus, Phase
 
-from . import builders, failures, gang, metrics, ownership, reconcile, spec_changes
+from . import (
+    builders,
+    failures,
+    gang,
+    metrics,
+    ownership,
+    pushgateway,
+    reconcile,
+    spec_changes,
+)
 from .builders import LABEL_ATTEMPT, LABEL_JOB, Names
 from .config import OperatorConfig
 from .kube import Cluster, ForbiddenError, RefusedError, connect, in_thread
@@ -207,7 +217,24 @@ async def _write_status(memo: kopf.Memo, body: kopf.Body, changes: dict[str, Any
 async def create_children(
     body: kopf.Body, status: kopf.Status, patch: kopf.Patch, memo: kopf.Memo, **_: Any
 ) -> None:
+    # A group a previous job of this name left would mix into this run's panels.
+    await _forget_metrics(memo, body)
     patch.status.update(await _create(body, status, memo))
+
+
+@kopf.on.delete(*RESOURCE, optional=True)
+async def forget_metrics(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """The job's groups on the Pushgateway go with it (its TTL's deletion too).
+    Optional: it adds no finalizer of its own, so it holds no deletion that kopf's
+    finalizer for the reconcile timer does not hold already; that one has it run on
+    each deletion. A group it could not delete (the gateway unreachable, the finalizer
+    removed by hand) goes when a job of the same name is created (`create_children`)."""
+    await _forget_metrics(memo, body)
+
+
+async def _forget_metrics(memo: kopf.Memo, body: kopf.Body) -> None:
+    name, namespace = body.meta.name or "", body.meta.namespace or "default"
+    await in_thread(pushgateway.delete_groups, memo.config.pushgateway_url, namespace, name)
 
 
 async def _create(body: kopf.Body, status: kopf.Status, memo: kopf.Memo) -> dict[str, Any]:

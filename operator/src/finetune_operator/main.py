@@ -80,15 +80,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    # The handlers read their configuration when imported.
-    os.environ.update(
-        FINETUNE_TRAINER_IMAGE=args.trainer_image,
-        FINETUNE_PUSHGATEWAY_URL=args.pushgateway_url,
-        FINETUNE_RECONCILE_SECONDS=str(args.reconcile_seconds),
-        FINETUNE_METRICS_PORT=str(args.metrics_port),
-        FINETUNE_HEALTH_PORT=str(args.health_port),
-    )
+    try:
+        args = build_parser().parse_args(argv)
+        # The handlers read their configuration when imported.
+        os.environ.update(
+            FINETUNE_TRAINER_IMAGE=args.trainer_image,
+            FINETUNE_PUSHGATEWAY_URL=args.pushgateway_url,
+            FINETUNE_RECONCILE_SECONDS=str(args.reconcile_seconds),
+            FINETUNE_METRICS_PORT=str(args.metrics_port),
+            FINETUNE_HEALTH_PORT=str(args.health_port),
+        )
+        OperatorConfig.from_env()  # a bad setting stops it now, not each job later
+    except ValueError as exc:
+        print(f"finetune-operator: {exc}", file=sys.stderr)
+        return 2
     try:
         connect(probe_seconds=PROBE_SECONDS)
     except ClusterUnreachable as exc:

@@ -106,3 +106,23 @@ def test_at_most_256_weights_and_card_kept(tmp_path: Path) -> None:
     assert len(listed) == 256
     assert [a["kind"] for a in listed[:2]] == ["lora", "modelCard"]
     assert listed[2]["uri"] == "/out/samples/step-00000300/grid.png"
+
+
+def test_the_card_lists_every_file_and_the_chosen_steps_samples_come_first(
+    tmp_path: Path,
+) -> None:
+    """Beyond the status's cap the card still lists everything; the samples of the chosen
+    weights' step and the last step come before the others, so the cap never cuts them."""
+    write(tmp_path / "pytorch_lora_weights.safetensors")
+    for step in range(1, 301):
+        write(tmp_path / "samples" / f"step-{step:08d}" / "grid.png")
+    every = list_artifacts(tmp_path, "/out", None, first_steps=[3, 300])
+    assert len(every) == 301
+    assert [a["uri"] for a in every[1:4]] == [
+        "/out/samples/step-00000003/grid.png",
+        "/out/samples/step-00000300/grid.png",
+        "/out/samples/step-00000299/grid.png",
+    ]
+    capped = list_artifacts(tmp_path, "/out", first_steps=[3, 300])
+    assert len(capped) == 256
+    assert capped[1]["uri"] == "/out/samples/step-00000003/grid.png"

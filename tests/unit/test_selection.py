@@ -3,13 +3,15 @@ of early stopping, and the best checkpoint kept by retention."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
 
-from finetune.api.selection import EarlyStopping, KeepBest
+from finetune.api.selection import EarlyStopping, KeepBest, OutputFrom
 from finetune.api.training import TrainingSpec
-from finetune.trainer.checkpoints import manifest
+from finetune.trainer.checkpoints import manifest, run_checkpoints
+from finetune.trainer.engine.trainer import Trainer
 from finetune.trainer.evaluation.scores import Scores
 from finetune.trainer.evaluation.selection import (
     Selection,
@@ -18,6 +20,7 @@ from finetune.trainer.evaluation.selection import (
     stalled,
     to_manifest,
 )
+from finetune.trainer.process.distributed import Rank
 from tests.trainer.s3faults import Moto, moto  # noqa: F401 - the fixture
 from tests.unit.test_checkpoints import start_run
 
@@ -113,3 +116,58 @@ def test_the_best_checkpoint_outlives_keep_last_in_s3_and_comes_back(
     assert engine.loaded == "step-00000020"
     assert manifest.verify(tmp_path / "fresh" / "step-00000020") == 20
     assert not fresh.load(10)  # pruned long ago
+
+
+def test_a_keep_best_changed_on_resume_chooses_the_best_whose_weights_are_left(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The first run keeps the best by clipText; run again with `dino`, `mode: min`, whose
+    best (step 20) retention deleted: the result is step 10's, the best by dino of the
+    kept checkpoints and the last step, and the card and `Done:` line say so."""
+    root = tmp_path / "checkpoints"
+    first, _, _ = start_run(root, keep_last=1, keep_best=KeepBest(metric="clipText"))
+    dino = [0.25, 0.2, 0.3, 0.45]
+    history = [
+        Scores(10 * (i + 1), {"dino": d, "clipText": 0.9 - i / 10}) for i, d in enumerate(dino)
+    ]
+    for index, scores in enumerate(history):
+        first.save(scores.step, to_manifest(history[: index + 1]), loss=1.0 + index / 10)
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000010", "step-00000040"]
+
+    keep = KeepBest(metric="dino", mode="min")
+    checkpoints, engine, step = start_run(root, keep_last=1, keep_best=keep)
+    spec = spec_with(keepBest={"metric": "dino", "mode": "min"})
+    spec.output.from_ = OutputFrom.BEST
+    trainer = Trainer.__new__(Trainer)
+    trainer.spec, trainer.rank, trainer.checkpoints = spec, Rank(0, 0, 1), checkpoints
+    trainer.selection = Selection(spec, history)
+    caplog.set_level(logging.WARNING)
+    chosen = trainer._best_weights(step, 1.3)
+    assert chosen is not None
+    assert (chosen.scores.step, chosen.loss) == (10, 1.0)
+    assert chosen.gone is not None
+    assert chosen.gone.step == 20
+    assert engine.loaded == "step-00000010"
+    assert (
+        "the checkpoint of step 20, the best validation by dino, is gone; the result is the "
+        "weights of step 10" in caplog.text
+    )
+    assert "cut short" not in caplog.text  # a checkpoint retention deleted is not a crash's
+
+
+def test_a_checkpoint_half_deleted_by_retention_is_never_taken_for_a_save_cut_short(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = tmp_path / "checkpoints"
+    checkpoints, _, _ = start_run(root, keep_last=1)
+    # A deletion that leaves everything behind (a crash, NFS's `.nfs*` files).
+    monkeypatch.setattr(run_checkpoints.shutil, "rmtree", lambda *_, **__: None)
+    checkpoints.save(10)
+    checkpoints.save(20)
+    assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) == ["step-00000020"]
+    caplog.set_level(logging.WARNING)
+    assert manifest.latest(root) == manifest.Checkpoint(root / "step-00000020", 20)
+    assert caplog.text == ""
+    monkeypatch.undo()
+    checkpoints.save(30)  # the next retention deletes the remains
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000030"]

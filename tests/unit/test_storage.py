@@ -4,6 +4,7 @@ uploader, and inputs downloaded once into the cache."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from functools import partial
@@ -12,13 +13,17 @@ from pathlib import Path
 import boto3
 import pytest
 
-from finetune.trainer.errors import AccessDenied
+from finetune.api.training import TrainingSpec
+from finetune.trainer.errors import AccessDenied, Unreachable
+from finetune.trainer.evaluation.sources import resolve_evaluators
 from finetune.trainer.storage.files import written_whole
 from finetune.trainer.storage.inputs import download_prefix, local_folder
 from finetune.trainer.storage.local import LocalStore
+from finetune.trainer.storage.retries import RETRY_FOR_ENV
 from finetune.trainer.storage.s3 import ResumableRead, S3Settings
 from finetune.trainer.storage.store import Store, open_store
 from finetune.trainer.storage.uploader import Task, Uploader
+from tests.support import lora_job
 from tests.trainer.s3faults import Moto, moto  # noqa: F401 - the fixture
 
 
@@ -191,3 +196,28 @@ def test_stores_are_chosen_by_scheme_and_local_inputs_stay_where_they_are(
     assert local_folder(str(tmp_path), tmp_path / "cache", S3Settings(), "data") == tmp_path
     # Data never comes from the hub: an hf:// data URI is a (missing) local path.
     assert local_folder("hf://acme/x", tmp_path, S3Settings(), "data") == Path("hf://acme/x")
+
+
+def test_an_unreachable_hub_names_the_evaluator_field_a_job_left_at_its_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Metrics on with the default evaluators and no hub: the retries and the error name
+    `spec.validation.evaluator.clipModel`, which the user never wrote, and where else it
+    can point."""
+    from huggingface_hub import constants
+
+    spec = TrainingSpec.model_validate(
+        lora_job(validation={"prompts": ["a sks dog"], "metrics": ["clipText"]})["spec"]
+    )
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv(RETRY_FOR_ENV, "1")
+    caplog.set_level(logging.WARNING)
+    with pytest.raises(Unreachable) as raised:
+        resolve_evaluators(spec, tmp_path, S3Settings())
+    field = "spec.validation.evaluator.clipModel (the default): hf://openai/clip-vit-large-patch14"
+    assert str(raised.value).startswith(f"{field}: the hub cannot be reached")
+    assert str(raised.value).endswith(
+        "; or point spec.validation.evaluator.clipModel at a local folder or an s3:// copy"
+    )
+    assert f"{field}: " in caplog.text  # each retry's warning

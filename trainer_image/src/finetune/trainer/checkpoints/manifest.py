@@ -30,6 +30,11 @@ def tag_for(step: int) -> str:
     return f"step-{step:08d}"
 
 
+def step_of(tag: str) -> int:
+    """The step of a checkpoint's tag (`tag_for`'s inverse)."""
+    return int(tag.removeprefix("step-"))
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     folder: Path

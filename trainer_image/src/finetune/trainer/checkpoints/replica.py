@@ -142,6 +142,10 @@ class Replica:
     def _keys(self) -> list[str]:
         return [key for key, _ in self.store.keys(PREFIX)]
 
+    def counted(self) -> list[str]:
+        """The tags of the checkpoints in the store whose manifest is there, oldest first."""
+        return durable_tags(self._keys())
+
     def retain(
         self, keep_last: int, keep: str | None = None, corrupt: frozenset[str] = frozenset()
     ) -> str | None:

@@ -44,6 +44,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# A checkpoint folder retention is deleting is first renamed so: what a crash or an
+# undeletable file (NFS's `.nfs*`) leaves of it is never taken for a save cut short.
+DELETING = ".deleting-"
+
 
 def owned(mine: list[str], everyone: list[list[str]], rank: int) -> list[str]:
     """The files this rank describes (and uploads): those it is the lowest rank to see
@@ -53,6 +57,17 @@ def owned(mine: list[str], everyone: list[list[str]], rank: int) -> list[str]:
         for name in names:
             first.setdefault(name, index)
     return [name for name in mine if first[name] == rank]
+
+
+def remove_checkpoint(folder: Path) -> None:
+    """Delete a checkpoint folder, renamed out of the checkpoints' names first (at once):
+    a folder left half deleted would look like a save cut short."""
+    doomed = folder.with_name(DELETING + folder.name)
+    try:
+        folder.rename(doomed)
+    except OSError:
+        doomed = folder
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 @dataclass
@@ -206,7 +221,15 @@ class RunCheckpoints:
             return
         for folder in self._folders():
             if folder.name < oldest_kept and folder.name != best:
-                shutil.rmtree(folder, ignore_errors=True)
+                remove_checkpoint(folder)
+        for left in self.root.glob(DELETING + "*"):  # an earlier deletion's remains
+            shutil.rmtree(left, ignore_errors=True)
+
+    def kept(self) -> set[int]:
+        """Rank 0: the steps whose checkpoint counts (in the store with a replica, else
+        here), but those found corrupt: the weights `load` can bring back."""
+        tags = self.replica.counted() if self.replica is not None else self._complete()
+        return {manifest.step_of(tag) for tag in tags if tag not in self.corrupt}
 
     def best_tag(self, step: int) -> str | None:
         """The checkpoint of the best validation by `keepBest`, as `step`'s manifest
@@ -252,7 +275,7 @@ class RunCheckpoints:
         # others find rank 0's copy and fetch nothing.
         for turn in (True, False):
             if self.rank.local_rank == 0 and self.rank.main == turn:
-                here = manifest.verify(folder) == step or (
+                here = (folder.is_dir() and manifest.verify(folder) == step) or (
                     self.replica is not None and self.replica.fetch(tag) is not None
                 )
             distributed.barrier()

@@ -16,6 +16,7 @@ import torch
 
 from finetune.api.pod import EXIT_INTERRUPTED, EXIT_OK
 from finetune.api.selection import OutputFrom
+from finetune.trainer.checkpoints.manifest import loss_of, tag_for
 from finetune.trainer.engine.setup import RunSetup
 from finetune.trainer.engine.speed import CompileReport
 from finetune.trainer.engine.upload_waits import (
@@ -25,7 +26,7 @@ from finetune.trainer.engine.upload_waits import (
 )
 from finetune.trainer.errors import NonFiniteLoss
 from finetune.trainer.evaluation.scores import Scores, history
-from finetune.trainer.evaluation.selection import Stall
+from finetune.trainer.evaluation.selection import Chosen, Stall, ranked
 from finetune.trainer.outputs.finish import finish_run
 from finetune.trainer.outputs.samples import Validation
 from finetune.trainer.process import distributed
@@ -96,9 +97,10 @@ class Trainer(RunSetup):
             telemetry.resumed(step, last_loss, self._latest_scores(step))
         # keepBest: every validation's weights are in a checkpoint, to be kept if best.
         checkpoint_validations = self.spec.checkpointing.keep_best is not None
-        if step < hp.max_steps and self._stops_early(step):  # it had stopped before a resume
+        stall = self._stops_early(step) if step < hp.max_steps else None
+        if stall is not None:  # it had stopped before a resume
             telemetry.close_progress()
-            return self._finish(step, last_loss)
+            return self._finish(step, last_loss, stall=stall)
         self.engine.train()
         while step < hp.max_steps:
             record = self._train_step(step)
@@ -121,9 +123,10 @@ class Trainer(RunSetup):
                 os._exit(1)
             if stopping:
                 return self._stopped(step)
-            if validation is not None and self._stops_early(step):
+            stall = self._stops_early(step) if validation is not None else None
+            if stall is not None:
                 telemetry.close_progress()
-                return self._finish(step, last_loss, validation)
+                return self._finish(step, last_loss, validation, stall)
         telemetry.close_progress()
         return self._finish(step, last_loss)
 
@@ -154,18 +157,18 @@ class Trainer(RunSetup):
             self.selection.add(validation.scores)
         return validation
 
-    def _stops_early(self, step: int) -> bool:
-        """On every rank, after a validation: whether `training.earlyStopping` ends the run
-        (rank 0's scores decide); rank 0 says so everywhere it reports."""
+    def _stops_early(self, step: int) -> Stall | None:
+        """On every rank, after a validation: where the run stands when
+        `training.earlyStopping` ends it (rank 0's scores decide), else None; rank 0 says
+        so everywhere it reports."""
         if self.spec.training.early_stopping is None:
-            return False
+            return None
         stall: Stall | None = distributed.broadcast(
             self.selection.stall() if self.rank.main else None
         )
-        if stall is None:
-            return False
-        self.telemetry.early_stop(step, stall, self.spec.training.early_stopping)
-        return True
+        if stall is not None:
+            self.telemetry.early_stop(step, stall, self.spec.training.early_stopping)
+        return stall
 
     def _train_step(self, step: int) -> StepRecord:
         """Optimizer step `step + 1`: its micro-batches, the method's and EMA's updates."""
@@ -213,10 +216,14 @@ class Trainer(RunSetup):
         return checkpoints_sent(self.checkpoints, self.stop, self.plan.output_uri, self.rank.main)
 
     def _finish(
-        self, step: int, last_loss: float | None, validation: Validation | None = None
+        self,
+        step: int,
+        last_loss: float | None,
+        validation: Validation | None = None,
+        stall: Stall | None = None,
     ) -> int:
-        """The results of `step` (the last, or an early stop's); `validation`: its own,
-        when the loop made it. Exit 0, or 130 where a second stop left an upload."""
+        """The results of `step` (the last, or an early stop's: `stall`); `validation`: its
+        own, when the loop made it. Exit 0, or 130 where a second stop left an upload."""
         if not self._checkpoints_sent():  # every checkpoint counts before the results
             if self.rank.main:
                 print(left_message(step, self.checkpoints), flush=True)
@@ -229,7 +236,7 @@ class Trainer(RunSetup):
                 validation = self._validation_made(step)
             if validation is None:
                 validation = self._validate(step)
-        best = self._best_weights(step)
+        best = self._best_weights(step, last_loss)
         code = EXIT_OK
         try:
             finish_run(
@@ -244,6 +251,7 @@ class Trainer(RunSetup):
                 best,
                 results_patience(self.stop, self.plan.output_uri).check,
                 self.checkpoints.record,
+                stall,
             )
         except Stopped:  # rank 0 alone uploads; the others wait at the barrier below
             print(
@@ -255,17 +263,42 @@ class Trainer(RunSetup):
         distributed.barrier()
         return code
 
-    def _best_weights(self, step: int) -> Scores | None:
-        """`output.from: best`, on every rank: the best validation's scores, its
-        checkpoint's weights loaded unless they are the last step's; None for the last
-        step's weights."""
-        if self.spec.output.from_ != OutputFrom.BEST:
+    def _best_weights(self, step: int, last_loss: float | None) -> Chosen | None:
+        """`output.from: best`, on every rank: the best validation whose weights are left
+        (its checkpoint's loaded, unless they are the last step's), with the best's when
+        its checkpoint is gone; None for the last step's weights."""
+        keep = self.spec.checkpointing.keep_best
+        if self.spec.output.from_ != OutputFrom.BEST or keep is None:
             return None
-        best: Scores | None = distributed.broadcast(
-            self.selection.best() if self.rank.main else None
-        )
-        if best is None or best.step == step or self.checkpoints.load(best.step):
-            return best
+        best: Scores | None = None
+        left: list[Scores] = []  # those whose weights are here or kept, best first
+        if self.rank.main:
+            best = self.selection.best()
+            kept = self.checkpoints.kept() | {step}
+            left = [
+                s for s in ranked(self.selection.history, keep.metric, keep.mode) if s.step in kept
+            ]
+        best, left = distributed.broadcast((best, left))
+        if best is None:
+            return None
+        for scores in left:
+            if scores.step == step:
+                loss = last_loss
+            elif self.checkpoints.load(scores.step):
+                loss = self._weights_loss(scores.step)
+            else:
+                continue
+            gone = best if scores.step != best.step else None
+            if gone is not None and self.rank.main:
+                log.warning(
+                    "the checkpoint of step %d, the best validation by %s, is gone; the "
+                    "result is the weights of step %d, the best validation whose weights "
+                    "are left",
+                    best.step,
+                    keep.metric,
+                    scores.step,
+                )
+            return Chosen(scores, loss, gone)
         if self.rank.main:
             log.warning(
                 "the checkpoint of step %d, the best validation, is gone; the result is "
@@ -274,3 +307,9 @@ class Trainer(RunSetup):
                 step,
             )
         return None
+
+    def _weights_loss(self, step: int) -> float | None:
+        """Rank 0: the training loss of `step`, as its (loaded) checkpoint's manifest says."""
+        if not self.rank.main:
+            return None
+        return loss_of(self.checkpoints.root / tag_for(step))

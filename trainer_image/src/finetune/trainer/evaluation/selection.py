@@ -32,6 +32,25 @@ def best_of(history: list[Scores], metric: str, mode: str) -> Scores | None:
     return best
 
 
+def ranked(history: list[Scores], metric: str, mode: str) -> list[Scores]:
+    """The validations scored by `metric`, best first (the earlier of equals first)."""
+    scored = [s for s in history if metric in s.overall]
+    sign = -1.0 if mode == Mode.MAX else 1.0
+    return sorted(scored, key=lambda s: (sign * s.overall[metric], s.step))
+
+
+@dataclass(frozen=True)
+class Chosen:
+    """`output.from: best`'s weights: those of the validation `scores`, whose training loss
+    was `loss`. `gone`: the best validation, when its checkpoint was gone (deleted by
+    retention before a resume changed `checkpointing.keepBest`, or unreadable) and
+    `scores` is the best of those whose weights were left."""
+
+    scores: Scores
+    loss: float | None = None
+    gone: Scores | None = None
+
+
 @dataclass(frozen=True)
 class Stall:
     """The metric has not improved for `since` validations after `best`."""

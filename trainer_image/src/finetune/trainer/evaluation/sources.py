@@ -9,6 +9,7 @@ from pathlib import Path
 
 from finetune.api.common import is_hub
 from finetune.api.training import TrainingSpec, evaluator_uris
+from finetune.api.validation import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL
 from finetune.trainer.errors import JobInputError
 from finetune.trainer.models.sources import config_of
 from finetune.trainer.storage import hub
@@ -17,6 +18,7 @@ from finetune.trainer.storage.s3 import S3Settings
 
 CLIP_FIELD = "validation.evaluator.clipModel"
 DINO_FIELD = "validation.evaluator.dinoModel"
+DEFAULTS = (DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL)
 # What each evaluator's folder must hold: its transformers model type and files.
 MODEL_TYPES = {CLIP_FIELD: "clip", DINO_FIELD: "vit"}
 NEEDED_FILES = {
@@ -46,10 +48,17 @@ def evaluator_folder(
     cache_dir: Path,
     s3: S3Settings,
 ) -> Path:
-    folder = local_folder(uri, cache_dir, s3, "models")
-    if is_hub(uri) and not has_weights(folder):
-        # Older hub repositories hold PyTorch pickles only; fetch those, and only then.
-        folder = hub.snapshot(uri, cache_dir / "hub", [p for p in hub.IGNORED if p != "*.bin"])
+    # The defaults are hub models a user may not know the job downloads: the hub's
+    # retries and errors name the field.
+    default = uri in DEFAULTS
+    if is_hub(uri):
+        folder = hub.snapshot(uri, cache_dir / "hub", field=field, default=default)
+        if not has_weights(folder):
+            # Older hub repositories hold PyTorch pickles only; fetch those, and only then.
+            pickles = [p for p in hub.IGNORED if p != "*.bin"]
+            folder = hub.snapshot(uri, cache_dir / "hub", pickles, field=field, default=default)
+    else:
+        folder = local_folder(uri, cache_dir, s3, "models")
     if not folder.is_dir():
         raise JobInputError(f"{field}: {uri}: no such model folder")
     if (folder / "config.json").is_file():  # the kind of model first: the most telling mistake

@@ -4,6 +4,7 @@ each (the output URI plus its path there), its SHA-256, size and kind."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -68,11 +69,15 @@ def kind_of(relative: PurePosixPath, parts: set[str]) -> ArtifactKind | None:
 
 
 def list_artifacts(
-    work_dir: Path, output_uri: str, limit: int = MAX_ARTIFACTS
+    work_dir: Path,
+    output_uri: str,
+    limit: int | None = MAX_ARTIFACTS,
+    first_steps: Sequence[int] = (),
 ) -> list[dict[str, Any]]:
     """`status.artifacts` for the results in `work_dir`, published at `output_uri`
-    (an `s3://` prefix or a local folder): at most `limit`, weights first, then
-    the model card, then samples, the newest step's first."""
+    (an `s3://` prefix or a local folder): at most `limit` (every one with None), weights
+    first, then the model card, then samples: those of `first_steps` (the chosen weights'
+    and the last step's), then the newest step's first."""
     parts = pipeline_parts(work_dir)
     found: list[tuple[ArtifactKind, PurePosixPath, Path]] = []
     for path in work_dir.rglob("*"):
@@ -83,8 +88,13 @@ def list_artifacts(
     found.sort(key=lambda item: (_ORDER.index(item[0]), str(item[1])))
     results = [item for item in found if item[0] != ArtifactKind.SAMPLES]
     samples = [item for item in found if item[0] == ArtifactKind.SAMPLES]
-    # `samples/step-NNNNNNNN/...`: newest folder first (a stable sort keeps file order).
+    # `samples/step-NNNNNNNN/...`: newest folder first (a stable sort keeps file order),
+    # `first_steps`' before all.
     samples.sort(key=lambda item: item[1].parts[1], reverse=True)
+    first = [f"step-{step:08d}" for step in dict.fromkeys(first_steps)]  # `sample_folder`'s
+    samples.sort(
+        key=lambda item: first.index(item[1].parts[1]) if item[1].parts[1] in first else len(first)
+    )
     base = output_uri.rstrip("/")
     return [
         {

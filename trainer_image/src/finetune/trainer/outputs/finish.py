@@ -3,19 +3,24 @@ the results saved with their model card, moved into place, uploaded and reported
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from finetune.api.common import is_s3
+from finetune.api.status import MAX_ARTIFACTS
 from finetune.trainer.checkpoints.record import RunRecord
 from finetune.trainer.checkpoints.space import space_checked
 from finetune.trainer.engine.plan import RunPlan
-from finetune.trainer.evaluation.scores import Scores, history
+from finetune.trainer.evaluation.scores import history
+from finetune.trainer.evaluation.selection import Chosen, Stall
 from finetune.trainer.methods import TrainedModules, TrainingMethod
 from finetune.trainer.outputs import artifacts, reproducible, result
 from finetune.trainer.outputs.samples import Validation, sample_folder
 from finetune.trainer.storage.s3 import S3Settings
 from finetune.trainer.storage.store import open_store
 from finetune.trainer.telemetry.steps import StepTelemetry
+
+log = logging.getLogger(__name__)
 
 
 def finish_run(
@@ -27,31 +32,37 @@ def finish_run(
     step: int,
     last_loss: float | None,
     validation: Validation,
-    best: Scores | None = None,
+    best: Chosen | None = None,
     check: Callable[[], None] = lambda: None,
     record: RunRecord | None = None,
+    stall: Stall | None = None,
 ) -> None:
     """Called on every rank once the last step is done (and every checkpoint is durable).
     `validation`: the last step's; `best`: with `output.from: best`, the validation whose
     weights `module` holds; `check`: runs while the results upload, and what it raises
     leaves the upload; `record`: the run's record, whose files the output holds already
-    are not uploaded again."""
+    are not uploaded again; `stall`: where `training.earlyStopping` ended the run."""
     telemetry.finished()
     if not telemetry.main:
         return
     telemetry.close_board()
     work_dir = plan.work_dir
     grid = validation.grid
-    if best is not None and best.step != step:
-        best_grid = sample_folder(work_dir, best.step) / "grid.png"
+    if best is not None and best.scores.step != step:
+        best_grid = sample_folder(work_dir, best.scores.step) / "grid.png"
         grid = best_grid if best_grid.is_file() else None
+    # The samples of the chosen weights' step (and the best's) and the last step's before
+    # the others: never the ones a listing's cap cuts.
+    first = [best.scores.step] if best is not None else []
+    first += [best.gone.step] if best is not None and best.gone is not None else []
+    first += [step]
     staging = result.staging_folder(work_dir)
     with space_checked(staging, step):
         method.save(module, staging)
         reproducible.sort_metadata(staging)  # the same weights, the same SHA-256
-        # The card lists the weights and the samples with their SHA-256 and size.
-        listed = artifacts.list_artifacts(staging, "") + [
-            a for a in artifacts.list_artifacts(work_dir, "") if a["kind"] == "samples"
+        # The card lists every weight file and sample with their SHA-256 and size.
+        listed = artifacts.list_artifacts(staging, "", None) + [
+            a for a in artifacts.list_artifacts(work_dir, "", None, first) if a["kind"] == "samples"
         ]
         files = [(a["uri"].lstrip("/"), a["bytes"], a["sha256"]) for a in listed]
         card = result.model_card(
@@ -64,6 +75,7 @@ def finish_run(
             files,
             history(telemetry.log_path),
             best,
+            stall,
             family=method.components.family,
         )
         (staging / result.MODEL_CARD).write_text(card)
@@ -71,6 +83,26 @@ def finish_run(
     if is_s3(plan.output_uri):
         store = open_store(plan.output_uri, s3)
         result.upload_results(work_dir, store, check, record.holds if record else None)
-    telemetry.results(artifacts.list_artifacts(work_dir, plan.output_uri))
-    chosen = f" (the weights of step {best.step}, the best validation)" if best is not None else ""
-    print(f"Done: {step} steps; results in {plan.output_uri}{chosen}", flush=True)
+    results = artifacts.list_artifacts(work_dir, plan.output_uri, None, first)
+    if len(results) > MAX_ARTIFACTS:
+        log.warning(
+            "status.artifacts lists %d of the %d result files (the most a job's status "
+            "holds): %d samples of older steps are left out; the model card lists them all",
+            MAX_ARTIFACTS,
+            len(results),
+            len(results) - MAX_ARTIFACTS,
+        )
+    telemetry.results(results[:MAX_ARTIFACTS])
+    print(f"Done: {step} steps; results in {plan.output_uri}{chosen(best)}", flush=True)
+
+
+def chosen(best: Chosen | None) -> str:
+    """The `Done:` line's word on `output.from: best`: whose weights the results are."""
+    if best is None:
+        return ""
+    if best.gone is None:
+        return f" (the weights of step {best.scores.step}, the best validation)"
+    return (
+        f" (the weights of step {best.scores.step}, the best validation whose weights were "
+        f"left; step {best.gone.step}'s, the best, were gone)"
+    )

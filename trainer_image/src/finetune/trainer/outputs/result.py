@@ -7,6 +7,7 @@ looks like a finished model.
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -14,8 +15,10 @@ from typing import TYPE_CHECKING
 
 import yaml
 
+from finetune.api.metrics import Metric
 from finetune.api.training import TrainingSpec
 from finetune.trainer.evaluation.scores import ALL, PRES, Scores
+from finetune.trainer.evaluation.selection import Chosen, Stall
 from finetune.trainer.families.base import python_string
 from finetune.trainer.storage.store import Store
 from finetune.trainer.storage.uploader import Task, Uploader
@@ -50,6 +53,23 @@ def promote(staging: Path, work_dir: Path) -> list[Path]:
     return moved
 
 
+def code(text: str) -> str:
+    """`text` as a Markdown code span: fenced by a backtick run longer than any inside it
+    (padded where it starts or ends with one), its line breaks shown as ⏎ (a span is one
+    line)."""
+    text = text.replace("\r\n", "\n").replace("\n", "⏎").replace("\r", "⏎")
+    longest = max((len(run) for run in re.findall("`+", text)), default=0)
+    fence = "`" * (longest + 1)
+    pad = " " if text.startswith(("`", " ")) or text.endswith(("`", " ")) else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def cell(text: str) -> str:
+    """`text` in a table cell: its pipes escaped, which a table splits on even inside a
+    code span."""
+    return text.replace("|", "\\|")
+
+
 def model_card(
     spec: TrainingSpec,
     name: str,
@@ -59,14 +79,16 @@ def model_card(
     work_dir: Path,
     files: list[tuple[str, int, str]] | None = None,
     scores: list[Scores] | None = None,
-    best: Scores | None = None,
+    best: Chosen | None = None,
+    stall: Stall | None = None,
     *,
     family: ModelFamily,
 ) -> str:
     """`files`: (path in the results, bytes, sha256) of what the card describes; `scores`:
     every validation's, by step; `best`: the validation whose weights these are
-    (`output.from: best`); `family`: the model's, whose pipeline class loads the result
-    and whose hub tag the card carries."""
+    (`output.from: best`); `stall`: where `training.earlyStopping` ended the run;
+    `family`: the model's, whose pipeline class loads the result and whose hub tag the
+    card carries."""
     method = spec.method
     hyper = spec.training.model_dump(by_alias=True, exclude_none=True, mode="json")
     for section in ("lora", "custom_diffusion", "lcm"):
@@ -89,10 +111,11 @@ def model_card(
         "",
         f"# {name}",
         "",
-        f"Fine-tuned from `{spec.base_model.uri}` with **{method}** for {steps} steps"
+        f"Fine-tuned from {code(spec.base_model.uri)} with **{method}** for {steps} steps"
         + (f" (final loss {final_loss:.4f})." if final_loss is not None else "."),
         "",
-        *chosen_weights(spec, best),
+        *early_stop(spec, steps, stall),
+        *chosen_weights(spec, best, steps),
         "## How to use",
         "",
         "```python",
@@ -101,16 +124,17 @@ def model_card(
         "",
     ]
     if prompts:
-        lines += ["## Training prompts", "", *[f"- `{p}`" for p in prompts], ""]
+        lines += ["## Training prompts", "", *[f"- {code(p)}" for p in prompts], ""]
     if spec.validation.prompts:
-        lines += ["## Validation prompts", "", *[f"- `{p}`" for p in spec.validation.prompts], ""]
+        lines += ["## Validation prompts", "", *[f"- {code(p)}" for p in spec.validation.prompts]]
+        lines += [""]
     if grid is not None:
         lines += ["## Samples", "", f"![samples]({grid.relative_to(work_dir).as_posix()})", ""]
     if scores:
         lines += metrics_table(spec, scores)
     if files:
         lines += ["## Files", "", "| file | bytes | sha256 |", "| --- | ---: | --- |"]
-        lines += [f"| `{path}` | {size} | `{sha256}` |" for path, size, sha256 in files]
+        lines += [f"| {cell(code(path))} | {size} | `{sha256}` |" for path, size, sha256 in files]
         lines += [""]
     lines += [
         "## Hyperparameters",
@@ -123,34 +147,83 @@ def model_card(
     return "\n".join(lines)
 
 
-def chosen_weights(spec: TrainingSpec, best: Scores | None) -> list[str]:
-    """The card's word on `output.from: best`: whose weights these are."""
-    keep = spec.checkpointing.keep_best
-    if best is None or keep is None:
+def early_stop(spec: TrainingSpec, steps: int, stall: Stall | None) -> list[str]:
+    """The card's word on `training.earlyStopping`, when it ended the run."""
+    rule = spec.training.early_stopping
+    if stall is None or rule is None:
         return []
-    value = best.overall[keep.metric]
+    value = stall.best.overall[rule.metric]
     return [
-        f"These are the weights of step {best.step}, the best validation by `{keep.metric}` "
-        f"({keep.mode} {value:.4f}; `output.from: best`).",
+        f"Training stopped early after step {steps} of {spec.training.max_steps} "
+        f"(`training.earlyStopping`): `{rule.metric}` had not improved by more than "
+        f"{rule.min_delta:g} for {stall.since} validations (patience {rule.patience}); "
+        f"its best, {rule.mode} {value:.4f}, was at step {stall.best.step}.",
         "",
     ]
 
 
-def metrics_table(spec: TrainingSpec, scores: list[Scores]) -> list[str]:
-    """A row per validation step (and, for customDiffusion, per concept)."""
-    metrics = [str(m) for m in spec.validation.metrics]
-    pres = any(PRES in entry.overall for entry in scores)
-    metrics += [PRES] if pres else []
+def chosen_weights(spec: TrainingSpec, best: Chosen | None, steps: int) -> list[str]:
+    """The card's word on `output.from: best`: whose weights these are (and their step's
+    loss, when not the last step's), and the best validation's when its checkpoint was
+    gone."""
+    keep = spec.checkpointing.keep_best
+    if best is None or keep is None:
+        return []
+    chosen = best.scores
+    value = chosen.overall[keep.metric]
+    # The card's first line gives the last step's loss; another step's is its own.
+    loss = (
+        f" Step {chosen.step}'s training loss was {best.loss:.4f}."
+        if best.loss is not None and chosen.step != steps
+        else ""
+    )
+    if best.gone is None:
+        return [
+            f"These are the weights of step {chosen.step}, the best validation by "
+            f"`{keep.metric}` ({keep.mode} {value:.4f}; `output.from: best`).{loss}",
+            "",
+        ]
+    gone = best.gone.overall[keep.metric]
+    return [
+        f"These are the weights of step {chosen.step}, the best validation by "
+        f"`{keep.metric}` among those whose weights were left ({keep.mode} {value:.4f}; "
+        f"`output.from: best`).{loss} The best, step {best.gone.step} ({gone:.4f}), has no "
+        "checkpoint left: retention deleted it before `checkpointing.keepBest` named it "
+        "(set or changed on a resume), or it could not be read.",
+        "",
+    ]
+
+
+def metrics_sentence(spec: TrainingSpec, metrics: list[str], pres: bool) -> str:
+    """What each metric scored in this run compares, for the method."""
     held = sum(c.hold_out for c in spec.data.concepts)
     against = f"{held} held-out instance images" if held else "the instance images (none held out)"
     if spec.validation.distillation is not None:
         against = "the teacher's image of the same prompt and seed"
+    parts = {
+        Metric.CLIP_TEXT.value: "`clipText` (CLIP) with their prompts",
+        Metric.CLIP_IMAGE.value: f"`clipImage` (CLIP) with {against}",
+        Metric.DINO.value: f"`dino` (DINO ViT) with {against}",
+        PRES: "`pres` (DINO) of class-prompt samples with the class images",
+    }
+    named = [parts[m] for m in metrics if m in parts and (m != PRES or pres)]
+    if not named:
+        return ""
+    listed = ", ".join(named[:-1]) + (" and " if len(named) > 1 else "") + named[-1]
+    return f"Cosine similarities of each validation's samples: {listed}."
+
+
+def metrics_table(spec: TrainingSpec, scores: list[Scores]) -> list[str]:
+    """A row per validation step (and, for customDiffusion, per concept): the metrics
+    scored."""
+    scored = {m for entry in scores for m in entry.overall}
+    metrics = [str(m) for m in spec.validation.metrics if str(m) in scored]
+    pres = PRES in scored
+    metrics += [PRES] if pres else []
     lines = [
         "## Validation metrics",
         "",
-        "Cosine similarities of each validation's samples: `clipText` with their prompts "
-        f"(CLIP), `clipImage` (CLIP) and `dino` (DINO ViT) with {against}"
-        + (", `pres` (DINO) of class-prompt samples with the class images." if pres else "."),
+        metrics_sentence(spec, metrics, pres),
         "",
         "| step | concept | " + " | ".join(metrics) + " |",
         "| ---: | --- |" + " ---: |" * len(metrics),
@@ -158,8 +231,9 @@ def metrics_table(spec: TrainingSpec, scores: list[Scores]) -> list[str]:
     for entry in scores:
         rows = [(ALL, entry.overall), *entry.concepts.items()]
         for concept, values in rows:
+            label = concept if concept == ALL else cell(code(concept))
             cells = [f"{values[m]:.4f}" if m in values else "-" for m in metrics]
-            lines.append(f"| {entry.step} | {concept} | " + " | ".join(cells) + " |")
+            lines.append(f"| {entry.step} | {label} | " + " | ".join(cells) + " |")
     return [*lines, "", *distillation_table(spec, scores)]
 
 

@@ -70,7 +70,7 @@ class OutputSpec(ApiModel):
         alias="from",
         description=(
             "Which weights are the result: the `last` step's, or the `best` validation's "
-            "by `checkpointing.keepBest` (its checkpoint's weights, or the last step's when "
-            "its final validation is the best)."
+            "by `checkpointing.keepBest` among those whose weights are left (a kept "
+            "checkpoint's, or the last step's); the model card says which step's they are."
         ),
     )

@@ -233,7 +233,12 @@ def test_a_hub_evaluator_with_pickled_weights_only_is_fetched_with_them(
     calls: list[list[str] | None] = []
 
     def snapshot(
-        uri: str, cache_dir: Path, ignore: list[str] | None = None, token_env: str = ""
+        uri: str,
+        cache_dir: Path,
+        ignore: list[str] | None = None,
+        token_env: str = "",
+        field: str = "",
+        default: bool = False,
     ) -> Path:
         calls.append(ignore)
         if ignore is not None and "*.bin" not in ignore:

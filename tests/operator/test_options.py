@@ -55,7 +55,10 @@ def operator_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pytest.Monk
     """`main` writes its settings into the environment: restored after the test. No
     cluster: an operator that got past its settings would stop there, with exit 1."""
     for name in SET_BY_MAIN:
-        monkeypatch.delenv(name, raising=False)
+        # Set, then deleted: a name monkeypatch only deleted while absent is not put back
+        # as absent, and what `main` writes there would leak into later tests.
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
     return monkeypatch
 

@@ -22,21 +22,17 @@ def improves(value: float, best: float, mode: str, min_delta: float = 0.0) -> bo
     return value > best + min_delta if mode == Mode.MAX else value < best - min_delta
 
 
+def ranked(history: list[Scores], metric: str, mode: str) -> list[Scores]:
+    """The validations scored by `metric`, best first (the earlier of equals first: the
+    sort is stable over `history`, which is in step order)."""
+    scored = [s for s in history if s.overall.get(metric) is not None]
+    sign = -1.0 if mode == Mode.MAX else 1.0
+    return sorted(scored, key=lambda s: sign * s.overall[metric])
+
+
 def best_of(history: list[Scores], metric: str, mode: str) -> Scores | None:
     """The validation with the best `metric` (the earliest of equals); None without one."""
-    best: Scores | None = None
-    for scores in history:
-        value = scores.overall.get(metric)
-        if value is not None and (best is None or improves(value, best.overall[metric], mode)):
-            best = scores
-    return best
-
-
-def ranked(history: list[Scores], metric: str, mode: str) -> list[Scores]:
-    """The validations scored by `metric`, best first (the earlier of equals first)."""
-    scored = [s for s in history if metric in s.overall]
-    sign = -1.0 if mode == Mode.MAX else 1.0
-    return sorted(scored, key=lambda s: (sign * s.overall[metric], s.step))
+    return next(iter(ranked(history, metric, mode)), None)
 
 
 @dataclass(frozen=True)

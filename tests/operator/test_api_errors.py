@@ -7,13 +7,15 @@ admission or conflict checks do.
 
 from __future__ import annotations
 
+from typing import Any
+
 import kmock
 import kubernetes
 import pytest
 
 from tests.emulator import EmulatedCluster
 from tests.operator.conftest import PLURAL, Kube, OperatorProcess, wait_for
-from tests.operator.test_lifecycle import NAME, condition, document, run_gang, start
+from tests.operator.test_lifecycle import NAME, condition, document, reason, run_gang, start
 
 
 @pytest.mark.usefixtures("operator")
@@ -159,22 +161,29 @@ FORBIDDEN = (
 )
 
 
+def forbid_jobs(cluster: EmulatedCluster, namespace: str) -> None:
+    """The API forbids the next three Jobs created in `namespace`, then allows them."""
+    cluster.handler.refuse(
+        kmock.action.CREATE, "jobs", namespace, 403, FORBIDDEN, reason="Forbidden", times=3
+    )
+
+
+def wait_forbidden(kube: Kube, namespace: str, type_: str) -> dict[str, Any]:
+    """The job's status once its `type_` condition says the API forbids a child."""
+    return kube.wait_status(
+        NAME, namespace, lambda s: reason(s, type_) == "Forbidden", f"{type_}=False Forbidden"
+    )
+
+
 @pytest.mark.usefixtures("operator")
 def test_a_forbidden_job_waits_with_the_apis_word_and_is_created_once_allowed(
     kube: Kube, namespace: str, cluster: EmulatedCluster
 ) -> None:
     """An admission policy (or a quota on Jobs, or missing RBAC) forbids the Job: the
     cluster's admins may change that, so the job waits, saying why, and tries again."""
-    cluster.handler.refuse(
-        kmock.action.CREATE, "jobs", namespace, 403, FORBIDDEN, reason="Forbidden", times=3
-    )
+    forbid_jobs(cluster, namespace)
     kube.create_job(document(), namespace)
-    status = kube.wait_status(
-        NAME,
-        namespace,
-        lambda s: any(c.get("reason") == "Forbidden" for c in s.get("conditions", [])),
-        "Created=False Forbidden",
-    )
+    status = wait_forbidden(kube, namespace, "Created")
     assert status["phase"] == "Pending"
     assert condition(status, "Created")["status"] == "False"
     assert FORBIDDEN in condition(status, "Created")["message"]
@@ -192,17 +201,10 @@ def test_a_forbidden_new_attempt_waits_with_the_apis_word(
 ) -> None:
     start(kube, namespace, runPolicy={"backoffLimit": 2})
     run_gang(kube, namespace)
-    cluster.handler.refuse(
-        kmock.action.CREATE, "jobs", namespace, 403, FORBIDDEN, reason="Forbidden", times=3
-    )
+    forbid_jobs(cluster, namespace)
     kube.failed_pod(NAME, 0, 0, namespace, exit_code=1)
     kube.job_condition(f"{NAME}-a0", namespace, "Failed", "BackoffLimitExceeded")
-    status = kube.wait_status(
-        NAME,
-        namespace,
-        lambda s: any(c.get("reason") == "Forbidden" for c in s.get("conditions", [])),
-        "Running=False Forbidden",
-    )
+    status = wait_forbidden(kube, namespace, "Running")
     assert status["phase"] == "Restarting"
     assert status["attempt"] == 1
     assert FORBIDDEN in condition(status, "Running")["message"]

@@ -4,7 +4,6 @@ moves the job's `lastHeartbeat`: the operator restarts a gang whose heartbeat st
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -19,15 +18,7 @@ from finetune.trainer.process.stopping import Stopped, StopRequest
 from finetune.trainer.telemetry.status import StatusReporter
 from tests.fake_status_api import FakeApi
 from tests.support import lora_job
-
-STATUS_PATH = "/apis/finetune.dev/v1alpha1/namespaces/team-a/finetunejobs/disc-lora/status"
-
-
-@pytest.fixture
-def api() -> Iterator[FakeApi]:
-    server = FakeApi()
-    yield server
-    server.close()
+from tests.unit.test_reporting import STATUS_PATH
 
 
 class Clock:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,13 +19,6 @@ from tests.fake_status_api import FakeApi
 
 STATUS_PATH = "/apis/finetune.dev/v1alpha1/namespaces/team-a/finetunejobs/disc-lora/status"
 TOKEN = "sa-token-0123456789"
-
-
-@pytest.fixture
-def api() -> Iterator[FakeApi]:
-    server = FakeApi()
-    yield server
-    server.close()
 
 
 @pytest.fixture

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import pty
+import select
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -20,6 +23,19 @@ def stop(monkeypatch: pytest.MonkeyPatch) -> Iterator[stopping.StopRequest]:
     request = stopping.StopRequest()
     yield request
     request.close()
+
+
+# On a terminal of its own: once asked to stop, it says so, as a run's last words do.
+SAYS_IT_STOPPED = """
+import os, time
+from finetune.trainer.process import stopping
+stop = stopping.StopRequest()
+print("ready", flush=True)
+while not stop.requested:
+    time.sleep(0.05)
+print("Stopped at step 7; checkpoint saved.", flush=True)
+os._exit(0)
+"""
 
 
 def signal_soon(signum: int, delay: float = 0.2) -> threading.Timer:
@@ -127,3 +143,23 @@ def test_the_wait_for_uploads_says_how_to_leave_where_the_run_is(
     assert "waiting for the results' upload to s3://bucket/run" in said
     assert how in said
     assert ("Ctrl-C" in said) is not in_pod
+
+
+def test_a_closed_terminals_stop_is_not_cut_short_by_writing_to_it() -> None:
+    """The terminal hangs up (its other end closed), the kernel's SIGHUP asks for the
+    stop, and what the stop then prints goes nowhere instead of failing with EIO: the
+    hung-up terminal no longer passes for a terminal (`isatty`), yet it is left."""
+    pid, terminal = pty.fork()
+    if pid == 0:  # a fresh interpreter: no pytest threads in the child
+        os.execv(sys.executable, [sys.executable, "-c", SAYS_IT_STOPPED])
+    shown = b""
+    try:
+        deadline = time.monotonic() + 60
+        while b"ready" not in shown:  # its handler is in
+            assert time.monotonic() < deadline, shown
+            if select.select([terminal], [], [], 0.5)[0]:
+                shown += os.read(terminal, 4096)
+    finally:
+        os.close(terminal)  # the last close of the terminal's other end: a hang-up
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, shown

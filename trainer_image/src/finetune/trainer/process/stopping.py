@@ -20,8 +20,10 @@ The handler only sets a flag (or raises): no locks are taken in signal context.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
+import termios
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -167,14 +169,26 @@ class Patience:
 def leave_terminal() -> None:
     """After SIGHUP the terminal is gone, and writing to it fails (EIO): point standard
     output and error at /dev/null where they were a terminal, so the stop that follows
-    (a checkpoint) is not cut short by a progress bar. Files and pipes stay as they are."""
+    (a checkpoint, its message) is not cut short by a write. Files and pipes stay as they
+    are."""
     null = os.open(os.devnull, os.O_WRONLY)
     try:
         for fd in (1, 2):
-            if os.isatty(fd):
+            if _terminal(fd):
                 os.dup2(null, fd)
     finally:
         os.close(null)
+
+
+def _terminal(fd: int) -> bool:
+    """A terminal, also one that has hung up: `isatty` says False for that one, since the
+    kernel answers its every ioctl with EIO where anything else that is not a terminal
+    answers ENOTTY."""
+    try:
+        termios.tcgetattr(fd)
+    except termios.error as exc:
+        return bool(exc.args[0] == errno.EIO)
+    return True
 
 
 def current() -> StopRequest | None:

@@ -12,7 +12,7 @@ from finetune.api.selection import EarlyStopping, KeepBest, OutputFrom
 from finetune.api.training import TrainingSpec
 from finetune.trainer.checkpoints import manifest, run_checkpoints
 from finetune.trainer.engine.trainer import Trainer
-from finetune.trainer.evaluation.scores import Scores
+from finetune.trainer.evaluation.scores import Scores, settings_basis
 from finetune.trainer.evaluation.selection import (
     Selection,
     best_of,
@@ -80,6 +80,50 @@ def spec_with(**checkpointing: object) -> TrainingSpec:
             "output": {"uri": "/out"},
         }
     )
+
+
+def test_the_settings_basis_follows_what_a_figure_depends_on() -> None:
+    spec = spec_with()
+    same = settings_basis(spec)
+    for changed, differs in (
+        ({"prompts": ["a sks disc", "a sks disc on a beach"]}, True),
+        ({"imagesPerPrompt": 8}, True),
+        ({"inferenceSteps": 50}, True),
+        ({"evaluator": {"dinoModel": "/models/dinov2-large"}}, True),
+        ({"everyNSteps": 50}, False),  # when validations happen, not what they measure
+        ({"metrics": ["dino", "clipText"]}, False),  # another figure, the same dino
+    ):
+        validation = {**spec.validation.model_dump(by_alias=True, exclude_none=True), **changed}
+        other = spec.model_copy(
+            update={"validation": type(spec.validation).model_validate(validation)}
+        )
+        assert (settings_basis(other) != same) is differs, changed
+
+
+def test_validations_scored_with_other_settings_are_not_weighed(tmp_path: Path) -> None:
+    """A resume changed the prompts after steps 10 and 20: their scores (0.9 the highest)
+    are kept and listed, but the best and early stopping weigh only the new settings'."""
+    spec = spec_with(keepBest={"metric": "dino"})
+    earlier = [Scores(s.step, s.overall, basis="before") for s in run(0.9, 0.9)]
+    now = settings_basis(spec)
+    later = [Scores(30, {"dino": 0.5}, basis=now), Scores(40, {"dino": 0.6}, basis=now)]
+    legacy = Scores(5, {"dino": 0.99})  # from a version that kept no basis: weighed as before
+    selection = Selection(spec, [*earlier, *later, legacy], now)
+    assert selection.set_aside() == [10, 20]
+    assert [s.step for s in selection.comparable()] == [5, 30, 40]
+    assert [s.step for s in selection.history] == [5, 10, 20, 30, 40]
+    best = Selection(spec, [*earlier, *later], now).best()
+    assert best is not None
+    assert best.step == 40
+    manifest.write_manifest(tmp_path, 40, {}, [], selection.manifest_entries())
+    resumed = from_manifest(manifest.validations_of(tmp_path))
+    assert [s.basis for s in resumed] == [None, "before", "before", now, now]
+    rule = EarlyStopping(metric="dino", patience=2)
+    assert stalled(earlier + later[:1], rule) is not None  # 0.9, 0.9, 0.5: stalled if weighed
+    stopping = spec.model_copy(
+        update={"training": spec.training.model_copy(update={"early_stopping": rule})}
+    )
+    assert Selection(stopping, [*earlier, *later], now).stall() is None
 
 
 def test_local_retention_keeps_the_best_besides_the_newest(tmp_path: Path) -> None:

@@ -33,7 +33,7 @@ from finetune.trainer.engine.precision import PrecisionPlan
 from finetune.trainer.engine.speed import compile_unet, set_matmul_precision, to_channels_last
 from finetune.trainer.engine.zero import ZeroChoice, choose_stage, device_memory, weight_bytes
 from finetune.trainer.errors import JobInputError
-from finetune.trainer.evaluation.scores import Scores, history
+from finetune.trainer.evaluation.scores import Scores, history, settings_basis
 from finetune.trainer.evaluation.selection import Selection, from_manifest
 from finetune.trainer.evaluation.validation import Evaluation
 from finetune.trainer.families import family_named
@@ -141,7 +141,9 @@ class RunSetup:
             from_manifest(validations_of(self.found.folder))
             if self.found is not None and self.rank.main
             else [],
+            settings_basis(spec),
         )
+        self._say_set_aside()
         self.zero = self._zero_stage()
         groups = self.method.parameter_groups(self.module)
         self.engine, self.scheduler = start_engine(
@@ -293,6 +295,19 @@ class RunSetup:
             loss_of(self.found.folder) if self.rank.main else None
         )
         return loss
+
+    def _say_set_aside(self) -> None:
+        """Rank 0, on a resume that changed the validation settings: the earlier scores are
+        not weighed against the new ones (`Selection.comparable`), and the log says so."""
+        aside = self.selection.set_aside()
+        choosing = self.spec.checkpointing.keep_best or self.spec.training.early_stopping
+        if aside and choosing and self.rank.main:
+            log.warning(
+                "the validations of steps %s were scored with other validation settings "
+                "(changed since): keepBest, earlyStopping and output.from: best weigh only "
+                "the validations scored with this run's",
+                ", ".join(map(str, aside)),
+            )
 
     def _latest_scores(self, step: int) -> Scores | None:
         """Rank 0: the scores of the run's last validation up to `step`, from the checkpoint

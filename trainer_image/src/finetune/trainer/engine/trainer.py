@@ -137,7 +137,8 @@ class Trainer(RunSetup):
         before it (it is then made as usual)."""
         made = None
         if self.rank.main:
-            logged = [s for s in history(self.log_path) if s.step == step]
+            basis = self.selection.basis  # made with other settings: made again
+            logged = [s for s in history(self.log_path) if s.step == step and s.comparable(basis)]
             made = self.sampler.made(step, logged[-1] if logged else None)
         if not distributed.broadcast(made is not None):
             return None
@@ -276,7 +277,9 @@ class Trainer(RunSetup):
             best = self.selection.best()
             kept = self.checkpoints.kept() | {step}
             left = [
-                s for s in ranked(self.selection.history, keep.metric, keep.mode) if s.step in kept
+                s
+                for s in ranked(self.selection.comparable(), keep.metric, keep.mode)
+                if s.step in kept
             ]
         best, left = distributed.broadcast((best, left))
         if best is None:

@@ -4,6 +4,8 @@ validations before the resume too)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +13,7 @@ from typing import Any
 
 from finetune.api.metrics import Metric
 from finetune.api.status import ConceptMetrics, DistillationMetrics, ValidationMetrics
+from finetune.api.training import TrainingSpec
 from finetune.trainer.telemetry.train_log import entries
 
 ALL = "all"  # the concept label of scores over every sample
@@ -36,9 +39,14 @@ class Scores:
     seconds: float = 0.0  # what scoring took, models loaded and freed included
     # lcm, lcmLora: the student's step count -> metric -> value against the teacher
     distillation: dict[int, dict[str, float]] = field(default_factory=dict)
+    # The validation settings it was scored with (`settings_basis`); None in the logs of
+    # versions before it was kept.
+    basis: str | None = None
 
     def log_entry(self) -> dict[str, Any]:
         entry: dict[str, Any] = {"step": self.step, "validation": self.overall}
+        if self.basis is not None:
+            entry["basis"] = self.basis
         if self.concepts:
             entry["concepts"] = self.concepts
         if self.distillation:  # JSON keys are strings
@@ -54,7 +62,12 @@ class Scores:
             {k: dict(v) for k, v in entry.get("concepts", {}).items()},
             float(entry.get("evaluationSeconds", 0.0)),
             {int(n): dict(v) for n, v in entry.get("distillation", {}).items()},
+            entry.get("basis"),
         )
+
+    def comparable(self, basis: str | None) -> bool:
+        """Whether these figures may be weighed against those scored with `basis`."""
+        return basis is None or self.basis is None or self.basis == basis
 
     def status(self) -> ValidationMetrics:
         """`status.progress.metrics`."""
@@ -79,6 +92,18 @@ class Scores:
     def by_steps(self) -> list[tuple[str, int, float]]:
         """(metric, student steps, value) of the teacher comparison (lcm, lcmLora)."""
         return [(m, n, v) for n, values in self.distillation.items() for m, v in values.items()]
+
+
+def settings_basis(spec: TrainingSpec) -> str:
+    """A digest of the validation settings a figure depends on besides the weights: the
+    prompts, images per prompt, denoising steps, guidance, the teacher comparison and the
+    evaluators. `validation` may change on a resume, and figures scored with other settings
+    (more prompts, other evaluators) do not measure the same thing. When validations happen
+    (`everyNSteps`) and which metrics are scored change no figure, and are left out."""
+    settings = spec.validation.model_dump(
+        mode="json", by_alias=True, exclude={"every_n_steps", "metrics"}
+    )
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _named(values: dict[str, float]) -> dict[str, float]:

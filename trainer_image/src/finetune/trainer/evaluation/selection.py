@@ -85,26 +85,36 @@ def from_manifest(entries: list[dict[str, Any]]) -> list[Scores]:
 class Selection:
     """Rank 0's validations of a run (scores only: the weights are in checkpoints)."""
 
-    def __init__(self, spec: TrainingSpec, history: list[Scores]) -> None:
+    def __init__(self, spec: TrainingSpec, history: list[Scores], basis: str | None = None) -> None:
         self.keep_best = spec.checkpointing.keep_best
         self.early_stopping = spec.training.early_stopping
         self.history = sorted(history, key=lambda s: s.step)
+        self.basis = basis  # this run's validation settings (`settings_basis`)
 
     def add(self, scores: Scores) -> None:
         """A validation's scores; a step scored again replaces its earlier scores."""
         self.history = [s for s in self.history if s.step != scores.step] + [scores]
 
+    def comparable(self) -> list[Scores]:
+        """The validations scored with this run's validation settings: those a choice
+        weighs (the others, before a resume changed the settings, stay in the history)."""
+        return [s for s in self.history if s.comparable(self.basis)]
+
+    def set_aside(self) -> list[int]:
+        """The steps whose validations were scored with other settings."""
+        return [s.step for s in self.history if not s.comparable(self.basis)]
+
     def best(self) -> Scores | None:
         """The best validation by `keepBest`; None without the rule or a validation."""
         if self.keep_best is None:
             return None
-        return best_of(self.history, self.keep_best.metric, self.keep_best.mode)
+        return best_of(self.comparable(), self.keep_best.metric, self.keep_best.mode)
 
     def stall(self) -> Stall | None:
         """Set once `earlyStopping` says the run should stop."""
         if self.early_stopping is None:
             return None
-        return stalled(self.history, self.early_stopping)
+        return stalled(self.comparable(), self.early_stopping)
 
     def manifest_entries(self) -> list[dict[str, Any]]:
         return to_manifest(self.history)

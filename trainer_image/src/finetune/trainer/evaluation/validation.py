@@ -33,7 +33,7 @@ from finetune.trainer.evaluation.references import (
     groups_of_prompt,
     reference_groups,
 )
-from finetune.trainer.evaluation.scores import PRES, Scores
+from finetune.trainer.evaluation.scores import PRES, Scores, settings_basis
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -54,6 +54,7 @@ class Evaluation:
         class_folders: list[Path] | None = None,
     ) -> None:
         self.metrics = [Metric(m) for m in spec.validation.metrics]
+        self.basis = settings_basis(spec)
         self.clip_folder = clip_folder
         self.dino_folder = dino_folder
         self.device = device
@@ -132,6 +133,7 @@ class Evaluation:
             self._by_concept(per_sample, per_group, groups),
             time.perf_counter() - started,
             by_steps,
+            self.basis,
         )
 
     def _teacher_embeddings(

@@ -34,7 +34,10 @@ class Optimizer(StrEnum):
 class EmaSpec(ApiModel):
     """Exponential moving average of the trained weights (full fine-tunes only)."""
 
-    enabled: bool = Field(default=False, description="Keep an EMA copy and save it as the result.")
+    enabled: bool = Field(
+        default=False,
+        description="Keep an EMA copy of the UNet: validations sample it, and it is the result.",
+    )
     decay: float = Field(default=0.9999, gt=0, lt=1, description="EMA decay per optimizer step.")
 
 

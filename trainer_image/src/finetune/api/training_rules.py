@@ -234,19 +234,8 @@ def _selection_problems(spec: TrainingSpec) -> list[Problem]:
             problems.append(
                 Problem(path, f"{rule.metric} is not among validation.metrics ({listed})")
             )
-    if spec.output.from_ == OutputFrom.BEST:
-        if spec.checkpointing.keep_best is None:
-            problems.append(
-                Problem(
-                    "output.from", "best needs checkpointing.keepBest (the metric to choose by)"
-                )
-            )
-        if spec.training.ema.enabled:
-            problems.append(
-                Problem(
-                    "output.from",
-                    "best is not available with training.ema: validations score the trained "
-                    "weights, the result would be their EMA",
-                )
-            )
+    if spec.output.from_ == OutputFrom.BEST and spec.checkpointing.keep_best is None:
+        problems.append(
+            Problem("output.from", "best needs checkpointing.keepBest (the metric to choose by)")
+        )
     return problems

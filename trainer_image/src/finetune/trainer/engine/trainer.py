@@ -11,6 +11,8 @@ import logging
 import math
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -150,13 +152,31 @@ class Trainer(RunSetup):
 
     def _validate(self, step: int) -> Validation:
         """Samples of `step` on every rank together; rank 0 reports them and keeps the scores."""
-        validation = self.sampler.at(step)
+        with self._delivered_weights():
+            validation = self.sampler.at(step)
         self.telemetry.validation(
             step, validation.scores, validation.grid, validation.distillation_grid
         )
         if validation.scores is not None:
             self.selection.add(validation.scores)
         return validation
+
+    @contextmanager
+    def _delivered_weights(self) -> Iterator[None]:
+        """The weights the job would deliver, in the model for a validation: with
+        `training.ema` their EMA (as diffusers' scripts validate), so that the samples,
+        their scores and what keepBest, earlyStopping and `output.from: best` choose by are
+        of the weights a user gets. The trained weights are put back after, bit for bit."""
+        if self.ema is None:
+            yield
+            return
+        trained = list(self.module.unet.parameters())
+        self.ema.store(trained)  # a copy in host memory, not on the device
+        self.ema.copy_to(trained)
+        try:
+            yield
+        finally:
+            self.ema.restore(trained)
 
     def _stops_early(self, step: int) -> Stall | None:
         """On every rank, after a validation: where the run stands when
@@ -230,14 +250,14 @@ class Trainer(RunSetup):
                 print(left_message(step, self.checkpoints), flush=True)
             return EXIT_INTERRUPTED
         self.telemetry.uploads(self.checkpoints.uploads)
-        if self.ema is not None:
-            self.ema.copy_to(self.module.unet.parameters())
         if validation is None and self.spec.validation.prompts:
             if step == self.resumed_step:
                 validation = self._validation_made(step)
             if validation is None:
                 validation = self._validate(step)
-        best = self._best_weights(step, last_loss)
+        best = self._best_weights(step, last_loss)  # loads the chosen step's EMA too
+        if self.ema is not None:  # the result is the EMA, as every validation judged it
+            self.ema.copy_to(self.module.unet.parameters())
         code = EXIT_OK
         try:
             finish_run(

@@ -147,6 +147,33 @@ def test_custom_diffusion_scores_each_concept_by_its_token(
     assert set(scores.overall) == {"clipText", "dino"}
 
 
+def test_a_token_inside_a_longer_token_is_not_its_concept(tmp_path: Path) -> None:
+    """Ten concepts and more, tokens without a closing bracket: `sks10` is its own token
+    to the tokenizer, not `sks1` followed by `0`, so its prompts and images are not
+    `sks1`'s."""
+    tokens = [f"sks{n}" for n in range(1, 11)]
+    folders = [write_images(tmp_path / f"c{n}", 2, resolution=64, seed=n) for n in range(10)]
+    document = lora_job(
+        method="customDiffusion",
+        lora=None,
+        customDiffusion={"modifierTokens": tokens, "initializerTokens": ["ktn"] * 10},
+        data={
+            "concepts": [
+                {"instanceImages": str(folder), "instancePrompt": f"a {token} thing"}
+                for folder, token in zip(folders, tokens, strict=True)
+            ]
+        },
+        validation={"prompts": ["a sks10 thing"], "metrics": ["dino"]},
+    )
+    spec: TrainingSpec = FineTuneJob.model_validate(document).spec
+    groups = reference_groups(spec, folders)
+    first, tenth = groups[0], groups[9]
+    assert (first.label, tenth.label) == ("sks1", "sks10")
+    assert first.images == tuple(sorted(folders[0].iterdir()))  # not the tenth's too
+    assert [g.label for g in groups if g.takes("a sks10 thing")] == ["sks10"]
+    assert [g.label for g in groups if g.takes("sks1 beside sks10")] == ["sks1", "sks10"]
+
+
 def test_an_lcm_student_is_scored_against_its_teachers_images(
     tmp_path: Path, tiny_evaluators: tuple[Path, Path]
 ) -> None:

@@ -17,6 +17,7 @@ class's images (`class_references`).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,9 +32,19 @@ class ReferenceGroup:
     label: str  # `all`, or a customDiffusion modifier token
     images: tuple[Path, ...]
     token: str | None = None  # customDiffusion: the token a prompt must contain
+    tokens: tuple[str, ...] = ()  # customDiffusion: every modifier token of the job
 
     def takes(self, prompt: str) -> bool:
-        return self.token is None or self.token in prompt
+        return self.token is None or self.token in modifier_tokens_in(prompt, self.tokens)
+
+
+def modifier_tokens_in(text: str, tokens: tuple[str, ...]) -> set[str]:
+    """The modifier tokens `text` holds, found as the tokenizer finds added tokens: left to
+    right, the longest at each place, so `sks10` holds `sks10` and not `sks1`."""
+    if not tokens:
+        return set()
+    longest_first = sorted(tokens, key=len, reverse=True)
+    return set(re.findall("|".join(map(re.escape, longest_first)), text))
 
 
 def concept_references(spec: TrainingSpec, folders: list[Path]) -> list[tuple[Path, ...]]:
@@ -52,15 +63,16 @@ def reference_groups(spec: TrainingSpec, folders: list[Path]) -> list[ReferenceG
     if spec.method != Method.CUSTOM_DIFFUSION or spec.custom_diffusion is None:
         return [ReferenceGroup(ALL, tuple(p for images in references for p in images))]
     groups = []
-    for token in spec.custom_diffusion.modifier_tokens:
+    tokens = tuple(spec.custom_diffusion.modifier_tokens)
+    for token in tokens:
         images = tuple(
             p
             for concept, paths in zip(spec.data.concepts, references, strict=True)
-            if token in concept.instance_prompt
+            if token in modifier_tokens_in(concept.instance_prompt, tokens)
             for p in paths
         )
         if images:
-            groups.append(ReferenceGroup(token, images, token))
+            groups.append(ReferenceGroup(token, images, token, tokens))
     return groups
 
 

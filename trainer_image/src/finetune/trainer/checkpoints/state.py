@@ -62,7 +62,9 @@ class TrainingState:
         if data_state.exists():
             self.batches.load_state(json.loads(data_state.read_text()))
         if self.ema is not None:
-            self.ema.load_state_dict(torch.load(folder / EMA_STATE, weights_only=False))
+            self.ema.load_state_dict(
+                torch.load(folder / EMA_STATE, map_location=device, weights_only=False)
+            )
         if (folder / METHOD_STATE).exists():
             self.method.load_checkpoint_state(
                 torch.load(folder / METHOD_STATE, map_location=device, weights_only=False)

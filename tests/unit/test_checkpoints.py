@@ -63,6 +63,7 @@ def start_run(
     layout: dict[str, Any] | None = None,
     engine: FakeEngine | None = None,
     keep_best: KeepBest | None = None,
+    basis: str | None = None,
 ) -> tuple[RunCheckpoints, FakeEngine, int]:
     """A run's checkpoints as a run starts them: the newest found and resumed from; the
     step it goes on from."""
@@ -76,6 +77,7 @@ def start_run(
         replica,
         (lambda where, step: reported.append((where, step))) if reported is not None else None,
         keep_best,
+        basis=basis,
     )
     step = checkpoints.resume(checkpoints.newest(), state, layout or {"ranks": 1})
     return checkpoints, engine, step

@@ -135,6 +135,25 @@ def test_local_retention_keeps_the_best_besides_the_newest(tmp_path: Path) -> No
     assert sorted(p.name for p in root.iterdir()) == ["step-00000020", "step-00000040"]
 
 
+def test_retention_keeps_the_best_of_the_scores_made_with_the_runs_settings(
+    tmp_path: Path,
+) -> None:
+    """Step 20 scored 0.9 with the settings before a resume changed them: retention keeps
+    step 40, the best of this run's scores, not step 20."""
+    root = tmp_path / "checkpoints"
+    checkpoints, _, _ = start_run(root, keep_last=1, keep_best=KeepBest(metric="dino"), basis="now")
+    history = [
+        Scores(10, {"dino": 0.5}, basis="before"),
+        Scores(20, {"dino": 0.9}, basis="before"),
+        Scores(30, {"dino": 0.6}, basis="now"),
+        Scores(40, {"dino": 0.7}, basis="now"),
+        Scores(50, {"dino": 0.65}, basis="now"),
+    ]
+    for index, scores in enumerate(history):
+        checkpoints.save(scores.step, to_manifest(history[: index + 1]))
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000040", "step-00000050"]
+
+
 @pytest.mark.slow  # starts moto's S3 server
 def test_the_best_checkpoint_outlives_keep_last_in_s3_and_comes_back(
     moto: Moto,  # noqa: F811

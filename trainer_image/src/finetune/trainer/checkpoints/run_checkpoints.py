@@ -93,15 +93,18 @@ class RunCheckpoints:
         report: Callable[[str, int], None] | None = None,
         keep_best: KeepBest | None = None,
         record_of: Path | None = None,
+        basis: str | None = None,
     ) -> None:
         """`replica`: the remote output's store; `report(where, step)`: a checkpoint counts;
         `keep_best`: the metric whose best checkpoint outlives `keep_last`; `record_of`:
-        the run's folder, whose record goes to the replica with each checkpoint."""
+        the run's folder, whose record goes to the replica with each checkpoint; `basis`:
+        the run's validation settings (`settings_basis`), the scores `keep_best` weighs."""
         self.root = root
         self.rank = rank
         self.device = device
         self.keep_last = keep_last
         self.keep_best = keep_best
+        self.basis = basis
         self.report = report
         self.replica = (
             Replica(replica, root, rank, device, self._durable) if replica is not None else None
@@ -232,12 +235,14 @@ class RunCheckpoints:
         return {manifest.step_of(tag) for tag in tags if tag not in self.corrupt}
 
     def best_tag(self, step: int) -> str | None:
-        """The checkpoint of the best validation by `keepBest`, as `step`'s manifest
-        records them (only validation steps have one with keepBest); None without."""
+        """The checkpoint of the best validation by `keepBest` among those scored with the
+        run's settings, as `step`'s manifest records them (only validation steps have one
+        with keepBest); None without."""
         if self.keep_best is None:
             return None
         history = from_manifest(manifest.validations_of(self.root / manifest.tag_for(step)))
-        best = best_of(history, self.keep_best.metric, self.keep_best.mode)
+        comparable = [s for s in history if s.comparable(self.basis)]
+        best = best_of(comparable, self.keep_best.metric, self.keep_best.mode)
         return manifest.tag_for(best.step) if best is not None else None
 
     def _folders(self) -> list[Path]:

@@ -89,6 +89,7 @@ class RunSetup:
             self.reporter.checkpoint if self.reporter is not None else None,
             spec.checkpointing.keep_best,
             record_of=self.plan.work_dir,
+            basis=settings_basis(spec),
         )
         self.found = self.checkpoints.newest()
         self._check_resumable()

@@ -20,6 +20,9 @@ ALL = "all"  # the concept label of scores over every sample
 # Prior-preservation drift: DINO of class-prompt samples to the class images (with
 # prior preservation and `dino`); scored beside the metrics a job names.
 PRES = "pres"
+# What a figure means, in `settings_basis`: raised where the trainer changes how it scores.
+# 2: with training.ema the samples are the EMA's; Custom Diffusion tokens match longest first.
+SCORING = 2
 # Python's names of the status fields, by metric.
 _FIELDS = {
     Metric.CLIP_TEXT.value: "clip_text",
@@ -99,10 +102,13 @@ def settings_basis(spec: TrainingSpec) -> str:
     prompts, images per prompt, denoising steps, guidance, the teacher comparison and the
     evaluators. `validation` may change on a resume, and figures scored with other settings
     (more prompts, other evaluators) do not measure the same thing. When validations happen
-    (`everyNSteps`) and which metrics are scored change no figure, and are left out."""
+    (`everyNSteps`) and which metrics are scored change no figure, and are left out, as are
+    settings left at their defaults (a field a later version adds changes no digest).
+    `SCORING` changes it where the trainer changes what a figure means."""
     settings = spec.validation.model_dump(
-        mode="json", by_alias=True, exclude={"every_n_steps", "metrics"}
+        mode="json", by_alias=True, exclude={"every_n_steps", "metrics"}, exclude_defaults=True
     )
+    settings["scoring"] = SCORING
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -1,10 +1,11 @@
 """`training.ema`: every validation samples and scores the EMA weights, which are what the
 job saves, and the trained weights go back into the model after it, bit for bit.
 
-Two runs of one job, one process each, differ only in `maxSteps` (4 and 2): they train
-steps 1 and 2 alike. The long run validates step 2 mid-run; the short run validates it
-with its results, from the weights it saves. With `output.from: best` the long run's
-result is the chosen step's EMA, from that step's checkpoint.
+Three runs of one job, one process each, train steps 1 and 2 alike: `long` (4 steps)
+validates step 2 mid-run; `short` (2 steps) validates it with its results, from the
+weights it saves; `plain` (2 steps) keeps no EMA, so its samples are the trained weights'.
+With `output.from: best` the long run's result is the chosen step's EMA, from that step's
+checkpoint.
 """
 
 from __future__ import annotations
@@ -26,7 +27,12 @@ pytestmark = pytest.mark.slow
 
 
 def ema_job(
-    folder: Path, model: Path, images: Path, evaluators: tuple[Path, Path], steps: int
+    folder: Path,
+    model: Path,
+    images: Path,
+    evaluators: tuple[Path, Path],
+    steps: int,
+    ema: bool = True,
 ) -> Path:
     folder.mkdir()
     clip, dino = evaluators
@@ -35,9 +41,9 @@ def ema_job(
         model,
         images,
         method="dreambooth",
-        training={"maxSteps": steps, "learningRate": 1e-3, "ema": {"enabled": True, "decay": 0.9}},
-        # min: here step 2 scores lower, so the long run's result comes from step 2's
-        # checkpoint (the assertions hold whichever step is chosen).
+        training={"maxSteps": steps, "learningRate": 1e-3, "ema": {"enabled": ema, "decay": 0.9}},
+        # min: here step 2 scores lower than step 4, so the long run's result comes from
+        # step 2's checkpoint (its EMA loaded back at the end).
         checkpointing={"everyNSteps": 2, "keepBest": {"metric": "dino", "mode": "min"}},
         validation={
             "prompts": [PROMPT],
@@ -62,7 +68,11 @@ def checkpoint(out: Path, step: int) -> tuple[dict[str, torch.Tensor], list[torc
     trained = {
         k.removeprefix("unet."): v for k, v in states["module"].items() if k.startswith("unet.")
     }
-    ema = torch.load(folder / "ema.pt", weights_only=False)["shadow_params"]
+    ema = (
+        torch.load(folder / "ema.pt", weights_only=False, map_location="cpu")["shadow_params"]
+        if (folder / "ema.pt").exists()
+        else []
+    )
     return trained, ema
 
 
@@ -73,13 +83,16 @@ def test_validations_judge_the_ema_weights_the_job_saves(
 
     long = ema_job(tmp_path / "long", tiny_model, disc_images, tiny_evaluators, steps=4)
     short = ema_job(tmp_path / "short", tiny_model, disc_images, tiny_evaluators, steps=2)
+    plain = ema_job(tmp_path / "plain", tiny_model, disc_images, tiny_evaluators, 2, ema=False)
     finished = finetune_run(long, nproc=1)
     finetune_run(short, nproc=1)
-    long_out, short_out = long.parent / "out", short.parent / "out"
+    finetune_run(plain, nproc=1)
+    long_out, short_out, plain_out = (job.parent / "out" for job in (long, short, plain))
 
     # Step 2 mid-run looks and scores as step 2's saved result: the EMA, not the trained weights.
     grid = Path("samples") / "step-00000002" / "grid.png"
     assert np.array_equal(pixels(long_out / grid), pixels(short_out / grid))
+    assert not np.array_equal(pixels(long_out / grid), pixels(plain_out / grid))
     scored = [
         {e["step"]: e["validation"]["dino"] for e in train_log(out) if "validation" in e}
         for out in (long_out, short_out)
@@ -94,16 +107,20 @@ def test_validations_judge_the_ema_weights_the_job_saves(
     )
 
     # The trained weights went back after that validation: the long run's checkpoint of
-    # step 2, saved after it, holds what the short run's holds (saved before its own).
+    # step 2, saved after it, holds what the others hold (saved before their own, and
+    # plain's with no EMA at all).
     long_trained, long_ema = checkpoint(long_out, 2)
-    short_trained, _ = checkpoint(short_out, 2)
-    assert long_trained.keys() == short_trained.keys()
-    for name, weight in long_trained.items():
-        assert torch.equal(weight, short_trained[name]), name
+    for other in (short_out, plain_out):
+        other_trained = checkpoint(other, 2)[0]
+        assert long_trained.keys() == other_trained.keys()
+        for name, weight in long_trained.items():
+            assert torch.equal(weight, other_trained[name]), name
 
     # output.from: best with EMA: the chosen step's EMA, from its checkpoint.
-    chosen = int(re.search(r"the weights of step (\d+)", finished.stdout).group(1))
-    trained, ema = checkpoint(long_out, chosen) if chosen != 2 else (long_trained, long_ema)
+    chosen = re.search(r"the weights of step (\d+)", finished.stdout)
+    assert chosen is not None, finished.stdout
+    assert chosen.group(1) == "2", "step 4 scored lower: flip keepBest's mode"
+    trained, ema = long_trained, long_ema  # step 2's
     result = UNet2DConditionModel.from_pretrained(long_out / "unet")
     saved = list(result.parameters())
     assert len(saved) == len(ema)

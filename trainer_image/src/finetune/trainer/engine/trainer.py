@@ -166,8 +166,9 @@ class Trainer(RunSetup):
         """The weights the job would deliver, in the model for a validation: with
         `training.ema` their EMA (as diffusers' scripts validate), so that the samples,
         their scores and what keepBest, earlyStopping and `output.from: best` choose by are
-        of the weights a user gets. The trained weights are put back after, bit for bit."""
-        if self.ema is None:
+        of the weights a user gets. The trained weights are put back after, bit for bit.
+        Rank 0 alone samples (the others wait), so it alone swaps."""
+        if self.ema is None or not self.rank.main:
             yield
             return
         trained = list(self.module.unet.parameters())

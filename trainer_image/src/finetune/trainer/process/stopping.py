@@ -15,7 +15,8 @@ is remembered, not fatal. What the process does decides how fast it answers:
 - a blocking call in C that may never come back to Python (the rendezvous, waiting for
   peers that may never come) runs inside `ends_process()`: the signal's default action.
 
-The handler only sets a flag (or raises): no locks are taken in signal context.
+The handler sets a flag (or raises), and after SIGHUP points standard output and error
+at /dev/null (`leave_terminal`: system calls only): no locks are taken in signal context.
 """
 
 from __future__ import annotations

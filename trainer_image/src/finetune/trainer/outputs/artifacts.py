@@ -15,6 +15,7 @@ from finetune.trainer.outputs.result import MODEL_CARD
 from finetune.trainer.storage.files import file_digest
 
 PIPELINE_INDEX = "model_index.json"
+SAMPLES_FOLDER = "samples"
 # Weights first, then the model card, then samples: what the cap cuts is samples.
 _ORDER = [
     ArtifactKind.LORA,
@@ -25,6 +26,15 @@ _ORDER = [
     ArtifactKind.MODEL_CARD,
     ArtifactKind.SAMPLES,
 ]
+
+
+def sample_folder(work_dir: Path, step: int) -> Path:
+    """Where a run's folder holds the validation samples of `step`."""
+    return work_dir / SAMPLES_FOLDER / _sample_tag(step)
+
+
+def _sample_tag(step: int) -> str:
+    return f"step-{step:08d}"
 
 
 def pipeline_parts(work_dir: Path) -> set[str]:
@@ -61,7 +71,7 @@ def kind_of(relative: PurePosixPath, parts: set[str]) -> ArtifactKind | None:
         if top.endswith(".safetensors"):  # Custom Diffusion's `<token>.safetensors`
             return ArtifactKind.EMBEDDING
         return None
-    if top == "samples":
+    if top == SAMPLES_FOLDER:
         return ArtifactKind.SAMPLES
     if top in parts:
         return ArtifactKind.PIPELINE
@@ -91,7 +101,7 @@ def list_artifacts(
     # `samples/step-NNNNNNNN/...`: newest folder first (a stable sort keeps file order),
     # `first_steps`' before all.
     samples.sort(key=lambda item: item[1].parts[1], reverse=True)
-    first = [f"step-{step:08d}" for step in dict.fromkeys(first_steps)]  # `sample_folder`'s
+    first = [_sample_tag(step) for step in dict.fromkeys(first_steps)]
     samples.sort(
         key=lambda item: first.index(item[1].parts[1]) if item[1].parts[1] in first else len(first)
     )

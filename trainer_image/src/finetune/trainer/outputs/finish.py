@@ -15,7 +15,7 @@ from finetune.trainer.evaluation.scores import history
 from finetune.trainer.evaluation.selection import Chosen, Stall
 from finetune.trainer.methods import TrainedModules, TrainingMethod
 from finetune.trainer.outputs import artifacts, reproducible, result
-from finetune.trainer.outputs.samples import Validation, sample_folder
+from finetune.trainer.outputs.samples import Validation
 from finetune.trainer.storage.s3 import S3Settings
 from finetune.trainer.storage.store import open_store
 from finetune.trainer.telemetry.steps import StepTelemetry
@@ -49,7 +49,7 @@ def finish_run(
     work_dir = plan.work_dir
     grid = validation.grid
     if best is not None and best.scores.step != step:
-        best_grid = sample_folder(work_dir, best.scores.step) / "grid.png"
+        best_grid = artifacts.sample_folder(work_dir, best.scores.step) / "grid.png"
         grid = best_grid if best_grid.is_file() else None
     # The samples of the chosen weights' step (and the best's) and the last step's before
     # the others: never the ones a listing's cap cuts.

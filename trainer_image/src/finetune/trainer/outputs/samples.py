@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from finetune.trainer.evaluation.scores import Scores
 from finetune.trainer.evaluation.validation import Evaluation
+from finetune.trainer.outputs.artifacts import sample_folder
 from finetune.trainer.outputs.generation import PREFIX, GenerationContext, Samples
 from finetune.trainer.process import distributed
 from finetune.trainer.process.stopping import Stopped
@@ -21,10 +22,6 @@ if TYPE_CHECKING:
     from finetune.trainer.outputs.distillation import DistillationSamples
 
 log = logging.getLogger(__name__)
-
-
-def sample_folder(work_dir: Path, step: int) -> Path:
-    return work_dir / "samples" / f"step-{step:08d}"
 
 
 @dataclass(frozen=True)

@@ -79,6 +79,7 @@ class RunSetup:
             self.device = distributed.init(self.rank)
         self.precision = PrecisionPlan.of(spec)
         self.dtype = self.precision.compute
+        basis = settings_basis(spec)  # the validation settings this run's scores carry
         self.checkpoints = RunCheckpoints(
             self.plan.work_dir / "checkpoints",
             self.rank,
@@ -89,7 +90,7 @@ class RunSetup:
             self.reporter.checkpoint if self.reporter is not None else None,
             spec.checkpointing.keep_best,
             record_of=self.plan.work_dir,
-            basis=settings_basis(spec),
+            basis=basis,
         )
         self.found = self.checkpoints.newest()
         self._check_resumable()
@@ -142,7 +143,7 @@ class RunSetup:
             from_manifest(validations_of(self.found.folder))
             if self.found is not None and self.rank.main
             else [],
-            settings_basis(spec),
+            basis,
         )
         self._say_set_aside()
         self.zero = self._zero_stage()

@@ -155,3 +155,41 @@ def test_a_run_that_died_after_its_last_checkpoint_validates_once_when_run_again
     assert [e["step"] for e in train_log(out) if "validation" in e] == [2, 4]
     assert (out / "samples" / "step-00000004" / "grid.png").is_file()
     assert final_loss(out) == f"{train_log(out)[-2]['loss']:.4f}"
+
+
+def test_a_finished_run_run_again_with_other_prompts_makes_its_samples_again(
+    tmp_path: Path, tiny_model: Path, disc_images: Path
+) -> None:
+    """Without `validation.metrics` no score tells the validations apart: the grid itself
+    names the settings it was made with. Other prompts make the last step's samples
+    again, none of the earlier ones left beside them; the same prompts reuse them."""
+
+    def job(prompts: list[str]) -> Path:
+        return job_file(
+            tmp_path,
+            tiny_model,
+            disc_images,
+            training={"maxSteps": 2},
+            validation={"prompts": prompts, "imagesPerPrompt": 1, "inferenceSteps": 2},
+            checkpointing={"everyNSteps": 2},
+        )
+
+    def rows(grid: Path) -> int:
+        from PIL import Image
+
+        with Image.open(grid) as image:
+            return image.height // 64  # one row of 64 px images per prompt
+
+    out = tmp_path / "out"
+    samples = out / "samples" / "step-00000002"
+    finetune_run(job([PROMPT, "a photo of a disc on a table"]))
+    assert rows(samples / "grid.png") == 2
+
+    again = finetune_run(job([PROMPT]))
+    assert "resumed from" in again.stderr
+    assert rows(samples / "grid.png") == 1, "the grid of the earlier prompts was reused"
+    assert sorted(p.name for p in samples.iterdir()) == ["grid.png", "prompt-00-00.png"]
+    made = (samples / "grid.png").stat().st_mtime_ns
+
+    finetune_run(job([PROMPT]))
+    assert (samples / "grid.png").stat().st_mtime_ns == made, "the same prompts' grid is reused"

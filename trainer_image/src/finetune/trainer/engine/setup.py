@@ -79,7 +79,8 @@ class RunSetup:
             self.device = distributed.init(self.rank)
         self.precision = PrecisionPlan.of(spec)
         self.dtype = self.precision.compute
-        basis = settings_basis(spec)  # the validation settings this run's scores carry
+        # The validation settings this run's scores and sample grids carry.
+        basis = settings_basis(spec)
         self.checkpoints = RunCheckpoints(
             self.plan.work_dir / "checkpoints",
             self.rank,
@@ -177,7 +178,7 @@ class RunSetup:
             self.stop,
             self._alive,
         )
-        self.sampler = Sampler(generation, self.metrics, self.rank.main, self._evaluation())
+        self.sampler = Sampler(generation, self.metrics, self.rank.main, basis, self._evaluation())
         self.ema = None
         if hp.ema.enabled:
             from diffusers.training_utils import EMAModel

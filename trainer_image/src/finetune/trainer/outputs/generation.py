@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,15 @@ def grid(images: list[Any], columns: int) -> Any:
     for index, image in enumerate(images):
         sheet.paste(image, ((index % columns) * width, (index // columns) * height))
     return sheet
+
+
+def png_text(chunks: Mapping[str, str]) -> Any:
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in chunks.items():
+        info.add_text(key, value)
+    return info
 
 
 @dataclass(frozen=True)
@@ -63,6 +72,7 @@ class GenerationContext:
         prefix: str = PREFIX,
         *,
         steps: int | None = None,
+        grid_text: Mapping[str, str] | None = None,
     ) -> Samples:
         """The model as it is now, through the method's sampling modules and scheduler."""
         return self.generate(
@@ -72,6 +82,7 @@ class GenerationContext:
             prompts,
             prefix,
             steps=steps,
+            grid_text=grid_text,
         )
 
     @torch.no_grad()
@@ -86,12 +97,14 @@ class GenerationContext:
         steps: int | None = None,
         guidance_scale: float | None = None,
         pipeline_options: dict[str, Any] | None = None,
+        grid_text: Mapping[str, str] | None = None,
     ) -> Samples:
         """Generate `imagesPerPrompt` images for each prompt (`validation.prompts` unless
         given) with a fixed seed, as `PREFIX-II-NN.png` and a grid (`grid.png`, or
         `PREFIX-grid.png` for another prefix), in `steps` denoising steps with
         `guidance_scale` (by default the validation's), with `pipeline_options` in place of
-        the base model's pipeline settings where given (a teacher's own).
+        the base model's pipeline settings where given (a teacher's own). `grid_text`: PNG
+        text chunks the grid carries (what it was made with).
 
         A stop request ends it between two denoising steps (`Stopped`), the folder
         removed: no step's samples are ever half there."""
@@ -128,7 +141,9 @@ class GenerationContext:
             every = [image for per_prompt in images for image in per_prompt]
             # Written last and whole: a grid there says the step's samples are all there.
             with written_whole(path) as partial:
-                grid(every, validation.images_per_prompt).save(partial, format="PNG")
+                grid(every, validation.images_per_prompt).save(
+                    partial, format="PNG", pnginfo=png_text(grid_text or {})
+                )
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise

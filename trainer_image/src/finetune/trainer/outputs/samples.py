@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -23,6 +24,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# The grid's PNG text chunk naming the validation settings it was made with
+# (`settings_basis`): a run again reuses a step's samples only where they match.
+SETTINGS_CHUNK = "finetune:validation-settings"
+
 
 @dataclass(frozen=True)
 class Validation:
@@ -41,6 +46,7 @@ class Sampler:
     context: GenerationContext
     metrics: TrainerMetrics
     main: bool
+    basis: str  # the validation settings the samples are made with (`settings_basis`)
     evaluation: Evaluation | None = None  # rank 0, with `validation.metrics`
 
     def due(self, step: int) -> bool:
@@ -53,11 +59,19 @@ class Sampler:
         )
 
     def made(self, step: int, scores: Scores | None) -> Validation | None:
-        """Rank 0: the validation of `step` an earlier run made, its grid there and, with
-        `validation.metrics`, `scores` (its train-log line: written once everything was);
-        None where that run ended before."""
+        """Rank 0: the validation of `step` an earlier run made with this run's settings,
+        its grid there and, with `validation.metrics`, `scores` (its train-log line: written
+        once everything was); None where that run ended before, or made it otherwise (other
+        prompts, say)."""
         grid = sample_folder(self.context.work_dir, step) / "grid.png"
         if not grid.is_file() or (self.evaluation is not None and scores is None):
+            return None
+        try:
+            made_with = _made_with(grid)
+        except OSError:  # not a whole PNG
+            return None
+        if made_with not in (None, self.basis):  # None: a version before the chunk
+            log.info("step %d: its samples were made with other validation settings", step)
             return None
         return Validation(grid, scores)
 
@@ -66,6 +80,8 @@ class Sampler:
         the scores on rank 0."""
         validation = Validation()
         if self.main:
+            # Made again (a run again with other prompts): none of the earlier ones stay.
+            shutil.rmtree(sample_folder(self.context.work_dir, step), ignore_errors=True)
             try:
                 samples = self._generate(step)
                 # PRES: the class prompts' samples too, beside the others.
@@ -105,7 +121,20 @@ class Sampler:
         return DistillationSamples(self.context, comparison)
 
     def _generate(
-        self, step: int, prompts: Sequence[str] | None = None, prefix: str = PREFIX
+        self,
+        step: int,
+        prompts: Sequence[str] | None = None,
+        prefix: str = PREFIX,
     ) -> Samples:
         folder = sample_folder(self.context.work_dir, step)
-        return self.context.trained_samples(folder, prompts, prefix)
+        text = {SETTINGS_CHUNK: self.basis}
+        return self.context.trained_samples(folder, prompts, prefix, grid_text=text)
+
+
+def _made_with(grid: Path) -> str | None:
+    """The validation settings a grid names; None where it names none."""
+    from PIL import Image
+
+    with Image.open(grid) as image:
+        text = getattr(image, "text", {})  # PNG's text chunks; reading them reads the file
+        return text.get(SETTINGS_CHUNK)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import boto3
 import pytest
@@ -101,3 +103,84 @@ def test_missing_s3_prefix_names_the_uri(
     )
     result = finetune_run(job, nproc=1, env=CREDENTIALS, expect=2)
     assert "s3://data/nothing-here/: no objects under this S3 prefix" in result.stderr
+
+
+def prior_preservation_job(
+    folder: Path, model: Path, images: Path, output: str, endpoint: str, classes: str | None
+) -> Path:
+    """A DreamBooth job with prior preservation (2 class images) into the S3 `output`,
+    its class images kept at `classes` (in the output without one). Its cache, beside
+    the job file in `folder`, is a machine of its own."""
+    folder.mkdir()
+    concept = {
+        "instanceImages": str(images),
+        "instancePrompt": "a photo of sks disc",
+        "classPrompt": "a photo of a disc",
+        "classImages": {"count": 2, **({"uri": classes} if classes else {})},
+    }
+    return job_file(
+        folder,
+        model,
+        images,
+        method="dreambooth",
+        data={"concepts": [concept]},
+        training={"priorPreservation": True, "maxSteps": 1},
+        checkpointing={"everyNSteps": 1},
+        output={"uri": output, "s3EndpointUrl": endpoint},
+    )
+
+
+def stored(client: Any, bucket: str, prefix: str) -> dict[str, str]:
+    """Key -> ETag of every object under `prefix`."""
+    listing = client.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])
+    return {item["Key"]: item["ETag"] for item in listing}
+
+
+def test_class_images_generated_into_an_s3_prefix_are_kept_there_for_the_next_job(
+    tmp_path: Path, s3_endpoint: str, tiny_model: Path, disc_images: Path
+) -> None:
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    client.create_bucket(Bucket="runs")
+    classes = "s3://runs/class-images/disc"  # empty: the first job generates them
+
+    def run(name: str) -> str:
+        job = prior_preservation_job(
+            tmp_path / name, tiny_model, disc_images, f"s3://runs/{name}", s3_endpoint, classes
+        )
+        result = finetune_run(job, nproc=1, env=CREDENTIALS)
+        return result.stdout + result.stderr
+
+    first = run("first")
+    assert "generating 2 class images" in first
+    kept = stored(client, "runs", "class-images/disc/")
+    assert len(kept) == 2
+    assert all(key.endswith(".png") for key in kept)
+
+    second = run("second")  # another machine: its cache is empty
+    assert f"Class images {classes}: 2 fetched" in second
+    assert "generating" not in second, "the kept class images were generated again"
+    assert stored(client, "runs", "class-images/disc/") == kept
+
+
+def test_class_images_kept_in_an_s3_output_come_back_to_a_fresh_machine(
+    tmp_path: Path, s3_endpoint: str, tiny_model: Path, disc_images: Path
+) -> None:
+    """Without `classImages.uri` the output keeps them, sent as they are generated: a
+    job resumed on another machine trains with the same images, not new ones."""
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    client.create_bucket(Bucket="runs")
+    output = "s3://runs/disc"
+    job = prior_preservation_job(
+        tmp_path / "first", tiny_model, disc_images, output, s3_endpoint, None
+    )
+    finetune_run(job, nproc=1, env=CREDENTIALS)
+    kept = stored(client, "runs", "disc/class_images/concept-0/")
+    assert len(kept) == 2
+
+    # The same job on a fresh machine: its cache is empty.
+    moved = tmp_path / "second"
+    moved.mkdir()
+    again = finetune_run(Path(shutil.copy(job, moved / job.name)), nproc=1, env=CREDENTIALS)
+    assert f"Class images {output}/class_images/concept-0: 2 fetched" in again.stdout
+    assert "generating" not in again.stderr
+    assert stored(client, "runs", "disc/class_images/concept-0/") == kept

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ from finetune.trainer.models.components import Components, inference_pipeline
 from finetune.trainer.outputs.generation import step_callback
 from finetune.trainer.storage.files import written_whole
 
+log = logging.getLogger(__name__)
+
 
 def generate_missing(
     spec: TrainingSpec,
@@ -23,16 +26,25 @@ def generate_missing(
     device: torch.device,
     dtype: torch.dtype,
     alive: Callable[[], None] = lambda: None,
+    saved: Callable[[int, Path], None] = lambda index, image: None,
 ) -> None:
     """Top each concept's class folder up to `classImages.count` images, kept for reuse;
-    `alive` is called at each denoising step (hundreds of images take a while)."""
+    `alive` is called at each denoising step (hundreds of images take a while), and
+    `saved(concept index, image)` once each image is whole in its folder."""
     pipeline: Any = None
-    for concept, folder in zip(spec.data.concepts, folders, strict=True):
+    for index, (concept, folder) in enumerate(zip(spec.data.concepts, folders, strict=True)):
         folder.mkdir(parents=True, exist_ok=True)
         have = [p for p in folder.iterdir() if is_image_file(p)]
         missing = concept.class_images.count - len(have)
         if missing <= 0 or concept.class_prompt is None:
             continue
+        log.info(
+            "concept %d: generating %d class images into %s (%d there)",
+            index,
+            missing,
+            folder,
+            len(have),
+        )
         if pipeline is None:
             pipeline = inference_pipeline(components)
         tag = hashlib.sha1(concept.class_prompt.encode()).hexdigest()[:8]
@@ -58,4 +70,5 @@ def generate_missing(
                 target = folder / f"class-{tag}-{len(have) + made:05d}.png"
                 with written_whole(target) as partial:  # never a truncated image
                     image.save(partial, format="PNG")
+                saved(index, target)
                 made += 1

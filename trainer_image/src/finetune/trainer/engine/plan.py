@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from finetune.api.training import TrainingSpec
+from finetune.trainer.data.class_homes import ClassHome
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,13 @@ class RunPlan:
     # The fingerprint (`models.fingerprint`) of each model input's folder, by the spec
     # field naming it: a checkpoint records them, and resume refuses another model.
     model_fingerprints: dict[str, str] = field(default_factory=dict)
+    # The S3 prefix each class folder mirrors (`class_homes`), None for a local one.
+    class_uris: list[str | None] = field(default_factory=list)
+
+    @property
+    def class_homes(self) -> list[ClassHome]:
+        uris = self.class_uris or [None] * len(self.class_folders)
+        return [ClassHome(f, u) for f, u in zip(self.class_folders, uris, strict=True)]
 
     def to_json(self) -> str:
         return json.dumps(
@@ -46,6 +54,7 @@ class RunPlan:
                 "clipFolder": _text(self.clip_folder),
                 "dinoFolder": _text(self.dino_folder),
                 "modelFingerprints": self.model_fingerprints,
+                "classUris": self.class_uris,
             }
         )
 
@@ -66,6 +75,7 @@ class RunPlan:
             clip_folder=_path(raw.get("clipFolder")),
             dino_folder=_path(raw.get("dinoFolder")),
             model_fingerprints=raw.get("modelFingerprints", {}),
+            class_uris=raw.get("classUris", []),
         )
 
 

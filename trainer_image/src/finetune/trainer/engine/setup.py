@@ -25,6 +25,7 @@ from finetune.trainer.checkpoints.layout import (
 from finetune.trainer.checkpoints.manifest import loss_of, validations_of
 from finetune.trainer.checkpoints.run_checkpoints import RunCheckpoints
 from finetune.trainer.checkpoints.state import TrainingState
+from finetune.trainer.data import class_homes
 from finetune.trainer.data.batches import open_batches
 from finetune.trainer.data.encoding import Encoder
 from finetune.trainer.engine.deepspeed_setup import start_engine, trainer_clips
@@ -271,7 +272,10 @@ class RunSetup:
         return S3Settings.of(self.spec.output)
 
     def _ensure_class_images(self) -> None:
-        """Generate the class images a concept lacks with the base model (rank 0), once."""
+        """Generate the class images a concept lacks with the base model (rank 0), once,
+        each sent to the S3 prefix its folder mirrors; then another node's folders fetch
+        them from there."""
+        homes = self.plan.class_homes
         if self.rank.main:
             from finetune.trainer.data.class_images import generate_missing
 
@@ -286,8 +290,14 @@ class RunSetup:
                 self.device,
                 self.dtype,
                 self._alive,
+                class_homes.sender(homes, self._s3()),
             )
         distributed.barrier()
+        if any(home.uri for home in homes) and self.rank.world > 1:  # the same on every rank
+            if self.rank.local_rank == 0 and not self.rank.main:  # another node's first
+                for index, home in enumerate(homes):
+                    class_homes.fetch(home, self._s3(), f"spec.data.concepts[{index}]")
+            distributed.barrier()
 
     def _checkpoint_loss(self, step: int) -> float | None:
         """On every rank: the loss of the resumed checkpoint's step, as its manifest records

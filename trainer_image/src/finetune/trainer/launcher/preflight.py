@@ -15,6 +15,7 @@ import uuid
 from pathlib import Path
 
 from finetune.api.common import is_s3
+from finetune.trainer.data.class_homes import FOLDER as CLASS_IMAGES
 from finetune.trainer.errors import DiskFull, JobInputError
 from finetune.trainer.launcher.lease import LOCAL_LEASE, RUN_FOLDER
 from finetune.trainer.storage.s3 import S3Settings, S3Store
@@ -75,7 +76,7 @@ def check_s3_output(uri: str, settings: S3Settings) -> None:
 
 
 # What runs keep in their output: a name taken by something else would fail a run midway.
-RUN_FOLDERS = (RUN_FOLDER, "checkpoints", "samples", "class_images", "logs")
+RUN_FOLDERS = (RUN_FOLDER, "checkpoints", "samples", CLASS_IMAGES, "logs")
 RUN_FILES = (LOCAL_LEASE, "train_log.jsonl")
 
 

@@ -27,6 +27,7 @@ from finetune.api import pod
 from finetune.api.common import is_s3
 from finetune.api.pod import EXIT_FAILED, EXIT_INTERRUPTED
 from finetune.api.training import TrainingSpec
+from finetune.trainer.data import class_homes
 from finetune.trainer.data.captions import check_dataset
 from finetune.trainer.data.concepts import examples_from
 from finetune.trainer.data.images import ImageRules
@@ -152,7 +153,8 @@ def prepare(
             )
         layout = check_dataset(dataset, s3)
         print(f"Dataset {dataset.uri}: {layout.size}", flush=True)
-    concepts, classes = [], []
+    concepts: list[Path] = []
+    classes: list[class_homes.ClassHome] = []
     for index, concept in enumerate(spec.data.concepts):
         folder = local_folder(concept.instance_images, cache, s3, "data")
         examples = examples_from(
@@ -169,13 +171,17 @@ def prepare(
                 "or nothing is left to train on"
             )
         concepts.append(folder.resolve())
-        if concept.class_images.uri:
-            class_folder = local_folder(concept.class_images.uri, cache, s3, "data")
-            # Missing class images are generated into it.
-            make_folder(class_folder, f"spec.data.concepts[{index}].classImages.uri")
-        else:
-            class_folder = work_dir / "class_images" / f"concept-{index}"
-        classes.append(class_folder.resolve())
+        home = class_homes.class_home(concept.class_images.uri, index, output, work_dir, cache)
+        field = f"spec.data.concepts[{index}].classImages.uri"
+        if concept.class_images.uri is None:
+            field = "spec.output.uri"  # the output keeps them
+        else:  # missing class images are generated into it
+            make_folder(home.folder, field)
+        if spec.training.prior_preservation and home.uri is not None:
+            fetched = class_homes.fetch(home, s3, field)
+            if fetched:
+                print(f"Class images {home.uri}: {fetched} fetched", flush=True)
+        classes.append(class_homes.ClassHome(home.folder.resolve(), home.uri))
     clip, dino = resolve_evaluators(spec, cache, s3)
     return RunPlan(
         name,
@@ -183,7 +189,7 @@ def prepare(
         work_dir,
         model.resolve(),
         concepts,
-        classes,
+        [c.folder for c in classes],
         output,
         family=family.name,
         teacher_folder=teacher,
@@ -191,6 +197,7 @@ def prepare(
         clip_folder=clip,
         dino_folder=dino,
         model_fingerprints=fingerprints,
+        class_uris=[c.uri for c in classes],
     )
 
 

@@ -17,6 +17,7 @@ import yaml
 
 from finetune.api.metrics import Metric
 from finetune.api.training import TrainingSpec
+from finetune.trainer.data.class_homes import FOLDER as CLASS_IMAGES
 from finetune.trainer.evaluation.scores import ALL, PRES, Scores
 from finetune.trainer.evaluation.selection import Chosen, Stall
 from finetune.trainer.families.base import python_string
@@ -27,8 +28,9 @@ if TYPE_CHECKING:
     from finetune.trainer.families import ModelFamily
 
 STAGING = ".staging"
-# Local working state that is not part of a job's results.
-NOT_RESULTS = ("checkpoints", ".run", STAGING)
+# What the results' upload leaves out: local working state, and the class images, sent
+# as they are generated (`class_homes`).
+NOT_RESULTS = ("checkpoints", ".run", STAGING, CLASS_IMAGES)
 MODEL_CARD = "README.md"
 
 

@@ -12,26 +12,22 @@ from safetensors.torch import load_file
 
 from finetune.trainer.launcher.run import free_port
 from tests.trainer.jobs import FINETUNE, finetune_run, job_file, train_log
+from tests.trainer.s3faults import Moto, moto  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.slow
 
 
-def test_two_nodes_train_one_job(
-    tmp_path: Path, tiny_model: Path, disc_images: Path, processes: list[subprocess.Popen[str]]
-) -> None:
-    job = job_file(
-        tmp_path,
-        tiny_model,
-        disc_images,
-        training={"maxSteps": 4},
-        checkpointing={"everyNSteps": 2},
-    )
+def two_nodes(
+    job: Path, caches: Path, processes: list[subprocess.Popen[str]]
+) -> list[tuple[str, str]]:
+    """`finetune train JOB` as two pods of one gang, each with a cache (a machine) of
+    its own; both must succeed. Their (stdout, stderr)."""
     port = free_port()
     nodes = []
     for index in (0, 1):
         env = {
             **os.environ,
-            "FINETUNE_CACHE_DIR": str(tmp_path / f"cache-{index}"),
+            "FINETUNE_CACHE_DIR": str(caches / f"cache-{index}"),
             "FINETUNE_NNODES": "2",
             "FINETUNE_NPROC_PER_NODE": "1",
             "JOB_COMPLETION_INDEX": str(index),
@@ -49,6 +45,20 @@ def test_two_nodes_train_one_job(
     assert [node.returncode for node in nodes] == [0, 0], (
         results[0][1][-2000:] + results[1][1][-2000:]
     )
+    return results
+
+
+def test_two_nodes_train_one_job(
+    tmp_path: Path, tiny_model: Path, disc_images: Path, processes: list[subprocess.Popen[str]]
+) -> None:
+    job = job_file(
+        tmp_path,
+        tiny_model,
+        disc_images,
+        training={"maxSteps": 4},
+        checkpointing={"everyNSteps": 2},
+    )
+    two_nodes(job, tmp_path, processes)
 
     out = tmp_path / "out"
     assert any(k.startswith("unet.") for k in load_file(out / "pytorch_lora_weights.safetensors"))
@@ -61,6 +71,40 @@ def test_two_nodes_train_one_job(
     checkpoint = out / "checkpoints" / "step-00000004"
     assert (checkpoint / "rng-rank0000.pt").exists()
     assert (checkpoint / "rng-rank0001.pt").exists()
+
+
+def test_the_class_images_one_node_generates_reach_the_other(
+    tmp_path: Path,
+    tiny_model: Path,
+    disc_images: Path,
+    processes: list[subprocess.Popen[str]],
+    moto: Moto,  # noqa: F811
+) -> None:
+    """Rank 0 alone generates the class images prior preservation needs, on its node;
+    with an S3 output they go up as they are made, and the other node fetches them (its
+    ranks train on class images too)."""
+    moto.store("runs")
+    job = job_file(
+        tmp_path,
+        tiny_model,
+        disc_images,
+        data={
+            "concepts": [
+                {
+                    "instanceImages": str(disc_images),
+                    "instancePrompt": "a photo of sks disc",
+                    "classPrompt": "a photo of a disc",
+                    "classImages": {"count": 2},
+                }
+            ]
+        },
+        training={"maxSteps": 1, "priorPreservation": True},
+        checkpointing={"everyNSteps": 1},
+        output={"uri": "s3://runs/gang", "s3EndpointUrl": moto.url},
+    )
+    two_nodes(job, tmp_path, processes)
+    fetched = sorted((tmp_path / "cache-1").rglob("class_images/concept-0/*.png"))
+    assert len(fetched) == 2, "the other node has not the class images"
 
 
 def test_shared_training_options_run_together(

@@ -17,6 +17,7 @@ from finetune.api import FineTuneJob, TrainingSpec
 from finetune.assets import write_images
 from finetune.trainer.evaluation import fidelity
 from finetune.trainer.evaluation.embedders import DinoEmbedder
+from finetune.trainer.evaluation.identifiers import identifiers, scored_text
 from finetune.trainer.evaluation.references import reference_groups
 from finetune.trainer.evaluation.scores import Scores, history
 from finetune.trainer.evaluation.validation import Evaluation
@@ -145,6 +146,72 @@ def test_custom_diffusion_scores_each_concept_by_its_token(
     both = (scores.concepts["<d>"]["dino"] + scores.concepts["<o>"]["dino"]) / 2
     assert scores.overall["dino"] == pytest.approx(both, abs=1e-5)
     assert set(scores.overall) == {"clipText", "dino"}
+
+
+def test_clip_text_scores_prompts_without_the_subjects_identifier(
+    tmp_path: Path, tiny_evaluators: tuple[Path, Path]
+) -> None:
+    """CLIP has never learned `sks`: clipText compares samples with "a photo of disc",
+    the word the instance prompt adds to the class prompt left out."""
+    clip, dino = tiny_evaluators
+    images = write_images(tmp_path / "discs", 4, resolution=64)
+    document = lora_job(
+        data={
+            "concepts": [
+                {
+                    "instanceImages": str(images),
+                    "instancePrompt": "a photo of sks disc",
+                    "classPrompt": "a photo of a disc",
+                }
+            ]
+        },
+        validation={"prompts": ["a photo of sks disc", "Sks, on grass"], "metrics": ["clipText"]},
+    )
+    spec: TrainingSpec = FineTuneJob.model_validate(document).spec
+    samples = [noise(2, seed=1), noise(2, seed=2)]
+    scores = Evaluation(spec, [images], clip, dino, CPU).score(1, spec.validation.prompts, samples)
+    scored = direct_scores(clip, dino, ["a photo of disc", "on grass"], samples, pictures(images))
+    as_written = direct_scores(clip, dino, spec.validation.prompts, samples, pictures(images))
+    assert scores.overall["clipText"] == pytest.approx(scored["clipText"], abs=1e-5)
+    assert scored["clipText"] != pytest.approx(as_written["clipText"], abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("instance", "class_prompt", "prompt", "text"),
+    [
+        ("a photo of sks dog", "a photo of a dog", "a sks dog, in the snow", "a dog, in the snow"),
+        ("photo of zwx person", "photo of person", "ZWX person.", "person."),
+        # More than one word added: nothing is guessed, the prompt is scored as written.
+        ("sks dog in a garden", "a dog", "a sks dog in a garden", "a sks dog in a garden"),
+        ("a photo of sks dog", None, "a sks dog", "a sks dog"),
+    ],
+)
+def test_the_identifier_is_the_one_word_an_instance_prompt_adds_to_its_class_prompt(
+    instance: str, class_prompt: str | None, prompt: str, text: str
+) -> None:
+    concept = {"instanceImages": "/data", "instancePrompt": instance}
+    if class_prompt is not None:
+        concept["classPrompt"] = class_prompt
+    spec = FineTuneJob.model_validate(lora_job(data={"concepts": [concept]})).spec
+    assert scored_text(prompt, identifiers(spec)) == text
+
+
+def test_custom_diffusion_prompts_are_scored_without_their_modifier_tokens() -> None:
+    document = lora_job(
+        method="customDiffusion",
+        lora=None,
+        customDiffusion={"modifierTokens": ["<d>", "<o>"]},
+        data={
+            "concepts": [
+                {"instanceImages": "/d", "instancePrompt": "a <d> disc"},
+                {"instanceImages": "/o", "instancePrompt": "a <o> thing"},
+            ]
+        },
+    )
+    spec = FineTuneJob.model_validate(document).spec
+    assert scored_text("a <d> disc beside a <o> thing", identifiers(spec)) == (
+        "a disc beside a thing"
+    )
 
 
 def test_a_token_inside_a_longer_token_is_not_its_concept(tmp_path: Path) -> None:

@@ -100,6 +100,17 @@ def test_the_settings_basis_follows_what_a_figure_depends_on() -> None:
         assert (settings_basis(other) != same) is differs, changed
 
 
+def test_the_identifiers_clip_text_leaves_out_are_part_of_the_basis() -> None:
+    """Earlier versions scored clipText with `sks` in the prompt: a figure of another
+    text, not to be weighed against one without it."""
+    spec = spec_with()
+    concept = {"instanceImages": "/data", "instancePrompt": "a sks disc", "classPrompt": "a disc"}
+    named = spec.model_copy(
+        update={"data": type(spec.data).model_validate({"concepts": [concept]})}
+    )
+    assert settings_basis(named) != settings_basis(spec)
+
+
 def test_validations_scored_with_other_settings_are_not_weighed(tmp_path: Path) -> None:
     """A resume changed the prompts after steps 10 and 20: their scores (0.9 the highest)
     are kept and listed, but the best and early stopping weigh only the new settings'."""

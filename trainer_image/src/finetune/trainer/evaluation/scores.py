@@ -14,6 +14,7 @@ from typing import Any
 from finetune.api.metrics import Metric
 from finetune.api.status import ConceptMetrics, DistillationMetrics, ValidationMetrics
 from finetune.api.training import TrainingSpec
+from finetune.trainer.evaluation.identifiers import identifiers
 from finetune.trainer.telemetry.train_log import entries
 
 ALL = "all"  # the concept label of scores over every sample
@@ -99,8 +100,9 @@ class Scores:
 
 def settings_basis(spec: TrainingSpec) -> str:
     """A digest of the validation settings a figure depends on besides the weights: the
-    prompts, images per prompt, denoising steps, guidance, the teacher comparison and the
-    evaluators. `validation` may change on a resume, and figures scored with other settings
+    prompts, images per prompt, denoising steps, guidance, the teacher comparison, the
+    evaluators and the identifiers clipText leaves out of the prompts (a version before
+    that kept them in). `validation` may change on a resume, and figures scored with other settings
     (more prompts, other evaluators) do not measure the same thing. When validations happen
     (`everyNSteps`) and which metrics are scored change no figure, and are left out, as are
     settings left at their defaults (a field a later version adds changes no digest).
@@ -109,6 +111,9 @@ def settings_basis(spec: TrainingSpec) -> str:
         mode="json", by_alias=True, exclude={"every_n_steps", "metrics"}, exclude_defaults=True
     )
     settings["scoring"] = SCORING
+    left_out = identifiers(spec)
+    if left_out:  # whatever the metrics, as with every other setting
+        settings["clipTextLeavesOut"] = list(left_out)
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -27,6 +27,7 @@ from finetune.trainer.data import images as decoding
 from finetune.trainer.data.images import ImageRules
 from finetune.trainer.evaluation import fidelity
 from finetune.trainer.evaluation.embedders import ClipEmbedder, DinoEmbedder, ImageEmbedder, loaded
+from finetune.trainer.evaluation.identifiers import identifiers, scored_text
 from finetune.trainer.evaluation.references import (
     ReferenceGroup,
     class_references,
@@ -55,6 +56,10 @@ class Evaluation:
     ) -> None:
         self.metrics = [Metric(m) for m in spec.validation.metrics]
         self.basis = settings_basis(spec)
+        # Left out of the text clipText compares samples with: CLIP does not know them.
+        self.identifiers = identifiers(spec)
+        if self.identifiers and Metric.CLIP_TEXT in self.metrics:
+            log.info("clipText: prompts are scored without %s", ", ".join(self.identifiers))
         self.clip_folder = clip_folder
         self.dino_folder = dino_folder
         self.device = device
@@ -99,7 +104,7 @@ class Evaluation:
         if clip_metrics:
             assert self.clip_folder is not None, "the launcher resolves the CLIP model"
             with loaded(ClipEmbedder, self.clip_folder, self.device) as clip:
-                texts = clip.texts(list(prompts))[prompt_of]
+                texts = clip.texts([scored_text(p, self.identifiers) for p in prompts])[prompt_of]
                 if teacher is not None:
                     per_sample |= self._against_teacher(clip, flat, texts, teacher)
                     for steps, images in (distilled or {}).items():

@@ -104,6 +104,18 @@ def test_the_metrics_sentence_names_only_the_metrics_scored() -> None:
     assert "dino" not in text.split("## Validation metrics")[1]
 
 
+def test_the_card_names_the_identifier_clip_text_leaves_out() -> None:
+    concept = {"instanceImages": "/d", "instancePrompt": "a sks disc", "classPrompt": "a disc"}
+    spec = TrainingSpec.model_validate(
+        lora_job(
+            data={"concepts": [concept]},
+            validation={"prompts": ["a sks disc"], "metrics": ["clipText"]},
+        )["spec"]
+    )
+    text = card(spec, scores=[Scores(10, {"clipText": 0.3})])
+    assert "`clipText` (CLIP) with their prompts (without `sks`)." in text
+
+
 def keep_best_spec(**training: Any) -> TrainingSpec:
     return TrainingSpec.model_validate(
         lora_job(

@@ -18,6 +18,7 @@ import yaml
 from finetune.api.metrics import Metric
 from finetune.api.training import TrainingSpec
 from finetune.trainer.data.class_homes import FOLDER as CLASS_IMAGES
+from finetune.trainer.evaluation.identifiers import identifiers
 from finetune.trainer.evaluation.scores import ALL, PRES, Scores
 from finetune.trainer.evaluation.selection import Chosen, Stall
 from finetune.trainer.families.base import python_string
@@ -202,8 +203,10 @@ def metrics_sentence(spec: TrainingSpec, metrics: list[str], pres: bool) -> str:
     against = f"{held} held-out instance images" if held else "the instance images (none held out)"
     if spec.validation.distillation is not None:
         against = "the teacher's image of the same prompt and seed"
+    left_out = identifiers(spec)
+    without = f" (without {', '.join(f'`{w}`' for w in left_out)})" if left_out else ""
     parts = {
-        Metric.CLIP_TEXT.value: "`clipText` (CLIP) with their prompts",
+        Metric.CLIP_TEXT.value: f"`clipText` (CLIP) with their prompts{without}",
         Metric.CLIP_IMAGE.value: f"`clipImage` (CLIP) with {against}",
         Metric.DINO.value: f"`dino` (DINO ViT) with {against}",
         PRES: "`pres` (DINO) of class-prompt samples with the class images",

@@ -161,6 +161,12 @@ def test_class_images_generated_into_an_s3_prefix_are_kept_there_for_the_next_jo
     assert "generating" not in second, "the kept class images were generated again"
     assert stored(client, "runs", "class-images/disc/") == kept
 
+    # One made but never sent (its run killed in between): the next start sends it.
+    lost = sorted(kept)[0]
+    client.delete_object(Bucket="runs", Key=lost)
+    finetune_run(tmp_path / "second" / "tiny.yaml", nproc=1, env=CREDENTIALS)
+    assert stored(client, "runs", "class-images/disc/") == kept
+
 
 def test_class_images_kept_in_an_s3_output_come_back_to_a_fresh_machine(
     tmp_path: Path, s3_endpoint: str, tiny_model: Path, disc_images: Path

@@ -20,6 +20,7 @@ import torch
 from finetune.api.training import TrainingSpec
 from finetune.trainer.data import buckets
 from finetune.trainer.data.captions import CaptionStream, open_stream
+from finetune.trainer.data.class_homes import field_of
 from finetune.trainer.data.concepts import (
     Example,
     ImagePreprocessor,
@@ -269,7 +270,7 @@ def concept_examples(spec: TrainingSpec, folders: list[Path], class_images: bool
     for index, (concept, folder) in enumerate(zip(spec.data.concepts, folders, strict=True)):
         if class_images:
             assert concept.class_prompt is not None
-            field = f"spec.data.concepts[{index}].classImages.uri"
+            field = field_of(spec, index)  # where they are kept
             rules = ImageRules.of(spec.data)
             found += examples_from(folder, concept.class_prompt, False, field, rules=rules)[
                 : concept.class_images.count

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -50,6 +51,9 @@ def generate_missing(
         tag = hashlib.sha1(concept.class_prompt.encode()).hexdigest()[:8]
         # Seeded by how many exist, so topping up makes new images rather than repeats.
         generator = torch.Generator(device=device).manual_seed(spec.training.seed + len(have))
+        # New names only: a gap (an image removed) must not make one overwrite another.
+        names = (f"class-{tag}-{number:05d}.png" for number in itertools.count(len(have)))
+        free = (folder / name for name in names if not (folder / name).exists())
         made = 0
         while made < missing:
             count = min(4, missing - made)
@@ -67,7 +71,7 @@ def generate_missing(
                     callback_on_step_end=step_callback(None, alive),
                 ).images
             for image in images:
-                target = folder / f"class-{tag}-{len(have) + made:05d}.png"
+                target = next(free)
                 with written_whole(target) as partial:  # never a truncated image
                     image.save(partial, format="PNG")
                 saved(index, target)

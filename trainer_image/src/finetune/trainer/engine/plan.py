@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from finetune.api.training import TrainingSpec
-from finetune.trainer.data.class_homes import ClassHome
+from finetune.trainer.data.class_homes import ClassHome, field_of
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,10 @@ class RunPlan:
     @property
     def class_homes(self) -> list[ClassHome]:
         uris = self.class_uris or [None] * len(self.class_folders)
-        return [ClassHome(f, u) for f, u in zip(self.class_folders, uris, strict=True)]
+        return [
+            ClassHome(folder, uri, field_of(self.spec, index))
+            for index, (folder, uri) in enumerate(zip(self.class_folders, uris, strict=True))
+        ]
 
     def to_json(self) -> str:
         return json.dumps(

@@ -273,8 +273,8 @@ class RunSetup:
 
     def _ensure_class_images(self) -> None:
         """Generate the class images a concept lacks with the base model (rank 0), once,
-        each sent to the S3 prefix its folder mirrors; then another node's folders fetch
-        them from there."""
+        each sent to the S3 prefix its folder mirrors (with any an earlier run made but
+        did not send); then another node's folders fetch them from there."""
         homes = self.plan.class_homes
         if self.rank.main:
             from finetune.trainer.data.class_images import generate_missing
@@ -292,11 +292,13 @@ class RunSetup:
                 self._alive,
                 class_homes.sender(homes, self._s3()),
             )
+            for home in homes:
+                class_homes.send_missing(home, self._s3())
         distributed.barrier()
         if any(home.uri for home in homes) and self.rank.world > 1:  # the same on every rank
             if self.rank.local_rank == 0 and not self.rank.main:  # another node's first
-                for index, home in enumerate(homes):
-                    class_homes.fetch(home, self._s3(), f"spec.data.concepts[{index}]")
+                for home in homes:
+                    class_homes.fetch(home, self._s3())
             distributed.barrier()
 
     def _checkpoint_loss(self, step: int) -> float | None:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from finetune.api.methods import Method
 from finetune.api.training import TrainingSpec
+from finetune.trainer.data.class_homes import field_of
 from finetune.trainer.data.concepts import examples_from, split_held_out
 from finetune.trainer.evaluation.scores import ALL
 
@@ -83,7 +84,7 @@ def class_references(spec: TrainingSpec, folders: list[Path]) -> list[ReferenceG
     grouped: dict[str, list[Path]] = {}
     for index, (concept, folder) in enumerate(zip(spec.data.concepts, folders, strict=True)):
         assert concept.class_prompt is not None, "prior preservation needs each classPrompt"
-        field = f"spec.data.concepts[{index}].classImages.uri"
+        field = field_of(spec, index)  # where they are kept
         examples = examples_from(folder, concept.class_prompt, False, field, check=False)
         paths = [e.image for e in examples[: concept.class_images.count]]
         grouped.setdefault(concept.class_prompt, []).extend(paths)

@@ -171,17 +171,16 @@ def prepare(
                 "or nothing is left to train on"
             )
         concepts.append(folder.resolve())
-        home = class_homes.class_home(concept.class_images.uri, index, output, work_dir, cache)
-        field = f"spec.data.concepts[{index}].classImages.uri"
-        if concept.class_images.uri is None:
-            field = "spec.output.uri"  # the output keeps them
-        else:  # missing class images are generated into it
-            make_folder(home.folder, field)
+        home = class_homes.class_home(spec, index, output, work_dir, cache)
+        if concept.class_images.uri:  # missing class images are generated into it
+            make_folder(home.folder, home.field)
         if spec.training.prior_preservation and home.uri is not None:
-            fetched = class_homes.fetch(home, s3, field)
+            fetched = class_homes.fetch(home, s3)
             if fetched:
                 print(f"Class images {home.uri}: {fetched} fetched", flush=True)
-        classes.append(class_homes.ClassHome(home.folder.resolve(), home.uri))
+            if len(class_homes.images_in(home.folder)) < concept.class_images.count:
+                class_homes.check_writable(home, s3)  # the missing ones go up there
+        classes.append(home)
     clip, dino = resolve_evaluators(spec, cache, s3)
     return RunPlan(
         name,
@@ -189,7 +188,7 @@ def prepare(
         work_dir,
         model.resolve(),
         concepts,
-        [c.folder for c in classes],
+        [c.folder.resolve() for c in classes],
         output,
         family=family.name,
         teacher_folder=teacher,

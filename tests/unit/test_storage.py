@@ -123,6 +123,15 @@ def test_inputs_are_downloaded_once_and_checked(moto: Moto, tmp_path: Path) -> N
     download_prefix("s3://data/discs", cache, settings)
     assert (cache / "a.png").read_bytes() == b"a.png" * 50
 
+    # A photo deleted from the prefix (a bad one, say) leaves the cache too.
+    client.put_object(Bucket="data", Key="discs/more/c.png", Body=b"c" * 50)
+    download_prefix("s3://data/discs", cache, settings)
+    client.delete_objects(
+        Bucket="data", Delete={"Objects": [{"Key": "discs/b.png"}, {"Key": "discs/more/c.png"}]}
+    )
+    download_prefix("s3://data/discs", cache, settings)
+    assert sorted(p.relative_to(cache).as_posix() for p in cache.rglob("*")) == ["a.png"]
+
 
 class BreakingBody:
     """An S3 body whose connection drops after `limit` bytes."""

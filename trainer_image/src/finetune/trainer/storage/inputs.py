@@ -8,6 +8,7 @@ input here before any worker starts, so a bad URI fails in seconds.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -77,6 +78,19 @@ def download_prefix(uri: str, destination: Path, settings: S3Settings) -> Path:
                 )
     if not now:
         raise JobInputError(f"{uri}: no objects under this S3 prefix")
+    drop_deleted(destination, now)
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps(now))
     return destination
+
+
+def drop_deleted(destination: Path, keys: Iterable[str]) -> None:
+    """Remove the files of `destination` whose objects are gone from the prefix: a photo
+    deleted from S3 is not trained on from a stale cache (nor a bad one refused again)."""
+    listed = set(keys)
+    for path in sorted(destination.rglob("*"), reverse=True):  # files before their folders
+        if path.is_file() or path.is_symlink():
+            if path.relative_to(destination).as_posix() not in listed:
+                path.unlink()
+        elif path.is_dir() and not any(path.iterdir()):
+            path.rmdir()

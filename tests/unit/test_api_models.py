@@ -288,6 +288,22 @@ def test_all_broken_rules_are_reported_together() -> None:
             "spec.validation.metrics[0]: must be 'clipText', 'clipImage' or 'dino'",
         ),
         (
+            lora_job(output={"uri": "hf://me/disc-lora"}),
+            "spec.output.uri: 'hf://me/disc-lora': hf:// names a model on the Hugging Face Hub; "
+            "this field takes s3://bucket/prefix or a local path",
+        ),
+        (
+            lora_job(
+                data={"concepts": [{"instanceImages": "hf://me/discs", "instancePrompt": "a"}]}
+            ),
+            "spec.data.concepts[0].instanceImages: 'hf://me/discs': hf:// names a model on the "
+            "Hugging Face Hub; this field takes s3://bucket/prefix or a local path",
+        ),
+        (
+            lora_job(output={"uri": "gs://b/out"}),
+            "spec.output.uri: unsupported scheme gs:// in 'gs://b/out'; use s3:// or a local path",
+        ),
+        (
             lora_job(validation={"evaluator": {"dinoModel": "gs://b/dino"}}),
             "spec.validation.evaluator.dinoModel: unsupported scheme gs:// in 'gs://b/dino'; use hf://, s3:// or a local path",
         ),

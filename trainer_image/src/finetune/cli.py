@@ -101,6 +101,16 @@ def _not_empty(value: str) -> str:
     return value
 
 
+def _output_uri(value: str) -> str:
+    """`--output`: where results can be written, as `spec.output.uri` takes it."""
+    from .api.common import check_storage_uri
+
+    try:
+        return check_storage_uri(_not_empty(value))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="finetune",
@@ -146,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--output",
         metavar="URI",
-        type=_not_empty,
+        type=_output_uri,
         help="write results here instead of spec.output.uri",
     )
     run.set_defaults(handler=_run)

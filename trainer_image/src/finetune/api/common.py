@@ -60,6 +60,28 @@ Uri = Annotated[
 ]
 """`hf://org/name[@revision]`, `s3://bucket/prefix` or a local path."""
 
+
+def check_storage_uri(value: str) -> str:
+    """`value` if it names storage (`s3://` or a local path); ValueError otherwise."""
+    if value.startswith(HF_SCHEME):
+        raise ValueError(
+            f"{value!r}: hf:// names a model on the Hugging Face Hub; this field takes "
+            "s3://bucket/prefix or a local path"
+        )
+    if _SCHEME_RE.match(value) and not value.startswith(S3_SCHEME):
+        scheme = value.split("://", 1)[0]
+        raise ValueError(f"unsupported scheme {scheme}:// in {value!r}; use s3:// or a local path")
+    return _check_uri(value)
+
+
+StorageUri = Annotated[
+    str,
+    Field(min_length=1, max_length=MAX_URI_LENGTH),
+    AfterValidator(check_storage_uri),
+]
+"""`s3://bucket/prefix` or a local path: images, datasets and outputs (models alone come
+from the hub)."""
+
 Prompt = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_LENGTH)]
 
 

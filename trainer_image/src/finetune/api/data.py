@@ -7,7 +7,7 @@ from enum import StrEnum
 
 from pydantic import Field
 
-from .common import ApiModel, Prompt, Uri
+from .common import ApiModel, Prompt, StorageUri
 
 MAX_CONCEPTS = 16
 
@@ -15,7 +15,7 @@ MAX_CONCEPTS = 16
 class ClassImages(ApiModel):
     """Regularisation images for prior preservation."""
 
-    uri: Uri | None = Field(
+    uri: StorageUri | None = Field(
         default=None,
         description=(
             "Folder or `s3://` prefix of class images. Missing images (fewer than `count`) "
@@ -29,7 +29,7 @@ class ClassImages(ApiModel):
 class Concept(ApiModel):
     """One subject or style to teach the model."""
 
-    instance_images: Uri = Field(
+    instance_images: StorageUri = Field(
         description=(
             "Folder or `s3://` prefix of the concept's images (PNG, JPEG or WebP); hidden "
             "files (a name starting with `.`, such as macOS's `._NAME.jpg`) are skipped."
@@ -74,7 +74,7 @@ class DatasetFormat(StrEnum):
 class CaptionDataset(ApiModel):
     """An image-caption dataset, for LCM distillation."""
 
-    uri: Uri = Field(
+    uri: StorageUri = Field(
         description=(
             "Folder of images with `NAME.txt` captions, a folder or `s3://` prefix of "
             "webdataset `.tar` shards, or an `s3://` prefix of images with captions."

@@ -7,7 +7,7 @@ from enum import StrEnum
 
 from pydantic import Field
 
-from .common import ApiModel, SecretRef, Uri
+from .common import ApiModel, SecretRef, StorageUri
 from .methods import DEFAULT_CHECKPOINT_INTERVAL
 from .selection import KeepBest, OutputFrom
 
@@ -40,7 +40,7 @@ class OutputFormat(StrEnum):
 class OutputSpec(ApiModel):
     """Where results go, and how to reach S3."""
 
-    uri: Uri = Field(
+    uri: StorageUri = Field(
         description="`s3://bucket/prefix` or a local folder for weights, samples, checkpoints and the model card."
     )
     formats: list[OutputFormat] = Field(

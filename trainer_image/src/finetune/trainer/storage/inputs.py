@@ -32,8 +32,8 @@ def local_folder(
     token_env: str = HF_TOKEN_ENV,
 ) -> Path:
     """A local folder holding the files of `uri`, downloaded into `cache_dir` when remote.
-    Only models come from the hub (an `hf://` data URI is taken as a local path), with
-    the token in `token_env`."""
+    Only models come from the hub (the API refuses `hf://` for data), with the token in
+    `token_env`."""
     if is_hub(uri) and kind == "models":
         return hub.snapshot(uri, cache_dir / "hub", token_env=token_env)
     if is_s3(uri):

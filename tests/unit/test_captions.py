@@ -221,3 +221,23 @@ def test_indexed_stream_is_a_seeded_shuffle_dealt_to_ranks(tmp_path: Path) -> No
     assert sorted(seen) == sorted(f"caption {i}" for i in range(12))
     assert seen[:3] != [f"caption {i}" for i in range(3)], "shuffled"
     assert captions(stream(1).take(5, 3)) == captions(stream(1).take(5, 3))
+
+
+def test_a_dataset_unzipped_on_a_mac_trains_on_its_images_only(tmp_path: Path) -> None:
+    """macOS zips carry `__MACOSX/` and `._NAME` metadata beside each file, named like
+    images and captions: they are no samples. A caption saved with a byte-order mark
+    (Notepad) is read without it."""
+    for index in range(2):
+        (tmp_path / f"{index}.png").write_bytes(png(index))
+        (tmp_path / f"._{index}.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+        (tmp_path / f"._{index}.txt").write_bytes(b"\x00\x05\x16\x07")
+        (tmp_path / "__MACOSX" / f"{index}.png").parent.mkdir(exist_ok=True)
+        (tmp_path / "__MACOSX" / f"{index}.png").write_bytes(b"\x00\x05\x16\x07")
+        (tmp_path / "__MACOSX" / f"{index}.txt").write_bytes(b"\x00\x05\x16\x07")
+    (tmp_path / "0.txt").write_bytes("\ufeffa red disc\r\n".encode())
+    (tmp_path / "1.txt").write_text("a dark disc")
+    files = local(tmp_path)
+    layout = layout_of(files, "auto")
+    assert layout.pairs == [("0.png", "0.txt"), ("1.png", "1.txt")]
+    taken = IndexedCaptions(files, layout.pairs, seed=0, rank=0, world=1).take(0, 2)
+    assert sorted(captions(taken)) == ["a dark disc", "a red disc"]

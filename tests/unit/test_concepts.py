@@ -32,7 +32,8 @@ def test_caption_files_replace_the_concept_prompt(tmp_path: Path) -> None:
     from finetune.trainer.data.concepts import examples_from
 
     folder = write_images(tmp_path / "images", 3)
-    (folder / "image-001.txt").write_text("a photo of sks disc on grass\n")
+    # Saved by Notepad: a byte-order mark first, which is no part of the prompt.
+    (folder / "image-001.txt").write_bytes("\ufeffa photo of sks disc on grass\r\n".encode())
     examples = examples_from(folder, "a photo of sks disc", caption_files=True, field="f")
     assert [e.prompt for e in examples] == [
         "a photo of sks disc",

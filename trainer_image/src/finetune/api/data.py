@@ -77,7 +77,8 @@ class CaptionDataset(ApiModel):
     uri: StorageUri = Field(
         description=(
             "Folder of images with `NAME.txt` captions, a folder or `s3://` prefix of "
-            "webdataset `.tar` shards, or an `s3://` prefix of images with captions."
+            "webdataset `.tar` shards, or an `s3://` prefix of images with captions. Hidden "
+            "files and folders (`._NAME.jpg`, `__MACOSX/` of a zip made on a Mac) are skipped."
         ),
     )
     format: DatasetFormat = Field(

@@ -32,7 +32,7 @@ from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from finetune.api.data import CaptionDataset, DatasetFormat
 from finetune.trainer.data import images
-from finetune.trainer.data.concepts import IMAGE_SUFFIXES, IndexStream
+from finetune.trainer.data.concepts import IMAGE_SUFFIXES, IndexStream, is_hidden_key
 from finetune.trainer.data.images import ImageRules
 from finetune.trainer.errors import JobInputError
 from finetune.trainer.storage.local import LocalStore
@@ -121,8 +121,15 @@ class Layout:
         return f"{len(self.pairs)} captioned images"
 
 
+def caption_text(data: bytes) -> str:
+    """A caption's text: UTF-8 without a byte-order mark. Undecodable bytes become U+FFFD
+    rather than failing a run hours in."""
+    return data.decode("utf-8-sig", errors="replace").strip()
+
+
 def layout_of(files: DatasetFiles, wanted: DatasetFormat | str) -> Layout:
-    keys = files.keys()
+    listed = files.keys()
+    keys = [k for k in listed if not is_hidden_key(k)]
     shards = [k for k in keys if k.endswith(".tar")]
     fmt = DatasetFormat(wanted)
     if fmt == DatasetFormat.AUTO:
@@ -188,7 +195,7 @@ class IndexedCaptions:
 
     def _read(self, index: int) -> CaptionedImage:
         image_key, caption_key = self.pairs[index]
-        caption = self.files.read(caption_key).decode("utf-8", errors="replace").strip()
+        caption = caption_text(self.files.read(caption_key))
         return CaptionedImage(self.files.uri(image_key), self.files.read(image_key), caption)
 
     def _submit(self, micro_step: int, count: int) -> list[tuple[Future[CaptionedImage], int]]:
@@ -217,7 +224,7 @@ def tar_samples(stream: IO[bytes], name: str) -> Iterator[CaptionedImage]:
         caption = next((parts[e] for e in ("txt", "caption") if e in parts), None)
         if key is None or image is None or caption is None:
             return None
-        return CaptionedImage(f"{name}:{key}", image, caption.decode("utf-8", "replace").strip())
+        return CaptionedImage(f"{name}:{key}", image, caption_text(caption))
 
     try:
         with tarfile.open(fileobj=stream, mode="r|*") as tar:

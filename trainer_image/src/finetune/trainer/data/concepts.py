@@ -29,6 +29,12 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
 
 
+def is_hidden_key(key: str) -> bool:
+    """A dataset file under a hidden name or folder: `._NAME.jpg` metadata, or the
+    `__MACOSX/` folder a zip made on macOS unpacks with. Neither holds data."""
+    return any(part.startswith(".") or part == "__MACOSX" for part in key.split("/"))
+
+
 @dataclass(frozen=True)
 class Example:
     image: Path
@@ -87,7 +93,8 @@ def examples_from(
 def read_caption(path: Path, field: str) -> str:
     """An image's caption file, as UTF-8 text; refusals name the field and the file."""
     try:
-        return path.read_text(encoding="utf-8").strip()
+        # utf-8-sig: a byte-order mark (Notepad's) is no part of the prompt.
+        return path.read_text(encoding="utf-8-sig").strip()
     except UnicodeDecodeError as exc:
         raise JobInputError(
             f"{field}: {path}: the caption is not UTF-8 text (byte {exc.object[exc.start]:#04x} "

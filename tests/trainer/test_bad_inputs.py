@@ -112,3 +112,40 @@ def test_images_refused_by_the_data_settings(
     job = job_file(tmp_path, tiny_model, images, data={"alpha": "refuse"})
     refused(job, str(logo), "transparent", "spec.data.alpha")
     assert_no_output(tmp_path)
+
+
+def test_class_images_kept_among_the_subjects_photos_are_refused(
+    tmp_path: Path, tiny_model: Path, disc_images: Path
+) -> None:
+    """Generated class images would land among the photos and be trained on as the
+    subject."""
+    photos = tmp_path / "discs"
+    photos.mkdir()
+    for source in sorted(disc_images.glob("*.png")):
+        (photos / source.name).write_bytes(source.read_bytes())
+    before = sorted(p.name for p in photos.iterdir())
+
+    def job(classes: Path) -> Path:
+        concept = {
+            "instanceImages": str(photos),
+            "instancePrompt": "a photo of sks disc",
+            "classPrompt": "a photo of a disc",
+            "classImages": {"uri": str(classes), "count": 2},
+        }
+        return job_file(
+            tmp_path,
+            tiny_model,
+            photos,
+            method="dreambooth",
+            data={"concepts": [concept]},
+            training={"priorPreservation": True, "maxSteps": 1},
+            checkpointing={"everyNSteps": 1},
+        )
+
+    refused(
+        job(photos),
+        "spec.data.concepts[0].classImages.uri",
+        "is the same folder as spec.data.concepts[0].instanceImages",
+    )
+    assert sorted(p.name for p in photos.iterdir()) == before, "nothing was generated there"
+    assert_no_output(tmp_path)

@@ -1,6 +1,7 @@
 """The output may not lie inside (or be) a folder the job reads: weights, checkpoints,
 samples and the model card would land among the photos, and a dataset read
-recursively would train on its own samples."""
+recursively would train on its own samples. Nor may a concept's class images be kept in
+a concept's own photo folder: generated ones would be trained on as the subject."""
 
 from __future__ import annotations
 
@@ -62,3 +63,21 @@ def check_output_apart(spec: TrainingSpec, output: str) -> None:
                 "and samples would land among the job's inputs: choose an output folder "
                 "outside every input"
             )
+
+
+def check_class_images_apart(spec: TrainingSpec) -> None:
+    """JobInputError naming both fields when, with prior preservation, a
+    `classImages.uri` is the folder of a concept's `instanceImages`."""
+    if not spec.training.prior_preservation:
+        return
+    for index, concept in enumerate(spec.data.concepts):
+        classes = concept.class_images.uri
+        if classes is None:
+            continue
+        for other, photos in enumerate(spec.data.concepts):
+            if placement(classes, photos.instance_images) == "is":
+                raise JobInputError(
+                    f"spec.data.concepts[{index}].classImages.uri: {classes} is the same "
+                    f"folder as spec.data.concepts[{other}].instanceImages; class images "
+                    "would be trained on as the subject: keep them in a folder of their own"
+                )

@@ -37,7 +37,7 @@ from finetune.trainer.errors import JobInputError, Unreachable, exit_code_for
 from finetune.trainer.evaluation.sources import resolve_evaluators
 from finetune.trainer.families import check_same_family, resolve_family
 from finetune.trainer.launcher.lease import RUN_FOLDER, OutputClaim
-from finetune.trainer.launcher.overlap import check_output_apart
+from finetune.trainer.launcher.overlap import check_class_images_apart, check_output_apart
 from finetune.trainer.launcher.preflight import check_output, checked_nproc, make_folder
 from finetune.trainer.models.fingerprint import fingerprint
 from finetune.trainer.models.sources import VAE_FIELD, resolve_model, resolve_vae
@@ -123,6 +123,7 @@ def prepare(
         spec = spec.model_copy(update={"output": spec.output.model_copy(update={"uri": output})})
     check_optimizer(spec)
     check_output_apart(spec, output)
+    check_class_images_apart(spec)
     cache = cache_dir()
     s3 = S3Settings.of(spec.output)
     if is_s3(output):

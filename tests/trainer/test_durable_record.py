@@ -135,3 +135,41 @@ def test_a_finished_run_run_again_on_a_fresh_node_leaves_its_output_as_it_was(
     assert max(counted.values()) == 1, f"lines logged twice: {counted}"
     listed = card_samples((tmp_path / "second" / "README.md").read_text())
     assert {path.split("/")[1] for path in listed} == {"step-00000002", "step-00000004"}
+
+
+def test_samples_made_again_with_other_prompts_leave_none_of_the_earlier_in_s3(
+    tmp_path: Path,
+    moto: Moto,  # noqa: F811
+    tiny_model: Path,
+    disc_images: Path,
+) -> None:
+    """A finished run run again (on a fresh node) with one prompt fewer makes the last
+    validation again: the output holds its images only, not the removed prompt's (which
+    a later resume would fetch back, and the card would list)."""
+    client = boto3.client("s3", endpoint_url=moto.url)
+    client.create_bucket(Bucket="runs")
+
+    def job(prompts: list[str]) -> Path:
+        return s3_job(
+            tmp_path,
+            tiny_model,
+            disc_images,
+            moto.url,
+            training={"maxSteps": 2},
+            checkpointing={"everyNSteps": 2},
+            validation={"prompts": prompts, "imagesPerPrompt": 1, "inferenceSteps": 2},
+        )
+
+    def samples() -> list[str]:
+        found = keys(client, "job/samples/step-00000002/")
+        return sorted(k.rsplit("/", 1)[1] for k in found)
+
+    finetune_run(job(["a photo of sks disc", "a disc on a table"]), nproc=1, env=CREDENTIALS)
+    assert samples() == ["grid.png", "prompt-00-00.png", "prompt-01-00.png"]
+
+    fresh_node(tmp_path / "tiny.yaml")
+    finetune_run(job(["a photo of sks disc"]), nproc=1, env=CREDENTIALS)
+    assert samples() == ["grid.png", "prompt-00-00.png"]
+    card = tmp_path / "card.md"
+    client.download_file("runs", "job/README.md", str(card))
+    assert "prompt-01-00.png" not in card.read_text()

@@ -128,6 +128,17 @@ class RunRecord:
                     continue
                 yield path, key
 
+    def forget(self, folder: Path) -> None:
+        """Rank 0, before the samples in `folder` (a step's) are made again: the
+        output's copies of the earlier ones deleted, so none of a prompt since removed
+        stays there (or comes back with a later resume)."""
+        prefix = folder.relative_to(self.work_dir).as_posix() + "/"
+        there = [key for key, _ in self.store.keys(prefix)]
+        if there:
+            self.store.delete(there)
+        for key in [k for k in self.copies if k.startswith(prefix)]:
+            del self.copies[key]
+
     # --- on resume -----------------------------------------------------------------
 
     def restore(self, step: int) -> None:

@@ -179,7 +179,15 @@ class RunSetup:
             self.stop,
             self._alive,
         )
-        self.sampler = Sampler(generation, self.metrics, self.rank.main, basis, self._evaluation())
+        record = self.checkpoints.record
+        self.sampler = Sampler(
+            generation,
+            self.metrics,
+            self.rank.main,
+            basis,
+            self._evaluation(),
+            record.forget if record is not None else None,
+        )
         self.ema = None
         if hp.ema.enabled:
             from diffusers.training_utils import EMAModel

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -48,6 +48,8 @@ class Sampler:
     main: bool
     basis: str  # the validation settings the samples are made with (`settings_basis`)
     evaluation: Evaluation | None = None  # rank 0, with `validation.metrics`
+    # Rank 0, with an S3 output: deletes the output's copies of a step's samples.
+    forget: Callable[[Path], None] | None = None
 
     def due(self, step: int) -> bool:
         """Whether samples are made after `step` (those of the last step come with the results)."""
@@ -81,7 +83,10 @@ class Sampler:
         validation = Validation()
         if self.main:
             # Made again (a run again with other prompts): none of the earlier ones stay.
-            shutil.rmtree(sample_folder(self.context.work_dir, step), ignore_errors=True)
+            folder = sample_folder(self.context.work_dir, step)
+            shutil.rmtree(folder, ignore_errors=True)
+            if self.forget is not None:
+                self.forget(folder)
             try:
                 samples = self._generate(step)
                 # PRES: the class prompts' samples too, beside the others.

@@ -40,6 +40,18 @@ def test_a_16_bit_grayscale_png_keeps_its_gradient(tmp_path: Path) -> None:
     assert pixels(rgb) == [(v, v, v) for v in range(256)]
 
 
+def test_a_16_bit_grayscale_colour_key_is_transparency(tmp_path: Path) -> None:
+    gradient = Image.new("I;16", (3, 1))
+    gradient.putdata([0, 32896, 65535])
+    path = saved(gradient, tmp_path / "keyed.png", transparency=0)
+    assert Image.open(path).info["transparency"] == 0
+
+    assert pixels(decode(path, str(path), WHITE)) == [(255,) * 3, (128,) * 3, (255,) * 3]
+    assert pixels(decode(path, str(path), BLACK)) == [(0,) * 3, (128,) * 3, (255,) * 3]
+    with pytest.raises(JobInputError, match="has transparent pixels"):
+        decode(path, str(path), REFUSE)
+
+
 def test_32_bit_integer_and_float_grayscale_are_scaled(tmp_path: Path) -> None:
     deep = Image.new("I", (3, 1))
     deep.putdata([0, 32896, 65535])  # 16-bit data, as older Pillow reads such PNGs

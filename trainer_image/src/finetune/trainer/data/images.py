@@ -74,9 +74,13 @@ def to_rgb(image: Image, name: str, alpha: str = "white") -> Image:
     """`image` as 8-bit RGB, by the rules in this module's docstring."""
     mode = image.mode
     if mode in SIXTEEN_BIT_MODES or mode == "I":
-        image = image if mode == "I" else image.convert("I")
+        wide = image if mode == "I" else image.convert("I")
         # + 0.5: `point` truncates, so this rounds to the nearest 8-bit value.
-        return image.point(lambda v: v / 257 + 0.5).convert("L").convert("RGB")
+        grey = wide.point(lambda v: v / 257 + 0.5).convert("L")
+        key = image.info.get("transparency")
+        if not isinstance(key, int):
+            return grey.convert("RGB")
+        return _flatten(_keyed(grey, wide, key), name, alpha)
     if mode == "F":
         low, high = cast("tuple[float, float]", image.getextrema())
         scale = 255.0 if low >= 0.0 and high <= 1.0 else 1.0
@@ -91,6 +95,16 @@ def to_rgb(image: Image, name: str, alpha: str = "white") -> Image:
         return image.convert("RGB")
     except ValueError as exc:
         raise JobInputError(f"{name}: image mode {mode} cannot be converted to RGB") from exc
+
+
+def _keyed(grey: Image, wide: Image, key: int) -> Image:
+    """`grey` with the pixels whose 16-bit value in `wide` is the colour `key` transparent."""
+    import numpy as np
+    from PIL import Image
+
+    rgba = grey.convert("RGBA")
+    rgba.putalpha(Image.fromarray(np.where(np.asarray(wide) == key, 0, 255).astype(np.uint8)))
+    return rgba
 
 
 def _flatten(rgba: Image, name: str, alpha: str) -> Image:

@@ -300,6 +300,14 @@ def test_all_broken_rules_are_reported_together() -> None:
             "Hugging Face Hub; this field takes s3://bucket/prefix or a local path",
         ),
         (
+            lora_job(training={"maxGradNorm": float("inf")}),
+            "spec.training.maxGradNorm: must be a finite number",
+        ),
+        (
+            lora_job(validation={"prompts": ["a sks disc", "  "]}),
+            "spec.validation.prompts[1]: must not be blank",
+        ),
+        (
             lora_job(output={"uri": "gs://b/out"}),
             "spec.output.uri: unsupported scheme gs:// in 'gs://b/out'; use s3:// or a local path",
         ),

@@ -35,6 +35,8 @@ class ApiModel(BaseModel):
         populate_by_name=True,
         extra="forbid",
         use_enum_values=True,
+        # JSON (and so the API server) has no Infinity or NaN: YAML's `.inf` is refused.
+        allow_inf_nan=False,
     )
 
 
@@ -82,7 +84,16 @@ StorageUri = Annotated[
 """`s3://bucket/prefix` or a local path: images, datasets and outputs (models alone come
 from the hub)."""
 
-Prompt = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_LENGTH)]
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be blank")
+    return value
+
+
+Prompt = Annotated[
+    str, Field(min_length=1, max_length=MAX_PROMPT_LENGTH), AfterValidator(_not_blank)
+]
 
 
 def _quantity_text(value: object) -> object:

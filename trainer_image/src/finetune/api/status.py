@@ -20,7 +20,8 @@ MAX_ARTIFACTS = 256  # what `status.artifacts` holds at most
 
 
 class StatusModel(ApiModel):
-    model_config = ConfigDict(extra="ignore")
+    # Written by the trainer and the operator, not by users: only the spec refuses `.inf`.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=True)
 
 
 class Phase(StrEnum):

@@ -149,3 +149,35 @@ def test_class_images_kept_among_the_subjects_photos_are_refused(
     )
     assert sorted(p.name for p in photos.iterdir()) == before, "nothing was generated there"
     assert_no_output(tmp_path)
+
+
+def test_custom_diffusion_captions_without_the_modifier_token_are_refused(
+    tmp_path: Path, tiny_model: Path, disc_images: Path
+) -> None:
+    """The token's embedding learns only from prompts that hold it: captions that leave
+    it out would train a concept nobody can call up."""
+    photos = tmp_path / "discs"
+    photos.mkdir()
+    for source in sorted(disc_images.glob("*.png")):
+        (photos / source.name).write_bytes(source.read_bytes())
+    first = sorted(photos.glob("*.png"))[0]
+    first.with_suffix(".txt").write_text("a <disc> on a table")  # holds it: fine
+    second = sorted(photos.glob("*.png"))[1]
+    second.with_suffix(".txt").write_text("a disc on grass")
+    job = job_file(
+        tmp_path,
+        tiny_model,
+        photos,
+        method="customDiffusion",
+        lora=None,
+        customDiffusion={"modifierTokens": ["<disc>"]},
+        data={"concepts": [{"instanceImages": str(photos), "instancePrompt": "a <disc> disc"}]},
+    )
+    refused(
+        job,
+        "spec.data.concepts[0].instanceImages: 1 caption file(s) hold none of the concept's "
+        "modifier tokens (<disc>)",
+        str(second.with_suffix(".txt")),
+        "captionFiles: false",
+    )
+    assert_no_output(tmp_path)

@@ -42,7 +42,8 @@ class Concept(ApiModel):
         default=True,
         description=(
             "Use `NAME.txt` (UTF-8) beside `NAME.png`/`NAME.jpg` as that image's prompt; "
-            "images without one use `instancePrompt`."
+            "images without one use `instancePrompt`. With customDiffusion each caption must "
+            "hold one of the concept's modifier tokens."
         ),
     )
     class_prompt: Prompt | None = Field(

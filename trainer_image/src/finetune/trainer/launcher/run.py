@@ -25,15 +25,17 @@ from types import FrameType
 
 from finetune.api import pod
 from finetune.api.common import is_s3
+from finetune.api.methods import Method
 from finetune.api.pod import EXIT_FAILED, EXIT_INTERRUPTED
 from finetune.api.training import TrainingSpec
 from finetune.trainer.data import class_homes
 from finetune.trainer.data.captions import check_dataset
-from finetune.trainer.data.concepts import examples_from
+from finetune.trainer.data.concepts import Example, examples_from
 from finetune.trainer.data.images import ImageRules
 from finetune.trainer.engine.deepspeed_setup import check_optimizer
 from finetune.trainer.engine.plan import RunPlan
 from finetune.trainer.errors import JobInputError, Unreachable, exit_code_for
+from finetune.trainer.evaluation.references import modifier_tokens_in
 from finetune.trainer.evaluation.sources import resolve_evaluators
 from finetune.trainer.families import check_same_family, resolve_family
 from finetune.trainer.launcher.lease import RUN_FOLDER, OutputClaim
@@ -165,6 +167,7 @@ def prepare(
             f"spec.data.concepts[{index}].instanceImages",
             rules=ImageRules.of(spec.data),
         )
+        check_caption_tokens(spec, index, examples)
         if concept.hold_out >= len(examples):
             raise JobInputError(
                 f"spec.data.concepts[{index}].holdOut: {concept.hold_out} must be fewer than "
@@ -199,6 +202,24 @@ def prepare(
         model_fingerprints=fingerprints,
         class_uris=[c.uri for c in classes],
     )
+
+
+def check_caption_tokens(spec: TrainingSpec, index: int, examples: list[Example]) -> None:
+    """customDiffusion learns a modifier token only from prompts that hold it: a concept's
+    caption files that leave out its instance prompt's tokens are refused, naming them."""
+    cd = spec.custom_diffusion
+    if spec.method != Method.CUSTOM_DIFFUSION or cd is None:
+        return
+    tokens = tuple(cd.modifier_tokens)
+    wanted = modifier_tokens_in(spec.data.concepts[index].instance_prompt, tokens)
+    lacking = [e for e in examples if not wanted & modifier_tokens_in(e.prompt, tokens)]
+    if lacking:
+        raise JobInputError(
+            f"spec.data.concepts[{index}].instanceImages: {len(lacking)} caption file(s) hold "
+            f"none of the concept's modifier tokens ({', '.join(sorted(wanted))}), first "
+            f"{lacking[0].image.with_suffix('.txt')}; customDiffusion learns a token only from "
+            "prompts that hold it: add it to the captions, or set captionFiles: false"
+        )
 
 
 def gpu_count() -> int:

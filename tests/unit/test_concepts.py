@@ -75,3 +75,19 @@ def test_hidden_files_are_not_training_images(tmp_path: Path) -> None:
     (folder / "._image-000.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
     examples = examples_from(folder, "a photo of sks disc", caption_files=False, field="f")
     assert [e.image.name for e in examples] == ["image-000.png", "image-001.png"]
+
+
+def test_a_folder_of_iphone_photos_is_refused_saying_what_to_do(tmp_path: Path) -> None:
+    from finetune.trainer.data.concepts import examples_from, unread_images
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("IMG_0001.HEIC", "IMG_0002.heic", "._IMG_0001.HEIC"):
+        (folder / name).write_bytes(b"ftypheic")
+    with pytest.raises(JobInputError) as refused:
+        examples_from(folder, "a photo of sks dog", caption_files=True, field="f")
+    assert str(refused.value) == (
+        f"f: {folder}: no images (png, jpg, jpeg, webp) in the folder; 2 image(s) of another "
+        "type (.heic) are not read: convert them to PNG or JPEG"
+    )
+    assert unread_images(tmp_path) is None

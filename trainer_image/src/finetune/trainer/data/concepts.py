@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     from PIL.Image import Image
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp"})
+# Photos a folder may hold that are not read (an iPhone's HEIC, say): named, not ignored.
+UNREAD_SUFFIXES = frozenset({".heic", ".heif", ".avif", ".jfif", ".gif", ".bmp", ".tif", ".tiff"})
 
 
 def is_image_file(path: Path) -> bool:
@@ -65,8 +67,24 @@ def image_files(folder: Path, field: str) -> list[Path]:
         raise JobInputError(f"{field}: {folder}: no such folder")
     files = sorted(p for p in folder.iterdir() if is_image_file(p))
     if not files:
-        raise JobInputError(f"{field}: {folder}: no images (png, jpg, jpeg, webp) in the folder")
+        unread = unread_images(folder)
+        raise JobInputError(
+            f"{field}: {folder}: no images (png, jpg, jpeg, webp) in the folder"
+            + (f"; {unread}" if unread else "")
+        )
     return files
+
+
+def unread_images(folder: Path) -> str | None:
+    """What says that `folder` holds photos of a type training does not read (HEIC...),
+    and what to do; None where it holds none."""
+    unread = [
+        p for p in folder.iterdir() if p.suffix.lower() in UNREAD_SUFFIXES and p.name[0] != "."
+    ]
+    if not unread:
+        return None
+    kinds = ", ".join(sorted({p.suffix.lower() for p in unread}))
+    return f"{len(unread)} image(s) of another type ({kinds}) are not read: convert them to PNG or JPEG"
 
 
 def examples_from(

@@ -30,7 +30,7 @@ from finetune.api.pod import EXIT_FAILED, EXIT_INTERRUPTED
 from finetune.api.training import TrainingSpec
 from finetune.trainer.data import class_homes
 from finetune.trainer.data.captions import check_dataset
-from finetune.trainer.data.concepts import Example, examples_from
+from finetune.trainer.data.concepts import Example, examples_from, unread_images
 from finetune.trainer.data.images import ImageRules
 from finetune.trainer.engine.deepspeed_setup import check_optimizer
 from finetune.trainer.engine.plan import RunPlan
@@ -168,6 +168,9 @@ def prepare(
             rules=ImageRules.of(spec.data),
         )
         check_caption_tokens(spec, index, examples)
+        unread = unread_images(folder)
+        if unread:  # some are read: the run goes on, but says what it leaves out
+            print(f"warning: spec.data.concepts[{index}].instanceImages: {unread}", file=sys.stderr)
         if concept.hold_out >= len(examples):
             raise JobInputError(
                 f"spec.data.concepts[{index}].holdOut: {concept.hold_out} must be fewer than "

@@ -203,7 +203,7 @@ def test_stores_are_chosen_by_scheme_and_local_inputs_stay_where_they_are(
 ) -> None:
     assert isinstance(open_store(str(tmp_path)), LocalStore)
     assert local_folder(str(tmp_path), tmp_path / "cache", S3Settings(), "data") == tmp_path
-    # Data never comes from the hub: an hf:// data URI is a (missing) local path.
+    # Data never comes from the hub (the API refuses hf:// for it): no snapshot is taken.
     assert local_folder("hf://acme/x", tmp_path, S3Settings(), "data") == Path("hf://acme/x")
 
 

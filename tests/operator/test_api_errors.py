@@ -12,6 +12,7 @@ from typing import Any
 import kmock
 import kubernetes
 import pytest
+import yaml
 
 from tests.emulator import EmulatedCluster
 from tests.operator.conftest import PLURAL, Kube, OperatorProcess, wait_for
@@ -152,6 +153,31 @@ def test_a_job_file_deleted_by_hand_after_a_spec_change_fails_the_job_saying_so(
     event = kube.wait_event(namespace, NAME, "Failed")
     assert "JobFileMissing" in event.message
     # A failed job keeps no attempt running.
+    wait_for(lambda: kube.batch_job(f"{NAME}-a0", namespace) is None, what="attempt 0 deleted")
+
+
+def test_a_job_file_a_newer_operator_refuses_fails_the_job_naming_the_field(
+    kube: Kube, namespace: str, operator: OperatorProcess
+) -> None:
+    """A job created under an operator that accepted what this one refuses (an hf://
+    output, taken as a local path in the pod): after the upgrade the operator fails it
+    once, naming the field, rather than raising on every tick."""
+    start(kube, namespace)
+    run_gang(kube, namespace)
+    text = job_file(kube, namespace)
+    assert text is not None
+    document = yaml.safe_load(text)
+    document["spec"]["output"]["uri"] = "hf://me/disc-lora"
+    kube.core.patch_namespaced_config_map(
+        f"{NAME}-config", namespace, {"data": {"job.yaml": yaml.safe_dump(document)}}
+    )
+    operator.kill()
+    operator.start()
+    status = kube.wait_phase(NAME, namespace, "Failed")
+    assert status["failureReason"] == "InvalidSpec"
+    assert "no longer passes this operator's checks: spec.output.uri:" in status["failureMessage"]
+    event = kube.wait_event(namespace, NAME, "Failed")
+    assert "InvalidSpec" in event.message
     wait_for(lambda: kube.batch_job(f"{NAME}-a0", namespace) is None, what="attempt 0 deleted")
 
 

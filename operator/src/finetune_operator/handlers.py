@@ -364,6 +364,23 @@ async def _accepted(memo: kopf.Memo, body: kopf.Body, namespace: str) -> FineTun
     return accepted
 
 
+async def _fail_unbuildable(
+    memo: kopf.Memo,
+    body: kopf.Body,
+    status: Any,
+    current: FineTuneJobStatus,
+    generation: int,
+    reason: str,
+    message: str,
+) -> None:
+    """Fail a created job whose next attempts cannot be built, saying why everywhere."""
+    reconcile.unbuildable(current, generation, reason, message, _now())
+    memo.decided = current
+    kopf.event(body, type="Warning", reason="Failed", message=f"{reason}: {message}")
+    metrics.FAILURES.labels(reason).inc()
+    await _write_status(memo, body, _status_patch(dict(status), current))
+
+
 async def _restore_job_file(
     body: kopf.Body, generation: int, memo: kopf.Memo, namespace: str
 ) -> FineTuneJob | None:
@@ -559,9 +576,19 @@ async def reconcile_job(
         # Its names were held: try again.
         await _write_status(memo, body, await _create(body, status, memo))
         return
-    accepted = await _accepted(memo, body, namespace) or await _restore_job_file(
-        body, generation, memo, namespace
-    )
+    try:
+        accepted = await _accepted(memo, body, namespace) or await _restore_job_file(
+            body, generation, memo, namespace
+        )
+    except ValidationError as exc:  # created before this operator's checks refused it
+        problems = "; ".join(str(p) for p in problems_from(exc))
+        message = (
+            f"ConfigMap {Names(name).config_map}, the job file this job was created with, no "
+            f"longer passes this operator's checks: {problems}. Delete the job and create it "
+            "again with the spec fixed"
+        )
+        await _fail_unbuildable(memo, body, status, current, generation, "InvalidSpec", message)
+        return
     if accepted is None:
         message = (
             f"ConfigMap {Names(name).config_map}, the job file this job was created with, is "
@@ -569,11 +596,7 @@ async def reconcile_job(
             f"{generation}): new attempts could not be built from it. Delete the job and "
             "create it again"
         )
-        reconcile.unbuildable(current, generation, "JobFileMissing", message, _now())
-        memo.decided = current
-        kopf.event(body, type="Warning", reason="Failed", message=f"JobFileMissing: {message}")
-        metrics.FAILURES.labels("JobFileMissing").inc()
-        await _write_status(memo, body, _status_patch(dict(status), current))
+        await _fail_unbuildable(memo, body, status, current, generation, "JobFileMissing", message)
         return
     policy = _policy(accepted, spec)
     # Only this job's Job, and only that Job's pods: a previous job of this name, or a

@@ -17,7 +17,7 @@ from finetune.api.training import TrainingSpec
 from finetune.trainer.errors import AccessDenied, Unreachable
 from finetune.trainer.evaluation.sources import resolve_evaluators
 from finetune.trainer.storage.files import written_whole
-from finetune.trainer.storage.inputs import download_prefix, local_folder
+from finetune.trainer.storage.inputs import download_prefix, drop_deleted, local_folder
 from finetune.trainer.storage.local import LocalStore
 from finetune.trainer.storage.retries import RETRY_FOR_ENV
 from finetune.trainer.storage.s3 import ResumableRead, S3Settings
@@ -230,3 +230,17 @@ def test_an_unreachable_hub_names_the_evaluator_field_a_job_left_at_its_default(
         "; or point spec.validation.evaluator.clipModel at a local folder or an s3:// copy"
     )
     assert f"{field}: " in caplog.text  # each retry's warning
+
+
+def test_a_cache_keeps_what_its_prefix_lists_however_a_key_is_spelled(tmp_path: Path) -> None:
+    """`sub//a.png` downloads to `sub/a.png`: it is listed, not stale. A file being
+    written (`.partial`, another run's download into a shared cache) is left alone."""
+    for name in ("sub/a.png", "gone.png", "b.png.partial"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    drop_deleted(tmp_path, ["sub//a.png", "./c.png"])
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+        "b.png.partial",
+        "sub",
+        "sub/a.png",
+    ]

@@ -30,7 +30,12 @@ from finetune.api.pod import EXIT_FAILED, EXIT_INTERRUPTED
 from finetune.api.training import TrainingSpec
 from finetune.trainer.data import class_homes
 from finetune.trainer.data.captions import check_dataset
-from finetune.trainer.data.concepts import Example, examples_from, unread_images
+from finetune.trainer.data.concepts import (
+    Example,
+    examples_from,
+    split_held_out,
+    unread_images,
+)
 from finetune.trainer.data.images import ImageRules
 from finetune.trainer.engine.deepspeed_setup import check_optimizer
 from finetune.trainer.engine.plan import RunPlan
@@ -167,7 +172,6 @@ def prepare(
             f"spec.data.concepts[{index}].instanceImages",
             rules=ImageRules.of(spec.data),
         )
-        check_caption_tokens(spec, index, examples)
         unread = unread_images(folder)
         if unread:  # some are read: the run goes on, but says what it leaves out
             print(f"warning: spec.data.concepts[{index}].instanceImages: {unread}", file=sys.stderr)
@@ -177,6 +181,7 @@ def prepare(
                 f"the concept's {len(examples)} images ({concept.instance_images}), "
                 "or nothing is left to train on"
             )
+        check_caption_tokens(spec, index, split_held_out(examples, concept.hold_out)[0])
         concepts.append(folder.resolve())
         home = class_homes.class_home(spec, index, output, work_dir, cache)
         if concept.class_images.uri:  # missing class images are generated into it
@@ -208,8 +213,9 @@ def prepare(
 
 
 def check_caption_tokens(spec: TrainingSpec, index: int, examples: list[Example]) -> None:
-    """customDiffusion learns a modifier token only from prompts that hold it: a concept's
-    caption files that leave out its instance prompt's tokens are refused, naming them."""
+    """customDiffusion learns a modifier token only from prompts that hold it: caption
+    files of a concept's training images (`examples`, held-out ones aside) that leave out
+    its instance prompt's tokens are refused, naming the first."""
     cd = spec.custom_diffusion
     if spec.method != Method.CUSTOM_DIFFUSION or cd is None:
         return

@@ -17,7 +17,7 @@ from finetune.api.pod import HF_TOKEN_ENV
 from finetune.trainer.errors import JobInputError
 from finetune.trainer.process import stopping
 from finetune.trainer.storage import hub
-from finetune.trainer.storage.files import cache_key, file_digest, written_whole
+from finetune.trainer.storage.files import PARTIAL, cache_key, file_digest, written_whole
 from finetune.trainer.storage.s3 import S3Settings, S3Store
 
 # What an input is, which names its folder in the cache (`s3-models`, `s3-data`).
@@ -87,10 +87,12 @@ def download_prefix(uri: str, destination: Path, settings: S3Settings) -> Path:
 def drop_deleted(destination: Path, keys: Iterable[str]) -> None:
     """Remove the files of `destination` whose objects are gone from the prefix: a photo
     deleted from S3 is not trained on from a stale cache (nor a bad one refused again)."""
-    listed = set(keys)
+    listed = {destination / key for key in keys}  # as a download's path (`a//b` is `a/b`)
     for path in sorted(destination.rglob("*"), reverse=True):  # files before their folders
+        if PARTIAL in path.name:
+            continue  # being written (by another run sharing the cache, maybe)
         if path.is_file() or path.is_symlink():
-            if path.relative_to(destination).as_posix() not in listed:
+            if path not in listed:
                 path.unlink()
         elif path.is_dir() and not any(path.iterdir()):
             path.rmdir()

@@ -10,7 +10,6 @@ output (`OUTPUT/class_images/concept-N/`), which may be such a prefix too.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -105,18 +104,6 @@ def send_missing(home: ClassHome, settings: S3Settings) -> int:
     return len(missing)
 
 
-def check_writable(home: ClassHome, settings: S3Settings) -> None:
-    """Before images are generated into `home`'s prefix: it takes a write and a delete,
-    so a read-only prefix fails the start, not the run minutes into generating."""
-    if home.uri is None:
-        return
-    key = f".probe-{uuid.uuid4().hex}"
-    with named(home.field, f"{home.uri.rstrip('/')}/{key}", home.uri.rstrip("/")):
-        store = S3Store(home.uri, settings)
-        store.write_text(key, "probe")
-        store.delete([key])
-
-
 def sender(homes: list[ClassHome], settings: S3Settings) -> Callable[[int, Path], None]:
     """Rank 0: what sends a class image just generated into concept N's folder to its
     prefix, if it has one (a failed upload fails the run, as a checkpoint's does)."""
@@ -131,10 +118,9 @@ def sender(homes: list[ClassHome], settings: S3Settings) -> Callable[[int, Path]
 
 
 @contextmanager
-def named(field: str, key_uri: str = "", uri: str = "") -> Iterator[None]:
-    """S3's refusals (`JobInputError`) named by `field`, a probe's key by its prefix."""
+def named(field: str) -> Iterator[None]:
+    """S3's refusals (`JobInputError`) named by `field`."""
     try:
         yield
     except JobInputError as exc:
-        message = str(exc).replace(key_uri, uri) if key_uri else str(exc)
-        raise type(exc)(f"{field}: {message}") from exc
+        raise type(exc)(f"{field}: {exc}") from exc

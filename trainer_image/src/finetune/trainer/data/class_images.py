@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from finetune.api.training import TrainingSpec
-from finetune.trainer.data.concepts import is_image_file
+from finetune.trainer.data.class_homes import images_in
 from finetune.trainer.models.components import Components, inference_pipeline
 from finetune.trainer.outputs.generation import step_callback
 from finetune.trainer.storage.files import written_whole
@@ -35,7 +35,7 @@ def generate_missing(
     pipeline: Any = None
     for index, (concept, folder) in enumerate(zip(spec.data.concepts, folders, strict=True)):
         folder.mkdir(parents=True, exist_ok=True)
-        have = [p for p in folder.iterdir() if is_image_file(p)]
+        have = images_in(folder)
         missing = concept.class_images.count - len(have)
         if missing <= 0 or concept.class_prompt is None:
             continue

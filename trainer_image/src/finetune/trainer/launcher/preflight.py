@@ -62,17 +62,21 @@ def check_local_output(folder: Path) -> None:
 
 
 def check_s3_output(uri: str, settings: S3Settings) -> None:
-    """The credentials are there and accepted, and the prefix takes a write and a delete.
-    S3's refusals raise `JobInputError`/`AccessDenied` naming the field; an endpoint that
-    stays unreachable past the retries raises what boto3 raised (exit 1)."""
-    key = f"{RUN_FOLDER}/probe-{uuid.uuid4().hex}"
+    check_s3_writable(uri, settings, FIELD, f"{RUN_FOLDER}/probe-{uuid.uuid4().hex}")
+
+
+def check_s3_writable(uri: str, settings: S3Settings, field: str, key: str) -> None:
+    """The credentials are there and accepted, and the prefix takes a write and a delete
+    (of `key`, under it). S3's refusals raise `JobInputError`/`AccessDenied` naming
+    `field`; an endpoint that stays unreachable past the retries raises what boto3
+    raised (exit 1)."""
     try:
         store = S3Store(uri, settings)  # credentials that cannot be complete fail here
         store.write_text(key, "probe")
         store.delete([key])
-    except JobInputError as exc:  # named by the output, not by the probe's key
+    except JobInputError as exc:  # named by the prefix, not by the probe's key
         message = str(exc).replace(f"{uri.rstrip('/')}/{key}", uri.rstrip("/"))
-        raise type(exc)(f"{FIELD}: {message}") from exc
+        raise type(exc)(f"{field}: {message}") from exc
 
 
 # What runs keep in their output: a name taken by something else would fail a run midway.

@@ -45,7 +45,12 @@ from finetune.trainer.evaluation.sources import resolve_evaluators
 from finetune.trainer.families import check_same_family, resolve_family
 from finetune.trainer.launcher.lease import RUN_FOLDER, OutputClaim
 from finetune.trainer.launcher.overlap import check_class_images_apart, check_output_apart
-from finetune.trainer.launcher.preflight import check_output, checked_nproc, make_folder
+from finetune.trainer.launcher.preflight import (
+    check_output,
+    check_s3_writable,
+    checked_nproc,
+    make_folder,
+)
 from finetune.trainer.models.fingerprint import fingerprint
 from finetune.trainer.models.sources import VAE_FIELD, resolve_model, resolve_vae
 from finetune.trainer.process import stopping
@@ -191,7 +196,8 @@ def prepare(
             if fetched:
                 print(f"Class images {home.uri}: {fetched} fetched", flush=True)
             if len(class_homes.images_in(home.folder)) < concept.class_images.count:
-                class_homes.check_writable(home, s3)  # the missing ones go up there
+                # The missing ones go up there: a read-only prefix fails now, not midway.
+                check_s3_writable(home.uri, s3, home.field, f".probe-{uuid.uuid4().hex}")
         classes.append(home)
     clip, dino = resolve_evaluators(spec, cache, s3)
     return RunPlan(

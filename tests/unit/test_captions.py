@@ -241,3 +241,48 @@ def test_a_dataset_unzipped_on_a_mac_trains_on_its_images_only(tmp_path: Path) -
     assert layout.pairs == [("0.png", "0.txt"), ("1.png", "1.txt")]
     taken = IndexedCaptions(files, layout.pairs, seed=0, rank=0, world=1).take(0, 2)
     assert sorted(captions(taken)) == ["a dark disc", "a red disc"]
+
+
+def test_captions_and_shards_named_in_capitals_are_read(tmp_path: Path) -> None:
+    """Windows tools and cameras write `NAME.TXT` and `NAME.JPG`; where a folder holds
+    both `NAME.txt` and `NAME.TXT`, the lower-case one is the caption."""
+    for index in range(3):
+        (tmp_path / f"{index}.PNG").write_bytes(png(index))
+    (tmp_path / "0.TXT").write_text("a red disc")
+    (tmp_path / "1.Caption").write_text("a green disc")
+    (tmp_path / "2.TXT").write_text("stale")
+    (tmp_path / "2.txt").write_text("a blue disc")
+    layout = layout_of(local(tmp_path), "auto")
+    assert layout.pairs == [("0.PNG", "0.TXT"), ("1.PNG", "1.Caption"), ("2.PNG", "2.txt")]
+    shards(tmp_path / "wds", 1, 1).joinpath("shard-000.tar").rename(tmp_path / "wds" / "A.TAR")
+    assert layout_of(local(tmp_path / "wds"), "auto").shards == ["A.TAR"]
+
+
+def test_a_caption_in_another_encoding_is_named(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A local folder's are refused before training; a shard's (read as training goes)
+    train with the undecodable bytes replaced, the file named once in the log."""
+    (tmp_path / "0.png").write_bytes(png(0))
+    (tmp_path / "0.txt").write_text("a photo of a café")
+    (tmp_path / "1.png").write_bytes(png(1))
+    (tmp_path / "1.txt").write_bytes("a photo of a café".encode("cp1252"))
+    with pytest.raises(JobInputError) as refused:
+        check_dataset(CaptionDataset(uri=str(tmp_path)), S3Settings())
+    assert str(refused.value) == (
+        f"spec.data.dataset.uri: {tmp_path / '1.txt'}: the caption is not UTF-8 text "
+        "(byte 0xe9 at offset 16); save it as UTF-8"
+    )
+
+    shard = write_shard(
+        tmp_path / "wds" / "s.tar", [("x.png", png(0)), ("x.txt", "café".encode("cp1252"))]
+    )
+    for _ in range(2):  # two epochs' visits
+        with shard.open("rb") as stream:
+            (sample,) = tar_samples(stream, str(shard))
+        assert sample.caption == "caf\ufffd"
+    named = [r.getMessage() for r in caplog.records if "not UTF-8" in r.getMessage()]
+    assert named == [
+        f"{shard}:x: the caption is not UTF-8 text (byte 0xe9 at offset 3); save it as UTF-8 "
+        "(it trains with those bytes replaced)"
+    ]

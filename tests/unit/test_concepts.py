@@ -91,3 +91,19 @@ def test_a_folder_of_iphone_photos_is_refused_saying_what_to_do(tmp_path: Path) 
         "type (.heic) are not read: convert them to PNG or JPEG"
     )
     assert unread_images(tmp_path) is None
+
+
+def test_a_caption_named_in_capitals_is_read(tmp_path: Path) -> None:
+    """`NAME.TXT`, as some Windows tools write it; `NAME.txt` where a folder holds both."""
+    from finetune.assets import write_images
+    from finetune.trainer.data.concepts import examples_from
+
+    folder = write_images(tmp_path / "images", 2)
+    (folder / "image-000.TXT").write_text("a photo of sks disc on sand")
+    (folder / "image-001.TXT").write_text("stale")
+    (folder / "image-001.txt").write_text("a photo of sks disc on grass")
+    examples = examples_from(folder, "a photo of sks disc", caption_files=True, field="f")
+    assert [(e.prompt, e.caption) for e in examples] == [
+        ("a photo of sks disc on sand", folder / "image-000.TXT"),
+        ("a photo of sks disc on grass", folder / "image-001.txt"),
+    ]

@@ -32,7 +32,7 @@ from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from finetune.api.data import CaptionDataset, DatasetFormat
 from finetune.trainer.data import images
-from finetune.trainer.data.concepts import IMAGE_SUFFIXES, IndexStream, is_hidden_key
+from finetune.trainer.data.concepts import IMAGE_SUFFIXES, IndexStream, is_hidden_key, not_utf8
 from finetune.trainer.data.images import ImageRules
 from finetune.trainer.errors import JobInputError
 from finetune.trainer.storage.local import LocalStore
@@ -121,16 +121,40 @@ class Layout:
         return f"{len(self.pairs)} captioned images"
 
 
-def caption_text(data: bytes) -> str:
-    """A caption's text: UTF-8 without a byte-order mark. Undecodable bytes become U+FFFD
-    rather than failing a run hours in."""
-    return data.decode("utf-8-sig", errors="replace").strip()
+_NAMED_NOT_UTF8: set[str] = set()
+
+
+def caption_text(data: bytes, name: str) -> str:
+    """A caption's text: UTF-8 without a byte-order mark. A caption that is not UTF-8
+    trains with U+FFFD for its undecodable bytes rather than failing a run hours in,
+    and its file is named in the log (a local folder's are refused before training)."""
+    try:
+        return data.decode("utf-8-sig").strip()
+    except UnicodeDecodeError as exc:
+        if name not in _NAMED_NOT_UTF8:  # once, not at each epoch's visit
+            _NAMED_NOT_UTF8.add(name)
+            log.warning("%s: %s (it trains with those bytes replaced)", name, not_utf8(exc))
+        return data.decode("utf-8-sig", errors="replace").strip()
+
+
+def captions_by_stem(keys: list[str]) -> dict[str, str]:
+    """Each caption key by its stem: `NAME.txt` before `NAME.caption`, each in any case
+    (`NAME.TXT`, as some Windows tools write it), the lower-case name first."""
+    ranked: dict[str, tuple[tuple[int, bool], str]] = {}
+    for key in keys:
+        stem, suffix = posixpath.splitext(key)
+        if suffix.lower() not in CAPTION_SUFFIXES:
+            continue
+        rank = (CAPTION_SUFFIXES.index(suffix.lower()), suffix != suffix.lower())
+        if stem not in ranked or rank < ranked[stem][0]:
+            ranked[stem] = (rank, key)
+    return {stem: key for stem, (_, key) in ranked.items()}
 
 
 def layout_of(files: DatasetFiles, wanted: DatasetFormat | str) -> Layout:
     listed = files.keys()
     keys = [k for k in listed if not is_hidden_key(k)]
-    shards = [k for k in keys if k.endswith(".tar")]
+    shards = [k for k in keys if _suffix(k) == ".tar"]
     fmt = DatasetFormat(wanted)
     if fmt == DatasetFormat.AUTO:
         fmt = DatasetFormat.WEBDATASET if shards else DatasetFormat.FOLDER
@@ -138,13 +162,12 @@ def layout_of(files: DatasetFiles, wanted: DatasetFormat | str) -> Layout:
         if not shards:
             raise JobInputError(f"{FIELD}: {files.uri('')}: no .tar shards")
         return Layout(fmt, shards, [])
-    present = set(keys)
+    captions = captions_by_stem(keys)
     pairs, uncaptioned = [], 0
     for key in keys:
         if _suffix(key) not in IMAGE_SUFFIXES:
             continue
-        stem = posixpath.splitext(key)[0]
-        caption = next((stem + s for s in CAPTION_SUFFIXES if stem + s in present), None)
+        caption = captions.get(posixpath.splitext(key)[0])
         if caption is None:
             uncaptioned += 1
         else:
@@ -159,12 +182,25 @@ def layout_of(files: DatasetFiles, wanted: DatasetFormat | str) -> Layout:
 def check_dataset(dataset: CaptionDataset, settings: S3Settings) -> Layout:
     """What the launcher checks before any worker starts: the dataset is there and
     holds something to train on. Nothing is downloaded."""
-    layout = layout_of(DatasetFiles.at(dataset.uri, settings), dataset.format)
+    files = DatasetFiles.at(dataset.uri, settings)
+    layout = layout_of(files, dataset.format)
+    if files.local:
+        check_local_captions(files, layout)
     if layout.uncaptioned:
         log.warning(
             "%s: %d images without a caption file are not used", dataset.uri, layout.uncaptioned
         )
     return layout
+
+
+def check_local_captions(files: DatasetFiles, layout: Layout) -> None:
+    """A local folder's caption files are UTF-8 text: reading them is cheap, and one in
+    another encoding (a Windows editor's) is named before a step is trained."""
+    for _, caption in layout.pairs:
+        try:
+            files.read(caption).decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise JobInputError(f"{FIELD}: {files.uri(caption)}: {not_utf8(exc)}") from exc
 
 
 class CaptionStream(Protocol):
@@ -195,7 +231,7 @@ class IndexedCaptions:
 
     def _read(self, index: int) -> CaptionedImage:
         image_key, caption_key = self.pairs[index]
-        caption = caption_text(self.files.read(caption_key))
+        caption = caption_text(self.files.read(caption_key), self.files.uri(caption_key))
         return CaptionedImage(self.files.uri(image_key), self.files.read(image_key), caption)
 
     def _submit(self, micro_step: int, count: int) -> list[tuple[Future[CaptionedImage], int]]:
@@ -224,7 +260,7 @@ def tar_samples(stream: IO[bytes], name: str) -> Iterator[CaptionedImage]:
         caption = next((parts[e] for e in ("txt", "caption") if e in parts), None)
         if key is None or image is None or caption is None:
             return None
-        return CaptionedImage(f"{name}:{key}", image, caption_text(caption))
+        return CaptionedImage(f"{name}:{key}", image, caption_text(caption, f"{name}:{key}"))
 
     try:
         with tarfile.open(fileobj=stream, mode="r|*") as tar:

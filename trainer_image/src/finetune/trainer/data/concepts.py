@@ -41,6 +41,7 @@ def is_hidden_key(key: str) -> bool:
 class Example:
     image: Path
     prompt: str
+    caption: Path | None = None  # the caption file its prompt came from, if one
     # (width, height) to train it at: its aspect-ratio bucket; None: the square resolution.
     size: tuple[int, int] | None = None
 
@@ -99,13 +100,32 @@ def examples_from(
     `check` decodes each image first and checks it against `rules` (off where the
     launcher has checked them)."""
     examples = []
+    captions = captions_in(folder) if caption_files else {}
     for path in image_files(folder, field):
         if check:
             images.check(path, str(path), rules or ImageRules())
-        caption = path.with_suffix(".txt")
-        text = read_caption(caption, field) if caption_files and caption.exists() else ""
-        examples.append(Example(path, text or prompt))
+        caption = captions.get(path.stem)
+        text = read_caption(caption, field) if caption is not None else ""
+        examples.append(Example(path, text or prompt, caption if text else None))
     return examples
+
+
+def captions_in(folder: Path) -> dict[str, Path]:
+    """The caption files of `folder` by stem: `NAME.txt`, or `NAME.TXT` as some Windows
+    tools write it (the lower-case name where a folder holds both)."""
+    found: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):  # `NAME.txt` sorts after `NAME.TXT`: it wins
+        if path.suffix.lower() == ".txt" and not path.name.startswith("."):
+            found[path.stem] = path
+    return found
+
+
+def not_utf8(exc: UnicodeDecodeError) -> str:
+    """What is wrong with a caption `exc` failed to decode, and what to do."""
+    return (
+        f"the caption is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+        f"{exc.start}); save it as UTF-8"
+    )
 
 
 def read_caption(path: Path, field: str) -> str:
@@ -114,10 +134,7 @@ def read_caption(path: Path, field: str) -> str:
         # utf-8-sig: a byte-order mark (Notepad's) is no part of the prompt.
         return path.read_text(encoding="utf-8-sig").strip()
     except UnicodeDecodeError as exc:
-        raise JobInputError(
-            f"{field}: {path}: the caption is not UTF-8 text (byte {exc.object[exc.start]:#04x} "
-            f"at offset {exc.start}); save it as UTF-8"
-        ) from exc
+        raise JobInputError(f"{field}: {path}: {not_utf8(exc)}") from exc
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
         raise JobInputError(f"{field}: {path}: cannot read the caption ({reason})") from exc

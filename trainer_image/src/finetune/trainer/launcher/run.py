@@ -232,7 +232,7 @@ def check_caption_tokens(spec: TrainingSpec, index: int, examples: list[Example]
         raise JobInputError(
             f"spec.data.concepts[{index}].instanceImages: {len(lacking)} caption file(s) hold "
             f"none of the concept's modifier tokens ({', '.join(sorted(wanted))}), first "
-            f"{lacking[0].image.with_suffix('.txt')}; customDiffusion learns a token only from "
+            f"{lacking[0].caption}; customDiffusion learns a token only from "
             "prompts that hold it: add it to the captions, or set captionFiles: false"
         )
 

@@ -105,6 +105,29 @@ def test_missing_s3_prefix_names_the_uri(
     assert "s3://data/nothing-here/: no objects under this S3 prefix" in result.stderr
 
 
+def test_a_bad_image_at_an_s3_prefix_is_named_by_its_key(
+    tmp_path: Path, s3_endpoint: str, tiny_model: Path, disc_images: Path
+) -> None:
+    """The images are checked in the cache's copy; the refusal names the S3 object."""
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    client.create_bucket(Bucket="data")
+    upload(client, disc_images, "data", "discs")
+    client.put_object(Bucket="data", Key="discs/broken.png", Body=b"\x89PNG\r\n\x1a\n half")
+    job = job_file(
+        tmp_path,
+        tiny_model,
+        Path("unused"),
+        data={"concepts": [{"instanceImages": "s3://data/discs", "instancePrompt": "a photo"}]},
+        output={"s3EndpointUrl": s3_endpoint},
+    )
+    result = finetune_run(job, nproc=1, env=CREDENTIALS, expect=2)
+    assert (
+        "spec.data.concepts[0].instanceImages: s3://data/discs/broken.png: not a readable image"
+        in result.stderr
+    )
+    assert "s3-data" not in result.stderr  # the cache's folder
+
+
 def prior_preservation_job(
     folder: Path, model: Path, images: Path, output: str, endpoint: str, classes: str | None
 ) -> Path:

@@ -12,6 +12,7 @@ from PIL import Image
 
 from finetune.api.training import TrainingSpec
 from finetune.trainer.data import class_images
+from finetune.trainer.errors import JobInputError
 from tests.support import lora_job
 from tests.unit.test_liveness import Pipeline
 
@@ -44,3 +45,26 @@ def test_topping_up_a_folder_with_a_gap_overwrites_nothing(
     assert len(list(folder.glob("*.png"))) == 4
     assert (folder / f"class-{tag}-00002.png").read_bytes() == kept
     assert [p.name for p in saved] == [f"class-{tag}-00003.png", f"class-{tag}-00004.png"]
+
+
+def test_a_bad_class_image_from_s3_is_named_by_its_key(tmp_path: Path) -> None:
+    """Class images at an S3 prefix are read from the cache's copy; a refusal names the
+    object the user can find, not the cache's path."""
+    from finetune.trainer.data.batches import class_examples
+    from finetune.trainer.data.class_homes import ClassHome
+
+    document = lora_job()
+    concept = document["spec"]["data"]["concepts"][0]
+    concept.update(classPrompt="a photo of a disc", classImages={"uri": "s3://photos/classes/"})
+    spec = TrainingSpec.model_validate(document["spec"])
+    folder = tmp_path / "cache" / "s3-class-images" / "abc"
+    folder.mkdir(parents=True)
+    Image.new("RGB", (64, 64), "red").save(folder / "a.png")
+    (folder / "b.png").write_bytes(b"half a png")
+    field = "spec.data.concepts[0].classImages.uri"
+    with pytest.raises(JobInputError) as refused:
+        class_examples(spec, [ClassHome(folder, "s3://photos/classes/", field)])
+    assert str(refused.value).startswith(
+        f"{field}: s3://photos/classes/b.png: not a readable image"
+    )
+    assert str(tmp_path) not in str(refused.value)

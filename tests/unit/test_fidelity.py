@@ -302,7 +302,7 @@ def test_held_out_images_are_not_trained_on(tmp_path: Path) -> None:
 
     images = write_images(tmp_path / "discs", 6, resolution=64)
     spec = spec_for(images, hold_out=2, metrics=["dino"])
-    trained = [e.image.name for e in concept_examples(spec, [images], class_images=False)]
+    trained = [e.image.name for e in concept_examples(spec, [images])]
     (group,) = reference_groups(spec, [images])
     assert trained == [f"image-{i:03d}.png" for i in range(4)]
     assert [p.name for p in group.images] == ["image-004.png", "image-005.png"]

@@ -103,7 +103,7 @@ def examples_from(
     captions = captions_in(folder) if caption_files else {}
     for path in image_files(folder, field):
         if check:
-            images.check(path, str(path), rules or ImageRules())
+            images.check(path, f"{field}: {path}", rules or ImageRules())
         caption = captions.get(path.stem)
         text = read_caption(caption, field) if caption is not None else ""
         examples.append(Example(path, text or prompt, caption if text else None))

@@ -127,7 +127,7 @@ class RunSetup:
         self.batches = open_batches(
             spec,
             self.plan.concept_folders,
-            self.plan.class_folders,
+            self.plan.class_homes,
             self.method,
             self.encoder,
             self.rank,

@@ -62,7 +62,7 @@ from finetune.trainer.process.stopping import (
 )
 from finetune.trainer.process.tether import LAUNCHER_PID_ENV
 from finetune.trainer.storage.files import cache_key
-from finetune.trainer.storage.inputs import local_folder
+from finetune.trainer.storage.inputs import local_folder, said_as
 from finetune.trainer.storage.retries import RETRY_FOR_ENV, retry_budget
 from finetune.trainer.storage.s3 import S3Settings, transient
 from finetune.trainer.telemetry.termination import write_termination_message
@@ -170,13 +170,15 @@ def prepare(
     classes: list[class_homes.ClassHome] = []
     for index, concept in enumerate(spec.data.concepts):
         folder = local_folder(concept.instance_images, cache, s3, "data")
-        examples = examples_from(
-            folder,
-            concept.instance_prompt,
-            concept.caption_files,
-            f"spec.data.concepts[{index}].instanceImages",
-            rules=ImageRules.of(spec.data),
-        )
+        with said_as(folder, concept.instance_images):
+            examples = examples_from(
+                folder,
+                concept.instance_prompt,
+                concept.caption_files,
+                f"spec.data.concepts[{index}].instanceImages",
+                rules=ImageRules.of(spec.data),
+            )
+            check_caption_tokens(spec, index, split_held_out(examples, concept.hold_out)[0])
         unread = unread_images(folder)
         if unread:  # some are read: the run goes on, but says what it leaves out
             print(f"warning: spec.data.concepts[{index}].instanceImages: {unread}", file=sys.stderr)
@@ -186,7 +188,6 @@ def prepare(
                 f"the concept's {len(examples)} images ({concept.instance_images}), "
                 "or nothing is left to train on"
             )
-        check_caption_tokens(spec, index, split_held_out(examples, concept.hold_out)[0])
         concepts.append(folder.resolve())
         home = class_homes.class_home(spec, index, output, work_dir, cache)
         if concept.class_images.uri:  # missing class images are generated into it

@@ -8,7 +8,8 @@ input here before any worker starts, so a bad URI fails in seconds.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -96,3 +97,16 @@ def drop_deleted(destination: Path, keys: Iterable[str]) -> None:
                 path.unlink()
         elif path.is_dir() and not any(path.iterdir()):
             path.rmdir()
+
+
+@contextmanager
+def said_as(folder: Path, uri: str | None) -> Iterator[None]:
+    """Refusals about the files of `folder`, the local copy of `uri`, name them by `uri`:
+    a user knows `s3://bucket/photos/a.png`, not where the cache keeps it."""
+    try:
+        yield
+    except JobInputError as exc:
+        if uri is None or not is_s3(uri) or str(folder) not in str(exc):
+            raise
+        said = str(exc).replace(str(folder), uri.rstrip("/"))
+        raise type(exc)(said).with_traceback(exc.__traceback__) from None

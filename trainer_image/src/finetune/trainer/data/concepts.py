@@ -100,8 +100,9 @@ def examples_from(
     `check` decodes each image first and checks it against `rules` (off where the
     launcher has checked them)."""
     examples = []
+    files = image_files(folder, field)  # first: it names a missing folder
     captions = captions_in(folder) if caption_files else {}
-    for path in image_files(folder, field):
+    for path in files:
         if check:
             images.check(path, f"{field}: {path}", rules or ImageRules())
         caption = captions.get(path.stem)

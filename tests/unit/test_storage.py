@@ -14,7 +14,7 @@ import boto3
 import pytest
 
 from finetune.api.training import TrainingSpec
-from finetune.trainer.errors import AccessDenied, Unreachable
+from finetune.trainer.errors import AccessDenied, JobInputError, Unreachable
 from finetune.trainer.evaluation.sources import resolve_evaluators
 from finetune.trainer.storage.files import written_whole
 from finetune.trainer.storage.inputs import download_prefix, drop_deleted, local_folder
@@ -232,15 +232,43 @@ def test_an_unreachable_hub_names_the_evaluator_field_a_job_left_at_its_default(
     assert f"{field}: " in caplog.text  # each retry's warning
 
 
-def test_a_cache_keeps_what_its_prefix_lists_however_a_key_is_spelled(tmp_path: Path) -> None:
-    """`sub//a.png` downloads to `sub/a.png`: it is listed, not stale. A file being
-    written (`.partial`, another run's download into a shared cache) is left alone."""
+def test_a_cache_leaves_a_file_being_written_alone(tmp_path: Path) -> None:
+    """A `.partial` file (another run's download into a shared cache) is not stale."""
     for name in ("sub/a.png", "gone.png", "b.png.partial"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"x")
-    drop_deleted(tmp_path, ["sub//a.png", "./c.png"])
+    drop_deleted(tmp_path, ["sub/a.png", "c.png"])
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
         "b.png.partial",
         "sub",
         "sub/a.png",
     ]
+
+
+@pytest.mark.slow  # starts moto's S3 server
+@pytest.mark.parametrize(
+    ("key", "why"),
+    [
+        ("discs//tmp/abs.png", "an object key with an empty, '.' or '..' part"),
+        ("discs/sub/../../escaped.png", "an object key with an empty, '.' or '..' part"),
+        ("discs/a.png/b.png", "its name is both a file and a folder under the prefix"),
+    ],
+)
+def test_an_object_no_file_can_mirror_is_refused_and_nothing_lands_outside(
+    moto: Moto,  # noqa: F811
+    tmp_path: Path,
+    key: str,
+    why: str,
+) -> None:
+    """A doubled slash (`photos//a.png`) or a `..` in a key would put the file outside
+    the cache, or nowhere the folder is read; an object named like a folder, beside it."""
+    client = boto3.client("s3", endpoint_url=moto.url)
+    client.create_bucket(Bucket="data")
+    client.put_object(Bucket="data", Key="discs/a.png", Body=b"a" * 50)
+    client.put_object(Bucket="data", Key=key, Body=b"b" * 50)
+    cache = tmp_path / "deep" / "cache" / "discs"
+    with pytest.raises(JobInputError) as refused:
+        download_prefix("s3://data/discs", cache, S3Settings(moto.url))
+    assert str(refused.value).startswith(f"s3://data/{key}: {why}")
+    written = {p.name for p in tmp_path.rglob("*") if p.is_file()}
+    assert written <= {"a.png"}, written

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
-from finetune.trainer.storage.files import is_partial, write_text_whole
+from finetune.trainer.storage.files import file_for_key, is_partial, write_text_whole
 from finetune.trainer.storage.store import Store
 from finetune.trainer.telemetry.tensorboard import LOGS
 from finetune.trainer.telemetry.train_log import entries
@@ -147,9 +147,9 @@ class RunRecord:
         self._restore_log(step)
         fetched = 0
         for key, size in self.store.keys(SAMPLES + "/"):
-            if sample_step(key) > step:
-                continue  # a run's that ended before its checkpoint: made again
-            path = self.work_dir / key
+            path = file_for_key(self.work_dir, key)
+            if path is None or sample_step(key) > step:
+                continue  # not a sample's name, or a run's that ended before its checkpoint
             if path.is_file() and path.stat().st_size == size:
                 self.copies[key] = Copy(size, None)
                 continue
@@ -157,8 +157,8 @@ class RunRecord:
             self.copies[key] = Copy(size, path.stat().st_mtime_ns)
             fetched += 1
         for key, size in self.store.keys(LOGS + "/"):
-            path = self.work_dir / key
-            if path.is_file() and path.stat().st_size == size:
+            path = file_for_key(self.work_dir, key)
+            if path is not None and path.is_file() and path.stat().st_size == size:
                 self.copies[key] = Copy(size, None)
         if fetched:
             log.info(

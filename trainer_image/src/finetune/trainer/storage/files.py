@@ -21,6 +21,16 @@ def cache_key(uri: str) -> str:
     return hashlib.sha256(uri.encode()).hexdigest()[:16]
 
 
+def file_for_key(root: Path, key: str) -> Path | None:
+    """Where the object `key` (relative to a prefix) is kept under `root`; None for a key
+    no file can mirror: one with an empty, `.` or `..` part (`photos//a.png`, a script's
+    doubled slash, or `../a.png`), which would land elsewhere or outside `root`."""
+    parts = key.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        return None
+    return root.joinpath(*parts)
+
+
 def is_partial(path: Path | str) -> bool:
     """A file still being written (or left by a writer that was killed)."""
     return str(path).endswith(PARTIAL)

@@ -18,7 +18,13 @@ from finetune.api.pod import HF_TOKEN_ENV
 from finetune.trainer.errors import JobInputError
 from finetune.trainer.process import stopping
 from finetune.trainer.storage import hub
-from finetune.trainer.storage.files import PARTIAL, cache_key, file_digest, written_whole
+from finetune.trainer.storage.files import (
+    PARTIAL,
+    cache_key,
+    file_digest,
+    file_for_key,
+    written_whole,
+)
 from finetune.trainer.storage.s3 import S3Settings, S3Store
 
 # What an input is, which names its folder in the cache (`s3-models`, `s3-data`).
@@ -63,13 +69,18 @@ def download_prefix(uri: str, destination: Path, settings: S3Settings) -> Path:
         verified = {}
     now: dict[str, list[Any]] = {}
     for key, size, etag in store.objects():
+        target = file_for_key(destination, key)
+        if target is None:
+            raise JobInputError(
+                f"{store.uri_of(key)}: an object key with an empty, '.' or '..' part "
+                "(a doubled slash?) is no file name: rename the object"
+            )
         now[key] = [size, etag]
-        target = destination / key
         known = verified.get(key) == [size, etag] and target.is_file()
         if (known and target.stat().st_size == size) or intact(target, size, etag):
             continue
         stopping.raise_if_requested()  # between files: a stop leaves whole files only
-        with written_whole(target) as partial:
+        with kept_apart(target, store.uri_of(key)), written_whole(target) as partial:
             store.download(key, partial)
             if not intact(partial, size, etag) and not store.encrypted(key):
                 partial.unlink(missing_ok=True)
@@ -85,10 +96,23 @@ def download_prefix(uri: str, destination: Path, settings: S3Settings) -> Path:
     return destination
 
 
+@contextmanager
+def kept_apart(target: Path, uri: str) -> Iterator[None]:
+    """An object whose name is also a folder's (`photos/a` beside `photos/a/b.png`) has
+    no place in a folder: refused, naming it."""
+    try:
+        yield
+    except (FileExistsError, NotADirectoryError, IsADirectoryError) as exc:
+        raise JobInputError(
+            f"{uri}: its name is both a file and a folder under the prefix, which a "
+            f"folder cannot mirror ({exc.strerror}): rename one of them"
+        ) from exc
+
+
 def drop_deleted(destination: Path, keys: Iterable[str]) -> None:
     """Remove the files of `destination` whose objects are gone from the prefix: a photo
     deleted from S3 is not trained on from a stale cache (nor a bad one refused again)."""
-    listed = {destination / key for key in keys}  # as a download's path (`a//b` is `a/b`)
+    listed = {destination / key for key in keys}  # keys `file_for_key` took
     for path in sorted(destination.rglob("*"), reverse=True):  # files before their folders
         if PARTIAL in path.name:
             continue  # being written (by another run sharing the cache, maybe)

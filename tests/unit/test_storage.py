@@ -272,3 +272,29 @@ def test_an_object_no_file_can_mirror_is_refused_and_nothing_lands_outside(
     assert str(refused.value).startswith(f"s3://data/{key}: {why}")
     written = {p.name for p in tmp_path.rglob("*") if p.is_file()}
     assert written <= {"a.png"}, written
+
+
+def test_a_delete_s3_refuses_key_by_key_is_not_taken_for_done(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without the DeleteObject right, S3 answers DeleteObjects with 200 and lists each
+    key it kept under `Errors`; moto cannot refuse that way (it does only for a locked
+    version), so botocore's own stubber gives the answer. Taken for done, the write
+    probe passed and `keepLast` silently kept every checkpoint."""
+    from botocore.stub import Stubber
+
+    from finetune.trainer.storage.s3 import S3Store
+
+    for key, value in {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"}.items():
+        monkeypatch.setenv(key, value)
+    store = S3Store("s3://runs/job", S3Settings("http://127.0.0.1:9"))
+    refused = {"Key": "job/checkpoints/step-1/a.bin", "Code": "AccessDenied", "Message": "no"}
+    with Stubber(store.client) as stub:
+        stub.add_response("delete_objects", {"Errors": [refused]})
+        with pytest.raises(
+            AccessDenied, match=r"^s3://runs/job/checkpoints/step-1/a.bin: S3 refused"
+        ):
+            store.delete(["checkpoints/step-1/a.bin", "checkpoints/step-1/b.bin"])
+        stub.add_response("delete_objects", {"Deleted": [{"Key": "job/a"}]})
+        store.delete(["a"])
+        stub.assert_no_pending_responses()

@@ -312,13 +312,26 @@ class S3Store:
 
     def delete(self, keys: list[str]) -> None:
         for start in range(0, len(keys), 1000):  # the API's limit per request
-            batch = [{"Key": self.prefix + k} for k in keys[start : start + 1000]]
-            self.call(
-                keys[start],
-                lambda batch=batch: self.client.delete_objects(  # type: ignore[misc]
-                    Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}
-                ),
-            )
+            batch = keys[start : start + 1000]
+            self.call(batch[0], lambda batch=batch: self._delete_batch(batch))  # type: ignore[misc]
+
+    def _delete_batch(self, keys: list[str]) -> None:
+        """One DeleteObjects request. S3 answers 200 even where it refused a key (no
+        DeleteObject right, say), listing those under `Errors`: the first is raised as
+        the error it is, so a refusal is named and a passing fault retried."""
+        from botocore.exceptions import ClientError
+
+        objects = [{"Key": self.prefix + key} for key in keys]
+        answer = self.client.delete_objects(
+            Bucket=self.bucket, Delete={"Objects": objects, "Quiet": True}
+        )
+        for error in answer.get("Errors", [])[:1]:
+            key = str(error.get("Key", ""))[len(self.prefix) :]
+            with refusals_named(self.uri_of(key)):
+                raise ClientError(
+                    {"Error": {"Code": error.get("Code", ""), "Message": error.get("Message", "")}},
+                    "DeleteObjects",
+                )
 
 
 class ResumableRead(io.RawIOBase):

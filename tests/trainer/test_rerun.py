@@ -65,24 +65,25 @@ def test_a_finished_run_run_again_leaves_its_results_and_logs_as_they_were(
     tiny_evaluators: tuple[Path, Path],
     api: FakeApi,
 ) -> None:
+    # The last step, 5, is no multiple of the interval: it is checkpointed as the last.
     job = job_file(
         tmp_path,
         tiny_model,
         disc_images,
-        training={"maxSteps": 4},
+        training={"maxSteps": 5},
         validation=validation(tiny_evaluators, 2, ["clipText", "dino"]),
         checkpointing={"everyNSteps": 2},
     )
     out = tmp_path / "out"
     finetune_run(job)
     first, card, log = files(out), (out / "README.md").read_text(), train_log(out)
-    assert final_loss(out) == f"{log[-2]['loss']:.4f}"  # step 4's, before its validation
+    assert final_loss(out) == f"{log[-2]['loss']:.4f}"  # step 5's, before its validation
     assert max(events(out).values()) == 1
 
     # Run again, as in a pod of a job created anew (its status empty).
     again = finetune_run(job, env=status_env(tmp_path, api.url))
-    assert "resumed from" in again.stderr
-    assert f"Done: 4 steps; results in {out}" in again.stdout
+    assert "step-00000005 (step 5)" in again.stderr
+    assert f"Done: 5 steps; results in {out}" in again.stdout
     assert (out / "README.md").read_text() == card
     assert train_log(out) == log, "the train log is the first run's, no line added"
     assert files(out) == first, "weights, samples, card and TensorBoard files as they were"
@@ -90,7 +91,7 @@ def test_a_finished_run_run_again_leaves_its_results_and_logs_as_they_were(
     progress = [s["progress"] for s in api.statuses() if s.get("progress")]
     assert progress, "the run reported no progress"
     last = progress[-1]
-    assert (last["step"], last["totalSteps"], last["percent"]) == (4, 4, 100)
+    assert (last["step"], last["totalSteps"], last["percent"]) == (5, 5, 100)
     assert last["loss"] == pytest.approx(log[-2]["loss"])
     assert last["metrics"]["clipText"] == pytest.approx(log[-1]["validation"]["clipText"])
 
@@ -111,8 +112,9 @@ def test_a_run_that_stopped_early_run_again_stops_once(
             "earlyStopping": {"metric": "clipText", "patience": 2},
         },
         validation=validation(tiny_evaluators, 1, ["clipText"]),
-        # The checkpoint of step 3, where the run stops, is the one run again resumes.
-        checkpointing={"everyNSteps": 3},
+        # Step 3, where the run stops, is no multiple of the interval: its checkpoint,
+        # saved as the run's last, is the one run again resumes.
+        checkpointing={"everyNSteps": 4},
     )
     out = tmp_path / "out"
     finetune_run(job)

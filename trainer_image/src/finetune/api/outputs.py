@@ -18,7 +18,7 @@ class CheckpointingSpec(ApiModel):
     every_n_steps: int | None = Field(
         default=None,
         ge=1,
-        description=f"Save every N steps. Default: {DEFAULT_CHECKPOINT_INTERVAL}, or `training.maxSteps` when smaller.",
+        description=f"Save every N steps and at the last (a run's end or early stop). Default: {DEFAULT_CHECKPOINT_INTERVAL}, or `training.maxSteps` when smaller.",
     )
     keep_last: int = Field(
         default=3, ge=1, le=1000, description="Checkpoints kept; older ones are deleted."

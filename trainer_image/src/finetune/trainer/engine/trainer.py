@@ -115,7 +115,12 @@ class Trainer(RunSetup):
             )
             # Validated before the checkpoint, so that its manifest carries the scores.
             validation = self._validate(step) if not stopping and self.sampler.due(step) else None
-            if step % interval == 0 or stopping or (validation and checkpoint_validations):
+            stall = self._stops_early(step) if validation is not None else None
+            # The run's last step has one too (its end, or an early stop's): run again (a
+            # results upload cut short, say), it trains no step, and a larger maxSteps
+            # continues from it.
+            ends = step == hp.max_steps or stall is not None
+            if step % interval == 0 or stopping or ends or (validation and checkpoint_validations):
                 saving = time.perf_counter()
                 folder = self.checkpoints.save(step, self.selection.manifest_entries(), last_loss)
                 telemetry.checkpoint_saved(time.perf_counter() - saving, folder)
@@ -125,7 +130,6 @@ class Trainer(RunSetup):
                 os._exit(1)
             if stopping:
                 return self._stopped(step)
-            stall = self._stops_early(step) if validation is not None else None
             if stall is not None:
                 telemetry.close_progress()
                 return self._finish(step, last_loss, validation, stall)

@@ -224,3 +224,33 @@ def test_s3_output_held_by_another_run(
     assert json.loads(client.get_object(Bucket="runs", Key="job/.run/lease.json")["Body"].read())
     listed = client.list_objects_v2(Bucket="runs", Prefix="job/").get("Contents", [])
     assert [item["Key"] for item in listed] == ["job/.run/lease.json"]
+
+
+def test_s3_output_holding_objects_of_the_users_own(
+    tmp_path: Path,
+    disc_images: Path,
+    moto: Moto,  # noqa: F811
+) -> None:
+    """As a folder is: a run would write over the README.md and weights kept there. A
+    prefix a run wrote (a finished run's train log, a killed run's class images) is a
+    run's to continue."""
+    client = boto3.client("s3", endpoint_url=moto.url)
+    client.create_bucket(Bucket="runs")
+    mine = ["job/README.md", "job/unet/config.json", "job/class_images/concept-0/a.png"]
+    for key in mine:
+        client.put_object(Bucket="runs", Key=key, Body=b"mine")
+    job = s3_job(tmp_path, disc_images, moto.url)
+    result = finetune_run(job, nproc=1, env=CREDENTIALS, expect=2)
+    assert last_line(result) == (
+        "error: spec.output.uri: s3://runs/job holds objects no finetune run wrote "
+        "(README.md, unet); choose a new or empty prefix"
+    )
+    listed = client.list_objects_v2(Bucket="runs", Prefix="job/").get("Contents", [])
+    assert sorted(item["Key"] for item in listed) == sorted(mine), "nothing written or deleted"
+
+    # The same names beside a train log are a run's results: past this check, the run
+    # goes on to the model, which this job does not have.
+    client.put_object(Bucket="runs", Key="job/train_log.jsonl", Body=b"")
+    result = finetune_run(job, nproc=1, env=CREDENTIALS, expect=2)
+    assert "holds objects no finetune run wrote" not in result.stderr
+    assert "not a diffusers Stable Diffusion folder" in last_line(result)

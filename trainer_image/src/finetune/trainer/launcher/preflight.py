@@ -15,6 +15,7 @@ import uuid
 from pathlib import Path
 
 from finetune.api.common import is_s3
+from finetune.trainer.checkpoints.record import TRAIN_LOG
 from finetune.trainer.data.class_homes import FOLDER as CLASS_IMAGES
 from finetune.trainer.errors import DiskFull, JobInputError
 from finetune.trainer.launcher.lease import LOCAL_LEASE, RUN_FOLDER
@@ -63,6 +64,7 @@ def check_local_output(folder: Path) -> None:
 
 def check_s3_output(uri: str, settings: S3Settings) -> None:
     check_s3_writable(uri, settings, FIELD, f"{RUN_FOLDER}/probe-{uuid.uuid4().hex}")
+    check_prefix_holds_only_runs(uri, S3Store(uri, settings).top_level())
 
 
 def check_s3_writable(uri: str, settings: S3Settings, field: str, key: str) -> None:
@@ -81,7 +83,9 @@ def check_s3_writable(uri: str, settings: S3Settings, field: str, key: str) -> N
 
 # What runs keep in their output: a name taken by something else would fail a run midway.
 RUN_FOLDERS = (RUN_FOLDER, "checkpoints", "samples", CLASS_IMAGES, "logs")
-RUN_FILES = (LOCAL_LEASE, "train_log.jsonl")
+RUN_FILES = (LOCAL_LEASE, TRAIN_LOG)
+# The names a run writes before its first checkpoint (and its train log) go up.
+RUN_NAMES = frozenset(RUN_FOLDERS) | {TRAIN_LOG}
 
 
 def check_run_layout(folder: Path) -> None:
@@ -103,11 +107,29 @@ def check_holds_only_runs(folder: Path) -> None:
         return
     found = sorted(entry.name for entry in folder.iterdir() if not entry.name.startswith("."))
     if found:
-        shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
         raise JobInputError(
-            f"{FIELD}: {folder} holds files no finetune run wrote ({shown}); "
+            f"{FIELD}: {folder} holds files no finetune run wrote ({shown(found)}); "
             "choose a new or empty folder"
         )
+
+
+def check_prefix_holds_only_runs(uri: str, names: list[str]) -> None:
+    """An S3 prefix holding anything but what runs write is refused, as a folder is. A
+    finished run's prefix holds no `.run/` (its lease is gone): its train log marks it,
+    and one killed before its first checkpoint holds run folders (class images) only."""
+    visible = [name for name in names if not name.startswith(".")]
+    if RUN_FOLDER in names or TRAIN_LOG in names or set(visible) <= RUN_NAMES:
+        return
+    found = [name for name in visible if name not in RUN_NAMES]
+    raise JobInputError(
+        f"{FIELD}: {uri} holds objects no finetune run wrote ({shown(found)}); "
+        "choose a new or empty prefix"
+    )
+
+
+def shown(names: list[str]) -> str:
+    """The first few of `names`, and how many more."""
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
 def check_output(output: str, work_dir: Path, settings: S3Settings) -> None:

@@ -247,6 +247,25 @@ class S3Store:
 
         return self.call(prefix, everything)
 
+    def top_level(self) -> list[str]:
+        """The names right under the prefix, as a folder lists them: its objects' and its
+        sub-prefixes' (one listing by delimiter, however many objects they hold)."""
+
+        def names() -> list[str]:
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self.prefix, Delimiter="/"
+            )
+            found = set()
+            for page in pages:
+                found |= {
+                    p["Prefix"][len(self.prefix) :].rstrip("/")
+                    for p in page.get("CommonPrefixes", [])
+                }
+                found |= {item["Key"][len(self.prefix) :] for item in page.get("Contents", [])}
+            return sorted(found - {""})
+
+        return self.call("", names)
+
     def keys(self, prefix: str = "") -> Iterator[tuple[str, int]]:
         yield from ((item.key, item.size) for item in self.objects(prefix))
 

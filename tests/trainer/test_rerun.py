@@ -195,3 +195,29 @@ def test_a_finished_run_run_again_with_other_prompts_makes_its_samples_again(
 
     finetune_run(job([PROMPT]))
     assert (samples / "grid.png").stat().st_mtime_ns == made, "the same prompts' grid is reused"
+
+
+def test_a_run_continued_without_an_output_format_drops_the_earlier_file(
+    tmp_path: Path, tiny_model: Path, disc_images: Path
+) -> None:
+    """maxSteps raised and the kohya format dropped: the step-2 kohya file is not left
+    beside the step-4 LoRA, listed and uploaded as if this run had made it."""
+
+    def job(steps: int, formats: list[str]) -> Path:
+        return job_file(
+            tmp_path,
+            tiny_model,
+            disc_images,
+            training={"maxSteps": steps},
+            checkpointing={"everyNSteps": 2},
+            output={"formats": formats},
+        )
+
+    out = tmp_path / "out"
+    finetune_run(job(2, ["diffusers", "kohya"]))
+    assert (out / "pytorch_lora_weights_kohya.safetensors").is_file()
+    again = finetune_run(job(4, ["diffusers"]))
+    assert f"Done: 4 steps; results in {out}" in again.stdout
+    assert not (out / "pytorch_lora_weights_kohya.safetensors").exists()
+    assert "pytorch_lora_weights_kohya" not in (out / "README.md").read_text()
+    assert (out / "pytorch_lora_weights.safetensors").is_file()

@@ -40,9 +40,13 @@ def _sample_tag(step: int) -> str:
 def pipeline_parts(work_dir: Path) -> set[str]:
     """The component folders a saved pipeline's `model_index.json` names (`unet`, ...)."""
     try:
-        index = json.loads((work_dir / PIPELINE_INDEX).read_text())
+        return parts_named(json.loads((work_dir / PIPELINE_INDEX).read_text()))
     except (OSError, ValueError):
         return set()
+
+
+def parts_named(index: Any) -> set[str]:
+    """The component folders a pipeline's `model_index.json` (parsed) names."""
     if not isinstance(index, dict):
         return set()
     # Components are `"unet": ["diffusers", "UNet2DConditionModel"]`; absent ones are [null, null].

@@ -14,7 +14,7 @@ from finetune.trainer.engine.plan import RunPlan
 from finetune.trainer.evaluation.scores import history
 from finetune.trainer.evaluation.selection import Chosen, Stall
 from finetune.trainer.methods import TrainedModules, TrainingMethod
-from finetune.trainer.outputs import artifacts, reproducible, result
+from finetune.trainer.outputs import artifacts, earlier, reproducible, result
 from finetune.trainer.outputs.samples import Validation
 from finetune.trainer.storage.s3 import S3Settings
 from finetune.trainer.storage.store import open_store
@@ -79,10 +79,14 @@ def finish_run(
             family=method.components.family,
         )
         (staging / result.MODEL_CARD).write_text(card)
+    made = {entry.name for entry in staging.iterdir()}
+    store = open_store(plan.output_uri, s3) if is_s3(plan.output_uri) else None
+    stale = earlier.stale_in_store(store, made) if store is not None else []
+    earlier.remove_from_folder(work_dir, made)
     result.promote(staging, work_dir)
-    if is_s3(plan.output_uri):
-        store = open_store(plan.output_uri, s3)
+    if store is not None:
         result.upload_results(work_dir, store, check, record.holds if record else None)
+        earlier.remove_from_store(store, stale)
     results = artifacts.list_artifacts(work_dir, plan.output_uri, None, first)
     if len(results) > MAX_ARTIFACTS:
         log.warning(

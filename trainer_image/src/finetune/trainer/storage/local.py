@@ -40,6 +40,9 @@ class LocalStore:
             if path.is_file() and key.startswith(prefix) and not is_partial(key):
                 yield key, path.stat().st_size
 
+    def top_level(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir()) if self.root.is_dir() else []
+
     def open(self, key: str) -> IO[bytes]:
         return (self.root / key).open("rb")
 

@@ -59,10 +59,28 @@ def test_a_run_reports_progress_checkpoints_and_artifacts(
 def test_a_failing_worker_leaves_its_reason_as_termination_message(
     tmp_path: Path, tiny_model: Path, disc_images: Path
 ) -> None:
-    # ZeRO-3 passes validation but the workers refuse it: a failure inside a worker.
-    job = job_file(tmp_path, tiny_model, disc_images, deepspeed={"zeroStage": 3})
+    # Class images are checked where a worker reads them (rank 0 may have just made
+    # them): a broken one is a failure inside a worker.
+    classes = tmp_path / "classes"
+    classes.mkdir()
+    (classes / "a.png").write_bytes((next(disc_images.glob("*.png"))).read_bytes())
+    (classes / "b.png").write_bytes(b"half a png")
+    concept = {
+        "instanceImages": str(disc_images),
+        "instancePrompt": "a photo of sks disc",
+        "classPrompt": "a photo of a disc",
+        "classImages": {"uri": str(classes), "count": 2},
+    }
+    job = job_file(
+        tmp_path,
+        tiny_model,
+        disc_images,
+        method="dreambooth",
+        data={"concepts": [concept]},
+        training={"priorPreservation": True},
+    )
     log = tmp_path / "termination-log"
     finetune_run(job, nproc=2, env={"FINETUNE_TERMINATION_LOG": str(log)}, expect=2)
-    assert (
-        log.read_text() == "spec.deepspeed.zeroStage: 3 is not supported by the trainer yet; use 2"
+    assert log.read_text().startswith(
+        f"spec.data.concepts[0].classImages.uri: {classes / 'b.png'}: not a readable image"
     )

@@ -32,7 +32,7 @@ class DeepSpeedSpec(ApiModel):
     zero_stage: int | None = Field(
         default=None,
         ge=0,
-        le=3,
+        le=2,  # ZeRO-3 is not supported by the trainer yet: refused here, not in a worker
         description=(
             "ZeRO stage 0-2. Unset: chosen per run and logged with its reason: 0 (fastest) "
             "when the trained weights, their gradients and Adam state plus the frozen weights "
@@ -41,10 +41,14 @@ class DeepSpeedSpec(ApiModel):
         ),
     )
     offload_optimizer: bool = Field(
-        default=False, description="Keep optimizer state in CPU memory (ZeRO 1-3)."
+        default=False, description="Keep optimizer state in CPU memory (ZeRO 1-2)."
     )
     offload_parameters: bool = Field(
-        default=False, description="Keep parameters in CPU memory (ZeRO 3 only)."
+        default=False,
+        description=(
+            "Keep parameters in CPU memory: needs ZeRO stage 3, which the trainer does not "
+            "support yet, so `true` is refused."
+        ),
     )
     config: dict[str, Any] | None = Field(
         default=None,
@@ -58,10 +62,15 @@ class DeepSpeedSpec(ApiModel):
     @model_validator(mode="after")
     def _offload_needs_zero(self) -> Self:
         problems = []
-        if self.offload_parameters and self.zero_stage != 3:
-            problems.append(Problem("offloadParameters", "needs zeroStage 3"))
+        if self.offload_parameters:
+            problems.append(
+                Problem(
+                    "offloadParameters",
+                    "needs ZeRO stage 3, which the trainer does not support yet",
+                )
+            )
         if self.offload_optimizer and self.zero_stage == 0:  # unset: the trainer picks 2
-            problems.append(Problem("offloadOptimizer", "needs zeroStage 1, 2 or 3"))
+            problems.append(Problem("offloadOptimizer", "needs zeroStage 1 or 2"))
         raw = self.config or {}
         for key, instead in _OWNED_DEEPSPEED_KEYS.items():
             section, _, name = key.partition(".")

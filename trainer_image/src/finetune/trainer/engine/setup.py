@@ -33,7 +33,6 @@ from finetune.trainer.engine.plan import RunPlan
 from finetune.trainer.engine.precision import PrecisionPlan
 from finetune.trainer.engine.speed import compile_unet, set_matmul_precision, to_channels_last
 from finetune.trainer.engine.zero import ZeroChoice, choose_stage, device_memory, weight_bytes
-from finetune.trainer.errors import JobInputError
 from finetune.trainer.evaluation.scores import Scores, history, settings_basis
 from finetune.trainer.evaluation.selection import Selection, from_manifest
 from finetune.trainer.evaluation.validation import Evaluation
@@ -70,10 +69,6 @@ class RunSetup:
 
     def _setup(self) -> None:
         spec, hp = self.spec, self.spec.training
-        if spec.deepspeed.zero_stage == 3:
-            raise JobInputError(
-                "spec.deepspeed.zeroStage: 3 is not supported by the trainer yet; use 2"
-            )
         # The rendezvous waits in C for every rank, maybe for a peer that never comes: a
         # stop there must not wait for it.
         with self.stop.ends_process():

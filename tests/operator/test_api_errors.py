@@ -156,6 +156,33 @@ def test_a_job_file_deleted_by_hand_after_a_spec_change_fails_the_job_saying_so(
     wait_for(lambda: kube.batch_job(f"{NAME}-a0", namespace) is None, what="attempt 0 deleted")
 
 
+def test_a_job_file_replaced_by_one_not_the_jobs_is_not_overwritten_and_fails_saying_so(
+    kube: Kube, namespace: str, operator: OperatorProcess
+) -> None:
+    """A ConfigMap of another owner under the job file's name may be someone's own: it
+    stays as it is, and the message says it is not this job's (not that the spec
+    changed: it did not)."""
+    from kubernetes import client
+
+    start(kube, namespace)
+    run_gang(kube, namespace)
+    kube.core.delete_namespaced_config_map(f"{NAME}-config", namespace)
+    theirs = client.V1ConfigMap(
+        metadata=client.V1ObjectMeta(name=f"{NAME}-config"), data={"notes": "mine"}
+    )
+    kube.core.create_namespaced_config_map(namespace, theirs)
+    operator.kill()
+    operator.start()
+    status = kube.wait_phase(NAME, namespace, "Failed")
+    assert status["failureReason"] == "JobFileMissing"
+    assert (
+        f"ConfigMap {NAME}-config, the job file this job was created with, is held by a "
+        "ConfigMap that is not this job's (replaced by hand?), which is not overwritten"
+    ) in status["failureMessage"]
+    kept = kube.core.read_namespaced_config_map(f"{NAME}-config", namespace)
+    assert kept.data == {"notes": "mine"}
+
+
 def test_a_job_file_a_newer_operator_refuses_fails_the_job_naming_the_field(
     kube: Kube, namespace: str, operator: OperatorProcess
 ) -> None:

@@ -386,14 +386,13 @@ async def _restore_job_file(
 ) -> FineTuneJob | None:
     """The job file is gone (deleted by hand) or not this job's, and this process does
     not know the spec the job was created with (it restarted). A spec unchanged since
-    (generation 1) is that spec: write the job file again from it. None otherwise."""
+    (generation 1) is that spec: write the job file again from it, unless a ConfigMap
+    not this job's holds its name (it is not overwritten). None otherwise; a spec this
+    operator's checks refuse raises `ValidationError`."""
     name = body.meta.name or ""
     if generation != 1:
         return None
-    try:
-        job = FineTuneJob.model_validate(_document(name, namespace, body.spec))
-    except ValidationError:
-        return None
+    job = FineTuneJob.model_validate(_document(name, namespace, body.spec))
     _, held = await _create_own(body, namespace, [builders.config_map(job)], memo.cluster)
     if held:
         return None
@@ -590,11 +589,17 @@ async def reconcile_job(
         await _fail_unbuildable(memo, body, status, current, generation, "InvalidSpec", message)
         return
     if accepted is None:
+        why = (
+            "is held by a ConfigMap that is not this job's (replaced by hand?), which is "
+            "not overwritten"
+            if generation == 1
+            else f"is missing or not this job's, and the spec has changed since (generation "
+            f"{generation})"
+        )
         message = (
-            f"ConfigMap {Names(name).config_map}, the job file this job was created with, is "
-            f"missing or not this job's, and the spec has changed since (generation "
-            f"{generation}): new attempts could not be built from it. Delete the job and "
-            "create it again"
+            f"ConfigMap {Names(name).config_map}, the job file this job was created with, "
+            f"{why}: new attempts could not be built from it. Delete the job and create it "
+            "again"
         )
         await _fail_unbuildable(memo, body, status, current, generation, "JobFileMissing", message)
         return

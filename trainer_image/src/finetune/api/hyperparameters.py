@@ -143,7 +143,10 @@ class Hyperparameters(ApiModel):
     )
     optimizer: Optimizer = Field(
         default=Optimizer.ADAMW,
-        description="`adamw`, or `adamw8bit` (needs bitsandbytes in the trainer image).",
+        description=(
+            "`adamw`, or `adamw8bit` (bitsandbytes: in the CUDA trainer image; elsewhere "
+            "the project's `gpu` extra)."
+        ),
     )
     adam_beta1: float = Field(default=0.9, ge=0, lt=1, description="Adam beta1.")
     adam_beta2: float = Field(default=0.999, ge=0, lt=1, description="Adam beta2.")

@@ -13,6 +13,10 @@
 #   sd:   SD 1.5 architecture, 512 px, batch 4, bf16: every method with the default
 #         settings, then LoRA and DreamBooth with `training.compile`, as time allows.
 #
+# From a clone on a GPU machine (`make setup` there installs torch's CUDA build):
+#   mkdir -p gpu-results && PATH=$PWD/.venv/bin:$PATH OUT=$PWD/gpu-results bash benchmarks/gpu_speed.sh
+# On a lent device machine with the session's prepared wheels in .whl/ (the workspace's
+# shared/gpu/README.md; not in the repository):
 #   bash .whl/install-on-device.sh && \
 #   PYTHONPATH=/tmp/site:trainer_image/src:operator/src bash benchmarks/gpu_speed.sh
 #   # one part only: PARTS=sdxl (or PARTS=sd) before `bash`

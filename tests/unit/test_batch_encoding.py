@@ -78,3 +78,44 @@ def test_a_cached_distribution_is_the_images_own(tiny_model: Path, tmp_path: Pat
         alone = components.vae.encode(preparer.prepare(example, 0, False).pixels[None])
         kept = coder._latents[("instance", index, None)]
         assert torch.equal(kept, alone.latent_dist.parameters)  # exactly: resume relies on it
+
+
+def test_a_dataset_image_that_cannot_be_used_is_stood_in_for_by_its_batch(
+    tiny_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A truncated file among a dataset's thousands, read hours in: a usable image of its
+    batch stands in for it (the same at every run, so resume trains the same batches),
+    and the log names it, rather than the run ending there again at every resume. A
+    batch with none usable ends the run, naming the file."""
+    from finetune.trainer.data.batches import CaptionBatches
+    from finetune.trainer.data.captions import DatasetFiles, IndexedCaptions, layout_of
+    from finetune.trainer.errors import JobInputError
+    from finetune.trainer.storage.local import LocalStore
+
+    folder = write_images(tmp_path / "data", 3, resolution=64)
+    (folder / "image-001.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    for index in range(3):
+        (folder / f"image-{index:03d}.txt").write_text(f"a photo of disc {index}")
+    files = DatasetFiles(LocalStore(folder))
+    stream = IndexedCaptions(files, layout_of(files, "auto").pairs, seed=0, rank=0, world=1)
+    components = load_components(tiny_model)
+    preprocess = ImagePreprocessor(64, True, False, seed=0)
+
+    def batches(size: int) -> CaptionBatches:
+        return CaptionBatches(stream, preprocess, encoder(components), Rank(0, 0, 1), size)
+
+    torch.manual_seed(0)  # the VAE samples its latents
+    first = batches(3).batch(0)  # the whole dataset: the broken image among them
+    torch.manual_seed(0)
+    again = batches(3).batch(0)
+    assert first.latents.shape[0] == 3
+    assert torch.equal(first.latents, again.latents), "the same stand-in at every run"
+    named = [r.getMessage() for r in caplog.records if "image-001.png" in r.getMessage()]
+    assert len(named) == 2  # once per CaptionBatches: each run's
+    assert named[0].startswith(f"{folder / 'image-001.png'}: not a readable image")
+    assert named[0].endswith("; a usable image of its batch stands in for it")
+
+    alone = batches(1)
+    position = next(p for p in range(3) if stream.stream.example_at(p) == 1)
+    with pytest.raises(JobInputError, match=r"image-001\.png: not a readable image .*no image"):
+        alone.batch(position)

@@ -32,6 +32,7 @@ from finetune.trainer.data.concepts import (
 from finetune.trainer.data.encoding import Encoder
 from finetune.trainer.data.geometry import ImageGeometry
 from finetune.trainer.data.images import ImageRules
+from finetune.trainer.errors import JobInputError
 from finetune.trainer.process.distributed import Rank
 from finetune.trainer.storage.inputs import said_as
 from finetune.trainer.storage.s3 import S3Settings
@@ -208,16 +209,44 @@ class CaptionBatches:
         self.encoder = encoder
         self.rank = rank
         self.batch_size = batch_size
+        self.named: set[str] = set()  # the refusals logged, each once
 
     def batch(self, micro_step: int) -> Batch:
-        pixels, prompts, geometry = [], [], []
-        for sample, position in self.stream.take(micro_step, self.batch_size):
-            image, _, where = self.preprocess(sample.decode(self.preprocess.rules), position)
-            pixels.append(image)
-            prompts.append(sample.caption)
-            geometry.append(where)
-        latents = self.encoder.latents(torch.stack(pixels))
+        taken = self.stream.take(micro_step, self.batch_size)
+        usable: list[tuple[torch.Tensor, str, ImageGeometry]] = []
+        refused: list[JobInputError] = []
+        for sample, position in taken:
+            try:
+                image = sample.decode(self.preprocess.rules)
+            except JobInputError as exc:  # unreadable, too small, transparent...
+                refused.append(exc)
+                continue
+            pixels, _, where = self.preprocess(image, position)
+            usable.append((pixels, sample.caption, where))
+        if refused:
+            usable = self._stand_ins(usable, refused, len(taken))
+        latents = self.encoder.latents(torch.stack([pixels for pixels, _, _ in usable]))
+        prompts = [caption for _, caption, _ in usable]
+        geometry = [where for _, _, where in usable]
         return Batch(latents, {**self.encoder.text(prompts), **self.encoder.images(geometry)})
+
+    def _stand_ins(
+        self,
+        usable: list[tuple[torch.Tensor, str, ImageGeometry]],
+        refused: list[JobInputError],
+        size: int,
+    ) -> list[tuple[torch.Tensor, str, ImageGeometry]]:
+        """A batch whose samples a dataset image failed: the batch's usable samples stand
+        in for them (the same ones at every run, so a resume trains the same batches),
+        each failure named once in the log rather than ending a run hours in. A batch
+        with none usable ends it, naming the first."""
+        for exc in refused:
+            if str(exc) not in self.named:
+                self.named.add(str(exc))
+                log.warning("%s; a usable image of its batch stands in for it", exc)
+        if not usable:
+            raise JobInputError(f"{refused[0]}; no image of its batch could stand in for it")
+        return [usable[index % len(usable)] for index in range(size)]
 
     def state(self) -> dict[str, Any]:
         return self.stream.state()

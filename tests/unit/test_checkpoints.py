@@ -444,3 +444,21 @@ def test_a_left_checkpoint_older_than_the_stores_newest_is_not_used(tmp_path: Pa
     assert step == 4
     assert engine.loaded == "step-00000004"
     assert not (root / "step-00000002.unsent").exists()
+
+
+def test_a_full_disk_while_saving_the_results_says_a_rerun_trains_no_step(
+    tmp_path: Path,
+) -> None:
+    """Not the checkpoint's advice: every checkpoint is there, the last step's too."""
+    import errno
+
+    from finetune.trainer.checkpoints.space import RESULTS_ADVICE, space_checked
+    from finetune.trainer.errors import DiskFull
+
+    with pytest.raises(DiskFull) as full, space_checked(tmp_path, 7, "the results", RESULTS_ADVICE):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert str(full.value) == (
+        f"{tmp_path}: no space left to save the results of step 7 (No space left on device). "
+        "Every checkpoint is intact; give the job more local disk (or lower "
+        "spec.checkpointing.keepLast) and run it again: it trains no step and saves them"
+    )

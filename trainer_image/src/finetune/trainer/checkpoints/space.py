@@ -30,10 +30,22 @@ def _no_space(folder: Path) -> OSError | None:
     return None
 
 
+CHECKPOINT_ADVICE = (
+    "The previous checkpoint is intact; give the job more local disk (or lower "
+    "spec.checkpointing.keepLast) and run it again to resume"
+)
+RESULTS_ADVICE = (
+    "Every checkpoint is intact; give the job more local disk (or lower "
+    "spec.checkpointing.keepLast) and run it again: it trains no step and saves them"
+)
+
+
 @contextmanager
-def space_checked(folder: Path, step: int) -> Iterator[None]:
-    """Turn a full disk (or a file-size limit) met while saving into a `DiskFull` that
-    says where and what to do; the folder then never gets a manifest."""
+def space_checked(
+    folder: Path, step: int, what: str = "the checkpoint", advice: str = CHECKPOINT_ADVICE
+) -> Iterator[None]:
+    """Turn a full disk (or a file-size limit) met while saving `what` into a `DiskFull`
+    that says where and what to do (`advice`); a checkpoint then never gets a manifest."""
     try:
         yield
     except (OSError, RuntimeError) as exc:
@@ -43,7 +55,5 @@ def space_checked(folder: Path, step: int) -> Iterator[None]:
         if cause is None:
             raise
         raise DiskFull(
-            f"{folder}: no space left to save the checkpoint of step {step} ({cause.strerror}). "
-            "The previous checkpoint is intact; give the job more local disk (or lower "
-            "spec.checkpointing.keepLast) and run it again to resume"
+            f"{folder}: no space left to save {what} of step {step} ({cause.strerror}). {advice}"
         ) from exc

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from finetune.api.common import is_s3
 from finetune.api.status import MAX_ARTIFACTS
 from finetune.trainer.checkpoints.record import RunRecord
-from finetune.trainer.checkpoints.space import space_checked
+from finetune.trainer.checkpoints.space import RESULTS_ADVICE, space_checked
 from finetune.trainer.engine.plan import RunPlan
 from finetune.trainer.evaluation.scores import history
 from finetune.trainer.evaluation.selection import Chosen, Stall
@@ -57,7 +57,7 @@ def finish_run(
     first += [best.gone.step] if best is not None and best.gone is not None else []
     first += [step]
     staging = result.staging_folder(work_dir)
-    with space_checked(staging, step):
+    with space_checked(staging, step, "the results", RESULTS_ADVICE):
         method.save(module, staging)
         reproducible.sort_metadata(staging)  # the same weights, the same SHA-256
         # The card lists every weight file and sample with their SHA-256 and size.

@@ -9,10 +9,12 @@ stand-in for the worker's interpreter says whether the stop reached it.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -49,3 +51,69 @@ def test_a_stop_taken_while_a_worker_starts_still_reaches_it(
     started = time.monotonic()
     assert workers.run() == EXIT_INTERRUPTED
     assert time.monotonic() - started < 8, "the worker ran on as if never stopped"
+
+
+# Rank 0 after a stop: its manifest goes up after the other ranks' files, so it leaves
+# last (a SIGTERM, the second stop it would take for, leaves the upload); the others
+# leave at once. `blocked`: a process caught in a collective, which runs no handler.
+RANKS = """
+    import os, signal, sys, time
+    marks = sys.argv[-1] + ".rank" + os.environ["LOCAL_RANK"]
+    def stop(signum, frame):
+        if os.environ["LOCAL_RANK"] != "0":
+            sys.exit(130)
+        signal.signal(signal.SIGTERM, lambda *_: (open(marks, "w").write("left"), sys.exit(130)))
+        time.sleep(1.5)
+        open(marks, "w").write("sent")
+        sys.exit(130)
+    signal.signal(signal.SIGINT, stop)
+    if os.environ.get("BLOCKED"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGINT, signal.SIGTERM])
+    else:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT, signal.SIGTERM])
+    open(marks + ".up", "w").close()
+    time.sleep(30)
+"""
+
+
+def workers_of(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Workers:
+    interpreter = tmp_path / "python"
+    interpreter.write_text(f"#!{sys.executable}\n{textwrap.dedent(RANKS)}")
+    interpreter.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(interpreter))
+    return Workers(tmp_path / "plan", Rendezvous(nproc_per_node=2))
+
+
+def stops_when_up(tmp_path: Path, count: int) -> None:
+    """`count` Ctrl-Cs to this process (the launcher) once both ranks are up."""
+
+    def send() -> None:
+        while not all((tmp_path / f"plan.rank{r}.up").exists() for r in (0, 1)):
+            time.sleep(0.05)
+        for _ in range(count):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.3)
+
+    threading.Thread(target=send, daemon=True).start()
+
+
+def test_one_stop_waits_for_rank_0_to_send_its_checkpoint_after_the_others_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The others' exit 130 is the stop going as planned, not a failure to end rank 0 for."""
+    workers = workers_of(tmp_path, monkeypatch)
+    stops_when_up(tmp_path, 1)
+    assert workers.run() == EXIT_INTERRUPTED
+    assert (tmp_path / "plan.rank0").read_text() == "sent"
+
+
+def test_the_third_stop_kills_processes_no_stop_reaches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BLOCKED", "1")
+    workers = workers_of(tmp_path, monkeypatch)
+    stops_when_up(tmp_path, 3)
+    started = time.monotonic()
+    assert workers.run() == EXIT_INTERRUPTED
+    assert time.monotonic() - started < 10, "the stuck processes ran on"
+    assert [p.returncode for p in workers.processes] == [-signal.SIGKILL] * 2

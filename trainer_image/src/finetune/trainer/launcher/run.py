@@ -70,6 +70,9 @@ from finetune.trainer.telemetry.termination import write_termination_message
 # How long the other workers have to end once one has ended in failure or stopped.
 STOP_GRACE = 30.0
 LEAVE_GRACE = 5.0
+# The stop after this many kills the workers: the first asks for a checkpointed stop, the
+# second leaves uploads; a process caught in a collective hears neither.
+KILL_AFTER_STOPS = 2
 
 
 @dataclass(frozen=True)
@@ -283,9 +286,18 @@ class Workers:
         self.last_stop = signal.Signals(signum)
         if signum == signal.SIGHUP:
             stopping.leave_terminal()
-        for process in self.processes:
-            if process.poll() is None:
-                process.send_signal(signum)  # SIGHUP too: they share our terminal
+        alive = [process for process in self.processes if process.poll() is None]
+        if self.stops > KILL_AFTER_STOPS:
+            # A process caught in a collective (NCCL, gloo) runs no Python handler, so
+            # no number of stops would reach it: the user asked often enough.
+            os.write(2, f"Stopped {self.stops} times: killing {len(alive)} process(es)\n".encode())
+            for process in alive:
+                process.kill()
+            return
+        if self.stops == KILL_AFTER_STOPS and alive:
+            os.write(2, b"Once more kills the training processes at once\n")
+        for process in alive:
+            process.send_signal(signum)  # SIGHUP too: they share our terminal
 
     def run(self) -> int:
         previous = {s: signal.signal(s, self._forward) for s in STOP_SIGNALS}
@@ -326,11 +338,16 @@ class Workers:
         while True:
             codes = [p.poll() for p in self.processes]
             failed = [c for c in codes if c not in (None, 0)]
+            if failed and self._uploading_after_a_stop(codes):
+                time.sleep(0.2)
+                continue
             if failed:
                 # After a second stop nothing is left to save: a rank still caught in a
                 # collective with one that left goes soon.
                 self._stop_all(LEAVE_GRACE if self.stops > 1 else STOP_GRACE)
                 stopped = {EXIT_INTERRUPTED} | {-s for s in STOP_SIGNALS}
+                if self.stops > KILL_AFTER_STOPS:  # killed as the user asked
+                    stopped.add(-signal.SIGKILL)
                 if self.interrupted and stopped & set(failed):
                     return EXIT_INTERRUPTED
                 # A rank killed by a signal (the OOM killer's SIGKILL) is the cause; the
@@ -340,6 +357,14 @@ class Workers:
             if all(c == 0 for c in codes):
                 return 0
             time.sleep(0.2)
+
+    def _uploading_after_a_stop(self, codes: list[int | None]) -> bool:
+        """After one stop, the ranks leave as their checkpoint files are up, rank 0 last,
+        once it has sent the manifest: their exits (130) are no failure to end it for."""
+        if not self.interrupted or self.stops != 1 or self.rendezvous.node_rank != 0:
+            return False
+        main, others = codes[0], codes[1:]
+        return main is None and all(code == EXIT_INTERRUPTED for code in others if code is not None)
 
     def _stop_all(self, grace: float) -> None:
         deadline = time.monotonic() + grace

@@ -302,3 +302,28 @@ def test_a_run_the_trainer_stopped_early_succeeds_with_that_reason() -> None:
     succeeded = reconcile.find_condition(outcome.status, ConditionType.SUCCEEDED)
     assert succeeded is not None
     assert succeeded.reason == "TrainingComplete"
+
+
+def test_a_rank_stuck_terminating_while_the_others_hang_restarts_the_gang() -> None:
+    """A node lost, not deleted: its pod stays Terminating and the Job's replacement waits
+    for it, while the other ranks hang in a collective. Their silence restarts the gang,
+    as any hang does; a rank being deleted while the others still report is waited for."""
+    status = FineTuneJobStatus(phase=Phase.PENDING)
+    job = running_job(started=NOW)
+    running = [pod(0, **RUNNING), pod(1, **RUNNING)]
+    outcome = reconcile.reconcile(observed(status, job, running, heartbeatTimeoutSeconds=600))
+    assert outcome.status.phase == Phase.RUNNING
+    lost_node = pod(1, **RUNNING)
+    lost_node["metadata"]["deletionTimestamp"] = stamp(NOW + timedelta(seconds=60))
+    gone = [pod(0, **RUNNING), lost_node]
+
+    def at(seconds: int, heartbeat: datetime | None = None) -> reconcile.Outcome:
+        known = outcome.status.model_copy(deep=True)
+        if heartbeat is not None:
+            known.progress = Progress(step=3, total_steps=10, last_heartbeat=heartbeat)
+        later = observed(known, job, gone, heartbeatTimeoutSeconds=600)
+        return reconcile.reconcile(dataclasses.replace(later, now=NOW + timedelta(seconds=seconds)))
+
+    waiting = at(300, heartbeat=NOW + timedelta(seconds=290))
+    assert (waiting.status.phase, waiting.restarted) == (Phase.PENDING, None)
+    assert at(900, heartbeat=NOW + timedelta(seconds=60)).restarted == "HeartbeatTimeout"

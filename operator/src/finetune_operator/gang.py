@@ -60,6 +60,11 @@ class Gang:
         return self.count(RankState.RUNNING) > 0
 
     @property
+    def leaving(self) -> bool:
+        """A rank's pod is being deleted (a lost node's may stay so for ever)."""
+        return any(rank.reason == "Terminating" for rank in self.ranks.values())
+
+    @property
     def scheduled(self) -> bool:
         return len(self.ranks) == self.nodes and all(r.scheduled for r in self.ranks.values())
 

@@ -471,8 +471,17 @@ def _running(o: Observed, out: Outcome, job: dict[str, Any]) -> Outcome:
     pods = gang.read(o.pods, o.nodes)
     if pods.failed:
         return out  # the Job controller is about to mark the Job Failed: hold the phase
+    running = find_condition(status, ConditionType.RUNNING)
     if not pods.runs:
-        return _waiting(o, out, job, pods)
+        # A rank's pod being deleted while the others train: they hang in a collective
+        # without it, which only their silence shows (a pod on a lost node may stay
+        # Terminating for ever, and its replacement waits for it).
+        lost = (
+            _heartbeat_lost(o, running.last_transition_time if running is not None else None)
+            if pods.training and pods.leaving
+            else None
+        )
+        return _restart(o, out, lost, job_failed=False) if lost else _waiting(o, out, job, pods)
     if status.start_time is None:
         status.start_time = o.now
         out.events.append(Event("Normal", "Started", f"all {o.nodes} pods of the gang run"))
@@ -500,7 +509,7 @@ def _running(o: Observed, out: Outcome, job: dict[str, Any]) -> Outcome:
     )
     if not pods.training:
         return out  # every rank finished: the Job completes next
-    running = find_condition(status, ConditionType.RUNNING)
+    running = find_condition(status, ConditionType.RUNNING)  # as set above
     lost = _heartbeat_lost(o, running.last_transition_time if running is not None else None)
     return _restart(o, out, lost, job_failed=False) if lost is not None else out
 

@@ -298,6 +298,12 @@ def test_suspend_stops_the_gang_and_resume_continues_it(kube: Kube, namespace: s
     kube.set_job_status(f"{NAME}-a0", namespace, {"active": 0})  # the Job controller's part
     kube.hold_status(NAME, namespace, lambda s: s["phase"] == "Suspended", "Suspended")
     assert len(events(kube, namespace, "Suspended")) == 1
+    # The trainer's last report, sent as its SIGTERM ends its step, after the tick that
+    # left Running: a suspended job shows no ETA or throughput.
+    late = {"step": 7, "totalSteps": 40, "eta": "2h9m", "etaSeconds": 7740, "imagesPerSecond": 3.5}
+    kube.patch_status(NAME, namespace, {"progress": late})
+    status = kube.wait_status(NAME, namespace, lambda s: "eta" not in s["progress"], "no late ETA")
+    assert status["progress"] == {"step": 7, "totalSteps": 40}
 
     kube.patch_spec(NAME, namespace, {"runPolicy": {"suspend": False}})
     wait_for(

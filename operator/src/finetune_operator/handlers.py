@@ -178,10 +178,11 @@ def _status_patch(before: dict[str, Any], after: FineTuneJobStatus) -> dict[str,
 
 def _stale_progress(before: dict[str, Any], after: FineTuneJobStatus) -> dict[str, Any]:
     """Clear the trainer's ETA and throughput once the job stops running: on the tick it
-    leaves Running, and on any tick of a finished job (a late report may bring them
-    back). Not on every tick of a waiting job: a rank still training reports them."""
+    leaves Running, and on any tick of a finished or suspended job (a late report, sent
+    as a stopped trainer ends its step, may bring them back). Not on every tick of a
+    waiting job: a rank still training reports them."""
     leaving = before.get("phase") == Phase.RUNNING and after.phase != Phase.RUNNING
-    if not (leaving or after.phase in reconcile.FINISHED):
+    if not (leaving or after.phase in (*reconcile.FINISHED, Phase.SUSPENDED)):
         return {}
     progress = before.get("progress") or {}
     stale = {key: None for key in RUNNING_PROGRESS_FIELDS if progress.get(key) is not None}

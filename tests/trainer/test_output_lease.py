@@ -48,6 +48,21 @@ def test_local_lease_refuses_a_second_holder(tmp_path: Path) -> None:
     second.release()
 
 
+def test_a_lease_that_cannot_be_written_is_named(tmp_path: Path) -> None:
+    """A lease this run cannot write (a file another user's run left read-only; here
+    `.run` is a file, which stops root too) is bad input naming it, not a traceback and
+    exit 1."""
+    from finetune.trainer.errors import JobInputError
+
+    (tmp_path / ".run").write_text("not a folder")
+    with pytest.raises(JobInputError) as refused:
+        LocalLease(tmp_path, str(tmp_path)).acquire()
+    assert str(refused.value) == (
+        f"spec.output.uri: {tmp_path / LOCAL_LEASE}: the run's lease cannot be written "
+        "(File exists); make it writable, or remove it if no run uses the output"
+    )
+
+
 def test_local_lease_of_a_dead_run_is_taken_over(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -18,6 +18,7 @@ processes ending). A run of anything else is refused with exit 2 naming the hold
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.api import pod
-from finetune.trainer.errors import JobInputError
+from finetune.trainer.errors import DiskFull, JobInputError
 from finetune.trainer.process import flock, stopping
 from finetune.trainer.storage.s3 import S3Settings, S3Store, not_found
 
@@ -112,6 +113,18 @@ class LocalLease:
         self.fd: int | None = None
 
     def acquire(self) -> None:
+        try:
+            self._acquire()
+        except OSError as exc:  # a lease file another user's run left, a full disk...
+            reason = exc.strerror or type(exc).__name__
+            message = f"spec.output.uri: {self.path}: the run's lease cannot be written ({reason})"
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFull(message) from exc
+            raise JobInputError(
+                f"{message}; make it writable, or remove it if no run uses the output"
+            ) from exc
+
+    def _acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:

@@ -298,3 +298,33 @@ def test_a_delete_s3_refuses_key_by_key_is_not_taken_for_done(
         stub.add_response("delete_objects", {"Deleted": [{"Key": "job/a"}]})
         store.delete(["a"])
         stub.assert_no_pending_responses()
+
+
+@pytest.mark.slow  # starts moto's S3 server
+def test_runs_started_together_take_turns_filling_the_cache(
+    moto: Moto,  # noqa: F811
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A sweep's runs share the cache: one mirroring a prefix another run is mirroring
+    waits for it (they would write the same `.partial` files), then finds it all there."""
+    from finetune.trainer.storage.inputs import cache_folder_held
+
+    client = boto3.client("s3", endpoint_url=moto.url)
+    client.create_bucket(Bucket="data")
+    client.put_object(Bucket="data", Key="discs/a.png", Body=b"a" * 50)
+    cache = tmp_path / "cache" / "discs"
+    done = threading.Event()
+
+    def second_run() -> None:
+        download_prefix("s3://data/discs", cache, S3Settings(moto.url))
+        done.set()
+
+    with cache_folder_held(cache, "s3://data/discs"):  # the first run, filling it
+        thread = threading.Thread(target=second_run, daemon=True)
+        thread.start()
+        assert not done.wait(1.5), "the second run did not wait"
+        assert not cache.exists() or not any(cache.iterdir())
+    assert done.wait(30)
+    assert (cache / "a.png").read_bytes() == b"a" * 50
+    assert "s3://data/discs: waiting for another run filling the cache with it" in caplog.text

@@ -21,6 +21,7 @@ from finetune.trainer.data.concepts import is_image_file
 from finetune.trainer.errors import JobInputError
 from finetune.trainer.process import stopping
 from finetune.trainer.storage.files import cache_key, written_whole
+from finetune.trainer.storage.inputs import cache_folder_held
 from finetune.trainer.storage.s3 import S3Settings, S3Store
 
 FOLDER = "class_images"  # in a run's output, beside its checkpoints and samples
@@ -75,7 +76,7 @@ def fetch(home: ClassHome, settings: S3Settings) -> int:
         return 0
     home.folder.mkdir(parents=True, exist_ok=True)
     fetched = 0
-    with named(home.field):
+    with named(home.field), cache_folder_held(home.folder, home.uri):
         store = S3Store(home.uri, settings)
         for item in store.objects():
             target = home.folder / item.key

@@ -8,6 +8,8 @@ input here before any worker starts, so a bad URI fails in seconds.
 from __future__ import annotations
 
 import json
+import logging
+import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,7 +18,7 @@ from typing import Any, Literal
 from finetune.api.common import is_hub, is_s3
 from finetune.api.pod import HF_TOKEN_ENV
 from finetune.trainer.errors import JobInputError
-from finetune.trainer.process import stopping
+from finetune.trainer.process import flock, stopping
 from finetune.trainer.storage import hub
 from finetune.trainer.storage.files import (
     PARTIAL,
@@ -26,6 +28,8 @@ from finetune.trainer.storage.files import (
     written_whole,
 )
 from finetune.trainer.storage.s3 import S3Settings, S3Store
+
+log = logging.getLogger(__name__)
 
 # What an input is, which names its folder in the cache (`s3-models`, `s3-data`).
 InputKind = Literal["models", "data"]
@@ -56,11 +60,35 @@ def intact(path: Path, size: int, etag: str) -> bool:
     return "-" in etag or len(etag) != 32 or file_digest(path, "md5") == etag
 
 
+@contextmanager
+def cache_folder_held(folder: Path, uri: str) -> Iterator[None]:
+    """`folder` of the cache for this process alone while it is filled: runs started
+    together (a sweep) that mirror the same `uri` take turns, the later one finding the
+    files there, instead of writing the same `.partial` files at once."""
+    lock = folder.with_name(folder.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+
+        def announce() -> None:
+            log.warning("%s: waiting for another run filling the cache with it", uri)
+
+        flock.take(fd, None, announce)
+        yield
+    finally:
+        os.close(fd)  # and the lock with it
+
+
 def download_prefix(uri: str, destination: Path, settings: S3Settings) -> Path:
     """Mirror every object under `uri` into `destination`, each checked against its size
     and ETag. A marker beside the folder records what was verified, so a restarted job
     reuses its cache without downloading (or hashing) anything again; an interrupted
     download leaves `.partial` files only and is simply resumed."""
+    with cache_folder_held(destination, uri):
+        return _download_prefix(uri, destination, settings)
+
+
+def _download_prefix(uri: str, destination: Path, settings: S3Settings) -> Path:
     store = S3Store(uri, settings)
     marker = destination.with_name(destination.name + ".verified.json")
     try:

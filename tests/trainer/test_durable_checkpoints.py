@@ -225,11 +225,11 @@ def test_s3_refusing_an_upload_midway_fails_at_once(
     from moto.core.authorization import ActionAuthenticatorMixin
 
     boto3.client("s3", endpoint_url=moto.url).create_bucket(Bucket="runs")
-    # Four more requests go unchecked (the launcher's test write and delete, its lease,
-    # then the look for a checkpoint to resume from); from the first upload on, moto
-    # checks the key against its IAM users: unknown (403).
+    # Five more requests go unchecked (the launcher's test write and delete, its look at
+    # what the output holds, its lease, then the look for a checkpoint to resume from);
+    # from the first upload on, moto checks the key against its IAM users: unknown (403).
     monkeypatch.setattr(
-        settings, "INITIAL_NO_AUTH_ACTION_COUNT", ActionAuthenticatorMixin.request_count + 4
+        settings, "INITIAL_NO_AUTH_ACTION_COUNT", ActionAuthenticatorMixin.request_count + 5
     )
     job = s3_job(
         tmp_path,

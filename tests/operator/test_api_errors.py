@@ -249,6 +249,25 @@ def test_a_forbidden_job_waits_with_the_apis_word_and_is_created_once_allowed(
 
 
 @pytest.mark.usefixtures("operator")
+def test_a_spec_edited_while_the_job_waits_to_be_created_is_ignored_as_it_says(
+    kube: Kube, namespace: str, cluster: EmulatedCluster
+) -> None:
+    """The job file is written on the first try: the Job made once allowed is built from
+    it, as the SpecChangeIgnored event says, not from the edited spec (which an operator
+    restart would then trade back for the job file's)."""
+    forbid_jobs(cluster, namespace)
+    kube.create_job(document(), namespace)
+    wait_forbidden(kube, namespace, "Created")
+    before = job_file(kube, namespace)
+    kube.patch_spec(NAME, namespace, {"resources": {"nodes": 1}})
+    assert "resources.nodes" in kube.wait_event(namespace, NAME, "SpecChangeIgnored").message
+    job = kube.wait_batch_job(f"{NAME}-a0", namespace)
+    assert (job["spec"]["completions"], job["spec"]["parallelism"]) == (2, 2)
+    assert job_file(kube, namespace) == before
+    run_gang(kube, namespace)
+
+
+@pytest.mark.usefixtures("operator")
 def test_a_forbidden_new_attempt_waits_with_the_apis_word(
     kube: Kube, namespace: str, cluster: EmulatedCluster
 ) -> None:

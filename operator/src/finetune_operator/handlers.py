@@ -246,7 +246,11 @@ async def _create(body: kopf.Body, status: kopf.Status, memo: kopf.Memo) -> dict
     current = FineTuneJobStatus.model_validate(dict(status))
     generation = int(body.meta.get("generation") or 1)
     try:
-        job = FineTuneJob.model_validate(_document(name, namespace, body.spec))
+        # A try after the first wrote the job file: the job trains with that spec, a
+        # later edit ignored (`SpecChangeIgnored`), so the children are built from it.
+        job = await _accepted(memo, body, namespace) or FineTuneJob.model_validate(
+            _document(name, namespace, body.spec)
+        )
     except ValidationError as exc:
         message = "; ".join(str(p) for p in problems_from(exc))
         reconcile.unbuildable(current, generation, "InvalidSpec", message, _now())

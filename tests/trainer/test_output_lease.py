@@ -265,3 +265,24 @@ def test_stale_build_lock_is_cleared_and_a_wait_is_announced(
     assert not stale.exists()
     err += capsys.readouterr().err
     assert f"removing a build lock left by a killed build: {stale}" in err
+
+
+def test_an_s3_lease_taken_over_is_known_lost_and_left_to_its_new_holder(
+    bucket: Moto, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another run took the lease over (this one's heartbeats had not reached S3 for
+    longer than it lives): the next heartbeat finds it so, and the release leaves the
+    other run's lease in place."""
+    monkeypatch.setenv("FINETUNE_LEASE_TTL_SECONDS", "0.8")  # a heartbeat every 0.2 s
+    lease = S3Lease(OUTPUT, S3Settings(bucket.url), wait_for_own_job=False)
+    lease.acquire()
+    try:
+        assert not lease.lost
+        put_lease(bucket.url, host="gpu-box-7", pid=4242)  # the other run's takeover
+        deadline = time.monotonic() + 10
+        while not lease.lost and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert lease.lost
+    finally:
+        lease.release()
+    assert read_lease(bucket.url)["host"] == "gpu-box-7"

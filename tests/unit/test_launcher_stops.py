@@ -117,3 +117,24 @@ def test_the_third_stop_kills_processes_no_stop_reaches(
     assert workers.run() == EXIT_INTERRUPTED
     assert time.monotonic() - started < 10, "the stuck processes ran on"
     assert [p.returncode for p in workers.processes] == [-signal.SIGKILL] * 2
+
+
+def test_a_lost_output_lease_kills_the_workers_before_they_write_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Another run holds the output now: a checkpointed stop would write over its
+    checkpoints, so the workers are killed, and the launcher says why."""
+    from finetune.api.pod import EXIT_FAILED
+
+    interpreter = tmp_path / "python"
+    interpreter.write_text(f"#!{sys.executable}\n{textwrap.dedent(RANKS)}")
+    interpreter.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(interpreter))
+
+    def lost() -> bool:
+        return all((tmp_path / f"plan.rank{r}.up").exists() for r in (0, 1))
+
+    workers = Workers(tmp_path / "plan", Rendezvous(nproc_per_node=2), lease_lost=lost)
+    assert workers.run() == EXIT_FAILED
+    assert [p.returncode for p in workers.processes] == [-signal.SIGKILL] * 2
+    assert "another run took the output's lease over" in capsys.readouterr().err

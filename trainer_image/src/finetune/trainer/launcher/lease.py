@@ -157,6 +157,8 @@ class LocalLease:
         if not flock.take(fd, self.wait, announce):
             raise _busy(self.output, Holder.parse(self.path.read_text()))
 
+    lost = False  # a lock held until this process ends cannot be taken over
+
     def release(self) -> None:
         if self.fd is None:
             return
@@ -181,6 +183,12 @@ class S3Lease:
         self._lost = False  # taken over: the lease object is another run's now
         self._done = threading.Event()
         self._thread: threading.Thread | None = None
+
+    @property
+    def lost(self) -> bool:
+        """Taken over by another run (this one's heartbeats did not reach S3 for longer
+        than the lease lives): the output is that run's now."""
+        return self._lost
 
     def _put(self, **condition: str) -> str:
         answer = self.store.call(
@@ -335,6 +343,10 @@ class OutputClaim:
             lease = LocalLease(work_dir, output, wait)
         lease.acquire()
         self.lease = lease
+
+    def lost(self) -> bool:
+        """The lease was taken over by another run: this one must write no more."""
+        return self.lease is not None and self.lease.lost
 
     def fds(self) -> tuple[int, ...]:
         """Descriptors the workers inherit: a local lock lasts until the last is gone."""

@@ -252,11 +252,16 @@ class Workers:
     cannot rejoin a running gang, so the whole gang restarts instead."""
 
     def __init__(
-        self, plan_file: Path, rendezvous: Rendezvous, keep_fds: tuple[int, ...] = ()
+        self,
+        plan_file: Path,
+        rendezvous: Rendezvous,
+        keep_fds: tuple[int, ...] = (),
+        lease_lost: Callable[[], bool] = lambda: False,
     ) -> None:
         self.plan_file = plan_file
         self.rendezvous = rendezvous
         self.keep_fds = keep_fds
+        self.lease_lost = lease_lost
         self.processes: list[subprocess.Popen[bytes]] = []
         self.interrupted = False
         self.stops = 0  # signals passed on: a second one leaves uploads (`upload_waits`)
@@ -336,6 +341,8 @@ class Workers:
 
     def _wait(self) -> int:
         while True:
+            if self.lease_lost():
+                return self._leave_a_taken_output()
             codes = [p.poll() for p in self.processes]
             failed = [c for c in codes if c not in (None, 0)]
             if failed and self._uploading_after_a_stop(codes):
@@ -357,6 +364,24 @@ class Workers:
             if all(c == 0 for c in codes):
                 return 0
             time.sleep(0.2)
+
+    def _leave_a_taken_output(self) -> int:
+        """Another run took the output's lease over (this run's heartbeats did not reach
+        S3 for longer than the lease lives): the workers are killed before they write
+        another checkpoint or result over that run's."""
+        for process in self.processes:
+            if process.poll() is None:
+                process.kill()
+        for process in self.processes:
+            process.wait()
+        message = (
+            "spec.output.uri: another run took the output's lease over while this run's "
+            "heartbeats could not reach S3; this run stopped without saving, so as not to "
+            "write over that run's checkpoints and results"
+        )
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        write_termination_message(message)
+        return EXIT_FAILED
 
     def _uploading_after_a_stop(self, codes: list[int | None]) -> bool:
         """After one stop, the ranks leave as their checkpoint files are up, rank 0 last,
@@ -390,13 +415,20 @@ def new_plan_file(work_dir: Path, node_rank: int) -> Path:
     return folder / f"plan-{uuid.uuid4().hex[:12]}-node{node_rank}.json"
 
 
-def launch(plan: RunPlan, rendezvous: Rendezvous, keep_fds: tuple[int, ...] = ()) -> int:
+def launch(
+    plan: RunPlan,
+    rendezvous: Rendezvous,
+    keep_fds: tuple[int, ...] = (),
+    lease_lost: Callable[[], bool] = lambda: False,
+) -> int:
     plan_file = new_plan_file(plan.work_dir, rendezvous.node_rank)
     plan_file.write_text(plan.to_json())
     try:
-        code = Workers(plan_file, rendezvous, keep_fds).run()
+        code = Workers(plan_file, rendezvous, keep_fds, lease_lost).run()
     finally:
         plan_file.unlink(missing_ok=True)
+    if lease_lost():
+        return code  # said already
     if code not in (0, EXIT_INTERRUPTED):
         message = f"a training process on node {rendezvous.node_rank} {_ended(code)}"
         killed = code > 128
@@ -476,7 +508,7 @@ def _start(
         if stop.requested:
             print(STOPPED_BEFORE_TRAINING, file=sys.stderr)
             return EXIT_INTERRUPTED
-        return launch(plan, rendezvous, claim.fds())
+        return launch(plan, rendezvous, claim.fds(), claim.lost)
     finally:
         claim.release()
         stop.close()

@@ -291,13 +291,23 @@ class S3Lease:
                     self._etag = self._put(IfNoneMatch="*")
                     log.warning("%s: the lease object was gone; made it again", self.output)
             except ClientError as exc:
-                if _precondition_failed(exc):
+                if _precondition_failed(exc) and not self._still_mine():
                     log.error("%s: the output's lease was taken over by another run", self.output)
                     self._lost = True
                     return
                 log.warning("%s: lease heartbeat failed: %s", self.output, exc)
             except Exception as exc:  # an outage: the next beat tries again
                 log.warning("%s: lease heartbeat failed: %s", self.output, exc)
+
+    def _still_mine(self) -> bool:
+        """After a refused refresh: whether the lease is this run's still, its ETag changed
+        by this run's own write (a retry after an answer the network lost). Its ETag is
+        taken then; losing a run to that would end it for nothing."""
+        found = self._read()
+        if found is None or found[0] != self.holder:
+            return False
+        self._etag = found[1]
+        return True
 
     def release(self) -> None:
         """Delete the lease object, waiting for S3 at most about `RELEASE_SECONDS` twice:

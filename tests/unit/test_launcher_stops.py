@@ -138,3 +138,46 @@ def test_a_lost_output_lease_kills_the_workers_before_they_write_again(
     assert workers.run() == EXIT_FAILED
     assert [p.returncode for p in workers.processes] == [-signal.SIGKILL] * 2
     assert "another run took the output's lease over" in capsys.readouterr().err
+
+
+def state_of(pid: int) -> str:
+    """A process's state letter from /proc: T when stopped."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def test_ctrl_z_stops_the_workers_with_the_launcher_and_fg_continues_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The workers' own session keeps the terminal's SIGTSTP from them: Ctrl-Z stopped
+    the launcher alone while the GPUs trained on. Here the launcher's own stop is only
+    recorded (this process is the launcher), and the test looks at the workers then."""
+    workers = workers_of(tmp_path, monkeypatch)
+    seen: list[str] = []
+    kill = os.kill
+
+    def stop_self(pid: int, signum: int) -> None:
+        if pid == os.getpid() and signum == signal.SIGSTOP:  # while "stopped":
+            deadline = time.monotonic() + 5  # a SIGSTOP lands in a moment, not at once
+            while time.monotonic() < deadline and any(
+                state_of(p.pid) != "T" for p in workers.processes
+            ):
+                time.sleep(0.05)
+            seen.extend(state_of(p.pid) for p in workers.processes)
+            return
+        kill(pid, signum)
+
+    def press_ctrl_z() -> None:
+        while not all((tmp_path / f"plan.rank{r}.up").exists() for r in (0, 1)):
+            time.sleep(0.05)
+        monkeypatch.setattr(os, "kill", stop_self)
+        if signal.getsignal(signal.SIGTSTP) == workers._pause:  # else it would stop pytest
+            kill(os.getpid(), signal.SIGTSTP)
+        time.sleep(0.5)
+        states.extend(state_of(p.pid) for p in workers.processes)  # once continued
+        kill(os.getpid(), signal.SIGINT)
+
+    states: list[str] = []
+    threading.Thread(target=press_ctrl_z, daemon=True).start()
+    assert workers.run() == EXIT_INTERRUPTED
+    assert seen == ["T", "T"], "the workers trained on while the launcher was stopped"
+    assert "T" not in states, "the workers were not continued"

@@ -304,8 +304,20 @@ class Workers:
         for process in alive:
             process.send_signal(signum)  # SIGHUP too: they share our terminal
 
+    def _pause(self, signum: int, frame: FrameType | None) -> None:
+        """Ctrl-Z: the workers, in a session of their own, are out of the terminal's reach
+        (and SIGTSTP does not stop such a process): they stop with the launcher, and go
+        on when it is continued (`fg`, `bg`)."""
+        alive = [process for process in self.processes if process.poll() is None]
+        for process in alive:
+            process.send_signal(signal.SIGSTOP)
+        os.kill(os.getpid(), signal.SIGSTOP)  # returns once continued
+        for process in alive:
+            process.send_signal(signal.SIGCONT)
+
     def run(self) -> int:
         previous = {s: signal.signal(s, self._forward) for s in STOP_SIGNALS}
+        previous[signal.SIGTSTP] = signal.signal(signal.SIGTSTP, self._pause)
         try:
             for local_rank in range(self.rendezvous.nproc_per_node):
                 command = [

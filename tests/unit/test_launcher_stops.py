@@ -53,16 +53,19 @@ def test_a_stop_taken_while_a_worker_starts_still_reaches_it(
     assert time.monotonic() - started < 8, "the worker ran on as if never stopped"
 
 
-# Rank 0 after a stop: its manifest goes up after the other ranks' files, so it leaves
-# last (a SIGTERM, the second stop it would take for, leaves the upload); the others
-# leave at once. `blocked`: a process caught in a collective, which runs no handler.
+# Rank 0 after a stop: it holds its marker while its manifest goes up after the other
+# ranks' files, so it leaves last (a SIGTERM, the second stop it would take for, leaves
+# the upload); the others leave once their files are up. `blocked`: a process caught in a collective, which runs no handler.
 RANKS = """
     import os, signal, sys, time
     marks = sys.argv[-1] + ".rank" + os.environ["LOCAL_RANK"]
     def stop(signum, frame):
         if os.environ["LOCAL_RANK"] != "0":
+            time.sleep(0.5)  # its files up after rank 0 took its marker, as in training
             sys.exit(130)
         signal.signal(signal.SIGTERM, lambda *_: (open(marks, "w").write("left"), sys.exit(130)))
+        if not os.environ.get("CAUGHT"):  # sending the checkpoint, as `Trainer._stopped`
+            open(os.environ["FINETUNE_SENDING_MARKER"], "w").close()
         time.sleep(1.5)
         open(marks, "w").write("sent")
         sys.exit(130)
@@ -105,6 +108,21 @@ def test_one_stop_waits_for_rank_0_to_send_its_checkpoint_after_the_others_left(
     stops_when_up(tmp_path, 1)
     assert workers.run() == EXIT_INTERRUPTED
     assert (tmp_path / "plan.rank0").read_text() == "sent"
+
+
+def test_a_rank_0_not_sending_is_ended_after_the_grace_as_before(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rank 0 caught elsewhere (a collective the others left): no marker, so the others'
+    exits end it after the usual grace, rather than the launcher waiting with no limit."""
+    from finetune.trainer.launcher import run
+
+    monkeypatch.setenv("CAUGHT", "1")
+    monkeypatch.setattr(run, "STOP_GRACE", 5.0)
+    workers = workers_of(tmp_path, monkeypatch)
+    stops_when_up(tmp_path, 1)
+    assert workers.run() == EXIT_INTERRUPTED
+    assert (tmp_path / "plan.rank0").read_text() == "left"
 
 
 def test_the_third_stop_kills_processes_no_stop_reaches(

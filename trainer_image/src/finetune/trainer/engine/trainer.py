@@ -13,6 +13,7 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
@@ -33,6 +34,7 @@ from finetune.trainer.outputs.finish import finish_run
 from finetune.trainer.outputs.samples import Validation
 from finetune.trainer.process import distributed
 from finetune.trainer.process.stopping import Stopped
+from finetune.trainer.process.tether import SENDING_MARKER_ENV
 from finetune.trainer.telemetry import prometheus
 from finetune.trainer.telemetry.status import StatusReporter
 from finetune.trainer.telemetry.steps import StepRecord, StepTelemetry
@@ -228,7 +230,14 @@ class Trainer(RunSetup):
         then exit 130."""
         self.telemetry.close_progress()
         self.telemetry.close_board()
-        sent = self._checkpoints_sent()
+        marker = os.environ.get(SENDING_MARKER_ENV) if self.rank.main else None
+        if marker:
+            Path(marker).touch()
+        try:
+            sent = self._checkpoints_sent()
+        finally:
+            if marker:
+                Path(marker).unlink(missing_ok=True)
         if self.rank.main:
             print(
                 f"Stopped at step {step}; checkpoint saved. Run the same command to resume."

@@ -303,7 +303,11 @@ class S3Lease:
         """After a refused refresh: whether the lease is this run's still, its ETag changed
         by this run's own write (a retry after an answer the network lost). Its ETag is
         taken then; losing a run to that would end it for nothing."""
-        found = self._read()
+        try:
+            found = self._read()
+        except Exception as exc:  # S3 out of reach still: the next beat asks again
+            log.warning("%s: lease heartbeat failed: %s", self.output, exc)
+            return True
         if found is None or found[0] != self.holder:
             return False
         self._etag = found[1]

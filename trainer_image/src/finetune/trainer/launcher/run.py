@@ -60,7 +60,7 @@ from finetune.trainer.process.stopping import (
     Stopped,
     StopRequest,
 )
-from finetune.trainer.process.tether import LAUNCHER_PID_ENV
+from finetune.trainer.process.tether import LAUNCHER_PID_ENV, SENDING_MARKER_ENV
 from finetune.trainer.storage.files import cache_key
 from finetune.trainer.storage.inputs import local_folder, said_as
 from finetune.trainer.storage.retries import RETRY_FOR_ENV, retry_budget
@@ -279,6 +279,7 @@ class Workers:
             MASTER_PORT=str(r.master_port),
         )
         env[LAUNCHER_PID_ENV] = str(os.getpid())  # workers die with us (`tether`)
+        env[SENDING_MARKER_ENV] = str(self.sending_marker(local_rank))
         if "OMP_NUM_THREADS" not in os.environ:
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // r.nproc_per_node))
         return env
@@ -395,13 +396,22 @@ class Workers:
         write_termination_message(message)
         return EXIT_FAILED
 
+    def sending_marker(self, local_rank: int) -> Path:
+        return self.plan_file.with_name(f"{self.plan_file.stem}-sending-{local_rank}")
+
     def _uploading_after_a_stop(self, codes: list[int | None]) -> bool:
         """After one stop, the ranks leave as their checkpoint files are up, rank 0 last,
-        once it has sent the manifest: their exits (130) are no failure to end it for."""
+        once it has sent the manifest (it holds its marker meanwhile): their exits (130)
+        are no failure to end it for. Without the marker rank 0 is elsewhere (caught in
+        a collective the others left, say), and the usual grace applies."""
         if not self.interrupted or self.stops != 1 or self.rendezvous.node_rank != 0:
             return False
         main, others = codes[0], codes[1:]
-        return main is None and all(code == EXIT_INTERRUPTED for code in others if code is not None)
+        return (
+            main is None
+            and all(code == EXIT_INTERRUPTED for code in others if code is not None)
+            and self.sending_marker(0).exists()
+        )
 
     def _stop_all(self, grace: float) -> None:
         deadline = time.monotonic() + grace
@@ -435,10 +445,12 @@ def launch(
 ) -> int:
     plan_file = new_plan_file(plan.work_dir, rendezvous.node_rank)
     plan_file.write_text(plan.to_json())
+    workers = Workers(plan_file, rendezvous, keep_fds, lease_lost)
     try:
-        code = Workers(plan_file, rendezvous, keep_fds, lease_lost).run()
+        code = workers.run()
     finally:
         plan_file.unlink(missing_ok=True)
+        workers.sending_marker(0).unlink(missing_ok=True)  # a rank 0 killed while sending
     if lease_lost():
         return code  # said already
     if code not in (0, EXIT_INTERRUPTED):

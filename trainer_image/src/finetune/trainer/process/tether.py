@@ -19,6 +19,9 @@ import sys
 import threading
 
 LAUNCHER_PID_ENV = "FINETUNE_LAUNCHER_PID"
+# A file rank 0 holds while it sends a stop's checkpoint, the other ranks gone: the
+# launcher then waits for it rather than take their exits for a failure.
+SENDING_MARKER_ENV = "FINETUNE_SENDING_MARKER"
 PR_SET_PDEATHSIG = 1
 WATCH_SECONDS = 0.5
 

@@ -115,21 +115,22 @@ def test_resume_refuses_what_it_cannot_continue_and_logs_each_step_once(
     resumed = finetune_run(job(8, 5), nproc=1)
     assert "step-00000004 (step 4)" in resumed.stderr
     assert [e["step"] for e in train_log(out)] == list(range(1, 9)), "each step once"
-    # Kept: the newest three that verify (5, 4, 2); 6 is not one of them.
-    assert checkpoint_steps(root) == [2, 4, 5, 6]
+    # Kept: the newest three that verify (8, the last step's, then 5 and 4); 6 is not
+    # one of them.
+    assert checkpoint_steps(root) == [4, 5, 6, 8]
 
     weights = lora_weights(out)
-    truncate(root / "step-00000002" / "mp_rank_00_model_states.pt")
     truncate(root / "step-00000004" / "manifest.json", 20)
     (root / "step-00000005" / "rng-rank0000.pt").unlink()
+    truncate(root / "step-00000008" / "mp_rank_00_model_states.pt")
     message = refused(
         job(10, 5),
-        f"{root}: none of the run's checkpoints can be resumed from (step-00000002: "
-        "mp_rank_00_model_states.pt does not match its manifest (size or SHA-256); "
-        "step-00000004: manifest.json is not a readable manifest; "
-        "step-00000005: rng-rank0000.pt is missing; step-00000006: mp_rank_00_model_states.pt "
-        f"does not match its manifest (size or SHA-256)); restore them, or remove {root} "
-        "to start the run over from step 0",
+        f"{root}: none of the run's checkpoints can be resumed from (step-00000004: "
+        "manifest.json is not a readable manifest; step-00000005: rng-rank0000.pt is "
+        "missing; step-00000006: mp_rank_00_model_states.pt does not match its manifest "
+        "(size or SHA-256); step-00000008: mp_rank_00_model_states.pt does not match its "
+        f"manifest (size or SHA-256)); restore them, or remove {root} to start the run over "
+        "from step 0",
         nproc=1,
     )
     assert message.startswith("error: ")

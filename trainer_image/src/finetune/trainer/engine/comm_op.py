@@ -19,7 +19,6 @@ every later start waits on it forever. So:
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import logging
 import os
@@ -59,17 +58,7 @@ def clear_stale_locks(root: Path) -> list[Path]:
 def build_comm_op() -> None:
     """Load (building once) DeepSpeed's comm op under the build flock."""
     root = extensions_dir()
-    root.mkdir(parents=True, exist_ok=True)
-    with (root / BUILD_LOCK).open("a") as handle:
-        _lock(handle.fileno(), root)
-        try:
-            clear_stale_locks(root)
-            _load()
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
-
-def _lock(fd: int, root: Path) -> None:
     def announce() -> None:
         print(
             f"waiting for another process to finish building DeepSpeed's ops in {root}",
@@ -77,7 +66,9 @@ def _lock(fd: int, root: Path) -> None:
             flush=True,
         )
 
-    flock.take(fd, None, announce)
+    with flock.held(root / BUILD_LOCK, announce):
+        clear_stale_locks(root)
+        _load()
 
 
 def _load() -> None:

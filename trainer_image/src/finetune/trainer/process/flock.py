@@ -7,8 +7,11 @@ be taken is never stale: the output lease and the DeepSpeed op build both rely o
 from __future__ import annotations
 
 import fcntl
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 from finetune.trainer.process import stopping
 
@@ -31,3 +34,16 @@ def take(fd: int, wait: float | None, on_wait: Callable[[], None]) -> bool:
             on_wait()
             announced = True
         stopping.pause(0.5)  # a stop request ends the wait
+
+
+@contextmanager
+def held(path: Path, on_wait: Callable[[], None]) -> Iterator[None]:
+    """The flock of the file `path` (made if missing) for the block, waited for as long
+    as it takes (a stop request ends the wait); `on_wait` as for `take`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        take(fd, None, on_wait)
+        yield
+    finally:
+        os.close(fd)  # and the lock with it

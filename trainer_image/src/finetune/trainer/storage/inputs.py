@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -65,18 +64,12 @@ def cache_folder_held(folder: Path, uri: str) -> Iterator[None]:
     """`folder` of the cache for this process alone while it is filled: runs started
     together (a sweep) that mirror the same `uri` take turns, the later one finding the
     files there, instead of writing the same `.partial` files at once."""
-    lock = folder.with_name(folder.name + ".lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
 
-        def announce() -> None:
-            log.warning("%s: waiting for another run filling the cache with it", uri)
+    def announce() -> None:
+        log.warning("%s: waiting for another run filling the cache with it", uri)
 
-        flock.take(fd, None, announce)
+    with flock.held(folder.with_name(folder.name + ".lock"), announce):
         yield
-    finally:
-        os.close(fd)  # and the lock with it
 
 
 def download_prefix(uri: str, destination: Path, settings: S3Settings) -> Path:

@@ -32,7 +32,13 @@ from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from finetune.api.data import CaptionDataset, DatasetFormat
 from finetune.trainer.data import images
-from finetune.trainer.data.concepts import IMAGE_SUFFIXES, IndexStream, is_hidden_key, not_utf8
+from finetune.trainer.data.concepts import (
+    IMAGE_SUFFIXES,
+    IndexStream,
+    captions_by_stem,
+    is_hidden_key,
+    not_utf8,
+)
 from finetune.trainer.data.images import ImageRules
 from finetune.trainer.errors import JobInputError
 from finetune.trainer.storage.local import LocalStore
@@ -137,20 +143,6 @@ def caption_text(data: bytes, name: str) -> str:
         return data.decode("utf-8-sig", errors="replace").strip()
 
 
-def captions_by_stem(keys: list[str]) -> dict[str, str]:
-    """Each caption key by its stem: `NAME.txt` before `NAME.caption`, each in any case
-    (`NAME.TXT`, as some Windows tools write it), the lower-case name first."""
-    ranked: dict[str, tuple[tuple[int, bool], str]] = {}
-    for key in keys:
-        stem, suffix = posixpath.splitext(key)
-        if suffix.lower() not in CAPTION_SUFFIXES:
-            continue
-        rank = (CAPTION_SUFFIXES.index(suffix.lower()), suffix != suffix.lower())
-        if stem not in ranked or rank < ranked[stem][0]:
-            ranked[stem] = (rank, key)
-    return {stem: key for stem, (_, key) in ranked.items()}
-
-
 def layout_of(files: DatasetFiles, wanted: DatasetFormat | str) -> Layout:
     listed = files.keys()
     keys = [k for k in listed if not is_hidden_key(k)]
@@ -162,7 +154,7 @@ def layout_of(files: DatasetFiles, wanted: DatasetFormat | str) -> Layout:
         if not shards:
             raise JobInputError(f"{FIELD}: {files.uri('')}: no .tar shards")
         return Layout(fmt, shards, [])
-    captions = captions_by_stem(keys)
+    captions = captions_by_stem(keys, CAPTION_SUFFIXES)
     pairs, uncaptioned = [], 0
     for key in keys:
         if _suffix(key) not in IMAGE_SUFFIXES:

@@ -7,6 +7,7 @@ batches an uninterrupted one would have seen, with no state to checkpoint.
 
 from __future__ import annotations
 
+import posixpath
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -114,11 +115,23 @@ def examples_from(
 def captions_in(folder: Path) -> dict[str, Path]:
     """The caption files of `folder` by stem: `NAME.txt`, or `NAME.TXT` as some Windows
     tools write it (the lower-case name where a folder holds both)."""
-    found: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):  # `NAME.txt` sorts after `NAME.TXT`: it wins
-        if path.suffix.lower() == ".txt" and not path.name.startswith("."):
-            found[path.stem] = path
-    return found
+    names = sorted(path.name for path in folder.iterdir() if not path.name.startswith("."))
+    return {stem: folder / name for stem, name in captions_by_stem(names, (".txt",)).items()}
+
+
+def captions_by_stem(keys: list[str], suffixes: tuple[str, ...]) -> dict[str, str]:
+    """Each caption file of `keys` (names, or `/`-separated keys) by its stem: the first
+    of `suffixes` that is there, each in any case (`NAME.TXT`, as some Windows tools
+    write it), the lower-case name first."""
+    ranked: dict[str, tuple[tuple[int, bool], str]] = {}
+    for key in keys:
+        stem, suffix = posixpath.splitext(key)
+        if suffix.lower() not in suffixes:
+            continue
+        rank = (suffixes.index(suffix.lower()), suffix != suffix.lower())
+        if stem not in ranked or rank < ranked[stem][0]:
+            ranked[stem] = (rank, key)
+    return {stem: key for stem, (_, key) in ranked.items()}
 
 
 def not_utf8(exc: UnicodeDecodeError) -> str:

@@ -279,7 +279,7 @@ class Workers:
             MASTER_PORT=str(r.master_port),
         )
         env[LAUNCHER_PID_ENV] = str(os.getpid())  # workers die with us (`tether`)
-        env[SENDING_MARKER_ENV] = str(self.sending_marker(local_rank))
+        env[SENDING_MARKER_ENV] = str(self.sending_marker)  # rank 0 alone takes it
         if "OMP_NUM_THREADS" not in os.environ:
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // r.nproc_per_node))
         return env
@@ -396,8 +396,9 @@ class Workers:
         write_termination_message(message)
         return EXIT_FAILED
 
-    def sending_marker(self, local_rank: int) -> Path:
-        return self.plan_file.with_name(f"{self.plan_file.stem}-sending-{local_rank}")
+    @property
+    def sending_marker(self) -> Path:
+        return self.plan_file.with_name(f"{self.plan_file.stem}-sending")
 
     def _uploading_after_a_stop(self, codes: list[int | None]) -> bool:
         """After one stop, the ranks leave as their checkpoint files are up, rank 0 last,
@@ -410,7 +411,7 @@ class Workers:
         return (
             main is None
             and all(code == EXIT_INTERRUPTED for code in others if code is not None)
-            and self.sending_marker(0).exists()
+            and self.sending_marker.exists()
         )
 
     def _stop_all(self, grace: float) -> None:
@@ -450,7 +451,7 @@ def launch(
         code = workers.run()
     finally:
         plan_file.unlink(missing_ok=True)
-        workers.sending_marker(0).unlink(missing_ok=True)  # a rank 0 killed while sending
+        workers.sending_marker.unlink(missing_ok=True)  # a rank 0 killed while sending
     if lease_lost():
         return code  # said already
     if code not in (0, EXIT_INTERRUPTED):

@@ -40,6 +40,21 @@ def job_file(folder: Path, model: Path, images: Path, name: str = "tiny", **spec
     return path
 
 
+def prior_preservation_job(
+    folder: Path, model: Path, images: Path, classes: str | None = None, **spec: Any
+) -> Path:
+    """A DreamBooth job on `images` with prior preservation: 2 class images of a disc,
+    kept at `classes` (in the output without one); `spec` is merged over it."""
+    concept = {
+        "instanceImages": str(images),
+        "instancePrompt": PROMPT,
+        "classPrompt": "a photo of a disc",
+        "classImages": {"count": 2, **({"uri": classes} if classes else {})},
+    }
+    own = {"data": {"concepts": [concept]}, "training": {"priorPreservation": True}}
+    return job_file(folder, model, images, method="dreambooth", **merge(own, spec))
+
+
 def finetune_run(
     job: Path,
     nproc: int = 2,

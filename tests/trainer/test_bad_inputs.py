@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.trainer.jobs import job_file, refused
+from tests.trainer.jobs import job_file, prior_preservation_job, refused
 
 
 def concept(images: Path) -> dict[str, object]:
@@ -126,19 +126,12 @@ def test_class_images_kept_among_the_subjects_photos_are_refused(
     before = sorted(p.name for p in photos.iterdir())
 
     def job(classes: Path) -> Path:
-        concept = {
-            "instanceImages": str(photos),
-            "instancePrompt": "a photo of sks disc",
-            "classPrompt": "a photo of a disc",
-            "classImages": {"uri": str(classes), "count": 2},
-        }
-        return job_file(
+        return prior_preservation_job(
             tmp_path,
             tiny_model,
             photos,
-            method="dreambooth",
-            data={"concepts": [concept]},
-            training={"priorPreservation": True, "maxSteps": 1},
+            str(classes),
+            training={"maxSteps": 1},
             checkpointing={"everyNSteps": 1},
         )
 

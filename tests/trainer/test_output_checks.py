@@ -15,7 +15,7 @@ from pathlib import Path
 import boto3
 import pytest
 
-from tests.trainer.jobs import FINETUNE, finetune_run, job_file
+from tests.trainer.jobs import FINETUNE, finetune_run, job_file, prior_preservation_job
 from tests.trainer.s3faults import CREDENTIALS, Moto, free_port, moto  # noqa: F401
 
 NO_CREDENTIALS = {
@@ -75,20 +75,7 @@ def test_class_images_folder_is_a_file(tmp_path: Path, tiny_model: Path, disc_im
     before the model loads, not when rank 0 first writes."""
     taken = tmp_path / "classes.png"
     taken.write_bytes(b"not a folder")
-    concept = {
-        "instanceImages": str(disc_images),
-        "instancePrompt": "a photo of sks disc",
-        "classPrompt": "a photo of a disc",
-        "classImages": {"uri": str(taken), "count": 2},
-    }
-    job = job_file(
-        tmp_path,
-        tiny_model,
-        disc_images,
-        method="dreambooth",
-        data={"concepts": [concept]},
-        training={"priorPreservation": True},
-    )
+    job = prior_preservation_job(tmp_path, tiny_model, disc_images, str(taken))
     result = finetune_run(job, nproc=1, expect=2)
     field = "spec.data.concepts[0].classImages.uri"
     assert last_line(result) == f"error: {field}: {taken} is a file, not a folder"

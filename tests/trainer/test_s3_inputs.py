@@ -13,6 +13,7 @@ import pytest
 from moto.server import ThreadedMotoServer
 from safetensors.torch import load_file
 
+from tests.trainer import jobs
 from tests.trainer.jobs import finetune_run, job_file
 
 pytestmark = pytest.mark.slow
@@ -135,19 +136,12 @@ def prior_preservation_job(
     its class images kept at `classes` (in the output without one). Its cache, beside
     the job file in `folder`, is a machine of its own."""
     folder.mkdir()
-    concept = {
-        "instanceImages": str(images),
-        "instancePrompt": "a photo of sks disc",
-        "classPrompt": "a photo of a disc",
-        "classImages": {"count": 2, **({"uri": classes} if classes else {})},
-    }
-    return job_file(
+    return jobs.prior_preservation_job(
         folder,
         model,
         images,
-        method="dreambooth",
-        data={"concepts": [concept]},
-        training={"priorPreservation": True, "maxSteps": 1},
+        classes,
+        training={"maxSteps": 1},
         checkpointing={"everyNSteps": 1},
         output={"uri": output, "s3EndpointUrl": endpoint},
     )

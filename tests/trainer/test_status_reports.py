@@ -12,7 +12,7 @@ import yaml
 from finetune.api.status import FineTuneJobStatus
 from tests.emulator import emulated_cluster
 from tests.operator.conftest import Kube
-from tests.trainer.jobs import finetune_run, job_file, status_env
+from tests.trainer.jobs import finetune_run, job_file, prior_preservation_job, status_env
 
 pytestmark = pytest.mark.slow
 
@@ -65,20 +65,7 @@ def test_a_failing_worker_leaves_its_reason_as_termination_message(
     classes.mkdir()
     (classes / "a.png").write_bytes((next(disc_images.glob("*.png"))).read_bytes())
     (classes / "b.png").write_bytes(b"half a png")
-    concept = {
-        "instanceImages": str(disc_images),
-        "instancePrompt": "a photo of sks disc",
-        "classPrompt": "a photo of a disc",
-        "classImages": {"uri": str(classes), "count": 2},
-    }
-    job = job_file(
-        tmp_path,
-        tiny_model,
-        disc_images,
-        method="dreambooth",
-        data={"concepts": [concept]},
-        training={"priorPreservation": True},
-    )
+    job = prior_preservation_job(tmp_path, tiny_model, disc_images, str(classes))
     log = tmp_path / "termination-log"
     finetune_run(job, nproc=2, env={"FINETUNE_TERMINATION_LOG": str(log)}, expect=2)
     assert log.read_text().startswith(

@@ -16,6 +16,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -79,19 +80,26 @@ RANKS = """
 """
 
 
-def workers_of(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Workers:
+def workers_of(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lease_lost: Callable[[], bool] = lambda: False
+) -> Workers:
+    """Two ranks of `RANKS` (each marks `plan.rankN.up` once it takes signals)."""
     interpreter = tmp_path / "python"
     interpreter.write_text(f"#!{sys.executable}\n{textwrap.dedent(RANKS)}")
     interpreter.chmod(0o755)
     monkeypatch.setattr(sys, "executable", str(interpreter))
-    return Workers(tmp_path / "plan", Rendezvous(nproc_per_node=2))
+    return Workers(tmp_path / "plan", Rendezvous(nproc_per_node=2), lease_lost=lease_lost)
+
+
+def ranks_up(tmp_path: Path) -> bool:
+    return all((tmp_path / f"plan.rank{r}.up").exists() for r in (0, 1))
 
 
 def stops_when_up(tmp_path: Path, count: int) -> None:
     """`count` Ctrl-Cs to this process (the launcher) once both ranks are up."""
 
     def send() -> None:
-        while not all((tmp_path / f"plan.rank{r}.up").exists() for r in (0, 1)):
+        while not ranks_up(tmp_path):
             time.sleep(0.05)
         for _ in range(count):
             os.kill(os.getpid(), signal.SIGINT)
@@ -100,29 +108,23 @@ def stops_when_up(tmp_path: Path, count: int) -> None:
     threading.Thread(target=send, daemon=True).start()
 
 
-def test_one_stop_waits_for_rank_0_to_send_its_checkpoint_after_the_others_left(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(("caught", "rank_0"), [(False, "sent"), (True, "left")])
+def test_one_stop_waits_for_rank_0_sending_its_checkpoint_after_the_others_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caught: bool, rank_0: str
 ) -> None:
-    """The others' exit 130 is the stop going as planned, not a failure to end rank 0 for."""
-    workers = workers_of(tmp_path, monkeypatch)
-    stops_when_up(tmp_path, 1)
-    assert workers.run() == EXIT_INTERRUPTED
-    assert (tmp_path / "plan.rank0").read_text() == "sent"
-
-
-def test_a_rank_0_not_sending_is_ended_after_the_grace_as_before(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Rank 0 caught elsewhere (a collective the others left): no marker, so the others'
-    exits end it after the usual grace, rather than the launcher waiting with no limit."""
+    """The others' exit 130 is the stop going as planned, not a failure to end rank 0 for
+    while it holds its sending marker. Rank 0 caught elsewhere (a collective the others
+    left) holds none: the others' exits end it after the usual grace, rather than the
+    launcher waiting with no limit."""
     from finetune.trainer.launcher import run
 
-    monkeypatch.setenv("CAUGHT", "1")
+    if caught:
+        monkeypatch.setenv("CAUGHT", "1")
     monkeypatch.setattr(run, "STOP_GRACE", 5.0)
     workers = workers_of(tmp_path, monkeypatch)
     stops_when_up(tmp_path, 1)
     assert workers.run() == EXIT_INTERRUPTED
-    assert (tmp_path / "plan.rank0").read_text() == "left"
+    assert (tmp_path / "plan.rank0").read_text() == rank_0
 
 
 def test_the_third_stop_kills_processes_no_stop_reaches(
@@ -144,15 +146,7 @@ def test_a_lost_output_lease_kills_the_workers_before_they_write_again(
     checkpoints, so the workers are killed, and the launcher says why."""
     from finetune.api.pod import EXIT_FAILED
 
-    interpreter = tmp_path / "python"
-    interpreter.write_text(f"#!{sys.executable}\n{textwrap.dedent(RANKS)}")
-    interpreter.chmod(0o755)
-    monkeypatch.setattr(sys, "executable", str(interpreter))
-
-    def lost() -> bool:
-        return all((tmp_path / f"plan.rank{r}.up").exists() for r in (0, 1))
-
-    workers = Workers(tmp_path / "plan", Rendezvous(nproc_per_node=2), lease_lost=lost)
+    workers = workers_of(tmp_path, monkeypatch, lease_lost=lambda: ranks_up(tmp_path))
     assert workers.run() == EXIT_FAILED
     assert [p.returncode for p in workers.processes] == [-signal.SIGKILL] * 2
     assert "another run took the output's lease over" in capsys.readouterr().err
@@ -185,7 +179,7 @@ def test_ctrl_z_stops_the_workers_with_the_launcher_and_fg_continues_them(
         kill(pid, signum)
 
     def press_ctrl_z() -> None:
-        while not all((tmp_path / f"plan.rank{r}.up").exists() for r in (0, 1)):
+        while not ranks_up(tmp_path):
             time.sleep(0.05)
         monkeypatch.setattr(os, "kill", stop_self)
         if signal.getsignal(signal.SIGTSTP) == workers._pause:  # else it would stop pytest

@@ -16,6 +16,16 @@ from finetune.trainer.outputs.artifacts import list_artifacts
 from finetune.trainer.storage.s3 import S3Settings, S3Store
 from tests.trainer.s3faults import Moto, moto  # noqa: F401 - the fixture
 
+MADE = {"pytorch_lora_weights.safetensors", "README.md"}  # a LoRA run, diffusers only
+# What stays of `earlier_output` after such a run: its results, and the run's own files.
+KEPT = [
+    "README.md",
+    "checkpoints/step-00000002/manifest.json",
+    "logs/events",
+    "pytorch_lora_weights.safetensors",
+    "samples/step-00000002/grid.png",
+    "train_log.jsonl",
+]
 INDEX = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}
 
 
@@ -45,17 +55,9 @@ def test_a_run_removes_the_results_an_earlier_run_left_that_it_does_not_make(
     tmp_path: Path,
 ) -> None:
     earlier_output(tmp_path)
-    made = {"pytorch_lora_weights.safetensors", "README.md"}  # a LoRA run, diffusers only
-    earlier.remove_from_folder(tmp_path, made)
+    earlier.remove_from_folder(tmp_path, MADE)
     left = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
-    assert left == [
-        "README.md",
-        "checkpoints/step-00000002/manifest.json",
-        "logs/events",
-        "pytorch_lora_weights.safetensors",
-        "samples/step-00000002/grid.png",
-        "train_log.jsonl",
-    ]
+    assert left == KEPT
     assert [a["kind"] for a in list_artifacts(tmp_path, "out")] == ["lora", "modelCard", "samples"]
 
 
@@ -78,7 +80,7 @@ def test_an_s3_output_loses_them_too_once_the_new_results_are_up(
         client.put_object(Bucket="runs", Key=f"job/{name}", Body=text.encode())
     client.put_object(Bucket="runs", Key="job/unet_mine/a.bin", Body=b"not a part")
     store = S3Store("s3://runs/job", S3Settings(moto.url))
-    stale = earlier.stale_in_store(store, {"pytorch_lora_weights.safetensors", "README.md"})
+    stale = earlier.stale_in_store(store, MADE)
     assert stale == [
         "<old>.safetensors",
         "model_index.json",
@@ -88,12 +90,4 @@ def test_an_s3_output_loses_them_too_once_the_new_results_are_up(
     ]
     earlier.remove_from_store(store, stale)
     listed = client.list_objects_v2(Bucket="runs", Prefix="job/")["Contents"]
-    assert sorted(item["Key"][4:] for item in listed) == [
-        "README.md",
-        "checkpoints/step-00000002/manifest.json",
-        "logs/events",
-        "pytorch_lora_weights.safetensors",
-        "samples/step-00000002/grid.png",
-        "train_log.jsonl",
-        "unet_mine/a.bin",
-    ]
+    assert sorted(item["Key"][4:] for item in listed) == sorted([*KEPT, "unet_mine/a.bin"])
